@@ -1,0 +1,5 @@
+// Package policy implements broker.Authorizer: the namespace x environment scoping of the policy file,
+// deny by default, with hot reload that keeps the last good policy.
+//
+// It may import the standard library, package broker, a YAML decoder and client-go informers.
+package policy

@@ -1,0 +1,5 @@
+// Package tokenreview implements broker.Authenticator with the Kubernetes TokenReview API: audience
+// checks, pod-bound tokens only, identity cross-checks and a short-lived cache of positive reviews.
+//
+// It may import the standard library, package broker and client-go.
+package tokenreview

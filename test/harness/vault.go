@@ -1,0 +1,168 @@
+package harness
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	vaultapi "github.com/hashicorp/vault/api"
+)
+
+// Vault is a HashiCorp Vault dev server (in-memory, unsealed) on loopback. It is a test server only.
+type Vault struct {
+	Addr string // http://127.0.0.1:PORT
+	// Client is authenticated with the root token.
+	Client    *vaultapi.Client
+	RootToken string
+	Dir       string
+	proc      *process
+}
+
+// StartVault starts `vault server -dev` in dir (which must exist) and waits until it is unsealed and
+// active. The root token is random, passed through the environment (not argv) and never stored on disk.
+func StartVault(ctx context.Context, dir string) (*Vault, error) {
+	bin, err := Binary("vault")
+	if err != nil {
+		return nil, err
+	}
+	port, err := FreePort()
+	if err != nil {
+		return nil, err
+	}
+	root := "hvs." + randomHex(16)
+	home := filepath.Join(dir, "home")
+	if err := os.MkdirAll(home, 0o700); err != nil {
+		return nil, err
+	}
+	addr := "http://" + hostPort(port)
+	p, err := startProcess("vault", dir, bin,
+		[]string{"server", "-dev", "-dev-listen-address=" + hostPort(port), "-dev-no-store-token", "-log-level=warn"},
+		[]string{"VAULT_DEV_ROOT_TOKEN_ID=" + root, "HOME=" + home, "VAULT_ADDR=" + addr, "VAULT_DISABLE_MLOCK=true"})
+	if err != nil {
+		return nil, err
+	}
+	cfg := vaultapi.DefaultConfig()
+	cfg.Address = addr
+	cfg.MaxRetries = 0
+	cfg.Timeout = 10 * time.Second
+	client, err := vaultapi.NewClient(cfg)
+	if err != nil {
+		p.stop()
+		return nil, err
+	}
+	client.SetToken(root)
+	v := &Vault{Addr: addr, Client: client, RootToken: root, Dir: dir, proc: p}
+	if err := p.waitReady(ctx, func(ctx context.Context) error {
+		h, err := client.Sys().HealthWithContext(ctx)
+		if err != nil {
+			return err
+		}
+		if !h.Initialized || h.Sealed || h.Standby {
+			return fmt.Errorf("health %+v: %w", h, errNotReady)
+		}
+		return nil
+	}); err != nil {
+		p.stop()
+		return nil, err
+	}
+	return v, nil
+}
+
+// Stop stops the Vault server; all its data is gone. Safe to call twice.
+func (v *Vault) Stop() { v.proc.stop() }
+
+// EnableKVv2 mounts a KV version 2 secrets engine at mount and waits until it accepts writes.
+func (v *Vault) EnableKVv2(ctx context.Context, mount string) error {
+	if err := v.Client.Sys().MountWithContext(ctx, mount, &vaultapi.MountInput{
+		Type: "kv", Options: map[string]string{"version": "2"},
+	}); err != nil {
+		return fmt.Errorf("mount kv-v2 at %s: %w", mount, err)
+	}
+	// A fresh KV v2 mount upgrades its storage in the background and refuses requests until done.
+	return poll(ctx, func(ctx context.Context) error {
+		_, err := v.Client.Logical().ReadWithContext(ctx, mount+"/config")
+		return err
+	})
+}
+
+// PutKV writes a KV v2 secret at mount/path.
+func (v *Vault) PutKV(ctx context.Context, mount, path string, data map[string]any) (*vaultapi.KVSecret, error) {
+	return v.Client.KVv2(mount).Put(ctx, path, data)
+}
+
+// KubernetesAuth configures Vault's kubernetes auth method at mount against the harness apiserver.
+// Vault calls TokenReview with a token of its own service account (kube-system/vault-auth, bound to
+// system:auth-delegator), as a production Vault would.
+func (v *Vault) KubernetesAuth(ctx context.Context, mount string, kube *KubeAPIServer) error {
+	if err := v.Client.Sys().EnableAuthWithOptionsWithContext(ctx, mount, &vaultapi.EnableAuthOptions{Type: "kubernetes"}); err != nil {
+		return fmt.Errorf("enable kubernetes auth at %s: %w", mount, err)
+	}
+	sa := "vault-auth-" + mount
+	if _, err := kube.CreateServiceAccount(ctx, "kube-system", sa); err != nil {
+		return err
+	}
+	if err := kube.BindClusterRole(ctx, sa, "system:auth-delegator", "kube-system", sa); err != nil {
+		return err
+	}
+	reviewer, err := kube.ServiceAccountToken(ctx, "kube-system", sa, nil, 24*time.Hour)
+	if err != nil {
+		return err
+	}
+	_, err = v.Client.Logical().WriteWithContext(ctx, "auth/"+mount+"/config", map[string]any{
+		"kubernetes_host":      kube.URL,
+		"kubernetes_ca_cert":   string(kube.CAData),
+		"token_reviewer_jwt":   reviewer,
+		"disable_local_ca_jwt": true,
+		"issuer":               kube.Issuer,
+	})
+	return err
+}
+
+// KubernetesRole creates a role in the kubernetes auth method at mount.
+func (v *Vault) KubernetesRole(ctx context.Context, mount, role string, namespaces, serviceAccounts, policies []string, audience string) error {
+	_, err := v.Client.Logical().WriteWithContext(ctx, "auth/"+mount+"/role/"+role, map[string]any{
+		"bound_service_account_names":      serviceAccounts,
+		"bound_service_account_namespaces": namespaces,
+		"token_policies":                   policies,
+		"audience":                         audience,
+		"token_ttl":                        strconv.Itoa(600),
+	})
+	return err
+}
+
+// Health returns nil when Vault answers its health endpoint as active.
+func (v *Vault) Health(ctx context.Context) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, v.Addr+"/v1/sys/health", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("vault health: %s", resp.Status)
+	}
+	return nil
+}
+
+func poll(ctx context.Context, f func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for {
+		err := f(ctx)
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last: %v)", ctx.Err(), err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
