@@ -1,0 +1,336 @@
+package audit
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/keyward/keyward/broker"
+)
+
+// macField is always the last field of a record; the MAC covers every byte before it.
+const macField = `,"mac":"`
+
+// MinKeyBytes is the shortest HMAC key accepted.
+const MinKeyBytes = 32
+
+// Options configure a Log.
+type Options struct {
+	// Path of the JSON-lines audit file (appended to; created 0600).
+	Path string
+	// KeyFile holds the HMAC key (at least MinKeyBytes bytes). Never logged.
+	KeyFile string
+	// Stdout also writes every record to standard output.
+	Stdout bool
+	// SyncInterval is how often the file is fsynced (0: after every record).
+	SyncInterval time.Duration
+}
+
+// Log is a broker.Auditor writing hash-chained JSON records through its own zap encoder and write
+// syncer: never sampled, never leveled, a fixed schema.
+type Log struct {
+	mu      sync.Mutex
+	enc     zapcore.Encoder
+	out     zapcore.WriteSyncer
+	file    *os.File
+	key     []byte
+	prev    []byte // MAC of the previous record (the chain head)
+	seq     uint64
+	dirty   bool
+	stop    chan struct{}
+	stopped chan struct{}
+	syncErr error
+}
+
+var _ broker.Auditor = (*Log)(nil)
+
+// ReadKey reads an HMAC key file.
+func ReadKey(path string) ([]byte, error) {
+	key, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("audit key: %w", err)
+	}
+	key = bytes.TrimSpace(key)
+	if len(key) < MinKeyBytes {
+		return nil, fmt.Errorf("audit key %s: %d bytes, need at least %d", path, len(key), MinKeyBytes)
+	}
+	return key, nil
+}
+
+// Open opens (or creates) the audit file and continues the hash chain from its last record, so a
+// restarted process extends one verifiable chain.
+func Open(opts Options) (*Log, error) {
+	key, err := ReadKey(opts.KeyFile)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(opts.Path, os.O_CREATE|os.O_RDWR|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("audit log: %w", err)
+	}
+	l := &Log{file: f, key: key, stop: make(chan struct{}), stopped: make(chan struct{})}
+	if err := l.resume(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	var out zapcore.WriteSyncer = f
+	if opts.Stdout {
+		out = zapcore.NewMultiWriteSyncer(f, zapcore.Lock(os.Stdout))
+	}
+	l.out = out
+	l.enc = zapcore.NewJSONEncoder(zapcore.EncoderConfig{
+		TimeKey:        "time",
+		MessageKey:     "event",
+		EncodeTime:     zapcore.RFC3339NanoTimeEncoder,
+		EncodeDuration: zapcore.MillisDurationEncoder,
+		LineEnding:     "\n",
+	})
+	if opts.SyncInterval > 0 {
+		go l.syncLoop(opts.SyncInterval)
+	} else {
+		close(l.stopped)
+	}
+	return l, nil
+}
+
+// resume reads the existing file and takes over its chain head. A file whose chain does not verify
+// is refused: appending to it would hide the break.
+func (l *Log) resume() error {
+	if _, err := l.file.Seek(0, io.SeekStart); err != nil {
+		return err
+	}
+	rep, err := Verify(l.file, l.key)
+	if err != nil {
+		return fmt.Errorf("audit log %s: %w", l.file.Name(), err)
+	}
+	if !rep.OK() {
+		return fmt.Errorf("audit log %s does not verify (%s); move it aside before starting", l.file.Name(), rep.Problem)
+	}
+	l.seq, l.prev = rep.Records, rep.head
+	return nil
+}
+
+// Record writes one record. It returns an error wrapping broker.ErrUnavailable when the record
+// could not be written; the caller must then refuse the request.
+func (l *Log) Record(_ context.Context, ev broker.Event) error {
+	if ev.Time.IsZero() {
+		ev.Time = time.Now()
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	buf, err := l.enc.EncodeEntry(zapcore.Entry{Time: ev.Time.UTC(), Message: string(ev.Type)}, fields(l.seq+1, ev))
+	if err != nil {
+		return fmt.Errorf("audit encode: %w", broker.ErrUnavailable)
+	}
+	defer buf.Free()
+	body := bytes.TrimSuffix(buf.Bytes(), []byte("}\n"))
+	mac := chainMAC(l.key, l.prev, body)
+	line := make([]byte, 0, len(body)+len(macField)+len(mac)*2+3)
+	line = append(line, body...)
+	line = append(line, macField...)
+	line = hex.AppendEncode(line, mac)
+	line = append(line, "\"}\n"...)
+	if _, err := l.out.Write(line); err != nil {
+		return fmt.Errorf("audit write: %v: %w", err, broker.ErrUnavailable)
+	}
+	if l.stoppedSyncLoop() {
+		if err := l.out.Sync(); err != nil {
+			return fmt.Errorf("audit sync: %v: %w", err, broker.ErrUnavailable)
+		}
+	} else {
+		if l.syncErr != nil {
+			return fmt.Errorf("audit sync: %v: %w", l.syncErr, broker.ErrUnavailable)
+		}
+		l.dirty = true
+	}
+	l.seq++
+	l.prev = mac
+	return nil
+}
+
+func (l *Log) stoppedSyncLoop() bool {
+	select {
+	case <-l.stopped:
+		return true
+	default:
+		return false
+	}
+}
+
+func (l *Log) syncLoop(every time.Duration) {
+	defer close(l.stopped)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+			l.mu.Lock()
+			if l.dirty {
+				l.syncErr = l.out.Sync()
+				l.dirty = false
+			}
+			l.mu.Unlock()
+		}
+	}
+}
+
+// Close flushes and closes the file.
+func (l *Log) Close() error {
+	select {
+	case <-l.stop:
+	default:
+		close(l.stop)
+	}
+	<-l.stopped
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	err := l.file.Sync()
+	if cerr := l.file.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func chainMAC(key, prev, body []byte) []byte {
+	m := hmac.New(sha256.New, key)
+	m.Write(prev)
+	m.Write(body)
+	return m.Sum(nil)
+}
+
+func fields(seq uint64, ev broker.Event) []zapcore.Field {
+	return []zapcore.Field{
+		zap.Uint64("seq", seq),
+		zap.String("request_id", ev.RequestID),
+		zap.String("decision", string(ev.Decision)),
+		zap.String("reason", ev.Reason),
+		zap.Object("subject", subject(ev.Subject)),
+		zap.Object("object", object(ev.Object)),
+		zap.String("code", ev.Code),
+		zap.Float64("latency_ms", float64(ev.Latency.Microseconds())/1000),
+	}
+}
+
+type subject broker.Subject
+
+func (s subject) MarshalLogObject(e zapcore.ObjectEncoder) error {
+	e.AddString("namespace", s.Namespace)
+	e.AddString("service_account", s.ServiceAccount)
+	e.AddString("pod", s.Pod)
+	e.AddString("pod_uid", s.PodUID)
+	e.AddString("node", s.Node)
+	return nil
+}
+
+type object broker.Object
+
+func (o object) MarshalLogObject(e zapcore.ObjectEncoder) error {
+	e.AddString("environment", o.Environment)
+	e.AddString("ref", o.Ref)
+	e.AddString("key", o.Key)
+	e.AddInt("version", o.Version)
+	e.AddString("key_id", o.KeyID)
+	return nil
+}
+
+// Report is the result of Verify.
+type Report struct {
+	// Records is the number of records that verified, in order.
+	Records uint64
+	// Line is the 1-based line of the first problem (0 if none).
+	Line int
+	// Problem describes the first broken, reordered or missing record ("" if none).
+	Problem string
+	head    []byte
+}
+
+// OK reports whether every record verified.
+func (r Report) OK() bool { return r.Problem == "" }
+
+// Verify reads a whole audit file and checks the sequence and hash chain of every record. It stops
+// at the first problem. The error is for I/O failures only; a tampered file gives a Report with a
+// Problem.
+func Verify(r io.Reader, key []byte) (Report, error) {
+	var rep Report
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64*1024), 1<<20)
+	line := 0
+	for sc.Scan() {
+		line++
+		raw := sc.Bytes()
+		fail := func(format string, args ...any) (Report, error) {
+			rep.Line, rep.Problem = line, fmt.Sprintf("line %d: ", line)+fmt.Sprintf(format, args...)
+			return rep, nil
+		}
+		i := bytes.LastIndex(raw, []byte(macField))
+		if i < 0 || !bytes.HasSuffix(raw, []byte(`"}`)) {
+			return fail("not an audit record (no mac)")
+		}
+		body := raw[:i]
+		got, err := hex.DecodeString(string(raw[i+len(macField) : len(raw)-2]))
+		if err != nil {
+			return fail("malformed mac")
+		}
+		var head struct {
+			Seq *uint64 `json:"seq"`
+		}
+		if err := json.Unmarshal(append(append([]byte{}, body...), '}'), &head); err != nil || head.Seq == nil {
+			return fail("malformed record")
+		}
+		switch want := rep.Records + 1; {
+		case *head.Seq > want:
+			return fail("records %d..%d are missing", want, *head.Seq-1)
+		case *head.Seq < want:
+			return fail("record %d is out of order or repeated (expected %d)", *head.Seq, want)
+		}
+		if !hmac.Equal(got, chainMAC(key, rep.head, body)) {
+			return fail("record %d was modified (mac does not match the chain)", *head.Seq)
+		}
+		rep.Records++
+		rep.head = got
+	}
+	if err := sc.Err(); err != nil {
+		return rep, err
+	}
+	return rep, nil
+}
+
+// ErrTampered is returned by VerifyFile when the chain is broken.
+var ErrTampered = errors.New("audit log does not verify")
+
+// VerifyFile verifies the file at path with the key in keyFile.
+func VerifyFile(path, keyFile string) (Report, error) {
+	key, err := ReadKey(keyFile)
+	if err != nil {
+		return Report{}, err
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return Report{}, err
+	}
+	defer f.Close()
+	rep, err := Verify(f, key)
+	if err != nil {
+		return rep, err
+	}
+	if !rep.OK() {
+		return rep, fmt.Errorf("%w: %s", ErrTampered, strings.TrimSpace(rep.Problem))
+	}
+	return rep, nil
+}

@@ -1,0 +1,154 @@
+package audit
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keyward/keyward/broker"
+)
+
+func newKey(t *testing.T, dir string) string {
+	t.Helper()
+	p := filepath.Join(dir, "audit.key")
+	if err := os.WriteFile(p, bytes.Repeat([]byte("k"), 40), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func event(i int) broker.Event {
+	return broker.Event{
+		RequestID: fmt.Sprintf("req-%d", i),
+		Type:      broker.EventKMSEncrypt,
+		Decision:  broker.Allow,
+		Reason:    "ok",
+		Subject:   broker.Subject{Namespace: "payments", ServiceAccount: "api", Pod: "api-0", PodUID: "u1", Node: "n1"},
+		Object:    broker.Object{Environment: "prod", Ref: "payments/db", Key: "password", Version: 3, KeyID: "kek.1.abcd"},
+		Code:      "OK",
+		Latency:   1500 * time.Microsecond,
+	}
+}
+
+func writeN(t *testing.T, opts Options, n int) {
+	t.Helper()
+	l, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		if err := l.Record(context.Background(), event(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRecordsVerifyAndChainAcrossRestarts(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir)}
+	writeN(t, opts, 3)
+	opts.SyncInterval = 10 * time.Millisecond
+	writeN(t, opts, 2) // a restarted process continues the same chain
+	rep, err := VerifyFile(opts.Path, opts.KeyFile)
+	if err != nil || rep.Records != 5 {
+		t.Fatalf("verify: %+v, %v", rep, err)
+	}
+	st, err := os.Stat(opts.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o600 {
+		t.Fatalf("mode %v, want 0600", st.Mode().Perm())
+	}
+	lines := strings.Split(strings.TrimSpace(readFile(t, opts.Path)), "\n")
+	for _, want := range []string{`"event":"kms_encrypt"`, `"seq":5`, `"decision":"allow"`, `"namespace":"payments"`,
+		`"key_id":"kek.1.abcd"`, `"latency_ms":1.5`, `"request_id":"req-1"`, `"code":"OK"`} {
+		if !strings.Contains(lines[4], want) && !strings.Contains(strings.Join(lines, ""), want) {
+			t.Errorf("records lack %s: %s", want, lines[4])
+		}
+	}
+}
+
+func TestVerifyDetectsTampering(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir)}
+	writeN(t, opts, 4)
+	orig := strings.SplitAfter(readFile(t, opts.Path), "\n")
+	orig = orig[:len(orig)-1] // trailing ""
+	for _, tc := range []struct {
+		name, problem string
+		edit          func([]string) []string
+	}{
+		{"modified", "record 2 was modified", func(l []string) []string {
+			l[1] = strings.Replace(l[1], `"decision":"allow"`, `"decision":"deny"`, 1)
+			return l
+		}},
+		{"deleted", "records 2..2 are missing", func(l []string) []string { return append(l[:1:1], l[2:]...) }},
+		{"reordered", "records 2..2 are missing", func(l []string) []string { l[1], l[2] = l[2], l[1]; return l }},
+		{"duplicated", "record 2 is out of order or repeated", func(l []string) []string {
+			return append(append(l[:2:2], l[1]), l[2:]...)
+		}},
+		{"mac removed", "no mac", func(l []string) []string { l[3] = strings.SplitN(l[3], `,"mac"`, 2)[0] + "}\n"; return l }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			lines := tc.edit(append([]string(nil), orig...))
+			p := filepath.Join(t.TempDir(), "audit.log")
+			if err := os.WriteFile(p, []byte(strings.Join(lines, "")), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			rep, err := VerifyFile(p, opts.KeyFile)
+			if !errors.Is(err, ErrTampered) || !strings.Contains(rep.Problem, tc.problem) {
+				t.Fatalf("got %q, %v; want problem %q", rep.Problem, err, tc.problem)
+			}
+			// A process must refuse to extend a broken chain.
+			if _, err := Open(Options{Path: p, KeyFile: opts.KeyFile}); err == nil {
+				t.Fatal("Open accepted a tampered log")
+			}
+		})
+	}
+	// Another key does not verify an honest log.
+	other := filepath.Join(dir, "other.key")
+	os.WriteFile(other, bytes.Repeat([]byte("x"), 40), 0o600)
+	if _, err := VerifyFile(opts.Path, other); !errors.Is(err, ErrTampered) {
+		t.Fatalf("verify with another key: %v", err)
+	}
+}
+
+func TestFailsClosedWhenTheRecordCannotBeWritten(t *testing.T) {
+	dir := t.TempDir()
+	l, err := Open(Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.file.Close() // the disk went away under the log
+	if err := l.Record(context.Background(), event(1)); !errors.Is(err, broker.ErrUnavailable) {
+		t.Fatalf("Record on a dead file: %v, want ErrUnavailable", err)
+	}
+}
+
+func TestShortKeyRefused(t *testing.T) {
+	dir := t.TempDir()
+	k := filepath.Join(dir, "k")
+	os.WriteFile(k, []byte("short"), 0o600)
+	if _, err := Open(Options{Path: filepath.Join(dir, "a.log"), KeyFile: k}); err == nil || strings.Contains(err.Error(), "short") {
+		t.Fatalf("short key: %v (the error must not echo the key)", err)
+	}
+}
+
+func readFile(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
