@@ -21,6 +21,9 @@ type KeyWrapper interface {
 	Unwrap(ctx context.Context, ciphertext []byte, keyID string) ([]byte, error)
 	// KeyID returns the ID of the key Wrap uses now. It is cheap (no HSM round trip).
 	KeyID(ctx context.Context) (string, error)
+	// Health proves the key store works now: a real encrypt+decrypt round trip under the current key
+	// in the key store itself (no cached or copied key). It may be slow; callers cache its result.
+	Health(ctx context.Context) error
 }
 
 // The errors a KeyWrapper wraps; the gRPC adapter maps them to codes in one place (toStatus).

@@ -57,6 +57,9 @@ func Run(t *testing.T, newSubject func(t *testing.T) Subject) {
 		if err != nil || !bytes.Equal(got, pt) {
 			t.Fatalf("Unwrap = %x, %v", got, err)
 		}
+		if err := s.Wrapper.Health(c); err != nil {
+			t.Fatalf("Health of a working wrapper: %v", err)
+		}
 	})
 
 	t.Run("FreshIVPerCall", func(t *testing.T) {

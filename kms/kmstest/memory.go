@@ -119,3 +119,14 @@ func (m *Memory) KeyID(context.Context) (string, error) {
 	defer m.mu.RUnlock()
 	return m.gens[len(m.gens)-1].id, nil
 }
+
+// Health is a round trip under the current key.
+func (m *Memory) Health(ctx context.Context) error {
+	pt := []byte("keyward-health-probe-32-bytes!!!")
+	ct, id, err := m.Wrap(ctx, pt)
+	if err != nil {
+		return err
+	}
+	_, err = m.Unwrap(ctx, ct, id)
+	return err
+}

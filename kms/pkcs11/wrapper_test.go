@@ -3,6 +3,7 @@ package pkcs11
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -103,29 +104,106 @@ func TestSoftHSMContractTokenObjects(t *testing.T) {
 	})
 }
 
-func TestOutageProbe(t *testing.T) {
-	f := false
-	tk := newToken(t, func(c *Config) { c.SessionKeyCopies = &f })
-	ctx := context.Background()
-	if err := tk.hsm.HideToken(); err != nil {
+// The token disappears under the running wrapper (an HSM outage) and comes back: calls fail with
+// ErrUnavailable, never panic, and the wrapper recovers by itself.
+func TestOutageAndRecovery(t *testing.T) {
+	for _, copies := range []bool{true, false} {
+		t.Run(map[bool]string{true: "session copies", false: "token objects"}[copies], func(t *testing.T) {
+			tk := newToken(t, func(c *Config) { c.SessionKeyCopies = &copies })
+			ctx := context.Background()
+			pt := []byte("0123456789abcdef0123456789abcdef")
+			ct, id, err := tk.w.Wrap(ctx, pt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := tk.hsm.HideToken(); err != nil {
+				t.Fatal(err)
+			}
+			if err := tk.w.Health(ctx); !errors.Is(err, kms.ErrUnavailable) {
+				t.Fatalf("Health with the token gone: %v, want ErrUnavailable", err)
+			}
+			if _, _, err := tk.w.Wrap(ctx, pt); !errors.Is(err, kms.ErrUnavailable) {
+				t.Fatalf("Wrap with the token gone: %v, want ErrUnavailable", err)
+			}
+			if _, err := tk.w.Unwrap(ctx, ct, id); !errors.Is(err, kms.ErrUnavailable) {
+				t.Fatalf("Unwrap with the token gone: %v, want ErrUnavailable", err)
+			}
+			if tk.w.Reason() == "" {
+				t.Fatal("no reason while unavailable")
+			}
+			if err := tk.hsm.ShowToken(); err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(30 * time.Second)
+			for tk.w.Health(ctx) != nil {
+				if time.Now().After(deadline) {
+					t.Fatalf("not recovered: %s", tk.w.Reason())
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if tk.w.Recoveries() != 1 {
+				t.Fatalf("recoveries = %d, want 1", tk.w.Recoveries())
+			}
+			got, err := tk.w.Unwrap(ctx, ct, id)
+			if err != nil || string(got) != string(pt) {
+				t.Fatalf("old ciphertext after recovery: %v", err)
+			}
+			if cur, _ := tk.w.KeyID(ctx); cur != id {
+				t.Fatalf("key ID changed across recovery: %s -> %s", id, cur)
+			}
+		})
+	}
+}
+
+func TestBadPINAndMissingToken(t *testing.T) {
+	h := harness.SoftHSMT(t, "keyward")
+	cfg := Config{Module: h.Module, TokenLabel: h.TokenLabel, PINFile: h.PINFile, KeyLabel: "kek"}
+	_, err := New(cfg, "wrong-pin-canary", zaptest.NewLogger(t))
+	if err == nil || strings.Contains(err.Error(), "wrong-pin-canary") {
+		t.Fatalf("bad PIN: %v (the PIN must never be in the error)", err)
+	}
+	cfg.TokenLabel = "nope"
+	if _, err := New(cfg, h.UserPIN, zaptest.NewLogger(t)); err == nil || !strings.Contains(err.Error(), "nope") {
+		t.Fatalf("missing token: %v", err)
+	}
+}
+
+func TestKeyWithoutGenerationIsUnavailable(t *testing.T) {
+	h := harness.SoftHSMT(t, "keyward")
+	cfg := Config{Module: h.Module, TokenLabel: h.TokenLabel, PINFile: h.PINFile, KeyLabel: "kek"}
+	w, err := New(cfg, h.UserPIN, zaptest.NewLogger(t))
+	if err != nil {
 		t.Fatal(err)
 	}
-	for i := 0; i < 3; i++ {
-		_, _, err := tk.w.Wrap(ctx, []byte("0123456789abcdef0123456789abcdef"))
-		t.Logf("wrap %d: %v", i, err)
-		time.Sleep(300 * time.Millisecond)
+	defer w.Close()
+	if _, _, err := w.Wrap(context.Background(), []byte("x")); !errors.Is(err, kms.ErrUnavailable) || !strings.Contains(err.Error(), "keywardctl kms keys create") {
+		t.Fatalf("no key: %v", err)
 	}
-	if err := tk.hsm.ShowToken(); err != nil {
-		t.Fatal(err)
-	}
-	var err error
-	for i := 0; i < 20; i++ {
-		_, _, err = tk.w.Wrap(ctx, []byte("0123456789abcdef0123456789abcdef"))
-		if err == nil {
-			break
+}
+
+func TestAdminGenerations(t *testing.T) {
+	tk := newToken(t)
+	tk.admin(t, func(a *Admin) error {
+		if _, err := a.Create(); err == nil {
+			t.Error("Create succeeded twice")
 		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	t.Logf("after: %v recoveries %d", err, tk.w.Recoveries())
-	_ = errors.Is
+		g2, err := a.Rotate()
+		if err != nil {
+			return err
+		}
+		gens, err := a.List()
+		if err != nil {
+			return err
+		}
+		if len(gens) != 2 || gens[1].KeyID != g2.KeyID || gens[1].Generation != 2 || !gens[0].Usable {
+			t.Errorf("generations = %+v", gens)
+		}
+		if err := a.Retire(g2.KeyID); err == nil {
+			t.Error("retired the newest generation")
+		}
+		if err := a.Retire("kek.9.0000"); err == nil {
+			t.Error("retired an unknown key")
+		}
+		return a.Retire(gens[0].KeyID)
+	})
 }

@@ -13,6 +13,9 @@
 #   module cache, in which only that one check is disabled.
 # - Do not run `go mod tidy` in the wrapper: it drags the module graph to versions 1.14.2 does not build with.
 #
+# - Built with Go 1.26, the binary panics at start ("failed to parse CA certificate", gosnowflake's init)
+#   unless run with GODEBUG=x509negativeserial=1; test/harness sets it.
+#
 # This binary is only ever run as `vault server -dev` on loopback by the tests and the demo. It is a test
 # server, not something to deploy. Cold: ~6 min on 2 cores, a ~375 MB binary.
 source "$(dirname "$0")/lib.sh"
