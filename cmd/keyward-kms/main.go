@@ -3,21 +3,82 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"flag"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 
+	"github.com/keyward/keyward/broker/audit"
+	"github.com/keyward/keyward/internal/grpcserver"
 	"github.com/keyward/keyward/internal/logging"
 	"github.com/keyward/keyward/internal/version"
+	"github.com/keyward/keyward/kms"
+	"github.com/keyward/keyward/kms/pkcs11"
 )
 
+// Options are the process wiring; HSM settings live in the config file, the PIN in its own file.
+type Options struct {
+	Socket         string
+	Config         string
+	MetricsAddress string
+	AuditLog       string
+	AuditKeyFile   string
+	AuditStdout    bool
+	LogLevel       string
+	Grace          time.Duration
+}
+
+func (o *Options) bind(fs *flag.FlagSet) {
+	fs.StringVar(&o.Socket, "socket", "/var/run/keyward/kms.sock", "unix socket kube-apiserver connects to")
+	fs.StringVar(&o.Config, "config", "/etc/keyward/kms.yaml", "YAML config: PKCS#11 module, token, key label, PIN file")
+	fs.StringVar(&o.MetricsAddress, "metrics-address", "127.0.0.1:9464", "loopback address for /metrics, /healthz and /livez (empty: off)")
+	fs.StringVar(&o.AuditLog, "audit-log", "/var/log/keyward/kms-audit.log", "audit log file (JSON lines, hash-chained)")
+	fs.StringVar(&o.AuditKeyFile, "audit-key-file", "/etc/keyward/audit.key", "file holding the audit HMAC key")
+	fs.BoolVar(&o.AuditStdout, "audit-stdout", false, "also write audit records to stdout")
+	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.DurationVar(&o.Grace, "grace", 10*time.Second, "how long in-flight calls may take to finish on SIGTERM")
+}
+
+// Validate reports the first problem with the options.
+func (o Options) Validate() error {
+	switch {
+	case o.Socket == "":
+		return errors.New("--socket is required")
+	case o.Config == "":
+		return errors.New("--config is required")
+	case o.AuditLog == "" || o.AuditKeyFile == "":
+		return errors.New("--audit-log and --audit-key-file are required: every operation is audited")
+	case o.Grace <= 0:
+		return errors.New("--grace must be positive")
+	}
+	if o.MetricsAddress != "" {
+		host, _, err := net.SplitHostPort(o.MetricsAddress)
+		if err != nil {
+			return fmt.Errorf("--metrics-address: %w", err)
+		}
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			return fmt.Errorf("--metrics-address %s is not a loopback address", o.MetricsAddress)
+		}
+	}
+	return nil
+}
+
 func main() {
+	var o Options
 	fs := flag.NewFlagSet("keyward-kms", flag.ContinueOnError)
-	socket := fs.String("socket", "/var/run/keyward/kms.sock", "unix socket kube-apiserver connects to")
-	config := fs.String("config", "/etc/keyward/kms.yaml", "YAML config: PKCS#11 module, token and key labels, PIN file")
-	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	o.bind(fs)
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		os.Exit(2)
@@ -26,12 +87,119 @@ func main() {
 		fmt.Println("keyward-kms", version.Version)
 		return
 	}
-	log, err := logging.New(*logLevel)
+	if err := o.Validate(); err != nil {
+		fmt.Fprintln(os.Stderr, "keyward-kms:", err)
+		os.Exit(2)
+	}
+	log, err := logging.New(o.LogLevel)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "keyward-kms:", err)
 		os.Exit(2)
 	}
-	defer log.Sync()
-	log.Info("keyward-kms: the KMS v2 service is not part of this build yet; exiting",
-		zap.String("socket", *socket), zap.String("config", *config))
+	if err := run(o, log); err != nil {
+		log.Error("keyward-kms stopped", zap.Error(err))
+		log.Sync()
+		os.Exit(1)
+	}
+	log.Sync()
+}
+
+func run(o Options, log *zap.Logger) error {
+	cfg, err := kms.LoadConfig(o.Config)
+	if err != nil {
+		return err
+	}
+	pin, err := os.ReadFile(cfg.PKCS11.PINFile)
+	if err != nil {
+		return fmt.Errorf("PIN file: %w", err)
+	}
+	// Claim the socket before touching the HSM: a second instance must not disturb the first.
+	lis, err := grpcserver.Listen(o.Socket)
+	if err != nil {
+		return err
+	}
+	defer lis.Close()
+	wrapper, err := pkcs11.New(cfg.PKCS11, strings.TrimRight(string(pin), "\r\n"), log)
+	clear(pin)
+	if err != nil {
+		return err
+	}
+	defer wrapper.Close()
+	auditLog, err := audit.Open(audit.Options{Path: o.AuditLog, KeyFile: o.AuditKeyFile, Stdout: o.AuditStdout, SyncInterval: time.Second})
+	if err != nil {
+		return err
+	}
+	defer auditLog.Close()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics, err := kms.NewMetrics(reg, wrapper)
+	if err != nil {
+		return err
+	}
+	svc, err := kms.NewService(kms.ServiceOptions{Wrapper: wrapper, Auditor: auditLog, Logger: log.Named("kms"),
+		HealthInterval: cfg.HealthInterval.Duration, Metrics: metrics})
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	go svc.Run(ctx)
+	go reloadOnHUP(ctx, log, wrapper, svc)
+	if o.MetricsAddress != "" {
+		srv, err := serveHTTP(o.MetricsAddress, reg, svc)
+		if err != nil {
+			return err
+		}
+		defer srv.Close()
+	}
+	gs := grpcserver.NewServer(log.Named("grpc"))
+	kms.NewGRPCServer(svc).Register(gs)
+	kid, _ := wrapper.KeyID(ctx)
+	log.Info("serving KMS v2", zap.String("socket", o.Socket), zap.String("key_id", kid), zap.String("version", version.Version))
+	err = grpcserver.Serve(ctx, gs, lis, o.Grace)
+	log.Info("stopped")
+	return err
+}
+
+// reloadOnHUP looks for new key generations on SIGHUP and re-checks health at once.
+func reloadOnHUP(ctx context.Context, log *zap.Logger, w *pkcs11.Wrapper, svc *kms.Service) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			if err := w.Refresh(ctx); err != nil {
+				log.Warn("SIGHUP: key refresh failed", zap.Error(err))
+			}
+			svc.CheckHealth(ctx)
+			kid, _ := w.KeyID(ctx)
+			log.Info("SIGHUP: keys refreshed", zap.String("key_id", kid))
+		}
+	}
+}
+
+func serveHTTP(addr string, reg *prometheus.Registry, svc *kms.Service) (*http.Server, error) {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	check := func(f func() error) http.HandlerFunc {
+		return func(w http.ResponseWriter, _ *http.Request) {
+			if err := f(); err != nil {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+			fmt.Fprintln(w, "ok")
+		}
+	}
+	mux.Handle("/healthz", check(svc.Healthz))
+	mux.Handle("/livez", check(svc.Livez))
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(l)
+	return srv, nil
 }

@@ -1,0 +1,103 @@
+package grpcserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+)
+
+// ErrInUse means another process is serving the socket.
+var ErrInUse = errors.New("socket is served by another process")
+
+var umaskMu sync.Mutex
+
+// Listen listens on a unix socket at path with mode 0600. An existing socket that answers is left
+// alone (ErrInUse); one that does not answer is stale and removed; any other file there is an error.
+func Listen(path string) (net.Listener, error) {
+	if len(path) > 100 {
+		return nil, fmt.Errorf("socket path %s is %d bytes; unix sockets allow about 100", path, len(path))
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, err
+	}
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket; refusing to replace it", path)
+		}
+		c, derr := net.DialTimeout("unix", path, time.Second)
+		if derr == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: %w", path, ErrInUse)
+		}
+		if !errors.Is(derr, syscall.ECONNREFUSED) && !errors.Is(derr, syscall.ENOENT) {
+			return nil, fmt.Errorf("probing existing socket %s: %w", path, derr)
+		}
+		if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
+			return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
+		}
+	}
+	// The socket is created 0600 from the start (no window with wider permissions).
+	umaskMu.Lock()
+	old := syscall.Umask(0o177)
+	l, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	umaskMu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// NewServer returns a gRPC server that logs each RPC once (method, code, duration; never payloads).
+func NewServer(log *zap.Logger, opts ...grpc.ServerOption) *grpc.Server {
+	return grpc.NewServer(append([]grpc.ServerOption{grpc.ChainUnaryInterceptor(LoggingInterceptor(log))}, opts...)...)
+}
+
+// LoggingInterceptor logs one line per unary RPC: OK at debug level, failures at info level. It logs
+// the status message, which Keyward's adapters keep free of secrets, and nothing of the payloads.
+func LoggingInterceptor(log *zap.Logger) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		start := time.Now()
+		resp, err := handler(ctx, req)
+		st := status.Convert(err)
+		fields := []zap.Field{zap.String("method", info.FullMethod), zap.String("code", st.Code().String()),
+			zap.Duration("duration", time.Since(start))}
+		if err != nil {
+			log.Info("rpc failed", append(fields, zap.String("message", st.Message()))...)
+		} else if ce := log.Check(zap.DebugLevel, "rpc"); ce != nil {
+			ce.Write(fields...)
+		}
+		return resp, err
+	}
+}
+
+// Serve serves until ctx ends, then stops gracefully: in-flight calls get up to grace to finish, after
+// which they are cut. The listener (and so the socket file) is closed either way.
+func Serve(ctx context.Context, s *grpc.Server, l net.Listener, grace time.Duration) error {
+	errc := make(chan error, 1)
+	go func() { errc <- s.Serve(l) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	done := make(chan struct{})
+	go func() { s.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(grace):
+		s.Stop()
+	}
+	<-errc
+	return nil
+}

@@ -1,0 +1,114 @@
+package grpcserver
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+)
+
+func shortDir(t *testing.T) string {
+	d, err := os.MkdirTemp("/tmp", "kw-gs-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+func TestListenSocketHygiene(t *testing.T) {
+	path := filepath.Join(shortDir(t), "s.sock")
+	l, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(path)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("mode %v, %v; want 0600", st.Mode().Perm(), err)
+	}
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	if _, err := Listen(path); !errors.Is(err, ErrInUse) {
+		t.Fatalf("second Listen on a served socket: %v, want ErrInUse", err)
+	}
+	// A stale socket (nothing answers) is replaced.
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	if _, err := os.Stat(path); err != nil {
+		t.Fatal("test setup: stale socket vanished")
+	}
+	l2, err := Listen(path)
+	if err != nil {
+		t.Fatalf("stale socket not replaced: %v", err)
+	}
+	l2.Close()
+	// A regular file is never removed.
+	file := filepath.Join(filepath.Dir(path), "f.sock")
+	os.WriteFile(file, []byte("x"), 0o600)
+	if _, err := Listen(file); err == nil {
+		t.Fatal("Listen replaced a regular file")
+	}
+	if _, err := os.Stat(file); err != nil {
+		t.Fatal("the regular file was removed")
+	}
+}
+
+func TestServeGracefulStopRemovesSocketAndLogsOnce(t *testing.T) {
+	path := filepath.Join(shortDir(t), "s.sock")
+	core, logs := observer.New(zap.DebugLevel)
+	s := NewServer(zap.New(core))
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(s, hs)
+	l, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- Serve(ctx, s, l, 5*time.Second) }()
+	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	c := healthpb.NewHealthClient(conn)
+	if _, err := c.Check(context.Background(), &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Check(context.Background(), &healthpb.HealthCheckRequest{Service: "nope"})
+	if status.Code(err) != codes.NotFound {
+		t.Fatalf("unknown service: %v", err)
+	}
+	if n := logs.FilterMessage("rpc").Len(); n != 1 {
+		t.Errorf("%d debug lines for 1 OK call", n)
+	}
+	if n := logs.FilterMessage("rpc failed").Len(); n != 1 {
+		t.Errorf("%d lines for 1 failed call", n)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("socket left behind after stop: %v", err)
+	}
+}

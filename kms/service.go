@@ -1,0 +1,247 @@
+package kms
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"k8s.io/kms/pkg/service"
+
+	"github.com/keyward/keyward/broker"
+)
+
+// AnnotationKey is the one annotation keyward-kms attaches to every ciphertext. kube-apiserver only
+// accepts DNS-subdomain keys without '/' (any other key keeps it from ever becoming ready).
+const AnnotationKey = "kms.keyward.dev"
+
+// annotationValue names the ciphertext format, so tools reading etcd can tell who wrapped a DEK seed.
+var annotationValue = []byte("aes-256-gcm;v1")
+
+// ServiceOptions configure NewService.
+type ServiceOptions struct {
+	Wrapper KeyWrapper
+	// Auditor receives one record per Encrypt and Decrypt. Required: audit is not optional.
+	Auditor broker.Auditor
+	Logger  *zap.Logger
+	// HealthInterval between background round trips (default 10s). Status reports "ok" only if the
+	// last round trip succeeded and is at most 3 intervals old.
+	HealthInterval time.Duration
+	// Metrics, if set, records every operation.
+	Metrics *Metrics
+}
+
+// Service is keyward-kms's core: the KMS v2 operations over a KeyWrapper, with cached health and
+// audit. It returns errors wrapping the kms sentinels; the gRPC adapter turns them into codes.
+type Service struct {
+	w        KeyWrapper
+	audit    broker.Auditor
+	log      *zap.Logger
+	interval time.Duration
+	metrics  *Metrics
+	health   atomic.Pointer[healthState]
+	kick     chan struct{}
+	loopBeat atomic.Int64 // unix nanos of the last health attempt (for liveness)
+}
+
+type healthState struct {
+	ok     bool
+	reason string
+	at     time.Time
+}
+
+var _ service.Service = (*Service)(nil)
+
+// NewService validates the options. Call Run to start the health loop.
+func NewService(opts ServiceOptions) (*Service, error) {
+	if opts.Wrapper == nil || opts.Auditor == nil || opts.Logger == nil {
+		return nil, errors.New("kms: Wrapper, Auditor and Logger are required")
+	}
+	if opts.HealthInterval == 0 {
+		opts.HealthInterval = 10 * time.Second
+	}
+	s := &Service{w: opts.Wrapper, audit: opts.Auditor, log: opts.Logger, interval: opts.HealthInterval,
+		metrics: opts.Metrics, kick: make(chan struct{}, 1)}
+	s.health.Store(&healthState{reason: "no health check has run yet"})
+	return s, nil
+}
+
+// Run checks health now and then every interval (or sooner when a call finds the HSM unavailable)
+// until ctx ends.
+func (s *Service) Run(ctx context.Context) {
+	t := time.NewTicker(s.interval)
+	defer t.Stop()
+	for {
+		s.CheckHealth(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-s.kick:
+		}
+	}
+}
+
+// CheckHealth runs one round trip now and caches the result.
+func (s *Service) CheckHealth(ctx context.Context) error {
+	s.loopBeat.Store(time.Now().UnixNano())
+	cctx, cancel := context.WithTimeout(ctx, s.interval)
+	defer cancel()
+	err := s.w.Health(cctx)
+	prev := s.health.Load()
+	st := &healthState{ok: err == nil, at: time.Now()}
+	if err != nil {
+		st.reason = short(err)
+	}
+	s.health.Store(st)
+	if prev.ok != st.ok {
+		if st.ok {
+			s.log.Info("healthy: HSM round trip succeeded")
+		} else {
+			s.log.Warn("unhealthy", zap.String("reason", st.reason))
+		}
+	}
+	if s.metrics != nil {
+		s.metrics.setHealthy(st.ok)
+	}
+	return err
+}
+
+// Healthz returns nil when the last round trip succeeded recently, else the reason.
+func (s *Service) Healthz() error {
+	st := s.health.Load()
+	switch {
+	case !st.ok:
+		return errors.New(st.reason)
+	case time.Since(st.at) > 3*s.interval:
+		return fmt.Errorf("last successful HSM round trip was %s ago", time.Since(st.at).Round(time.Second))
+	}
+	return nil
+}
+
+// Livez returns nil while the health loop is running (a hung HSM call stops it).
+func (s *Service) Livez() error {
+	last := time.Unix(0, s.loopBeat.Load())
+	if age := time.Since(last); age > 3*s.interval+5*time.Second {
+		return fmt.Errorf("health loop has not run for %s", age.Round(time.Second))
+	}
+	return nil
+}
+
+// Status is the KMS v2 Status: version v2, the current key ID and the cached health.
+func (s *Service) Status(ctx context.Context) (*service.StatusResponse, error) {
+	id, err := s.w.KeyID(ctx)
+	healthz := "ok"
+	if err != nil {
+		healthz = short(err)
+	} else if herr := s.Healthz(); herr != nil {
+		healthz = herr.Error()
+	}
+	return &service.StatusResponse{Version: "v2", Healthz: healthz, KeyID: id}, nil
+}
+
+// Encrypt wraps a DEK seed for kube-apiserver; uid is the apiserver's request UID.
+func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (resp *service.EncryptResponse, err error) {
+	start := time.Now()
+	var keyID string
+	defer func() {
+		err = s.finish(ctx, broker.EventKMSEncrypt, uid, keyID, start, err)
+		if err != nil {
+			resp = nil
+		}
+	}()
+	ct, keyID, err := s.w.Wrap(ctx, plaintext)
+	if err != nil {
+		return nil, err
+	}
+	if len(ct) > MaxCiphertext || len(keyID) > MaxKeyID || keyID == "" {
+		return nil, fmt.Errorf("wrapper returned %d-byte ciphertext, %d-byte key ID: %w", len(ct), len(keyID), ErrUnavailable)
+	}
+	return &service.EncryptResponse{Ciphertext: ct, KeyID: keyID,
+		Annotations: map[string][]byte{AnnotationKey: annotationValue}}, nil
+}
+
+// Decrypt unwraps a DEK seed.
+func (s *Service) Decrypt(ctx context.Context, uid string, req *service.DecryptRequest) (pt []byte, err error) {
+	start := time.Now()
+	defer func() {
+		err = s.finish(ctx, broker.EventKMSDecrypt, uid, req.KeyID, start, err)
+		if err != nil {
+			pt = nil
+		}
+	}()
+	if req.KeyID == "" || len(req.KeyID) > MaxKeyID {
+		return nil, fmt.Errorf("key ID of %d bytes: %w", len(req.KeyID), ErrInvalid)
+	}
+	if v, ok := req.Annotations[AnnotationKey]; ok && string(v) != string(annotationValue) {
+		return nil, fmt.Errorf("unknown ciphertext format %q: %w", short(errors.New(string(v))), ErrInvalid)
+	}
+	return s.w.Unwrap(ctx, req.Ciphertext, req.KeyID)
+}
+
+// finish records metrics and the audit record for one operation. If the record cannot be written the
+// operation fails (fail closed) and its result is discarded by the caller.
+func (s *Service) finish(ctx context.Context, ev broker.EventType, uid, keyID string, start time.Time, err error) error {
+	if errors.Is(err, ErrUnavailable) {
+		s.markUnhealthy(err)
+	}
+	latency := time.Since(start)
+	decision := broker.Allow
+	reason := "ok"
+	if err != nil {
+		decision, reason = broker.Error, short(err)
+	}
+	aerr := s.audit.Record(ctx, broker.Event{
+		Time: start, RequestID: uid, Type: ev, Decision: decision, Reason: reason,
+		Object: broker.Object{KeyID: keyID}, Code: Code(err).String(), Latency: latency,
+	})
+	if aerr != nil && err == nil {
+		err = fmt.Errorf("audit record not written, refusing the result: %w", ErrUnavailable)
+	}
+	if s.metrics != nil {
+		s.metrics.observe(string(ev), Code(err), latency)
+	}
+	return err
+}
+
+func (s *Service) markUnhealthy(err error) {
+	s.health.Store(&healthState{reason: short(err), at: time.Now()})
+	if s.metrics != nil {
+		s.metrics.setHealthy(false)
+	}
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Code maps an error to its gRPC code. It is the one place this mapping lives; the gRPC adapter and
+// the audit records use it.
+func Code(err error) codes.Code {
+	switch {
+	case err == nil:
+		return codes.OK
+	case errors.Is(err, ErrInvalid):
+		return codes.InvalidArgument
+	case errors.Is(err, ErrUnavailable):
+		return codes.Unavailable
+	case errors.Is(err, context.DeadlineExceeded):
+		return codes.DeadlineExceeded
+	case errors.Is(err, context.Canceled):
+		return codes.Canceled
+	default:
+		return codes.Internal
+	}
+}
+
+// short bounds an error text for Status and audit reasons.
+func short(err error) string {
+	s := err.Error()
+	if len(s) > 240 {
+		s = s[:240] + "..."
+	}
+	return s
+}
