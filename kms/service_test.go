@@ -1,0 +1,273 @@
+package kms_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apiserver/pkg/server/options/encryptionconfig"
+	"k8s.io/apiserver/pkg/storage/value"
+	"k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2"
+	kmsservice "k8s.io/kms/pkg/service"
+
+	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/broker/audit"
+	"github.com/keyward/keyward/internal/grpcserver"
+	"github.com/keyward/keyward/kms"
+	"github.com/keyward/keyward/kms/kmstest"
+)
+
+// canary is a DEK seed that must never show up in a log line or an audit record.
+var canary = []byte("CANARY-dek-seed-0123456789abcdef")
+
+type plugin struct {
+	socket   string
+	svc      *kms.Service
+	mem      *kmstest.Memory
+	logs     *observer.ObservedLogs
+	auditLog string
+	auditKey string
+}
+
+func startPlugin(t *testing.T, auditor func(path, key string) broker.Auditor) *plugin {
+	t.Helper()
+	dir, err := os.MkdirTemp("/tmp", "kw-kms-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	p := &plugin{socket: filepath.Join(dir, "kms.sock"), mem: kmstest.NewMemory(),
+		auditLog: filepath.Join(dir, "audit.log"), auditKey: filepath.Join(dir, "audit.key")}
+	os.WriteFile(p.auditKey, bytes.Repeat([]byte("a"), 32), 0o600)
+	core, logs := observer.New(zap.DebugLevel)
+	p.logs = logs
+	var aud broker.Auditor
+	if auditor != nil {
+		aud = auditor(p.auditLog, p.auditKey)
+	} else {
+		l, err := audit.Open(audit.Options{Path: p.auditLog, KeyFile: p.auditKey})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		aud = l
+	}
+	p.svc, err = kms.NewService(kms.ServiceOptions{Wrapper: p.mem, Auditor: aud, Logger: zap.New(core), HealthInterval: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	lis, err := grpcserver.Listen(p.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpcserver.NewServer(zap.New(core))
+	kms.NewGRPCServer(p.svc).Register(gs)
+	done := make(chan struct{})
+	go func() { grpcserver.Serve(ctx, gs, lis, time.Second); close(done) }()
+	go p.svc.Run(ctx)
+	t.Cleanup(func() { cancel(); <-done })
+	return p
+}
+
+// apiserverClient is kube-apiserver's own KMS v2 client.
+func apiserverClient(t *testing.T, p *plugin) kmsservice.Service {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	c, err := kmsv2.NewGRPCService(ctx, "unix://"+p.socket, "keyward", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func waitHealthy(t *testing.T, c kmsservice.Service) *kmsservice.StatusResponse {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		st, err := c.Status(context.Background())
+		if err == nil && st.Healthz == "ok" {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("plugin not healthy: %+v %v", st, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestServiceThroughApiserverClient(t *testing.T) {
+	p := startPlugin(t, nil)
+	c := apiserverClient(t, p)
+	ctx := context.Background()
+	st := waitHealthy(t, c)
+	cur, _ := p.mem.KeyID(ctx)
+	if st.Version != "v2" || st.KeyID != cur {
+		t.Fatalf("status = %+v, want v2 and key %s", st, cur)
+	}
+	enc, err := c.Encrypt(ctx, "uid-1", canary)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if enc.KeyID != cur || string(enc.Annotations[kms.AnnotationKey]) == "" {
+		t.Fatalf("encrypt = key %q annotations %v", enc.KeyID, enc.Annotations)
+	}
+	pt, err := c.Decrypt(ctx, "uid-2", &kmsservice.DecryptRequest{Ciphertext: enc.Ciphertext, KeyID: enc.KeyID, Annotations: enc.Annotations})
+	if err != nil || !bytes.Equal(pt, canary) {
+		t.Fatalf("decrypt = %q, %v", pt, err)
+	}
+	// Bad input: InvalidArgument, and the plugin stays healthy.
+	tampered := bytes.Clone(enc.Ciphertext)
+	tampered[len(tampered)-1] ^= 1
+	for name, req := range map[string]*kmsservice.DecryptRequest{
+		"tampered":       {Ciphertext: tampered, KeyID: enc.KeyID},
+		"unknown key ID": {Ciphertext: enc.Ciphertext, KeyID: "memory.99.x"},
+		"empty key ID":   {Ciphertext: enc.Ciphertext},
+		"bad annotation": {Ciphertext: enc.Ciphertext, KeyID: enc.KeyID, Annotations: map[string][]byte{kms.AnnotationKey: []byte("rot13")}},
+	} {
+		_, err := c.Decrypt(ctx, "uid-bad", req)
+		if status.Code(err) != codes.InvalidArgument {
+			t.Errorf("%s: %v, want InvalidArgument", name, err)
+		}
+	}
+	if err := p.svc.Healthz(); err != nil {
+		t.Fatalf("bad input made the plugin unhealthy: %v", err)
+	}
+	// An HSM outage: Unavailable and unhealthy at once, healthy again by itself afterwards.
+	p.mem.SetUnavailable(true)
+	if _, err := c.Encrypt(ctx, "uid-3", canary); status.Code(err) != codes.Unavailable {
+		t.Fatalf("encrypt during outage: %v, want Unavailable", err)
+	}
+	if st, _ := c.Status(ctx); st == nil || st.Healthz == "ok" {
+		t.Fatalf("status during outage = %+v", st)
+	}
+	p.mem.SetUnavailable(false)
+	waitHealthy(t, c)
+	// Rotation: Status reports the new key ID; old ciphertexts still decrypt.
+	newID := p.mem.Rotate()
+	if st, _ := c.Status(ctx); st.KeyID != newID {
+		t.Fatalf("status key after rotation = %q, want %q", st.KeyID, newID)
+	}
+	if _, err := c.Decrypt(ctx, "uid-4", &kmsservice.DecryptRequest{Ciphertext: enc.Ciphertext, KeyID: enc.KeyID}); err != nil {
+		t.Fatalf("old ciphertext after rotation: %v", err)
+	}
+
+	// One audit record per Encrypt/Decrypt, verifiable, without the DEK seed.
+	rep, err := audit.VerifyFile(p.auditLog, p.auditKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Records != 8 { // 1 encrypt + 1 decrypt + 4 bad decrypts + 1 failed encrypt + 1 decrypt
+		t.Fatalf("%d audit records, want 8", rep.Records)
+	}
+	raw, _ := os.ReadFile(p.auditLog)
+	for _, want := range []string{`"request_id":"uid-1"`, `"event":"kms_encrypt"`, `"event":"kms_decrypt"`,
+		`"code":"InvalidArgument"`, `"code":"Unavailable"`, `"key_id":"` + enc.KeyID + `"`} {
+		if !bytes.Contains(raw, []byte(want)) {
+			t.Errorf("audit log lacks %s", want)
+		}
+	}
+	assertNoCanary(t, "audit log", raw)
+	for _, e := range p.logs.All() {
+		assertNoCanary(t, "log line", []byte(fmt.Sprint(e.Message, e.ContextMap())))
+	}
+}
+
+func assertNoCanary(t *testing.T, where string, b []byte) {
+	t.Helper()
+	for _, enc := range [][]byte{canary, []byte(fmt.Sprintf("%x", canary)), []byte(strings.TrimRight(fmt.Sprintf("%v", canary), "]"))} {
+		if bytes.Contains(b, enc) {
+			t.Fatalf("the DEK seed leaked into the %s", where)
+		}
+	}
+}
+
+type failingAuditor struct{}
+
+func (failingAuditor) Record(context.Context, broker.Event) error {
+	return fmt.Errorf("disk full: %w", broker.ErrUnavailable)
+}
+
+func TestAuditFailureFailsClosed(t *testing.T) {
+	p := startPlugin(t, func(string, string) broker.Auditor { return failingAuditor{} })
+	c := apiserverClient(t, p)
+	waitHealthy(t, c)
+	resp, err := c.Encrypt(context.Background(), "uid", canary)
+	if status.Code(err) != codes.Unavailable || resp != nil {
+		t.Fatalf("encrypt without audit: %v, %v; want Unavailable and no ciphertext", resp, err)
+	}
+}
+
+// The Secrets transformer kube-apiserver builds from an EncryptionConfiguration, talking to the plugin.
+func TestEncryptionConfigTransformer(t *testing.T) {
+	p := startPlugin(t, nil)
+	cfgPath := filepath.Join(t.TempDir(), "encryption.yaml")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+  - resources: [secrets]
+    providers:
+      - kms:
+          apiVersion: v2
+          name: keyward
+          endpoint: unix://%s
+          timeout: 5s
+      - identity: {}
+`, p.socket)), 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ec, err := encryptionconfig.LoadEncryptionConfig(ctx, cfgPath, false, "test-apiserver")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := ec.Transformers[schema.GroupResource{Resource: "secrets"}]
+	if tr == nil {
+		t.Fatal("no transformer for secrets")
+	}
+	dataCtx := value.DefaultContext("/registry/secrets/payments/db")
+	secret := []byte(`{"kind":"Secret","data":{"password":"` + string(canary) + `"}}`)
+	var stored []byte
+	deadline := time.Now().Add(20 * time.Second)
+	for stored, err = tr.TransformToStorage(ctx, secret, dataCtx); err != nil; stored, err = tr.TransformToStorage(ctx, secret, dataCtx) {
+		if time.Now().After(deadline) {
+			t.Fatalf("TransformToStorage: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !bytes.HasPrefix(stored, []byte("k8s:enc:kms:v2:keyward:")) || bytes.Contains(stored, canary) {
+		t.Fatalf("stored value %q", stored[:min(40, len(stored))])
+	}
+	env, err := kms.ParseStored(stored)
+	cur, _ := p.mem.KeyID(ctx)
+	if err != nil || env.Provider != "keyward" || env.KeyID != cur || string(env.Annotations[kms.AnnotationKey]) != "aes-256-gcm;v1" {
+		t.Fatalf("envelope = %+v, %v", env, err)
+	}
+	back, _, err := tr.TransformFromStorage(ctx, stored, dataCtx)
+	if err != nil || !bytes.Equal(back, secret) {
+		t.Fatalf("TransformFromStorage = %q, %v", back, err)
+	}
+	// The value is bound to its etcd key (authenticated data) and tamper-evident.
+	if _, _, err := tr.TransformFromStorage(ctx, stored, value.DefaultContext("/registry/secrets/other/db")); err == nil {
+		t.Fatal("value moved to another key decrypted")
+	}
+	bad := bytes.Clone(stored)
+	bad[len(bad)-5] ^= 1
+	if _, _, err := tr.TransformFromStorage(ctx, bad, dataCtx); err == nil {
+		t.Fatal("tampered value decrypted")
+	}
+	if _, err := kms.ParseStored([]byte("k8s:enc:aescbc:v1:key1:xxxx")); !errors.Is(err, kms.ErrNotKMSv2) {
+		t.Fatalf("aescbc value: %v", err)
+	}
+}
