@@ -1,8 +1,9 @@
-// Command keywardctl is Keyward's operator CLI: HSM keys, policy dry-run, audit verification and
-// queries, encryption coverage.
+// Command keywardctl is Keyward's operator CLI: HSM keys, encryption coverage, audit verification.
 package main
 
 import (
+	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -13,28 +14,89 @@ import (
 const usage = `keywardctl: operate Keyward.
 
 Usage:
-  keywardctl version      print the version
-  keywardctl help         show this help
+  keywardctl kms keys list    --config kms.yaml [-o json]
+  keywardctl kms keys create  --config kms.yaml            create the first key generation in the HSM
+  keywardctl kms keys rotate  --config kms.yaml            add a generation; it encrypts once keyward-kms
+                                                          sees it (its keyRefreshInterval, or SIGHUP)
+  keywardctl kms keys retire  --config kms.yaml --key-id ID (--etcd-* flags | --force)
+                                                          destroy an old generation; refused while etcd
+                                                          still holds data under it
+  keywardctl kms coverage     --etcd-endpoint URL --etcd-ca F --etcd-cert F --etcd-key F [-o json]
+                                                          count etcd Secrets per key ID, list unencrypted
+  keywardctl audit verify     FILE --key-file F            check an audit log's hash chain
+  keywardctl version | help
 
-Exit codes: 0 success, 1 the operation failed, 2 bad usage.
+Exit codes: 0 success, 1 the operation failed or found a problem, 2 bad usage.
 `
+
+// errUsage marks a usage error (exit 2).
+var errUsage = errors.New("usage")
+
+type env struct {
+	stdout, stderr io.Writer
+}
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 
 func run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprint(stderr, usage)
+	e := env{stdout: stdout, stderr: stderr}
+	err := dispatch(e, args)
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		fmt.Fprintf(stderr, "keywardctl: %v\n(see keywardctl help)\n", err)
 		return 2
+	default:
+		fmt.Fprintf(stderr, "keywardctl: %v\n", err)
+		return 1
+	}
+}
+
+func dispatch(e env, args []string) error {
+	if len(args) == 0 {
+		fmt.Fprint(e.stderr, usage)
+		return fmt.Errorf("no command: %w", errUsage)
 	}
 	switch args[0] {
 	case "version":
-		fmt.Fprintln(stdout, "keywardctl", version.Version)
-		return 0
+		fmt.Fprintln(e.stdout, "keywardctl", version.Version)
+		return nil
 	case "help", "-h", "--help":
-		fmt.Fprint(stdout, usage)
-		return 0
+		fmt.Fprint(e.stdout, usage)
+		return nil
+	case "kms":
+		return kmsCommand(e, args[1:])
+	case "audit":
+		return auditCommand(e, args[1:])
 	default:
-		fmt.Fprintf(stderr, "keywardctl: unknown command %q (see keywardctl help)\n", args[0])
-		return 2
+		return fmt.Errorf("unknown command %q: %w", args[0], errUsage)
+	}
+}
+
+func newFlags(name string, e env) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	return fs
+}
+
+// parse parses flags, allowing positional arguments before and after them.
+func parse(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, err
+			}
+			return nil, fmt.Errorf("%v: %w", err, errUsage)
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			return pos, nil
+		}
+		pos = append(pos, args[0])
+		args = args[1:]
 	}
 }

@@ -1,0 +1,203 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/keyward/keyward/kms"
+	"github.com/keyward/keyward/kms/coverage"
+	"github.com/keyward/keyward/kms/pkcs11"
+)
+
+func kmsCommand(e env, args []string) error {
+	if len(args) == 0 {
+		return fmt.Errorf("kms: want keys or coverage: %w", errUsage)
+	}
+	switch args[0] {
+	case "keys":
+		return keysCommand(e, args[1:])
+	case "coverage":
+		return coverageCommand(e, args[1:])
+	default:
+		return fmt.Errorf("kms: unknown command %q: %w", args[0], errUsage)
+	}
+}
+
+type etcdFlags struct{ endpoint, ca, cert, key string }
+
+func (f *etcdFlags) bind(fs *flag.FlagSet) {
+	fs.StringVar(&f.endpoint, "etcd-endpoint", "", "etcd URL, e.g. https://127.0.0.1:2379")
+	fs.StringVar(&f.ca, "etcd-ca", "", "CA file that signed etcd's serving certificate")
+	fs.StringVar(&f.cert, "etcd-cert", "", "client certificate file")
+	fs.StringVar(&f.key, "etcd-key", "", "client key file")
+}
+
+func (f etcdFlags) set() bool { return f.endpoint != "" }
+
+func (f etcdFlags) scan(ctx context.Context, prefix string) (coverage.Report, error) {
+	if f.ca == "" || f.cert == "" || f.key == "" {
+		return coverage.Report{}, fmt.Errorf("--etcd-ca, --etcd-cert and --etcd-key are required with --etcd-endpoint: %w", errUsage)
+	}
+	tlsInfo := transportTLS{ca: f.ca, cert: f.cert, key: f.key}
+	tc, err := tlsInfo.config()
+	if err != nil {
+		return coverage.Report{}, err
+	}
+	c, err := clientv3.New(clientv3.Config{Endpoints: []string{f.endpoint}, TLS: tc, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		return coverage.Report{}, err
+	}
+	defer c.Close()
+	return coverage.Scan(ctx, c, prefix)
+}
+
+func keysCommand(e env, args []string) error {
+	if len(args) == 0 {
+		return fmt.Errorf("kms keys: want list, create, rotate or retire: %w", errUsage)
+	}
+	verb := args[0]
+	fs := newFlags("kms keys "+verb, e)
+	config := fs.String("config", "/etc/keyward/kms.yaml", "keyward-kms config file (PKCS#11 module, token, key label, PIN file)")
+	output := fs.String("o", "table", "output: table or json")
+	keyID := fs.String("key-id", "", "retire: the key ID to destroy")
+	force := fs.Bool("force", false, "retire: destroy even without proof that no data uses the key")
+	var ef etcdFlags
+	ef.bind(fs)
+	if _, err := parse(fs, args[1:]); err != nil {
+		return err
+	}
+	cfg, err := kms.LoadConfig(*config)
+	if err != nil {
+		return err
+	}
+	pin, err := os.ReadFile(cfg.PKCS11.PINFile)
+	if err != nil {
+		return fmt.Errorf("PIN file: %w", err)
+	}
+	a, err := pkcs11.OpenAdmin(cfg.PKCS11, strings.TrimRight(string(pin), "\r\n"))
+	clear(pin)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	switch verb {
+	case "list":
+		gens, err := a.List()
+		if err != nil {
+			return err
+		}
+		return printGenerations(e, gens, *output)
+	case "create", "rotate":
+		create := a.Create
+		if verb == "rotate" {
+			create = a.Rotate
+		}
+		g, err := create()
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "created generation %d: key ID %s\n", g.Generation, g.KeyID)
+		if verb == "rotate" {
+			fmt.Fprintln(e.stdout, "keyward-kms encrypts with it after its next key refresh (or SIGHUP); kube-apiserver then starts a new DEK seed.")
+		}
+		return nil
+	case "retire":
+		if *keyID == "" {
+			return fmt.Errorf("retire needs --key-id: %w", errUsage)
+		}
+		if !*force {
+			if !ef.set() {
+				return fmt.Errorf("refusing to retire %s without proof that etcd holds no data under it: pass --etcd-endpoint/--etcd-ca/--etcd-cert/--etcd-key, or --force", *keyID)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			rep, err := ef.scan(ctx, "/registry/")
+			if err != nil {
+				return err
+			}
+			if n := rep.CountKeyID(*keyID); n > 0 {
+				return fmt.Errorf("refusing to retire %s: %d object(s) in etcd are still encrypted under it; re-encrypt them first (kubectl get secrets -A -o json | kubectl replace -f -), or pass --force", *keyID, n)
+			}
+		}
+		if err := a.Retire(*keyID); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "retired %s: it can no longer decrypt\n", *keyID)
+		return nil
+	default:
+		return fmt.Errorf("kms keys: unknown command %q: %w", verb, errUsage)
+	}
+}
+
+func printGenerations(e env, gens []pkcs11.Generation, output string) error {
+	type row struct {
+		Generation int    `json:"generation"`
+		KeyID      string `json:"keyID"`
+		Label      string `json:"label"`
+		Usable     bool   `json:"usable"`
+		Current    bool   `json:"current"`
+	}
+	rows := make([]row, 0, len(gens))
+	for i, g := range gens {
+		rows = append(rows, row{g.Generation, g.KeyID, g.Label, g.Usable, i == len(gens)-1})
+	}
+	if output == "json" {
+		return json.NewEncoder(e.stdout).Encode(rows)
+	}
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "GENERATION\tKEY ID\tLABEL\tUSABLE\tCURRENT")
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%v\t%v\n", r.Generation, r.KeyID, r.Label, r.Usable, r.Current)
+	}
+	return tw.Flush()
+}
+
+func coverageCommand(e env, args []string) error {
+	fs := newFlags("kms coverage", e)
+	var ef etcdFlags
+	ef.bind(fs)
+	prefix := fs.String("prefix", "/registry/secrets/", "etcd key prefix to scan")
+	output := fs.String("o", "table", "output: table or json")
+	if _, err := parse(fs, args); err != nil {
+		return err
+	}
+	if !ef.set() {
+		return fmt.Errorf("--etcd-endpoint is required: %w", errUsage)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	rep, err := ef.scan(ctx, *prefix)
+	if err != nil {
+		return err
+	}
+	if *output == "json" {
+		return json.NewEncoder(e.stdout).Encode(rep)
+	}
+	fmt.Fprintf(e.stdout, "%d object(s) under %s\n", rep.Total, rep.Prefix)
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PROVIDER/KEY ID\tOBJECTS")
+	for k, n := range rep.ByKeyID {
+		fmt.Fprintf(tw, "%s\t%d\n", k, n)
+	}
+	fmt.Fprintf(tw, "(not KMS v2 encrypted)\t%d\n", len(rep.Unencrypted))
+	tw.Flush()
+	for _, k := range rep.Unencrypted {
+		fmt.Fprintln(e.stdout, "  unencrypted:", k)
+	}
+	for _, k := range rep.Malformed {
+		fmt.Fprintln(e.stdout, "  malformed envelope:", k)
+	}
+	if len(rep.Unencrypted)+len(rep.Malformed) > 0 {
+		return fmt.Errorf("%d object(s) not KMS v2 encrypted", len(rep.Unencrypted)+len(rep.Malformed))
+	}
+	return nil
+}
