@@ -31,10 +31,10 @@ const secretCanary = "CANARY-etcd-plaintext-7f3a9c"
 // kmsPlugin is keyward-kms running as a process against a SoftHSM token.
 type kmsPlugin struct {
 	dir, socket, config, auditLog, auditKey, metrics string
-	env                                               []string
-	hsm                                               *harness.SoftHSM
-	proc                                              *proc
-	client                                            kmsapi.KeyManagementServiceClient
+	env                                              []string
+	hsm                                              *harness.SoftHSM
+	proc                                             *proc
+	client                                           kmsapi.KeyManagementServiceClient
 }
 
 func newKMSPlugin(t *testing.T) *kmsPlugin {
