@@ -14,6 +14,14 @@ import (
 	"github.com/keyward/keyward/broker"
 )
 
+func newKeyB(b *testing.B, dir string) string {
+	p := filepath.Join(dir, "audit.key")
+	if err := os.WriteFile(p, bytes.Repeat([]byte("k"), 40), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	return p
+}
+
 func newKey(t *testing.T, dir string) string {
 	t.Helper()
 	p := filepath.Join(dir, "audit.key")

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/keyward/keyward/kms"
@@ -40,6 +41,30 @@ func newToken(t *testing.T, mutate ...func(*Config)) *token {
 	tk := &token{hsm: h, cfg: cfg}
 	tk.w = tk.open(t)
 	return tk
+}
+
+// newTokenB is newToken for benchmarks.
+func newTokenB(b *testing.B, copies bool) *Wrapper {
+	b.Helper()
+	dir := harness.Dir(b)
+	h, err := harness.NewSoftHSM(dir, "keyward")
+	harness.Check(b, err)
+	b.Setenv("SOFTHSM2_CONF", h.ConfPath)
+	cfg := Config{Module: h.Module, TokenLabel: h.TokenLabel, PINFile: h.PINFile, KeyLabel: "kek", SessionKeyCopies: &copies}
+	a, err := OpenAdmin(cfg, h.UserPIN)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := a.Create(); err != nil {
+		b.Fatal(err)
+	}
+	a.Close()
+	w, err := New(cfg, h.UserPIN, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { w.Close() })
+	return w
 }
 
 func (tk *token) open(t *testing.T) *Wrapper {

@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Runs Keyward's Go benchmarks. Each benchmark family measures its own baseline in the same run
-# (see the benchmark's doc comment) so ratios, not absolute numbers, are what to compare across machines.
+# `make bench`: Keyward's benchmarks. Every comparison is measured in this same run against its own
+# baseline, so read the ratios, not the absolute numbers (the machine is 2 cores and noisy).
+#   1. Go micro-benchmarks: PKCS#11 wrap+unwrap with session-object key copies vs token objects,
+#      and the cost of one audit record.
+#   2. kmsbench: raw PKCS#11 vs a no-op KMS plugin vs keyward-kms, alternating, at concurrency 1/8/32.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+echo "== Go benchmarks"
 go test -run '^$' -bench "${BENCH:-.}" -benchmem -count "${BENCH_COUNT:-1}" ./...
+echo
+echo "== KMS v2 plugin: keyward-kms vs raw PKCS#11 vs a no-op plugin (one SoftHSM token, one run)"
+go run ./test/bench/kmsbench ${KMSBENCH_ARGS:-}

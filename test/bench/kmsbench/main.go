@@ -1,0 +1,380 @@
+// Command kmsbench compares, in one run on one SoftHSM token, three contenders at concurrency 1, 8
+// and 32, alternating them round by round so machine drift hits all alike:
+//
+//	raw     in-process PKCS#11 AES-GCM encrypt+decrypt of a 32-byte payload (no gRPC, no audit)
+//	no-op   a reference KMS v2 plugin on the same gRPC server stack, in-memory AES, no HSM: the
+//	        transport ceiling of this machine
+//	keyward keyward-kms's full stack: gRPC adapter, Service (audit record per op, metrics), PKCS#11
+//	        session pool on SoftHSM
+//
+// For each it prints encrypt+decrypt pairs/s and p50/p99 per operation, then keyward/no-op and
+// keyward/raw ratios against the targets (>= 0.8 of no-op pairs/s at 8 and 32, p99 <= 1.5x).
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime/pprof"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	p11 "github.com/miekg/pkcs11"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	kmsapi "k8s.io/kms/apis/v2"
+	"k8s.io/kms/pkg/service"
+
+	"github.com/keyward/keyward/broker/audit"
+	"github.com/keyward/keyward/internal/grpcserver"
+	"github.com/keyward/keyward/kms"
+	"github.com/keyward/keyward/kms/kmstest"
+	"github.com/keyward/keyward/kms/pkcs11"
+	"github.com/keyward/keyward/test/harness"
+)
+
+// pairFunc does one encrypt+decrypt and returns the two latencies.
+type pairFunc func(ctx context.Context) (time.Duration, time.Duration, error)
+
+type contender struct {
+	name string
+	// worker returns a pairFunc for one concurrent worker.
+	worker func() (pairFunc, func(), error)
+}
+
+type result struct {
+	pairs   int
+	elapsed time.Duration
+	lat     []time.Duration
+}
+
+var only = flag.String("only", "", "measure only this contender (for profiling)")
+
+var sessions = flag.Int("sessions", 8, "keyward-kms pkcs11.maxSessions (the plugin's default is 8)")
+
+func main() {
+	dur := flag.Duration("duration", 700*time.Millisecond, "measuring time per contender, concurrency and round")
+	rounds := flag.Int("rounds", 3, "rounds (contenders alternate in each)")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	flag.Parse()
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err == nil {
+			pprof.StartCPUProfile(f)
+			defer pprof.StopCPUProfile()
+		}
+	}
+	if err := run(*dur, *rounds); err != nil {
+		fmt.Fprintln(os.Stderr, "kmsbench:", err)
+		pprof.StopCPUProfile()
+		os.Exit(1)
+	}
+}
+
+func run(dur time.Duration, rounds int) error {
+	dir, err := harness.ShortTempDir("kw-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	hsm, err := harness.NewSoftHSM(dir, "bench")
+	if err != nil {
+		return err
+	}
+	os.Setenv("SOFTHSM2_CONF", hsm.ConfPath)
+	cfg := kms.PKCS11Config{Module: hsm.Module, TokenLabel: hsm.TokenLabel, PINFile: hsm.PINFile, KeyLabel: "kek", MaxSessions: *sessions}
+	a, err := pkcs11.OpenAdmin(cfg, hsm.UserPIN)
+	if err != nil {
+		return err
+	}
+	if _, err := a.Create(); err != nil {
+		return err
+	}
+	a.Close()
+	log := zap.NewNop()
+	wrapper, err := pkcs11.New(cfg, hsm.UserPIN, log)
+	if err != nil {
+		return err
+	}
+	defer wrapper.Close()
+
+	// keyward: the full stack as cmd/keyward-kms wires it.
+	keyFile := filepath.Join(dir, "audit.key")
+	os.WriteFile(keyFile, bytes.Repeat([]byte("k"), 32), 0o600)
+	auditLog, err := audit.Open(audit.Options{Path: filepath.Join(dir, "audit.log"), KeyFile: keyFile, SyncInterval: time.Second})
+	if err != nil {
+		return err
+	}
+	defer auditLog.Close()
+	metrics, err := kms.NewMetrics(prometheus.NewRegistry(), wrapper)
+	if err != nil {
+		return err
+	}
+	svc, err := kms.NewService(kms.ServiceOptions{Wrapper: wrapper, Auditor: auditLog, Logger: log, HealthInterval: 10 * time.Second, Metrics: metrics})
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go svc.Run(ctx)
+	keywardSock, err := serve(ctx, filepath.Join(dir, "keyward.sock"), svc)
+	if err != nil {
+		return err
+	}
+	noopSock, err := serve(ctx, filepath.Join(dir, "noop.sock"), noop{kmstest.NewMemory()})
+	if err != nil {
+		return err
+	}
+	raw, err := newRaw(hsm, cfg)
+	if err != nil {
+		return err
+	}
+	defer raw.close()
+
+	contenders := []contender{
+		{"raw", raw.worker},
+		{"no-op", grpcWorker(noopSock)},
+		{"keyward", grpcWorker(keywardSock)},
+	}
+	concs := []int{1, 8, 32}
+	res := map[string]map[int]*result{}
+	for _, c := range contenders {
+		res[c.name] = map[int]*result{}
+		for _, n := range concs {
+			res[c.name][n] = &result{}
+		}
+	}
+	fmt.Printf("kmsbench: %d rounds x %s per contender and concurrency, 32-byte payload, SoftHSM token\n", rounds, dur)
+	for r := range rounds {
+		for i := range contenders {
+			c := contenders[(i+r)%len(contenders)] // rotate the order each round
+			if *only != "" && c.name != *only {
+				continue
+			}
+			for _, n := range concs {
+				if err := measure(ctx, c, n, dur, res[c.name][n]); err != nil {
+					return fmt.Errorf("%s at %d: %w", c.name, n, err)
+				}
+			}
+		}
+	}
+	fmt.Printf("\n%-8s %5s %12s %12s %12s\n", "", "conc", "pairs/s", "p50/op", "p99/op")
+	for _, c := range contenders {
+		for _, n := range concs {
+			r := res[c.name][n]
+			fmt.Printf("%-8s %5d %12.0f %12s %12s\n", c.name, n, r.rate(), r.pct(0.50), r.pct(0.99))
+		}
+	}
+	fmt.Printf("\n%5s %16s %16s %18s   %s\n", "conc", "keyward/no-op", "keyward/raw", "p99 keyward/no-op", "targets (>=0.80, <=1.50)")
+	for _, n := range concs {
+		k, o, rw := res["keyward"][n], res["no-op"][n], res["raw"][n]
+		thr := k.rate() / o.rate()
+		p99 := float64(k.pct(0.99)) / float64(o.pct(0.99))
+		verdict := "-"
+		if n >= 8 {
+			verdict = fmt.Sprintf("throughput %s, p99 %s", mark(thr >= 0.8), mark(p99 <= 1.5))
+		}
+		fmt.Printf("%5d %16.2f %16.2f %18.2f   %s\n", n, thr, k.rate()/rw.rate(), p99, verdict)
+	}
+	return nil
+}
+
+func mark(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "MISSED"
+}
+
+func (r *result) rate() float64 { return float64(r.pairs) / r.elapsed.Seconds() }
+
+func (r *result) pct(p float64) time.Duration {
+	if len(r.lat) == 0 {
+		return 0
+	}
+	sort.Slice(r.lat, func(i, j int) bool { return r.lat[i] < r.lat[j] })
+	return r.lat[int(p*float64(len(r.lat)-1))].Round(time.Microsecond)
+}
+
+func measure(ctx context.Context, c contender, n int, dur time.Duration, into *result) error {
+	workers := make([]pairFunc, n)
+	for i := range workers {
+		f, closeFn, err := c.worker()
+		if err != nil {
+			return err
+		}
+		defer closeFn()
+		workers[i] = f
+		// warm up: sessions and connections are made before the clock starts
+		if _, _, err := f(ctx); err != nil {
+			return err
+		}
+	}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	var firstErr error
+	stop := time.Now().Add(dur)
+	start := time.Now()
+	for _, f := range workers {
+		wg.Go(func() {
+			var lat []time.Duration
+			pairs := 0
+			for time.Now().Before(stop) {
+				e, d, err := f(ctx)
+				if err != nil {
+					mu.Lock()
+					firstErr = err
+					mu.Unlock()
+					return
+				}
+				lat = append(lat, e, d)
+				pairs++
+			}
+			mu.Lock()
+			into.pairs += pairs
+			into.lat = append(into.lat, lat...)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	into.elapsed += time.Since(start)
+	return firstErr
+}
+
+func serve(ctx context.Context, path string, svc service.Service) (string, error) {
+	l, err := grpcserver.Listen(path)
+	if err != nil {
+		return "", err
+	}
+	gs := grpcserver.NewServer(zap.NewNop())
+	kms.NewGRPCServer(svc).Register(gs)
+	go grpcserver.Serve(ctx, gs, l, time.Second)
+	return path, nil
+}
+
+// grpcWorker gives each worker its own connection, as separate apiserver replicas would have.
+func grpcWorker(sock string) func() (pairFunc, func(), error) {
+	return func() (pairFunc, func(), error) {
+		conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return nil, nil, err
+		}
+		c := kmsapi.NewKeyManagementServiceClient(conn)
+		seed := make([]byte, 32)
+		rand.Read(seed)
+		return func(ctx context.Context) (time.Duration, time.Duration, error) {
+			t0 := time.Now()
+			enc, err := c.Encrypt(ctx, &kmsapi.EncryptRequest{Uid: "bench", Plaintext: seed})
+			if err != nil {
+				return 0, 0, err
+			}
+			t1 := time.Now()
+			dec, err := c.Decrypt(ctx, &kmsapi.DecryptRequest{Uid: "bench", Ciphertext: enc.Ciphertext, KeyId: enc.KeyId, Annotations: enc.Annotations})
+			if err != nil {
+				return 0, 0, err
+			}
+			if !bytes.Equal(dec.Plaintext, seed) {
+				return 0, 0, fmt.Errorf("round trip changed the payload")
+			}
+			return t1.Sub(t0), time.Since(t1), nil
+		}, func() { conn.Close() }, nil
+	}
+}
+
+// noop is the reference plugin: in-memory AES, no audit, no metrics, no HSM.
+type noop struct{ m *kmstest.Memory }
+
+func (n noop) Status(ctx context.Context) (*service.StatusResponse, error) {
+	id, err := n.m.KeyID(ctx)
+	return &service.StatusResponse{Version: "v2", Healthz: "ok", KeyID: id}, err
+}
+
+func (n noop) Encrypt(ctx context.Context, _ string, pt []byte) (*service.EncryptResponse, error) {
+	ct, id, err := n.m.Wrap(ctx, pt)
+	if err != nil {
+		return nil, err
+	}
+	return &service.EncryptResponse{Ciphertext: ct, KeyID: id}, nil
+}
+
+func (n noop) Decrypt(ctx context.Context, _ string, req *service.DecryptRequest) ([]byte, error) {
+	return n.m.Unwrap(ctx, req.Ciphertext, req.KeyID)
+}
+
+// raw drives the HSM directly: a session per worker and the same session-object copy of the token
+// key that keyward-kms uses.
+type rawHSM struct {
+	p    *p11.Ctx
+	slot uint
+	key  p11.ObjectHandle
+	own  p11.SessionHandle
+}
+
+func newRaw(h *harness.SoftHSM, cfg kms.PKCS11Config) (*rawHSM, error) {
+	p := p11.New(h.Module)
+	if err := p.Initialize(); err != nil && !strings.Contains(err.Error(), "ALREADY_INITIALIZED") {
+		return nil, err
+	}
+	r := &rawHSM{p: p, slot: h.Slot}
+	s, err := p.OpenSession(h.Slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+	if err != nil {
+		return nil, err
+	}
+	r.own = s
+	if err := p.FindObjectsInit(s, []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, cfg.KeyLabel+".1"), p11.NewAttribute(p11.CKA_TOKEN, true)}); err != nil {
+		return nil, err
+	}
+	objs, _, err := p.FindObjects(s, 1)
+	p.FindObjectsFinal(s)
+	if err != nil || len(objs) != 1 {
+		return nil, fmt.Errorf("raw: key not found: %v", err)
+	}
+	r.key, err = p.CopyObject(s, objs[0], []*p11.Attribute{p11.NewAttribute(p11.CKA_TOKEN, false)})
+	return r, err
+}
+
+func (r *rawHSM) worker() (pairFunc, func(), error) {
+	s, err := r.p.OpenSession(r.slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+	if err != nil {
+		return nil, nil, err
+	}
+	seed := make([]byte, 32)
+	rand.Read(seed)
+	return func(context.Context) (time.Duration, time.Duration, error) {
+		iv := make([]byte, 12)
+		rand.Read(iv)
+		t0 := time.Now()
+		gp := p11.NewGCMParams(iv, []byte("aad"), 128)
+		defer gp.Free()
+		if err := r.p.EncryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, gp)}, r.key); err != nil {
+			return 0, 0, err
+		}
+		ct, err := r.p.Encrypt(s, seed)
+		if err != nil {
+			return 0, 0, err
+		}
+		t1 := time.Now()
+		dp := p11.NewGCMParams(iv, []byte("aad"), 128)
+		defer dp.Free()
+		if err := r.p.DecryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, dp)}, r.key); err != nil {
+			return 0, 0, err
+		}
+		if _, err := r.p.Decrypt(s, ct); err != nil {
+			return 0, 0, err
+		}
+		return t1.Sub(t0), time.Since(t1), nil
+	}, func() { r.p.CloseSession(s) }, nil
+}
+
+func (r *rawHSM) close() {
+	r.p.DestroyObject(r.own, r.key)
+	r.p.CloseSession(r.own)
+}
