@@ -2,10 +2,14 @@ package harness
 
 import (
 	"context"
+	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"os"
@@ -50,6 +54,7 @@ type KubeAPIServer struct {
 	args       []string
 	bin        string
 	adminToken string
+	saKey      *rsa.PrivateKey
 	proc       *process
 }
 
@@ -134,6 +139,7 @@ func StartKubeAPIServer(ctx context.Context, dir string, opts KubeOptions) (*Kub
 		args:       args,
 		bin:        bin,
 		adminToken: adminToken,
+		saKey:      saKey,
 	}
 	k.Config = &rest.Config{
 		Host:            k.URL,
@@ -257,4 +263,61 @@ func randomHex(n int) string {
 		panic(err) // crypto/rand does not fail on Linux
 	}
 	return hex.EncodeToString(b)
+}
+
+// TokenClaims describe a service-account JWT for SignToken.
+type TokenClaims struct {
+	Namespace, ServiceAccount, ServiceAccountUID string
+	PodName, PodUID                              string
+	Audiences                                    []string
+	Expiry                                       time.Time
+}
+
+// SignToken mints a service-account JWT signed with the apiserver's own signing key (forge=false) or
+// with a fresh key it has never seen (forge=true). It lets tests present tokens TokenRequest will not
+// issue, such as an already expired one.
+func (k *KubeAPIServer) SignToken(c TokenClaims, forge bool) (string, error) {
+	key := k.saKey
+	if forge {
+		var err error
+		if key, err = rsa.GenerateKey(rand.Reader, 2048); err != nil {
+			return "", err
+		}
+	}
+	der, err := x509.MarshalPKIXPublicKey(&k.saKey.PublicKey)
+	if err != nil {
+		return "", err
+	}
+	kidSum := sha256.Sum256(der)
+	header := map[string]string{"alg": "RS256", "kid": base64.RawURLEncoding.EncodeToString(kidSum[:])}
+	kc := map[string]any{
+		"namespace":      c.Namespace,
+		"serviceaccount": map[string]string{"name": c.ServiceAccount, "uid": c.ServiceAccountUID},
+	}
+	if c.PodName != "" {
+		kc["pod"] = map[string]string{"name": c.PodName, "uid": c.PodUID}
+	}
+	claims := map[string]any{
+		"iss": k.Issuer, "sub": "system:serviceaccount:" + c.Namespace + ":" + c.ServiceAccount,
+		"aud": c.Audiences, "exp": c.Expiry.Unix(), "iat": c.Expiry.Add(-time.Hour).Unix(),
+		"nbf": c.Expiry.Add(-time.Hour).Unix(), "kubernetes.io": kc, "jti": randomHex(8),
+	}
+	enc := func(v any) (string, error) {
+		b, err := json.Marshal(v)
+		return base64.RawURLEncoding.EncodeToString(b), err
+	}
+	h, err := enc(header)
+	if err != nil {
+		return "", err
+	}
+	p, err := enc(claims)
+	if err != nil {
+		return "", err
+	}
+	digest := sha256.Sum256([]byte(h + "." + p))
+	sig, err := rsa.SignPKCS1v15(rand.Reader, key, crypto.SHA256, digest[:])
+	if err != nil {
+		return "", err
+	}
+	return h + "." + p + "." + base64.RawURLEncoding.EncodeToString(sig), nil
 }

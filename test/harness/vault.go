@@ -10,6 +10,7 @@ import (
 	"time"
 
 	vaultapi "github.com/hashicorp/vault/api"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 )
 
 // Vault is a HashiCorp Vault dev server (in-memory, unsealed) on loopback. It is a test server only.
@@ -20,6 +21,13 @@ type Vault struct {
 	RootToken string
 	Dir       string
 	proc      *process
+	bin, home string
+	port      int
+}
+
+// vaultArgs are the dev-server arguments for port.
+func vaultArgs(port int) []string {
+	return []string{"server", "-dev", "-dev-listen-address=" + hostPort(port), "-dev-no-store-token", "-log-level=warn"}
 }
 
 // StartVault starts `vault server -dev` in dir (which must exist) and waits until it is unsealed and
@@ -39,27 +47,34 @@ func StartVault(ctx context.Context, dir string) (*Vault, error) {
 		return nil, err
 	}
 	addr := "http://" + hostPort(port)
-	p, err := startProcess("vault", dir, bin,
-		[]string{"server", "-dev", "-dev-listen-address=" + hostPort(port), "-dev-no-store-token", "-log-level=warn"},
+	v := &Vault{Addr: addr, RootToken: root, Dir: dir, bin: bin, port: port, home: home}
+	if err := v.start(ctx); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+func (v *Vault) start(ctx context.Context) error {
+	p, err := startProcess("vault", v.Dir, v.bin, vaultArgs(v.port),
 		// x509negativeserial=1: Vault 1.14 links gosnowflake 1.6, whose init parses a bundled CA
 		// certificate with a negative serial number; Go >= 1.23 rejects those and the binary panics at
 		// start. The setting restores the old parsing for this test server only.
-		[]string{"VAULT_DEV_ROOT_TOKEN_ID=" + root, "HOME=" + home, "VAULT_ADDR=" + addr, "VAULT_DISABLE_MLOCK=true",
+		[]string{"VAULT_DEV_ROOT_TOKEN_ID=" + v.RootToken, "HOME=" + v.home, "VAULT_ADDR=" + v.Addr, "VAULT_DISABLE_MLOCK=true",
 			"GODEBUG=x509negativeserial=1"})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	cfg := vaultapi.DefaultConfig()
-	cfg.Address = addr
+	cfg.Address = v.Addr
 	cfg.MaxRetries = 0
 	cfg.Timeout = 10 * time.Second
 	client, err := vaultapi.NewClient(cfg)
 	if err != nil {
 		p.stop()
-		return nil, err
+		return err
 	}
-	client.SetToken(root)
-	v := &Vault{Addr: addr, Client: client, RootToken: root, Dir: dir, proc: p}
+	client.SetToken(v.RootToken)
+	v.Client, v.proc = client, p
 	if err := p.waitReady(ctx, func(ctx context.Context) error {
 		h, err := client.Sys().HealthWithContext(ctx)
 		if err != nil {
@@ -71,9 +86,16 @@ func StartVault(ctx context.Context, dir string) (*Vault, error) {
 		return nil
 	}); err != nil {
 		p.stop()
-		return nil, err
+		return err
 	}
-	return v, nil
+	return nil
+}
+
+// Restart stops Vault and starts a new dev server on the same address with the same root token. A
+// dev server keeps everything in memory: mounts, auth methods and secrets must be set up again.
+func (v *Vault) Restart(ctx context.Context) error {
+	v.proc.stop()
+	return v.start(ctx)
 }
 
 // Stop stops the Vault server; all its data is gone. Safe to call twice.
@@ -105,11 +127,12 @@ func (v *Vault) KubernetesAuth(ctx context.Context, mount string, kube *KubeAPIS
 	if err := v.Client.Sys().EnableAuthWithOptionsWithContext(ctx, mount, &vaultapi.EnableAuthOptions{Type: "kubernetes"}); err != nil {
 		return fmt.Errorf("enable kubernetes auth at %s: %w", mount, err)
 	}
+	// Idempotent on the Kubernetes side, so a restarted (empty) dev server can be configured again.
 	sa := "vault-auth-" + mount
-	if _, err := kube.CreateServiceAccount(ctx, "kube-system", sa); err != nil {
+	if _, err := kube.CreateServiceAccount(ctx, "kube-system", sa); err != nil && !apierrors.IsAlreadyExists(err) {
 		return err
 	}
-	if err := kube.BindClusterRole(ctx, sa, "system:auth-delegator", "kube-system", sa); err != nil {
+	if err := kube.BindClusterRole(ctx, sa, "system:auth-delegator", "kube-system", sa); err != nil && !apierrors.IsAlreadyExists(err) {
 		return err
 	}
 	reviewer, err := kube.ServiceAccountToken(ctx, "kube-system", sa, nil, 24*time.Hour)

@@ -1,0 +1,305 @@
+package policy
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"regexp"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"sigs.k8s.io/yaml"
+
+	"github.com/keyward/keyward/broker"
+)
+
+// EnvironmentLabel is the namespace label that places a namespace in an environment. Cluster admins
+// set it; a namespace without it gets nothing.
+const EnvironmentLabel = "keyward.dev/environment"
+
+// Limits on refs.
+const (
+	MaxRefLen   = 256
+	MaxSegments = 16
+	MaxKeyLen   = 128
+)
+
+// Environment maps an environment to its part of Vault.
+type Environment struct {
+	Name string `json:"name"`
+	// VaultMount is the KV v2 mount; VaultPrefix the path every ref of this environment lives under.
+	VaultMount  string `json:"vaultMount"`
+	VaultPrefix string `json:"vaultPrefix"`
+	// VaultRole is the role of Vault's kubernetes auth method pods of this environment log in with.
+	VaultRole string `json:"vaultRole,omitempty"`
+}
+
+// Grant lets pods of Namespace running as ServiceAccount ("*": any) read refs matching Paths. A path
+// is an exact ref, or a prefix ending in "/*" that covers every ref below it.
+type Grant struct {
+	Namespace      string   `json:"namespace"`
+	ServiceAccount string   `json:"serviceAccount"`
+	Paths          []string `json:"paths"`
+}
+
+// Policy is the policy file.
+type Policy struct {
+	Environments []Environment `json:"environments"`
+	Grants       []Grant       `json:"grants"`
+	envs         map[string]Environment
+	hash         string
+}
+
+var (
+	segmentRE = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
+	keyRE     = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,128}$`)
+	dnsLabel  = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
+	saName    = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$`)
+)
+
+// ValidateRef checks a ref before any matching: relative, no empty, "." or ".." segments, a
+// restricted character set and bounded length.
+func ValidateRef(ref string) error {
+	if ref == "" || len(ref) > MaxRefLen {
+		return fmt.Errorf("ref of %d bytes (want 1..%d): %w", len(ref), MaxRefLen, broker.ErrInvalid)
+	}
+	if strings.HasPrefix(ref, "/") {
+		return fmt.Errorf("ref %q is absolute: %w", ref, broker.ErrInvalid)
+	}
+	segs := strings.Split(ref, "/")
+	if len(segs) > MaxSegments {
+		return fmt.Errorf("ref has %d segments (max %d): %w", len(segs), MaxSegments, broker.ErrInvalid)
+	}
+	for _, s := range segs {
+		switch {
+		case s == "":
+			return fmt.Errorf("ref %q has an empty segment: %w", ref, broker.ErrInvalid)
+		case s == "." || s == "..":
+			return fmt.Errorf("ref %q has a %q segment: %w", ref, s, broker.ErrInvalid)
+		case !segmentRE.MatchString(s):
+			return fmt.Errorf("ref %q has characters outside [A-Za-z0-9_.-]: %w", ref, broker.ErrInvalid)
+		}
+	}
+	return nil
+}
+
+// ValidateKey checks a key inside a secret.
+func ValidateKey(key string) error {
+	if !keyRE.MatchString(key) {
+		return fmt.Errorf("key %q: want 1..%d of [A-Za-z0-9_.-]: %w", key, MaxKeyLen, broker.ErrInvalid)
+	}
+	return nil
+}
+
+// Parse decodes a policy strictly (unknown keys are an error) and validates it, including the
+// invariants that hold whatever the policy says.
+func Parse(b []byte) (*Policy, error) {
+	var p Policy
+	if err := yaml.UnmarshalStrict(b, &p); err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	if err := p.validate(); err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	sum := sha256.Sum256(b)
+	p.hash = fmt.Sprintf("%x", sum[:6])
+	return &p, nil
+}
+
+// Load reads and parses a policy file.
+func Load(path string) (*Policy, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	return Parse(b)
+}
+
+// Hash identifies the policy's content (for logs and audit).
+func (p *Policy) Hash() string { return p.hash }
+
+func (p *Policy) validate() error {
+	if len(p.Environments) == 0 {
+		return fmt.Errorf("no environments")
+	}
+	p.envs = map[string]Environment{}
+	for i, e := range p.Environments {
+		where := fmt.Sprintf("environments[%d]", i)
+		if !dnsLabel.MatchString(e.Name) {
+			return fmt.Errorf("%s: name %q is not a DNS label", where, e.Name)
+		}
+		if _, dup := p.envs[e.Name]; dup {
+			return fmt.Errorf("%s: environment %q defined twice", where, e.Name)
+		}
+		if !segmentRE.MatchString(e.VaultMount) {
+			return fmt.Errorf("%s: vaultMount %q must be one path segment", where, e.VaultMount)
+		}
+		if err := ValidateRef(e.VaultPrefix); err != nil {
+			return fmt.Errorf("%s: vaultPrefix: %v", where, err)
+		}
+		for _, o := range p.Environments[:i] {
+			if o.VaultMount == e.VaultMount && (under(e.VaultPrefix, o.VaultPrefix) || under(o.VaultPrefix, e.VaultPrefix)) {
+				return fmt.Errorf("%s: vault path %s/%s overlaps environment %q (%s/%s): environments must not share secrets",
+					where, e.VaultMount, e.VaultPrefix, o.Name, o.VaultMount, o.VaultPrefix)
+			}
+		}
+		p.envs[e.Name] = e
+	}
+	for i, g := range p.Grants {
+		where := fmt.Sprintf("grants[%d]", i)
+		if !dnsLabel.MatchString(g.Namespace) {
+			return fmt.Errorf("%s: namespace %q is not a namespace name", where, g.Namespace)
+		}
+		if g.ServiceAccount != "*" && !saName.MatchString(g.ServiceAccount) {
+			return fmt.Errorf("%s: serviceAccount %q: want a service account name or \"*\"", where, g.ServiceAccount)
+		}
+		if len(g.Paths) == 0 {
+			return fmt.Errorf("%s: no paths", where)
+		}
+		for _, path := range g.Paths {
+			base := strings.TrimSuffix(path, "/*")
+			if err := ValidateRef(base); err != nil {
+				return fmt.Errorf("%s: path %q: %v", where, path, err)
+			}
+			first, _, _ := strings.Cut(base, "/")
+			if first != g.Namespace && first != "shared" {
+				return fmt.Errorf("%s: path %q reaches outside namespace %q: a grant may cover only %s/... and shared/...",
+					where, path, g.Namespace, g.Namespace)
+			}
+		}
+	}
+	return nil
+}
+
+// under reports whether path is prefix or below it, segment-wise.
+func under(path, prefix string) bool {
+	return path == prefix || strings.HasPrefix(path, prefix+"/")
+}
+
+func matches(pattern, ref string) bool {
+	if base, ok := strings.CutSuffix(pattern, "/*"); ok {
+		return strings.HasPrefix(ref, base+"/")
+	}
+	return pattern == ref
+}
+
+// Namespaces tells the environment label of a namespace (from an informer's cache, not per request).
+type Namespaces interface {
+	// EnvironmentOf returns the namespace's environment label; ok is false without the label. An
+	// error wraps broker.ErrUnavailable (cache not synced) or broker.ErrDenied (no such namespace).
+	EnvironmentOf(namespace string) (env string, ok bool, err error)
+}
+
+// Authorizer is broker.Authorizer over a policy that can be swapped at run time.
+type Authorizer struct {
+	pol atomic.Pointer[Policy]
+	ns  Namespaces
+}
+
+var _ broker.Authorizer = (*Authorizer)(nil)
+
+// NewAuthorizer starts with policy p.
+func NewAuthorizer(p *Policy, ns Namespaces) *Authorizer {
+	a := &Authorizer{ns: ns}
+	a.pol.Store(p)
+	return a
+}
+
+// Policy returns the policy in force.
+func (a *Authorizer) Policy() *Policy { return a.pol.Load() }
+
+// Set swaps in a new, already validated policy.
+func (a *Authorizer) Set(p *Policy) { a.pol.Store(p) }
+
+// Authorize allows ref for id only if a grant of id's namespace and service account covers it, and
+// places it under id's namespace's environment: a pod never reaches another environment's secrets.
+func (a *Authorizer) Authorize(_ context.Context, id broker.Identity, ref broker.SecretRef) (broker.Resolved, error) {
+	if err := ValidateRef(ref.Ref); err != nil {
+		return broker.Resolved{}, err
+	}
+	if err := ValidateKey(ref.Key); err != nil {
+		return broker.Resolved{}, err
+	}
+	if ref.Version < 0 {
+		return broker.Resolved{}, fmt.Errorf("version %d: %w", ref.Version, broker.ErrInvalid)
+	}
+	return a.pol.Load().decide(a.ns, id, ref)
+}
+
+func (p *Policy) decide(ns Namespaces, id broker.Identity, ref broker.SecretRef) (broker.Resolved, error) {
+	envName, ok, err := ns.EnvironmentOf(id.Namespace)
+	if err != nil {
+		return broker.Resolved{}, err
+	}
+	if !ok {
+		return broker.Resolved{}, fmt.Errorf("namespace %q has no %s label: %w", id.Namespace, EnvironmentLabel, broker.ErrDenied)
+	}
+	env, known := p.envs[envName]
+	if !known {
+		return broker.Resolved{}, fmt.Errorf("namespace %q is in environment %q, which the policy does not define: %w", id.Namespace, envName, broker.ErrDenied)
+	}
+	for i, g := range p.Grants {
+		if g.Namespace != id.Namespace || (g.ServiceAccount != "*" && g.ServiceAccount != id.ServiceAccount) {
+			continue
+		}
+		for _, pat := range g.Paths {
+			if matches(pat, ref.Ref) {
+				return broker.Resolved{
+					SecretRef: ref, Environment: env.Name, Mount: env.VaultMount, Path: env.VaultPrefix + "/" + ref.Ref,
+					Reason: fmt.Sprintf("grant %d (%s/%s) path %s in environment %s", i, g.Namespace, g.ServiceAccount, pat, env.Name),
+				}, nil
+			}
+		}
+	}
+	return broker.Resolved{}, fmt.Errorf("no grant lets %s/%s read %s: %w", id.Namespace, id.ServiceAccount, ref.Ref, broker.ErrDenied)
+}
+
+// Environment returns an environment of the policy in force.
+func (a *Authorizer) Environment(name string) (Environment, bool) {
+	e, ok := a.pol.Load().envs[name]
+	return e, ok
+}
+
+// Watch reloads the policy file when its content changes (checked every interval). A new policy is
+// validated first; a bad one keeps the last good policy, logs an error and leaves an audit record.
+func Watch(ctx context.Context, path string, interval time.Duration, a *Authorizer, log *zap.Logger, auditor broker.Auditor) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	last := a.Policy().Hash()
+	lastBad := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue // being replaced (ConfigMap symlink swap); try again next tick
+		}
+		sum := sha256.Sum256(b)
+		h := fmt.Sprintf("%x", sum[:6])
+		if h == last || h == lastBad {
+			continue
+		}
+		p, err := Parse(b)
+		ev := broker.Event{Type: broker.EventPolicyReload, RequestID: "policy-" + h}
+		if err != nil {
+			lastBad = h
+			log.Error("policy reload refused; keeping the last good policy", zap.String("path", path),
+				zap.String("kept", last), zap.Error(err))
+			ev.Decision, ev.Reason, ev.Code = broker.Error, "refused, kept "+last+": "+err.Error(), "InvalidArgument"
+		} else {
+			a.Set(p)
+			log.Info("policy reloaded", zap.String("path", path), zap.String("hash", h), zap.String("previous", last))
+			last, lastBad = h, ""
+			ev.Decision, ev.Reason, ev.Code = broker.Allow, "loaded "+h, "OK"
+		}
+		if err := auditor.Record(ctx, ev); err != nil {
+			log.Error("audit record for the policy reload not written", zap.Error(err))
+		}
+	}
+}

@@ -1,0 +1,92 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+)
+
+// Identity is who a request comes from: a pod, proven by its service-account token.
+type Identity struct {
+	Namespace      string
+	ServiceAccount string
+	PodName        string
+	PodUID         string
+	Node           string
+}
+
+func (id Identity) String() string {
+	return fmt.Sprintf("%s/%s (sa %s)", id.Namespace, id.PodName, id.ServiceAccount)
+}
+
+// Token is a bearer token. Every way of printing or marshalling it yields "[redacted]"; Reveal is
+// the one way to the value, for the single call that must send it.
+type Token string
+
+const redacted = "[redacted]"
+
+func (Token) String() string               { return redacted }
+func (Token) GoString() string             { return redacted }
+func (Token) MarshalJSON() ([]byte, error) { return []byte(`"` + redacted + `"`), nil }
+func (Token) MarshalText() ([]byte, error) { return []byte(redacted), nil }
+func (t Token) Format(f fmt.State, _ rune) { f.Write([]byte(redacted)) }
+func (t Token) Reveal() string             { return string(t) }
+func (t Token) Empty() bool                { return t == "" }
+
+// SecretRef names a value a pod asks for: Ref is a path relative to the pod's environment
+// ("payments/db"), Key a key inside that KV v2 secret, Version a KV v2 version (0: the latest).
+type SecretRef struct {
+	Ref     string
+	Key     string
+	Version int
+}
+
+func (r SecretRef) String() string {
+	s := r.Ref + "#" + r.Key
+	if r.Version > 0 {
+		s += fmt.Sprintf("@%d", r.Version)
+	}
+	return s
+}
+
+// Resolved is a SecretRef the Authorizer allowed, placed in its environment's part of Vault.
+type Resolved struct {
+	SecretRef
+	Environment string
+	// Mount is the KV v2 mount, Path the secret's path under it (environment prefix + Ref).
+	Mount string
+	Path  string
+	// Reason says why it was allowed (which grant).
+	Reason string
+}
+
+// Secret is a fetched value. Value is secret: it is never logged, printed or written outside the
+// tmpfs it is delivered to.
+type Secret struct {
+	Ref     SecretRef
+	Version int
+	Value   []byte
+}
+
+func (s Secret) String() string {
+	return fmt.Sprintf("Secret(%s, version %d, %s)", s.Ref, s.Version, redacted)
+}
+func (s Secret) GoString() string { return s.String() }
+
+// Format keeps %v, %+v and %#v of a Secret from printing its value.
+func (s Secret) Format(f fmt.State, _ rune) { f.Write([]byte(s.String())) }
+
+// Authenticator establishes the identity behind a token for the given audiences.
+type Authenticator interface {
+	Authenticate(ctx context.Context, token Token, audiences []string) (Identity, error)
+}
+
+// Authorizer decides whether id may read ref and where ref lives. Deny by default: an error wrapping
+// ErrDenied (with the reason) or ErrInvalid (a malformed ref).
+type Authorizer interface {
+	Authorize(ctx context.Context, id Identity, ref SecretRef) (Resolved, error)
+}
+
+// SecretSource fetches allowed secrets. token is the pod's own token, for sources that act as the pod.
+type SecretSource interface {
+	Fetch(ctx context.Context, id Identity, token Token, refs []Resolved) ([]Secret, error)
+}
