@@ -1,0 +1,226 @@
+package policy
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/keyward/keyward/broker"
+)
+
+const good = `
+environments:
+  - {name: prod, vaultMount: kv, vaultPrefix: prod, vaultRole: prod}
+  - {name: dev, vaultMount: kv, vaultPrefix: dev, vaultRole: dev}
+grants:
+  - {namespace: payments, serviceAccount: api, paths: ["payments/*", "shared/tls/*"]}
+  - {namespace: web, serviceAccount: "*", paths: ["web/config"]}
+`
+
+func TestParseRefusesInvalidPolicies(t *testing.T) {
+	envs := "environments:\n  - {name: prod, vaultMount: kv, vaultPrefix: prod}\n"
+	for name, tc := range map[string]struct{ yaml, want string }{
+		"unknown key":                  {envs + "grantz: []\n", "unknown field"},
+		"grant into another namespace": {envs + `grants: [{namespace: payments, serviceAccount: api, paths: ["billing/*"]}]`, "reaches outside namespace"},
+		"grant of everything":          {envs + `grants: [{namespace: payments, serviceAccount: api, paths: ["*"]}]`, "path"},
+		"traversal in a grant":         {envs + `grants: [{namespace: payments, serviceAccount: api, paths: ["payments/../billing/*"]}]`, ".."},
+		"no paths":                     {envs + `grants: [{namespace: payments, serviceAccount: api, paths: []}]`, "no paths"},
+		"bad namespace":                {envs + `grants: [{namespace: Pay_ments, serviceAccount: api, paths: ["x"]}]`, "namespace"},
+		"no environments":              {"grants: []\n", "no environments"},
+		"duplicate environment":        {envs + "  - {name: prod, vaultMount: kv, vaultPrefix: prod2}\n", "defined twice"},
+		"overlapping environments":     {envs + "  - {name: prodeu, vaultMount: kv, vaultPrefix: prod/eu}\n", "overlaps"},
+		"absolute prefix":              {"environments: [{name: prod, vaultMount: kv, vaultPrefix: /prod}]\n", "absolute"},
+		"mount with a slash":           {"environments: [{name: prod, vaultMount: kv/x, vaultPrefix: prod}]\n", "vaultMount"},
+		"wildcard in the middle":       {envs + `grants: [{namespace: payments, serviceAccount: api, paths: ["payments/*/db"]}]`, "characters"},
+		"service account with a colon": {envs + `grants: [{namespace: payments, serviceAccount: "a:b", paths: ["payments/x"]}]`, "serviceAccount"},
+		"not yaml":                     {"{", "policy"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.yaml))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Parse: %v, want an error mentioning %q", err, tc.want)
+			}
+		})
+	}
+	if _, err := Parse([]byte(good)); err != nil {
+		t.Fatalf("good policy refused: %v", err)
+	}
+}
+
+func TestAuthorize(t *testing.T) {
+	p, err := Parse([]byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := NewAuthorizer(p, StaticNamespaces{"payments": "prod", "payments-dev": "dev", "web": "dev", "nolabel": "", "odd": "qa"})
+	id := func(ns, sa string) broker.Identity { return broker.Identity{Namespace: ns, ServiceAccount: sa} }
+	for _, tc := range []struct {
+		name     string
+		id       broker.Identity
+		ref      string
+		want     error
+		wantPath string
+	}{
+		{"granted", id("payments", "api"), "payments/db", nil, "prod/payments/db"},
+		{"granted deep", id("payments", "api"), "payments/a/b/c", nil, "prod/payments/a/b/c"},
+		{"shared", id("payments", "api"), "shared/tls/ca", nil, "prod/shared/tls/ca"},
+		{"prefix itself is not below it", id("payments", "api"), "payments", broker.ErrDenied, ""},
+		{"other service account", id("payments", "worker"), "payments/db", broker.ErrDenied, ""},
+		{"other namespace's pod", id("billing", "api"), "payments/db", broker.ErrDenied, ""},
+		{"wildcard service account, exact path", id("web", "anyone"), "web/config", nil, "dev/web/config"},
+		{"exact path does not cover children", id("web", "anyone"), "web/config/x", broker.ErrDenied, ""},
+		{"no environment label", id("nolabel", "api"), "nolabel/x", broker.ErrDenied, ""},
+		{"unknown environment", id("odd", "api"), "odd/x", broker.ErrDenied, ""},
+		{"traversal", id("payments", "api"), "payments/../billing/db", broker.ErrInvalid, ""},
+		{"absolute", id("payments", "api"), "/payments/db", broker.ErrInvalid, ""},
+		{"double slash", id("payments", "api"), "payments//db", broker.ErrInvalid, ""},
+		{"trailing slash", id("payments", "api"), "payments/db/", broker.ErrInvalid, ""},
+		{"odd characters", id("payments", "api"), "payments/d b", broker.ErrInvalid, ""},
+		{"too long", id("payments", "api"), "payments/" + strings.Repeat("a", MaxRefLen), broker.ErrInvalid, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := a.Authorize(context.Background(), tc.id, broker.SecretRef{Ref: tc.ref, Key: "password"})
+			if !errors.Is(err, tc.want) && !(tc.want == nil && err == nil) {
+				t.Fatalf("err = %v, want %v", err, tc.want)
+			}
+			if tc.want == nil && (r.Path != tc.wantPath || r.Mount != "kv" || r.Reason == "") {
+				t.Fatalf("resolved %+v, want path %s", r, tc.wantPath)
+			}
+		})
+	}
+	if _, err := a.Authorize(context.Background(), id("payments", "api"), broker.SecretRef{Ref: "payments/db", Key: "a/b"}); !errors.Is(err, broker.ErrInvalid) {
+		t.Fatalf("bad key: %v", err)
+	}
+}
+
+// Whatever a grant says, a ref resolves under the pod's own environment prefix.
+func TestEnvironmentIsolationInvariant(t *testing.T) {
+	p, _ := Parse([]byte(good))
+	for _, ns := range []string{"payments"} {
+		for env, prefix := range map[string]string{"prod": "prod/", "dev": "dev/"} {
+			a := NewAuthorizer(p, StaticNamespaces{ns: env})
+			r, err := a.Authorize(context.Background(), broker.Identity{Namespace: ns, ServiceAccount: "api"}, broker.SecretRef{Ref: "payments/db", Key: "k"})
+			if err != nil || !strings.HasPrefix(r.Path, prefix) || r.Environment != env {
+				t.Fatalf("%s pod resolved to %+v (%v)", env, r, err)
+			}
+		}
+	}
+}
+
+type recorder struct {
+	mu  sync.Mutex
+	evs []broker.Event
+}
+
+func (r *recorder) Record(_ context.Context, ev broker.Event) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.evs = append(r.evs, ev)
+	return nil
+}
+
+func (r *recorder) events() []broker.Event {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]broker.Event(nil), r.evs...)
+}
+
+func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "policy.yaml")
+	os.WriteFile(path, []byte(good), 0o600)
+	p, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := NewAuthorizer(p, StaticNamespaces{"payments": "prod", "billing": "prod"})
+	core, logs := observer.New(zap.DebugLevel)
+	rec := &recorder{}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go Watch(ctx, path, 10*time.Millisecond, a, zap.New(core), rec)
+	billing := broker.Identity{Namespace: "billing", ServiceAccount: "api"}
+	ref := broker.SecretRef{Ref: "billing/db", Key: "k"}
+	if _, err := a.Authorize(ctx, billing, ref); !errors.Is(err, broker.ErrDenied) {
+		t.Fatalf("before reload: %v", err)
+	}
+	// A bad file: refused, logged, audited; the old policy stays.
+	os.WriteFile(path, []byte(good+"  - {namespace: billing, serviceAccount: api, paths: [\"payments/*\"]}\n"), 0o600)
+	waitFor(t, func() bool { return len(rec.events()) == 1 })
+	if ev := rec.events()[0]; ev.Type != broker.EventPolicyReload || ev.Decision != broker.Error {
+		t.Fatalf("audit event %+v", ev)
+	}
+	if logs.FilterMessage("policy reload refused; keeping the last good policy").Len() != 1 {
+		t.Fatal("no error log line for the refused policy")
+	}
+	if a.Policy() != p {
+		t.Fatal("a refused policy replaced the good one")
+	}
+	// A good file: swapped in.
+	os.WriteFile(path, []byte(good+"  - {namespace: billing, serviceAccount: api, paths: [\"billing/*\"]}\n"), 0o600)
+	waitFor(t, func() bool { return len(rec.events()) == 2 })
+	if ev := rec.events()[1]; ev.Decision != broker.Allow {
+		t.Fatalf("audit event %+v", ev)
+	}
+	if _, err := a.Authorize(ctx, billing, ref); err != nil {
+		t.Fatalf("after reload: %v", err)
+	}
+}
+
+func waitFor(t *testing.T, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func FuzzValidateRef(f *testing.F) {
+	for _, s := range []string{"payments/db", "../x", "a//b", "/a", "a/./b", "", "a/b/", "ü/x"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, ref string) {
+		if ValidateRef(ref) != nil {
+			return
+		}
+		// Accepted refs can never climb out of the environment prefix they are joined to.
+		for _, seg := range strings.Split(ref, "/") {
+			if seg == "" || seg == "." || seg == ".." {
+				t.Fatalf("accepted %q", ref)
+			}
+		}
+		if strings.HasPrefix(ref, "/") || len(ref) > MaxRefLen || strings.ContainsAny(ref, "\\%?#* \x00") {
+			t.Fatalf("accepted %q", ref)
+		}
+	})
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(good))
+	f.Add([]byte("environments: [{name: a, vaultMount: kv, vaultPrefix: a}]\ngrants: [{namespace: a, serviceAccount: '*', paths: ['a/*']}]"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p, err := Parse(b)
+		if err != nil {
+			return
+		}
+		// Every accepted grant stays inside its namespace or shared/.
+		for _, g := range p.Grants {
+			for _, path := range g.Paths {
+				first, _, _ := strings.Cut(strings.TrimSuffix(path, "/*"), "/")
+				if first != g.Namespace && first != "shared" {
+					t.Fatalf("accepted grant %+v", g)
+				}
+			}
+		}
+	})
+}
