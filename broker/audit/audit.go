@@ -334,3 +334,57 @@ func VerifyFile(path, keyFile string) (Report, error) {
 	}
 	return rep, nil
 }
+
+// Record is an audit record as read back from the file.
+type Record struct {
+	Time      time.Time `json:"time"`
+	Event     string    `json:"event"`
+	Seq       uint64    `json:"seq"`
+	RequestID string    `json:"request_id"`
+	Decision  string    `json:"decision"`
+	Reason    string    `json:"reason"`
+	Subject   struct {
+		Namespace      string `json:"namespace"`
+		ServiceAccount string `json:"service_account"`
+		Pod            string `json:"pod"`
+		PodUID         string `json:"pod_uid"`
+		Node           string `json:"node"`
+	} `json:"subject"`
+	Object struct {
+		Environment string `json:"environment"`
+		Ref         string `json:"ref"`
+		Key         string `json:"key"`
+		Version     int    `json:"version"`
+		KeyID       string `json:"key_id"`
+	} `json:"object"`
+	Code      string  `json:"code"`
+	LatencyMS float64 `json:"latency_ms"`
+}
+
+// Filter selects records; zero fields match everything.
+type Filter struct {
+	Decision, Namespace, Event string
+	Since                      time.Time
+}
+
+// Query reads records from r and returns those matching f, in file order. It does not verify the
+// chain (run Verify for that).
+func Query(r io.Reader, f Filter) ([]Record, error) {
+	var out []Record
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64*1024), 1<<20)
+	line := 0
+	for sc.Scan() {
+		line++
+		var rec Record
+		if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
+			return nil, fmt.Errorf("line %d: %w", line, err)
+		}
+		if (f.Decision != "" && rec.Decision != f.Decision) || (f.Namespace != "" && rec.Subject.Namespace != f.Namespace) ||
+			(f.Event != "" && rec.Event != f.Event) || (!f.Since.IsZero() && rec.Time.Before(f.Since)) {
+			continue
+		}
+		out = append(out, rec)
+	}
+	return out, sc.Err()
+}

@@ -160,3 +160,46 @@ func readFile(t *testing.T, p string) string {
 	}
 	return string(b)
 }
+
+func TestQuery(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir)}
+	l, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := event(1)
+	old.Time = time.Now().Add(-2 * time.Hour)
+	deny := event(2)
+	deny.Decision, deny.Type, deny.Subject.Namespace = broker.Deny, broker.EventMount, "billing"
+	for _, ev := range []broker.Event{old, deny, event(3)} {
+		if err := l.Record(context.Background(), ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.Close()
+	count := func(f Filter) int {
+		fh, _ := os.Open(opts.Path)
+		defer fh.Close()
+		recs, err := Query(fh, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(recs)
+	}
+	for _, tc := range []struct {
+		f    Filter
+		want int
+	}{
+		{Filter{}, 3},
+		{Filter{Decision: "deny"}, 1},
+		{Filter{Namespace: "billing", Event: "mount"}, 1},
+		{Filter{Namespace: "payments"}, 2},
+		{Filter{Since: time.Now().Add(-time.Hour)}, 2},
+		{Filter{Event: "unmount"}, 0},
+	} {
+		if got := count(tc.f); got != tc.want {
+			t.Errorf("%+v: %d records, want %d", tc.f, got, tc.want)
+		}
+	}
+}

@@ -24,6 +24,7 @@ Usage:
   keywardctl kms coverage     --etcd-endpoint URL --etcd-ca F --etcd-cert F --etcd-key F [-o json]
                                                           count etcd Secrets per key ID, list unencrypted
   keywardctl audit verify     FILE --key-file F            check an audit log's hash chain
+  keywardctl audit query      FILE [--decision D] [--namespace N] [--event E] [--since 1h] [-o json]
   keywardctl version | help
 
 Exit codes: 0 success, 1 the operation failed or found a problem, 2 bad usage.

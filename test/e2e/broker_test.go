@@ -315,6 +315,17 @@ func TestBrokerAgainstKubeAndVault(t *testing.T) {
 			t.Errorf("audit log lacks %s", want)
 		}
 	}
+	// The security team's view: keywardctl audit query / verify.
+	code, out := ctl(t, nil, "audit", "query", e.auditLog, "--decision", "deny", "--namespace", "payments-prod", "--since", "1h", "-o", "json")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if code != 0 || len(lines) < 5 || strings.Contains(out, `"decision":"allow"`) || !strings.Contains(out, `"namespace":"payments-prod"`) {
+		t.Fatalf("audit query: exit %d, %d lines: %s", code, len(lines), out)
+	}
+	tampered := filepath.Join(t.TempDir(), "tampered.log")
+	os.WriteFile(tampered, bytes.Replace(raw, []byte(`"decision":"deny"`), []byte(`"decision":"allow"`), 1), 0o600)
+	if code, out := ctl(t, nil, "audit", "verify", tampered, "--key-file", e.auditKey); code != 1 || !strings.Contains(out, "was modified") {
+		t.Fatalf("verify of a tampered log: exit %d: %s", code, out)
+	}
 	for _, entry := range e.logs.All() {
 		line := fmt.Sprint(entry.Message, entry.ContextMap())
 		if strings.Contains(line, prodCanary) || strings.Contains(line, string(prodTok)) {
