@@ -15,6 +15,7 @@ import (
 
 	vaultapi "github.com/hashicorp/vault/api"
 	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/keyward/keyward/broker"
@@ -137,27 +138,40 @@ func New(o Options) (*Source, error) {
 	return &Source{o: o, tokens: map[string]*vaultToken{}}, nil
 }
 
-// Fetch reads each ref's key from KV v2. All refs are in one environment (the pod's).
+// Fetch reads each ref's key from KV v2, up to 8 reads at a time. All refs are in one environment
+// (the pod's), so one Vault token serves them all.
 func (s *Source) Fetch(ctx context.Context, id broker.Identity, jwt broker.Token, refs []broker.Resolved) ([]broker.Secret, error) {
-	out := make([]broker.Secret, 0, len(refs))
-	for _, r := range refs {
+	out, err := s.fetchAll(ctx, id, jwt, refs)
+	if err != nil && errors.Is(err, broker.ErrDenied) && s.o.Mode == ModePod {
+		// The cached Vault token may have been revoked (or Vault restarted): log in once more.
+		for _, r := range refs {
+			s.forget(id, r.Environment)
+		}
+		out, err = s.fetchAll(ctx, id, jwt, refs)
+	}
+	return out, err
+}
+
+func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.Token, refs []broker.Resolved) ([]broker.Secret, error) {
+	out := make([]broker.Secret, len(refs))
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for i, r := range refs {
 		tok, err := s.token(ctx, id, jwt, r.Environment)
 		if err != nil {
 			return nil, err
 		}
-		sec, err := s.read(ctx, tok, r)
-		if err != nil && errors.Is(err, broker.ErrDenied) && s.o.Mode == ModePod {
-			// The cached Vault token may have been revoked; log in once more before giving up.
-			s.forget(id, r.Environment)
-			if tok, err = s.token(ctx, id, jwt, r.Environment); err != nil {
-				return nil, err
-			}
-			sec, err = s.read(ctx, tok, r)
+		g.Go(func() error {
+			sec, err := s.read(gctx, tok, r)
+			out[i] = sec
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		for i := range out {
+			clear(out[i].Value)
 		}
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, sec)
+		return nil, err
 	}
 	return out, nil
 }

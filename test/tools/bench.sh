@@ -11,3 +11,6 @@ go test -run '^$' -bench "${BENCH:-.}" -benchmem -count "${BENCH_COUNT:-1}" ./..
 echo
 echo "== KMS v2 plugin: keyward-kms vs raw PKCS#11 vs a no-op plugin (one SoftHSM token, one run)"
 go run ./test/bench/kmsbench ${KMSBENCH_ARGS:-}
+echo
+echo "== Broker: Service (cold and warm caches) vs the direct TokenReview + Vault login + 5 KV reads"
+go run ./test/bench/brokerbench ${BROKERBENCH_ARGS:-}
