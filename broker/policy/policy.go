@@ -166,7 +166,7 @@ func (p *Policy) validate() error {
 			}
 			first, _, _ := strings.Cut(base, "/")
 			if first != g.Namespace && first != "shared" {
-				return fmt.Errorf("%s: path %q reaches outside namespace %q: a grant may cover only %s/... and shared/...",
+				return fmt.Errorf("%s: path %q reaches outside namespace %q: a grant may cover only refs under %s/ and shared/",
 					where, path, g.Namespace, g.Namespace)
 			}
 		}
