@@ -3,6 +3,7 @@ module github.com/keyward/keyward
 go 1.26.0
 
 require (
+	github.com/container-storage-interface/spec v1.12.0
 	github.com/hashicorp/vault/api v1.23.0
 	github.com/miekg/pkcs11 v1.1.2
 	github.com/prometheus/client_golang v1.25.0

@@ -72,7 +72,7 @@ func startPlugin(t *testing.T, auditor func(path, key string) broker.Auditor) *p
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := grpcserver.NewServer(zap.New(core))
+	gs := grpcserver.NewServer(zap.New(core), nil)
 	kms.NewGRPCServer(p.svc).Register(gs)
 	done := make(chan struct{})
 	go func() { grpcserver.Serve(ctx, gs, lis, time.Second); close(done) }()

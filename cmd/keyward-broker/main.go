@@ -4,21 +4,76 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
 
 	"go.uber.org/zap"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/broker/audit"
+	"github.com/keyward/keyward/broker/policy"
+	"github.com/keyward/keyward/broker/tokenreview"
+	"github.com/keyward/keyward/broker/vault"
+	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/internal/grpcserver"
 	"github.com/keyward/keyward/internal/logging"
 	"github.com/keyward/keyward/internal/version"
 )
 
+// Options are the process wiring.
+type Options struct {
+	CSISocket    string
+	NodeID       string
+	Config       string
+	Kubeconfig   string
+	AuditLog     string
+	AuditKeyFile string
+	AuditStdout  bool
+	LogLevel     string
+	Grace        time.Duration
+}
+
+func (o *Options) bind(fs *flag.FlagSet) {
+	fs.StringVar(&o.CSISocket, "csi-socket", "/var/lib/kubelet/plugins/secrets.keyward.dev/csi.sock", "unix socket kubelet connects to")
+	fs.StringVar(&o.NodeID, "node-id", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)")
+	fs.StringVar(&o.Config, "config", "/etc/keyward/broker.yaml", "YAML config: policy file, Vault settings")
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file (empty: in-cluster service account)")
+	fs.StringVar(&o.AuditLog, "audit-log", "/var/log/keyward/broker-audit.log", "audit log file (JSON lines, hash-chained)")
+	fs.StringVar(&o.AuditKeyFile, "audit-key-file", "/etc/keyward/audit.key", "file holding the audit HMAC key")
+	fs.BoolVar(&o.AuditStdout, "audit-stdout", false, "also write audit records to stdout")
+	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.DurationVar(&o.Grace, "grace", 10*time.Second, "how long in-flight calls may take to finish on SIGTERM")
+}
+
+// Validate reports the first problem with the options.
+func (o Options) Validate() error {
+	switch {
+	case o.CSISocket == "":
+		return errors.New("--csi-socket is required")
+	case o.NodeID == "":
+		return errors.New("--node-id (or $NODE_NAME) is required")
+	case o.Config == "":
+		return errors.New("--config is required")
+	case o.AuditLog == "" || o.AuditKeyFile == "":
+		return errors.New("--audit-log and --audit-key-file are required: every access is audited")
+	}
+	return nil
+}
+
 func main() {
+	var o Options
 	fs := flag.NewFlagSet("keyward-broker", flag.ContinueOnError)
-	socket := fs.String("csi-socket", "/var/lib/kubelet/plugins/secrets.keyward.dev/csi.sock", "unix socket kubelet connects to")
-	config := fs.String("config", "/etc/keyward/broker.yaml", "YAML config: policy file, Vault settings")
-	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	o.bind(fs)
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		os.Exit(2)
@@ -27,12 +82,106 @@ func main() {
 		fmt.Println("keyward-broker", version.Version)
 		return
 	}
-	log, err := logging.New(*logLevel)
+	if err := o.Validate(); err != nil {
+		fmt.Fprintln(os.Stderr, "keyward-broker:", err)
+		os.Exit(2)
+	}
+	log, err := logging.New(o.LogLevel)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "keyward-broker:", err)
 		os.Exit(2)
 	}
-	defer log.Sync()
-	log.Info("keyward-broker: the CSI node service is not part of this build yet; exiting",
-		zap.String("socket", *socket), zap.String("config", *config))
+	if err := run(o, log); err != nil {
+		log.Error("keyward-broker stopped", zap.Error(err))
+		log.Sync()
+		os.Exit(1)
+	}
+	log.Sync()
+}
+
+func run(o Options, log *zap.Logger) error {
+	cfg, err := loadConfig(o.Config)
+	if err != nil {
+		return err
+	}
+	pol, err := policy.Load(cfg.PolicyFile)
+	if err != nil {
+		return err
+	}
+	restCfg, err := kubeConfig(o.Kubeconfig)
+	if err != nil {
+		return err
+	}
+	restCfg.UserAgent = "keyward-broker/" + version.Version
+	kube, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		return err
+	}
+	lis, err := grpcserver.Listen(o.CSISocket)
+	if err != nil {
+		return err
+	}
+	defer lis.Close()
+	auditLog, err := audit.Open(audit.Options{Path: o.AuditLog, KeyFile: o.AuditKeyFile, Stdout: o.AuditStdout, SyncInterval: time.Second})
+	if err != nil {
+		return err
+	}
+	defer auditLog.Close()
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	namespaces := policy.NewNamespaceWatcher(kube, 10*time.Minute)
+	namespaces.Start(ctx)
+	authz := policy.NewAuthorizer(pol, namespaces)
+	go policy.Watch(ctx, cfg.PolicyFile, cfg.PolicyReloadInterval.Duration, authz, log.Named("policy"), auditLog)
+
+	vc, err := vault.NewClient(vault.ClientOptions{Address: cfg.Vault.Address, CACertFile: cfg.Vault.CAFile, AllowHTTP: cfg.Vault.AllowHTTP})
+	if err != nil {
+		return err
+	}
+	vo := vault.Options{Client: vc, Mode: vault.Mode(cfg.Vault.Mode), AuthMount: cfg.Vault.AuthMount, Log: log.Named("vault"),
+		Role: func(env string) (string, bool) { e, ok := authz.Environment(env); return e.VaultRole, ok }}
+	if vo.Mode == vault.ModeBroker {
+		b, err := os.ReadFile(cfg.Vault.TokenFile)
+		if err != nil {
+			return fmt.Errorf("vault token file: %w", err)
+		}
+		vo.BrokerToken = broker.Token(strings.TrimSpace(string(b)))
+	}
+	src, err := vault.New(vo)
+	if err != nil {
+		return err
+	}
+	svc, err := broker.NewService(broker.Options{
+		Authenticator: tokenreview.New(tokenreview.Options{Client: kube, CacheTTL: cfg.TokenReviewCacheTTL.Duration}),
+		Authorizer:    authz, Source: src, Auditor: auditLog, Audiences: []string{cfg.Audience},
+	})
+	if err != nil {
+		return err
+	}
+	node, err := csi.NewServer(csi.Options{NodeID: o.NodeID, Version: version.Version, Broker: svc, Auditor: auditLog,
+		Audience: cfg.Audience, Log: log.Named("csi"),
+		Ready: func() error {
+			if !namespaces.HasSynced() {
+				return errors.New("namespace informer not synced")
+			}
+			return nil
+		}})
+	if err != nil {
+		return err
+	}
+	gs := grpcserver.NewServer(log.Named("grpc"), csi.Describe)
+	node.Register(gs)
+	log.Info("serving CSI", zap.String("socket", o.CSISocket), zap.String("node", o.NodeID), zap.String("policy", pol.Hash()),
+		zap.String("vault_mode", cfg.Vault.Mode), zap.String("version", version.Version))
+	err = grpcserver.Serve(ctx, gs, lis, o.Grace)
+	log.Info("stopped")
+	return err
+}
+
+func kubeConfig(path string) (*rest.Config, error) {
+	if path == "" {
+		return rest.InClusterConfig()
+	}
+	return clientcmd.BuildConfigFromFlags("", path)
 }

@@ -152,7 +152,7 @@ func run(o Options, log *zap.Logger) error {
 		}
 		defer srv.Close()
 	}
-	gs := grpcserver.NewServer(log.Named("grpc"))
+	gs := grpcserver.NewServer(log.Named("grpc"), nil)
 	kms.NewGRPCServer(svc).Register(gs)
 	kid, _ := wrapper.KeyID(ctx)
 	log.Info("serving KMS v2", zap.String("socket", o.Socket), zap.String("key_id", kid), zap.String("version", version.Version))

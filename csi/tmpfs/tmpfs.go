@@ -116,8 +116,8 @@ const dataLink = "..data"
 // WriteAtomic replaces the visible files in dir all at once, as kubelet's AtomicWriter does: the files
 // go into a new hidden payload directory, the "..data" symlink is swapped to it with one rename, and
 // each visible name is a symlink through "..data". A reader sees the old set or the new set, never a
-// mix. Files no longer present are removed; the previous payload is scrubbed and removed. gid, if
-// >= 0, owns the files (fsGroup).
+// mix or a partial file. Files no longer present are removed; payloads older than the one replaced
+// are removed (tmpfs pages are freed, never written to disk). gid, if >= 0, owns the files (fsGroup).
 func WriteAtomic(dir string, files []File, gid int) error {
 	names := map[string]bool{}
 	for _, f := range files {
@@ -184,10 +184,22 @@ func WriteAtomic(dir string, files []File, gid int) error {
 			os.Remove(filepath.Join(dir, e.Name()))
 		}
 	}
-	if old != "" && old != filepath.Base(payload) {
-		oldDir := filepath.Join(dir, old)
-		Scrub(oldDir)
-		if err := os.RemoveAll(oldDir); err != nil {
+	// Earlier payloads go, except the one just replaced: a reader that resolved "..data" a moment
+	// ago may still be opening a file in it. It goes at the next swap. Clearing (no files: access was
+	// revoked) removes and scrubs every earlier payload at once.
+	for _, e := range entries {
+		name := e.Name()
+		if !e.IsDir() || !strings.HasPrefix(name, "..") || name == filepath.Base(payload) {
+			continue
+		}
+		if len(files) > 0 && name == old {
+			continue
+		}
+		p := filepath.Join(dir, name)
+		if len(files) == 0 {
+			Scrub(p)
+		}
+		if err := os.RemoveAll(p); err != nil {
 			return err
 		}
 	}

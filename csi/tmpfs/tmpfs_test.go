@@ -93,8 +93,24 @@ func TestWriteAtomicSwapsTheWholeSet(t *testing.T) {
 	if len(got) != 1 || string(got[0].Data) != "two" {
 		t.Fatalf("after v2: %+v", got)
 	}
+	if err := WriteAtomic(dir, []File{{Name: "db-password", Mode: 0o400, Data: []byte("three")}}, -1); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := os.Stat(filepath.Join(dir, first)); !os.IsNotExist(err) {
-		t.Fatal("the old payload was not removed")
+		t.Fatal("a payload two generations old was not removed")
+	}
+	if err := WriteAtomic(dir, nil, -1); err != nil {
+		t.Fatal(err)
+	}
+	cur, _ := os.Readlink(filepath.Join(dir, dataLink))
+	if entries, _ := os.ReadDir(dir); len(entries) != 2 {
+		t.Fatalf("clearing left %v, want only ..data and its empty payload", entries)
+	}
+	if inner, _ := os.ReadDir(filepath.Join(dir, cur)); len(inner) != 0 {
+		t.Fatalf("the cleared payload holds %v", inner)
+	}
+	if err := WriteAtomic(dir, v2, -1); err != nil {
+		t.Fatal(err)
 	}
 	for _, bad := range [][]File{{{Name: "a/b"}}, {{Name: "..data"}}, {{Name: ""}}, {{Name: "x"}, {Name: "x"}}} {
 		if err := WriteAtomic(dir, bad, -1); err == nil {

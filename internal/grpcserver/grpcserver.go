@@ -58,20 +58,29 @@ func Listen(path string) (net.Listener, error) {
 	return l, nil
 }
 
-// NewServer returns a gRPC server that logs each RPC once (method, code, duration; never payloads).
-func NewServer(log *zap.Logger, opts ...grpc.ServerOption) *grpc.Server {
-	return grpc.NewServer(append([]grpc.ServerOption{grpc.ChainUnaryInterceptor(LoggingInterceptor(log))}, opts...)...)
+// Describer picks the fields of a request that are safe to log. It is the one place a protocol
+// adapter decides what of a request may be logged: tokens and secret payloads never are.
+type Describer func(req any) []zap.Field
+
+// NewServer returns a gRPC server that logs each RPC once (method, code, duration, and what describe
+// allows of the request; never payloads).
+func NewServer(log *zap.Logger, describe Describer, opts ...grpc.ServerOption) *grpc.Server {
+	return grpc.NewServer(append([]grpc.ServerOption{grpc.ChainUnaryInterceptor(LoggingInterceptor(log, describe))}, opts...)...)
 }
 
 // LoggingInterceptor logs one line per unary RPC: OK at debug level, failures at info level. It logs
-// the status message, which Keyward's adapters keep free of secrets, and nothing of the payloads.
-func LoggingInterceptor(log *zap.Logger) grpc.UnaryServerInterceptor {
+// the status message, which Keyward's adapters keep free of secrets, and of the request only what
+// describe returns (nothing if describe is nil).
+func LoggingInterceptor(log *zap.Logger, describe Describer) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		start := time.Now()
 		resp, err := handler(ctx, req)
 		st := status.Convert(err)
 		fields := []zap.Field{zap.String("method", info.FullMethod), zap.String("code", st.Code().String()),
 			zap.Duration("duration", time.Since(start))}
+		if describe != nil {
+			fields = append(fields, describe(req)...)
+		}
 		if err != nil {
 			log.Info("rpc failed", append(fields, zap.String("message", st.Message()))...)
 		} else if ce := log.Check(zap.DebugLevel, "rpc"); ce != nil {

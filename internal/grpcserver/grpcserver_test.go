@@ -75,7 +75,7 @@ func TestListenSocketHygiene(t *testing.T) {
 func TestServeGracefulStopRemovesSocketAndLogsOnce(t *testing.T) {
 	path := filepath.Join(shortDir(t), "s.sock")
 	core, logs := observer.New(zap.DebugLevel)
-	s := NewServer(zap.New(core))
+	s := NewServer(zap.New(core), nil)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(s, hs)
 	l, err := Listen(path)

@@ -321,3 +321,28 @@ func (k *KubeAPIServer) SignToken(c TokenClaims, forge bool) (string, error) {
 	}
 	return h + "." + p + "." + base64.RawURLEncoding.EncodeToString(sig), nil
 }
+
+// WriteKubeconfig writes a kubeconfig for this apiserver that authenticates with token (the admin
+// token when token is empty), mode 0600, and returns its path.
+func (k *KubeAPIServer) WriteKubeconfig(path, token string) (string, error) {
+	if token == "" {
+		token = k.adminToken
+	}
+	cfg := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: harness
+  cluster:
+    server: %s
+    certificate-authority: %s
+users:
+- name: user
+  user:
+    token: %s
+contexts:
+- name: harness
+  context: {cluster: harness, user: user}
+current-context: harness
+`, k.URL, k.CAFile, token)
+	return path, os.WriteFile(path, []byte(cfg), 0o600)
+}

@@ -254,7 +254,7 @@ func serve(ctx context.Context, path string, svc service.Service) (string, error
 	if err != nil {
 		return "", err
 	}
-	gs := grpcserver.NewServer(zap.NewNop())
+	gs := grpcserver.NewServer(zap.NewNop(), nil)
 	kms.NewGRPCServer(svc).Register(gs)
 	go grpcserver.Serve(ctx, gs, l, time.Second)
 	return path, nil

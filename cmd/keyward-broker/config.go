@@ -1,0 +1,90 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"sigs.k8s.io/yaml"
+)
+
+// Config is keyward-broker's configuration file (decoded strictly: unknown keys are an error).
+// Secret material (the Vault token in broker mode) is only ever read from a file it names.
+type Config struct {
+	// PolicyFile is the policy (environments and grants); reloaded when it changes.
+	PolicyFile           string   `json:"policyFile"`
+	PolicyReloadInterval duration `json:"policyReloadInterval,omitempty"`
+	// Audience of the tokens kubelet requests for the driver (CSIDriver tokenRequests).
+	Audience string `json:"audience,omitempty"`
+	// TokenReviewCacheTTL bounds how long a positive TokenReview is reused.
+	TokenReviewCacheTTL duration `json:"tokenReviewCacheTTL,omitempty"`
+	Vault               struct {
+		Address   string `json:"address"`
+		CAFile    string `json:"caFile,omitempty"`
+		AllowHTTP bool   `json:"allowInsecureHTTP,omitempty"`
+		// Mode: "pod" (log in as the pod with kubernetes auth; default) or "broker" (TokenFile).
+		Mode      string `json:"mode,omitempty"`
+		AuthMount string `json:"authMount,omitempty"`
+		TokenFile string `json:"tokenFile,omitempty"`
+	} `json:"vault"`
+}
+
+type duration struct{ time.Duration }
+
+func (d *duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return errors.New(`duration must be a string such as "10s"`)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil || v < 0 {
+		return fmt.Errorf("duration %q: want a positive Go duration", s)
+	}
+	d.Duration = v
+	return nil
+}
+
+func loadConfig(path string) (Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	var c Config
+	if err := yaml.UnmarshalStrict(b, &c); err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	if c.PolicyReloadInterval.Duration == 0 {
+		c.PolicyReloadInterval.Duration = 10 * time.Second
+	}
+	if c.Audience == "" {
+		c.Audience = "keyward"
+	}
+	if c.TokenReviewCacheTTL.Duration == 0 {
+		c.TokenReviewCacheTTL.Duration = 5 * time.Second
+	}
+	if c.Vault.Mode == "" {
+		c.Vault.Mode = "pod"
+	}
+	if err := c.validate(); err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+func (c Config) validate() error {
+	switch {
+	case c.PolicyFile == "":
+		return errors.New("policyFile is required")
+	case c.Vault.Address == "":
+		return errors.New("vault.address is required")
+	case c.Vault.Mode != "pod" && c.Vault.Mode != "broker":
+		return fmt.Errorf("vault.mode %q: want pod or broker", c.Vault.Mode)
+	case c.Vault.Mode == "broker" && c.Vault.TokenFile == "":
+		return errors.New("vault.tokenFile is required in broker mode")
+	case c.TokenReviewCacheTTL.Duration > time.Minute:
+		return errors.New("tokenReviewCacheTTL above 1m would let deleted pods keep access too long")
+	}
+	return nil
+}
