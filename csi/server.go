@@ -330,4 +330,3 @@ func Describe(req any) []zap.Field {
 	}
 	return nil
 }
-
