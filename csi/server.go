@@ -48,6 +48,7 @@ type Options struct {
 type Server struct {
 	csipb.UnimplementedIdentityServer
 	csipb.UnimplementedNodeServer
+	csipb.UnimplementedControllerServer
 	o     Options
 	mu    sync.Mutex
 	locks map[string]*volumeLock
@@ -69,10 +70,18 @@ func NewServer(o Options) (*Server, error) {
 	return &Server{o: o, locks: map[string]*volumeLock{}}, nil
 }
 
-// Register registers the Identity and Node services.
+// Register registers the Identity and Node services, and a Controller service that only answers
+// ControllerGetCapabilities with none (ephemeral volumes have no controller side; tools such as
+// csi-sanity ask).
 func (s *Server) Register(g *grpc.Server) {
 	csipb.RegisterIdentityServer(g, s)
 	csipb.RegisterNodeServer(g, s)
+	csipb.RegisterControllerServer(g, s)
+}
+
+// ControllerGetCapabilities: none.
+func (s *Server) ControllerGetCapabilities(context.Context, *csipb.ControllerGetCapabilitiesRequest) (*csipb.ControllerGetCapabilitiesResponse, error) {
+	return &csipb.ControllerGetCapabilitiesResponse{}, nil
 }
 
 // GetPluginInfo implements CSI.

@@ -1,0 +1,73 @@
+package csi
+
+import (
+	"context"
+	"flag"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/grpcserver"
+)
+
+type sanityBroker struct{}
+
+func (sanityBroker) Fetch(_ context.Context, req broker.Request) ([]broker.Secret, error) {
+	out := make([]broker.Secret, len(req.Refs))
+	for i, r := range req.Refs {
+		out[i] = broker.Secret{Ref: r, Version: 1, Value: []byte("value-of-" + r.Ref)}
+	}
+	return out, nil
+}
+
+type discardAudit struct{}
+
+func (discardAudit) Record(context.Context, broker.Event) error { return nil }
+
+// TestSanity runs the kubernetes-csi sanity suite against the driver's gRPC server on a unix socket,
+// with real tmpfs mounts (as root).
+func TestSanity(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("the sanity suite publishes into tmpfs and needs root")
+	}
+	dir, err := os.MkdirTemp("/tmp", "kw-sanity-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	srv, err := NewServer(Options{NodeID: "node-1", Version: "test", Broker: sanityBroker{}, Auditor: discardAudit{},
+		Audience: "keyward", Log: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "csi.sock")
+	lis, err := grpcserver.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpcserver.NewServer(zaptest.NewLogger(t), Describe)
+	srv.Register(gs)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { grpcserver.Serve(ctx, gs, lis, time.Second); close(done) }()
+	defer func() { cancel(); <-done }()
+
+	cfg := sanity.NewTestConfig()
+	cfg.Address = sock
+	cfg.TargetPath = filepath.Join(dir, "target")
+	cfg.StagingPath = filepath.Join(dir, "staging")
+	// Keyward is a node-only driver for ephemeral volumes: it has no controller service (it answers
+	// ControllerGetCapabilities with none). csi-sanity runs its Controller specs and one Node spec
+	// ("should remove target path", which provisions through CreateVolume) regardless; those cannot
+	// apply. Every other Identity and Node spec runs. (Unpublish removing the target path is covered
+	// by the e2e test.)
+	if err := flag.Set("ginkgo.skip", "Controller Service|should remove target path"); err != nil {
+		t.Fatal(err)
+	}
+	sanity.Test(t, cfg)
+}
