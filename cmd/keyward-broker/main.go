@@ -33,6 +33,7 @@ import (
 // Options are the process wiring.
 type Options struct {
 	CSISocket    string
+	ProviderSock string
 	NodeID       string
 	Config       string
 	Kubeconfig   string
@@ -45,6 +46,7 @@ type Options struct {
 
 func (o *Options) bind(fs *flag.FlagSet) {
 	fs.StringVar(&o.CSISocket, "csi-socket", "/var/lib/kubelet/plugins/secrets.keyward.dev/csi.sock", "unix socket kubelet connects to")
+	fs.StringVar(&o.ProviderSock, "provider-socket", "", "also serve the Secrets Store CSI Driver provider API on this socket (e.g. /etc/kubernetes/secrets-store-csi-providers/keyward.sock; empty: off)")
 	fs.StringVar(&o.NodeID, "node-id", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)")
 	fs.StringVar(&o.Config, "config", "/etc/keyward/broker.yaml", "YAML config: policy file, Vault settings")
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file (empty: in-cluster service account)")
@@ -172,6 +174,25 @@ func run(o Options, log *zap.Logger) error {
 	}
 	gs := grpcserver.NewServer(log.Named("grpc"), csi.Describe)
 	node.Register(gs)
+	if o.ProviderSock != "" {
+		plis, err := grpcserver.Listen(o.ProviderSock)
+		if err != nil {
+			return err
+		}
+		defer plis.Close()
+		prov, err := csi.NewProviderServer(csi.Options{Version: version.Version, Broker: svc, Audience: cfg.Audience, Log: log.Named("provider")})
+		if err != nil {
+			return err
+		}
+		ps := grpcserver.NewServer(log.Named("provider"), csi.DescribeProvider)
+		prov.Register(ps)
+		go func() {
+			if err := grpcserver.Serve(ctx, ps, plis, o.Grace); err != nil {
+				log.Error("provider API stopped", zap.Error(err))
+			}
+		}()
+		log.Info("serving the Secrets Store CSI Driver provider API", zap.String("socket", o.ProviderSock))
+	}
 	log.Info("serving CSI", zap.String("socket", o.CSISocket), zap.String("node", o.NodeID), zap.String("policy", pol.Hash()),
 		zap.String("vault_mode", cfg.Vault.Mode), zap.String("version", version.Version))
 	err = grpcserver.Serve(ctx, gs, lis, o.Grace)

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
+	provider "sigs.k8s.io/secrets-store-csi-driver/provider/v1alpha1"
 
 	"github.com/keyward/keyward/csi"
 	"github.com/keyward/keyward/csi/tmpfs"
@@ -115,8 +116,9 @@ vault:
 `, policyPath, e.vault.Addr)), 0o600)
 	auditLog, auditKey := filepath.Join(dir, "broker-audit.log"), filepath.Join(dir, "audit.key")
 	os.WriteFile(auditKey, []byte(strings.Repeat("q", 40)), 0o600)
-	sock := filepath.Join(dir, "csi.sock")
+	sock, provSock := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "provider.sock")
 	drv := start(t, nil, filepath.Join(dir, "keyward-broker.log"), "keyward-broker", "--csi-socket", sock, "--node-id", "node-1",
+		"--provider-socket", provSock,
 		"--config", cfgPath, "--kubeconfig", kubeconfig, "--audit-log", auditLog, "--audit-key-file", auditKey, "--log-level", "debug")
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -162,6 +164,49 @@ vault:
 	}
 	if again, _ := os.Readlink(filepath.Join(target, "..data")); again != payload {
 		t.Fatal("an unchanged republish rewrote the files")
+	}
+
+	// The Secrets Store CSI Driver provider API returns the same files for the same pod and refuses
+	// the same attacks.
+	pconn, err := grpc.NewClient("unix://"+provSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pconn.Close()
+	prov := provider.NewCSIDriverProviderClient(pconn)
+	mount := func(pod *corev1.Pod, secrets string) (*provider.MountResponse, error) {
+		tok, err := e.kube.PodToken(context.Background(), pod, []string{audience}, 10*time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tokens, _ := json.Marshal(map[string]map[string]string{audience: {"token": tok}})
+		attrs, _ := json.Marshal(map[string]string{"secretProviderClass": "payments", csi.AttrSecrets: secrets,
+			csi.AttrTokens: string(tokens), csi.AttrPodName: pod.Name, csi.AttrPodNamespace: pod.Namespace,
+			csi.AttrPodUID: string(pod.UID), csi.AttrSAName: pod.Spec.ServiceAccountName})
+		return prov.Mount(context.Background(), &provider.MountRequest{Attributes: string(attrs), TargetPath: "/ignored", Permission: "420"})
+	}
+	resp, err := mount(prodPod, csiSecrets)
+	if err != nil {
+		t.Fatalf("provider Mount: %v", err)
+	}
+	onDisk, _ := tmpfs.Read(target)
+	if len(resp.Files) != len(onDisk) {
+		t.Fatalf("provider returned %d files, the CSI volume has %d", len(resp.Files), len(onDisk))
+	}
+	for _, f := range resp.Files {
+		found := false
+		for _, d := range onDisk {
+			found = found || (d.Name == f.Path && bytes.Equal(d.Data, f.Contents) && int32(d.Mode) == f.Mode)
+		}
+		if !found {
+			t.Errorf("provider file %s differs from the CSI volume's", f.Path)
+		}
+	}
+	if _, err := mount(e.pods["other-prod"], "- {ref: payments-prod/db, key: password, file: pw}"); status.Code(err) != codes.PermissionDenied {
+		t.Errorf("provider: another namespace's ref: %v", err)
+	}
+	if _, err := mount(prodPod, "- {ref: ../dev/payments-dev/db, key: password, file: pw}"); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("provider: traversal: %v", err)
 	}
 
 	// fsGroup: the group owns the files and may read the default-mode ones.

@@ -1,0 +1,89 @@
+package csi
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strconv"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	provider "sigs.k8s.io/secrets-store-csi-driver/provider/v1alpha1"
+
+	"github.com/keyward/keyward/broker"
+)
+
+// Attributes the Secrets Store CSI Driver adds to a provider's MountRequest besides the
+// SecretProviderClass parameters and the pod information.
+const attrSecretProviderClass = "secretProviderClass"
+
+// ProviderServer serves the Secrets Store CSI Driver provider API, so clusters that already run that
+// driver can use Keyward as a provider: the same attributes (in the SecretProviderClass parameters),
+// the same authentication, scoping and audit. The driver writes the files it returns.
+type ProviderServer struct {
+	provider.UnimplementedCSIDriverProviderServer
+	o Options
+}
+
+// NewProviderServer shares Options with the CSI node server.
+func NewProviderServer(o Options) (*ProviderServer, error) {
+	if o.Broker == nil || o.Log == nil || o.Audience == "" {
+		return nil, errors.New("csi provider: Broker, Audience and Log are required")
+	}
+	return &ProviderServer{o: o}, nil
+}
+
+// Register registers the provider service.
+func (p *ProviderServer) Register(g *grpc.Server) { provider.RegisterCSIDriverProviderServer(g, p) }
+
+// Version implements the provider API.
+func (p *ProviderServer) Version(context.Context, *provider.VersionRequest) (*provider.VersionResponse, error) {
+	v := p.o.Version
+	if v == "" || v == "dev" {
+		v = "0.0.0-dev"
+	}
+	return &provider.VersionResponse{Version: "v1alpha1", RuntimeName: "keyward", RuntimeVersion: v}, nil
+}
+
+// Mount authenticates the pod, authorizes and fetches its secrets, and returns them as files.
+func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) (*provider.MountResponse, error) {
+	var attrs map[string]string
+	if err := json.Unmarshal([]byte(req.GetAttributes()), &attrs); err != nil {
+		return nil, status.Error(codes.InvalidArgument, "attributes are not a JSON object of strings")
+	}
+	delete(attrs, attrSecretProviderClass)
+	vol, err := ParseVolume(attrs, p.o.Audience)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	secrets, err := p.o.Broker.Fetch(ctx, broker.Request{
+		RequestID: "provider/" + vol.Claimed.PodUID + "/" + nonce(), Event: broker.EventMount,
+		Token: vol.Token, Claimed: vol.Claimed, Refs: vol.Refs(),
+	})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	resp := &provider.MountResponse{}
+	for i, sec := range secrets {
+		e := vol.Entries[i]
+		resp.Files = append(resp.Files, &provider.File{Path: e.File, Mode: int32(vol.Modes[i].Perm()), Contents: sec.Value})
+		resp.ObjectVersion = append(resp.ObjectVersion, &provider.ObjectVersion{Id: e.Ref + "#" + e.Key, Version: strconv.Itoa(sec.Version)})
+	}
+	return resp, nil
+}
+
+// DescribeProvider is the provider API's grpcserver.Describer: the pod, never the token or contents.
+func DescribeProvider(req any) []zap.Field {
+	r, ok := req.(*provider.MountRequest)
+	if !ok {
+		return nil
+	}
+	var attrs map[string]string
+	if json.Unmarshal([]byte(r.GetAttributes()), &attrs) != nil {
+		return []zap.Field{zap.Bool("attributes_parse", false)}
+	}
+	return []zap.Field{zap.String("pod", attrs[AttrPodNamespace]+"/"+attrs[AttrPodName]), zap.String("pod_uid", attrs[AttrPodUID]),
+		zap.Bool("token_present", attrs[AttrTokens] != "")}
+}
