@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	provider "sigs.k8s.io/secrets-store-csi-driver/provider/v1alpha1"
 
 	"github.com/keyward/keyward/csi"
@@ -58,10 +59,15 @@ func (k *kubelet) publish(pod *corev1.Pod, secrets string, fsGroup string) error
 	if err != nil {
 		k.t.Fatal(err)
 	}
+	return k.publishWith(pod, tok, secrets, fsGroup)
+}
+
+func (k *kubelet) publishWith(pod *corev1.Pod, tok, secrets, fsGroup string) error {
+	k.t.Helper()
 	tokens, _ := json.Marshal(map[string]map[string]string{audience: {"token": tok, "expirationTimestamp": time.Now().Add(10 * time.Minute).Format(time.RFC3339)}})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	_, err = k.node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
+	_, err := k.node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
 		VolumeId:   "csi-" + string(pod.UID),
 		TargetPath: k.target(pod),
 		VolumeCapability: &csipb.VolumeCapability{
@@ -291,6 +297,52 @@ vault:
 		t.Fatalf("%d of %d reads during the swaps saw partial or missing content", bad.Load(), reads.Load())
 	}
 	t.Logf("%d reads during 10 swaps, none partial", reads.Load())
+
+	// A restarted driver finds its published volumes again (tmpfs mount points) and keeps serving
+	// republish: no state is lost with the process.
+	drv.stop(t)
+	drv = start(t, nil, filepath.Join(dir, "keyward-broker-2.log"), "keyward-broker", "--csi-socket", sock, "--node-id", "node-1",
+		"--config", cfgPath, "--kubeconfig", kubeconfig, "--audit-log", auditLog, "--audit-key-file", auditKey, "--log-level", "debug")
+	eventually(t, 30*time.Second, "restarted driver ready", func() error {
+		r, err := kl.id.Probe(context.Background(), &csipb.ProbeRequest{})
+		if err != nil || !r.GetReady().GetValue() {
+			return fmt.Errorf("probe %v %v", r, err)
+		}
+		return nil
+	})
+	if _, err := e.vault.PutKV(context.Background(), "kv", "prod/payments-prod/db", map[string]any{"password": prodCanary}); err != nil {
+		t.Fatal(err)
+	}
+	payload, _ = os.Readlink(filepath.Join(target, "..data"))
+	if err := kl.publish(prodPod, csiSecrets, ""); err != nil {
+		t.Fatalf("republish after a driver restart: %v", err)
+	}
+	if got := readFile(t, filepath.Join(target, "db-password")); got != prodCanary {
+		t.Fatalf("after restart the file holds %.40q", got)
+	}
+	if again, _ := os.Readlink(filepath.Join(target, "..data")); again == payload {
+		t.Fatal("the restarted driver did not swap in the changed secret")
+	}
+
+	// A deleted pod: kubelet republishes with the token it has; once the apiserver invalidates it,
+	// the files are cleared.
+	devTok, err := e.kube.PodToken(context.Background(), devPod, []string{audience}, 10*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	zero := int64(0)
+	if err := e.kube.Client.CoreV1().Pods("payments-dev").Delete(context.Background(), devPod.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 60*time.Second, "deleted pod's republish refused", func() error {
+		if err := kl.publishWith(devPod, devTok, "- {ref: payments-dev/db, key: password, file: pw}\n", "4242"); status.Code(err) != codes.Unauthenticated {
+			return fmt.Errorf("republish: %v", err)
+		}
+		return nil
+	})
+	if files, err := tmpfs.Read(kl.target(devPod)); err != nil || len(files) != 0 {
+		t.Fatalf("files left for a deleted pod: %d %v", len(files), err)
+	}
 
 	// Revocation: the grant goes away; the next republish is refused and clears the files.
 	os.WriteFile(policyPath, []byte(strings.Replace(brokerPolicy, `paths: ["payments-prod/*", "shared/tls/*"]`, `paths: ["payments-prod/other/*"]`, 1)), 0o600)
