@@ -42,6 +42,8 @@ type Options struct {
 	AuditStdout  bool
 	LogLevel     string
 	Grace        time.Duration
+	KubeQPS      float64
+	KubeBurst    int
 }
 
 func (o *Options) bind(fs *flag.FlagSet) {
@@ -54,6 +56,8 @@ func (o *Options) bind(fs *flag.FlagSet) {
 	fs.StringVar(&o.AuditKeyFile, "audit-key-file", "/etc/keyward/audit.key", "file holding the audit HMAC key")
 	fs.BoolVar(&o.AuditStdout, "audit-stdout", false, "also write audit records to stdout")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.Float64Var(&o.KubeQPS, "kube-api-qps", 100, "client-side limit on apiserver requests per second (one TokenReview per uncached publish)")
+	fs.IntVar(&o.KubeBurst, "kube-api-burst", 200, "client-side burst of apiserver requests")
 	fs.DurationVar(&o.Grace, "grace", 10*time.Second, "how long in-flight calls may take to finish on SIGTERM")
 }
 
@@ -115,6 +119,8 @@ func run(o Options, log *zap.Logger) error {
 		return err
 	}
 	restCfg.UserAgent = "keyward-broker/" + version.Version
+	// client-go's default of 5 requests/s would cap cold publishes at 5/s (one TokenReview each).
+	restCfg.QPS, restCfg.Burst = float32(o.KubeQPS), o.KubeBurst
 	kube, err := kubernetes.NewForConfig(restCfg)
 	if err != nil {
 		return err

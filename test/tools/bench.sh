@@ -14,3 +14,6 @@ go run ./test/bench/kmsbench ${KMSBENCH_ARGS:-}
 echo
 echo "== Broker: Service (cold and warm caches) vs the direct TokenReview + Vault login + 5 KV reads"
 go run ./test/bench/brokerbench ${BROKERBENCH_ARGS:-}
+echo
+echo "== CSI publish: keyward-broker warm/cold vs the floor (5 reads) and the naive path, and RSS at 1000 volumes"
+go run ./test/bench/csibench ${CSIBENCH_ARGS:-}

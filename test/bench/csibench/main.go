@@ -1,0 +1,366 @@
+// Command csibench measures NodePublishVolume of keyward-broker (the real binary, on its unix socket,
+// against real kube-apiserver and Vault) for a 5-secret volume at concurrency 1, 8 and 32:
+//
+//	warm   a pod publishing its volume again (kubelet's republish): cached review and Vault token
+//	cold   new pods, each publishing for the first time: TokenReview, Vault login, reads, tmpfs mount
+//	floor  the unavoidable work: 5 KV v2 reads with an already-held Vault token
+//	naive  TokenReview + Vault kubernetes login + 5 reads + plain file writes, per mount
+//
+// Contenders alternate round by round. It then publishes 1000 volumes and reports the driver's RSS.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	vaultapi "github.com/hashicorp/vault/api"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/csi/tmpfs"
+	"github.com/keyward/keyward/test/harness"
+)
+
+const secrets = `
+- {ref: payments/s0, key: v, file: s0}
+- {ref: payments/s1, key: v, file: s1}
+- {ref: payments/s2, key: v, file: s2}
+- {ref: payments/s3, key: v, file: s3}
+- {ref: payments/s4, key: v, file: s4}
+`
+
+type bench struct {
+	env    *harness.Env
+	dir    string
+	node   csipb.NodeClient
+	pods   []*corev1.Pod
+	tokens []string
+	next   atomic.Int64 // next cold pod
+	vc     *vaultapi.Client
+}
+
+func main() {
+	ops := flag.Int("ops", 64, "operations per contender, concurrency and round")
+	rounds := flag.Int("rounds", 2, "rounds")
+	volumes := flag.Int("volumes", 1000, "volumes published for the RSS measurement")
+	flag.Parse()
+	if err := run(*ops, *rounds, *volumes); err != nil {
+		fmt.Fprintln(os.Stderr, "csibench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ops, rounds, volumes int) error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("needs root (tmpfs mounts)")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	env, err := harness.StartEnv(ctx, harness.EnvOptions{Kube: true, Vault: true})
+	if err != nil {
+		return err
+	}
+	defer env.Stop()
+	b := &bench{env: env, dir: env.Dir}
+	if err := b.provision(ctx, 3*len([]int{1, 8, 32})*ops*rounds/2+64); err != nil {
+		return err
+	}
+	drv, sock, err := b.startDriver()
+	if err != nil {
+		return err
+	}
+	defer func() { drv.Process.Signal(syscall.SIGTERM); drv.Wait() }()
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	b.node = csipb.NewNodeClient(conn)
+	if err := waitReady(ctx, conn); err != nil {
+		return err
+	}
+	// Warm volumes: one per worker, published once before the clock starts.
+	for i := range 32 {
+		if err := b.publish(ctx, b.pods[i], b.tokens[i], b.target(b.pods[i], "warm")); err != nil {
+			return fmt.Errorf("warm-up publish: %w", err)
+		}
+	}
+	b.next.Store(32)
+	floorTok, err := b.login(ctx, b.tokens[0])
+	if err != nil {
+		return err
+	}
+	contenders := []struct {
+		name string
+		op   func(ctx context.Context, worker int) error
+	}{
+		{"warm", func(ctx context.Context, w int) error {
+			return b.publish(ctx, b.pods[w], b.tokens[w], b.target(b.pods[w], "warm"))
+		}},
+		{"cold", func(ctx context.Context, _ int) error {
+			i := int(b.next.Add(1)) - 1
+			if i >= len(b.pods) {
+				return fmt.Errorf("ran out of cold pods")
+			}
+			return b.publish(ctx, b.pods[i], b.tokens[i], b.target(b.pods[i], "cold"))
+		}},
+		{"floor", func(ctx context.Context, _ int) error { return b.reads(ctx, floorTok) }},
+		{"naive", func(ctx context.Context, w int) error { return b.naive(ctx, w) }},
+	}
+	concs := []int{1, 8, 32}
+	type res struct {
+		n   int
+		el  time.Duration
+		lat []time.Duration
+	}
+	results := map[string]map[int]*res{}
+	for _, c := range contenders {
+		results[c.name] = map[int]*res{}
+		for _, n := range concs {
+			results[c.name][n] = &res{}
+		}
+	}
+	for r := range rounds {
+		for i := range contenders {
+			c := contenders[(i+r)%len(contenders)]
+			for _, n := range concs {
+				rr := results[c.name][n]
+				var mu sync.Mutex
+				var wg sync.WaitGroup
+				var firstErr error
+				var left atomic.Int64
+				left.Store(int64(ops))
+				start := time.Now()
+				for w := range n {
+					wg.Go(func() {
+						for left.Add(-1) >= 0 {
+							t0 := time.Now()
+							err := c.op(ctx, w)
+							d := time.Since(t0)
+							mu.Lock()
+							if err != nil && firstErr == nil {
+								firstErr = err
+							}
+							rr.lat = append(rr.lat, d)
+							mu.Unlock()
+						}
+					})
+				}
+				wg.Wait()
+				rr.el += time.Since(start)
+				rr.n += ops
+				if firstErr != nil {
+					return fmt.Errorf("%s at %d: %w", c.name, n, firstErr)
+				}
+			}
+		}
+	}
+	pct := func(d []time.Duration, p float64) time.Duration {
+		sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+		return d[int(p*float64(len(d)-1))].Round(10 * time.Microsecond)
+	}
+	fmt.Printf("csibench: 5-secret volumes, %d ops x %d rounds per contender and concurrency, real kube-apiserver and Vault\n\n", ops, rounds)
+	fmt.Printf("%-6s %5s %10s %10s %10s\n", "", "conc", "ops/s", "p50", "p99")
+	for _, c := range contenders {
+		for _, n := range concs {
+			r := results[c.name][n]
+			fmt.Printf("%-6s %5d %10.0f %10s %10s\n", c.name, n, float64(r.n)/r.el.Seconds(), pct(r.lat, .5), pct(r.lat, .99))
+		}
+	}
+	rate := func(name string, n int) float64 { r := results[name][n]; return float64(r.n) / r.el.Seconds() }
+	fmt.Printf("\nwarm/floor ops/s at 8: %.2f (target >= 0.8); warm p99 / floor p99 at 8: %.2f (target <= 1.5)\n",
+		rate("warm", 8)/rate("floor", 8), float64(pct(results["warm"][8].lat, .99))/float64(pct(results["floor"][8].lat, .99)))
+	fmt.Printf("cold/naive ops/s at 1, 8, 32: %.2f %.2f %.2f (target >= 1)\n", rate("cold", 1)/rate("naive", 1), rate("cold", 8)/rate("naive", 8), rate("cold", 32)/rate("naive", 32))
+
+	// RSS with many published volumes (one pod, many volumes: the driver's per-volume state).
+	for i := range volumes {
+		if err := b.publish(ctx, b.pods[0], b.tokens[0], filepath.Join(b.dir, "rss", strconv.Itoa(i))); err != nil {
+			return fmt.Errorf("rss publish %d: %w", i, err)
+		}
+	}
+	rss, _ := vmRSS(drv.Process.Pid)
+	fmt.Printf("\ndriver RSS with %d published volumes: %.1f MiB (target < 60 MiB)\n", volumes, float64(rss)/1024)
+	for i := range volumes {
+		tmpfs.Unmount(filepath.Join(b.dir, "rss", strconv.Itoa(i)))
+	}
+	return nil
+}
+
+func (b *bench) target(p *corev1.Pod, kind string) string {
+	return filepath.Join(b.dir, "kubelet", kind, string(p.UID))
+}
+
+func (b *bench) provision(ctx context.Context, pods int) error {
+	k, v := b.env.Kube, b.env.Vault
+	if _, err := k.CreateNamespace(ctx, "payments", map[string]string{"keyward.dev/environment": "prod"}); err != nil {
+		return err
+	}
+	if _, err := k.CreateServiceAccount(ctx, "payments", "api"); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "csibench: creating %d pods and tokens\n", pods)
+	for i := range pods {
+		p, err := k.CreatePod(ctx, "payments", fmt.Sprintf("api-%d", i), "api", "node-1")
+		if err != nil {
+			return err
+		}
+		tok, err := k.PodToken(ctx, p, []string{"keyward"}, time.Hour)
+		if err != nil {
+			return err
+		}
+		b.pods, b.tokens = append(b.pods, p), append(b.tokens, tok)
+	}
+	if err := v.EnableKVv2(ctx, "kv"); err != nil {
+		return err
+	}
+	for i := range 5 {
+		if _, err := v.PutKV(ctx, "kv", fmt.Sprintf("prod/payments/s%d", i), map[string]any{"v": strings.Repeat("x", 64)}); err != nil {
+			return err
+		}
+	}
+	if err := v.Client.Sys().PutPolicyWithContext(ctx, "prod-read", `path "kv/data/prod/*" { capabilities = ["read"] }`); err != nil {
+		return err
+	}
+	if err := v.KubernetesAuth(ctx, "kubernetes", k); err != nil {
+		return err
+	}
+	if err := v.KubernetesRole(ctx, "kubernetes", "prod", []string{"payments"}, []string{"api"}, []string{"prod-read"}, "keyward"); err != nil {
+		return err
+	}
+	cfg := vaultapi.DefaultConfig()
+	cfg.Address = v.Addr
+	c, err := vaultapi.NewClient(cfg)
+	if err != nil {
+		return err
+	}
+	b.vc = c
+	return nil
+}
+
+func (b *bench) startDriver() (*exec.Cmd, string, error) {
+	dir := b.dir
+	os.WriteFile(filepath.Join(dir, "policy.yaml"), []byte("environments: [{name: prod, vaultMount: kv, vaultPrefix: prod, vaultRole: prod}]\ngrants: [{namespace: payments, serviceAccount: api, paths: [\"payments/*\"]}]\n"), 0o600)
+	os.WriteFile(filepath.Join(dir, "broker.yaml"), []byte(fmt.Sprintf("policyFile: %s\nvault: {address: %s, allowInsecureHTTP: true}\n",
+		filepath.Join(dir, "policy.yaml"), b.env.Vault.Addr)), 0o600)
+	os.WriteFile(filepath.Join(dir, "audit.key"), []byte(strings.Repeat("k", 32)), 0o600)
+	kc, err := b.env.Kube.WriteKubeconfig(filepath.Join(dir, "kubeconfig"), "")
+	if err != nil {
+		return nil, "", err
+	}
+	bin := filepath.Join(dir, "keyward-broker")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/keyward/keyward/cmd/keyward-broker").CombinedOutput(); err != nil {
+		return nil, "", fmt.Errorf("build: %v: %s", err, out)
+	}
+	sock := filepath.Join(dir, "csi.sock")
+	logf, _ := os.Create(filepath.Join(dir, "driver.log"))
+	cmd := exec.Command(bin, "--csi-socket", sock, "--node-id", "node-1", "--config", filepath.Join(dir, "broker.yaml"),
+		"--kubeconfig", kc, "--audit-log", filepath.Join(dir, "audit.log"), "--audit-key-file", filepath.Join(dir, "audit.key"), "--log-level", "warn")
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return cmd, sock, cmd.Start()
+}
+
+func waitReady(ctx context.Context, conn *grpc.ClientConn) error {
+	id := csipb.NewIdentityClient(conn)
+	for {
+		r, err := id.Probe(ctx, &csipb.ProbeRequest{})
+		if err == nil && r.GetReady().GetValue() {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func (b *bench) publish(ctx context.Context, p *corev1.Pod, tok, target string) error {
+	tokens, _ := json.Marshal(map[string]map[string]string{"keyward": {"token": tok}})
+	_, err := b.node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
+		VolumeId: "v-" + filepath.Base(target) + filepath.Base(filepath.Dir(target)), TargetPath: target,
+		VolumeCapability: &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}},
+			AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY}},
+		VolumeContext: map[string]string{csi.AttrSecrets: secrets, csi.AttrTokens: string(tokens), csi.AttrPodName: p.Name,
+			csi.AttrPodNamespace: p.Namespace, csi.AttrPodUID: string(p.UID), csi.AttrSAName: "api"},
+	})
+	return err
+}
+
+func (b *bench) login(ctx context.Context, jwt string) (string, error) {
+	c, _ := b.vc.Clone()
+	s, err := c.Logical().WriteWithContext(ctx, "auth/kubernetes/login", map[string]any{"role": "prod", "jwt": jwt})
+	if err != nil {
+		return "", err
+	}
+	return s.Auth.ClientToken, nil
+}
+
+func (b *bench) reads(ctx context.Context, token string) error {
+	c, _ := b.vc.Clone()
+	c.SetToken(token)
+	for i := range 5 {
+		if _, err := c.KVv2("kv").Get(ctx, fmt.Sprintf("prod/payments/s%d", i)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (b *bench) naive(ctx context.Context, w int) error {
+	jwt := b.tokens[w]
+	tr, err := b.env.Kube.Client.AuthenticationV1().TokenReviews().Create(ctx, &authenticationv1.TokenReview{
+		Spec: authenticationv1.TokenReviewSpec{Token: jwt, Audiences: []string{"keyward"}}}, metav1.CreateOptions{})
+	if err != nil || !tr.Status.Authenticated {
+		return fmt.Errorf("review: %v", err)
+	}
+	tok, err := b.login(ctx, jwt)
+	if err != nil {
+		return err
+	}
+	c, _ := b.vc.Clone()
+	c.SetToken(tok)
+	dir := filepath.Join(b.dir, "naive", strconv.Itoa(w))
+	os.MkdirAll(dir, 0o700)
+	for i := range 5 {
+		s, err := c.KVv2("kv").Get(ctx, fmt.Sprintf("prod/payments/s%d", i))
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("s%d", i)), []byte(fmt.Sprint(s.Data["v"])), 0o400); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func vmRSS(pid int) (int, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "VmRSS:") {
+			f := strings.Fields(l)
+			return strconv.Atoi(f[1])
+		}
+	}
+	return 0, fmt.Errorf("no VmRSS")
+}
