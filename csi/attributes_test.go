@@ -1,0 +1,82 @@
+package csi
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/keyward/keyward/broker"
+)
+
+const canaryToken = "eyJCANARY.token.value"
+
+func attrs(secrets string, mutate ...func(map[string]string)) map[string]string {
+	a := map[string]string{
+		AttrSecrets: secrets, AttrTokens: `{"keyward":{"token":"` + canaryToken + `","expirationTimestamp":"2030-01-01T00:00:00Z"}}`,
+		AttrPodName: "api-0", AttrPodNamespace: "payments", AttrPodUID: "uid-1", AttrSAName: "api", AttrEphemeral: "true",
+	}
+	for _, m := range mutate {
+		m(a)
+	}
+	return a
+}
+
+func TestParseVolume(t *testing.T) {
+	v, err := ParseVolume(attrs("- {ref: payments/db, key: password, file: db, mode: \"0440\", version: 3}\n- {ref: shared/ca, key: crt, file: ca}"), "keyward")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(v.Entries) != 2 || v.Modes[0] != 0o440 || v.Modes[1] != 0o400 || v.Token.Reveal() != canaryToken ||
+		v.Claimed.PodUID != "uid-1" || v.Refs()[0].Version != 3 || v.SizeLimit != DefaultSizeLimit {
+		t.Fatalf("parsed %+v", v)
+	}
+	for name, tc := range map[string]struct {
+		a    map[string]string
+		want error
+		msg  string
+	}{
+		"unknown attribute":  {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m["owner"] = "x" }), broker.ErrInvalid, `"owner"`},
+		"no secrets":         {attrs(""), broker.ErrInvalid, "required"},
+		"not a list":         {attrs("ref: a"), broker.ErrInvalid, "secrets"},
+		"unknown entry key":  {attrs("- {ref: a/b, key: k, file: f, path: /etc}"), broker.ErrInvalid, "unknown field"},
+		"slash in file":      {attrs("- {ref: a/b, key: k, file: x/y}"), broker.ErrInvalid, "secrets[0]"},
+		"dotdot file":        {attrs("- {ref: a/b, key: k, file: ..data}"), broker.ErrInvalid, "secrets[0]"},
+		"second entry bad":   {attrs("- {ref: a/b, key: k, file: f}\n- {ref: ../b, key: k, file: g}"), broker.ErrInvalid, `secrets[1] (file "g")`},
+		"duplicate file":     {attrs("- {ref: a/b, key: k, file: f}\n- {ref: a/c, key: k, file: f}"), broker.ErrInvalid, "used twice"},
+		"exec mode":          {attrs("- {ref: a/b, key: k, file: f, mode: \"0755\"}"), broker.ErrInvalid, "execute"},
+		"bad key":            {attrs("- {ref: a/b, key: \"k/1\", file: f}"), broker.ErrInvalid, "key"},
+		"no pod info":        {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { delete(m, AttrPodUID) }), broker.ErrInvalid, "podInfoOnMount"},
+		"no token":           {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { delete(m, AttrTokens) }), broker.ErrUnauthenticated, "tokenRequests"},
+		"other audience":     {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrTokens] = `{"vault":{"token":"` + canaryToken + `"}}` }), broker.ErrUnauthenticated, "audience"},
+		"garbled tokens":     {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrTokens] = canaryToken }), broker.ErrInvalid, "JSON"},
+		"size limit too big": {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrSizeLimit] = "999999999" }), broker.ErrInvalid, "sizeLimit"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := ParseVolume(tc.a, "keyward")
+			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.msg) {
+				t.Fatalf("err = %v, want %v mentioning %q", err, tc.want, tc.msg)
+			}
+			if strings.Contains(err.Error(), "CANARY") {
+				t.Fatal("the error contains the token")
+			}
+		})
+	}
+}
+
+// The logging interceptor's view of a publish request never holds the token or the secrets list.
+func TestDescribeRedacts(t *testing.T) {
+	req := &csipb.NodePublishVolumeRequest{VolumeId: "v", TargetPath: "/t", VolumeContext: attrs("- {ref: a/b, key: CANARYKEY, file: f}"),
+		Secrets: map[string]string{"x": "CANARY-secret"}}
+	enc := zapcore.NewMapObjectEncoder()
+	for _, f := range Describe(req) {
+		f.AddTo(enc)
+	}
+	out := fmt.Sprint(enc.Fields)
+	if strings.Contains(out, "CANARY") || !strings.Contains(out, "payments/api-0") {
+		t.Fatalf("described as %s", out)
+	}
+}
