@@ -23,6 +23,10 @@ Usage:
                                                           still holds data under it
   keywardctl kms coverage     --etcd-endpoint URL --etcd-ca F --etcd-cert F --etcd-key F [-o json]
                                                           count etcd Secrets per key ID, list unencrypted
+  keywardctl policy lint      FILE                         validate a policy file (the broker's own checks)
+  keywardctl policy check     --policy F --namespace N --environment E --service-account S --ref R [--key K]
+                                                          the broker's decision and reason, offline
+                                                          (exit 0 allow, 1 deny)
   keywardctl audit verify     FILE --key-file F            check an audit log's hash chain
   keywardctl audit query      FILE [--decision D] [--namespace N] [--event E] [--since 1h] [-o json]
   keywardctl version | help
@@ -47,6 +51,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	case errors.Is(err, flag.ErrHelp):
 		return 0
+	case errors.Is(err, errDenied):
+		return 1
 	case errors.Is(err, errUsage):
 		fmt.Fprintf(stderr, "keywardctl: %v\n(see keywardctl help)\n", err)
 		return 2
@@ -72,6 +78,8 @@ func dispatch(e env, args []string) error {
 		return kmsCommand(e, args[1:])
 	case "audit":
 		return auditCommand(e, args[1:])
+	case "policy":
+		return policyCommand(e, args[1:])
 	default:
 		return fmt.Errorf("unknown command %q: %w", args[0], errUsage)
 	}

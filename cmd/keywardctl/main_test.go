@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"os"
 	"strings"
 	"testing"
 )
@@ -24,5 +25,41 @@ func TestRunExitCodes(t *testing.T) {
 		if !strings.Contains(out.String()+errb.String(), tc.out) {
 			t.Errorf("%v: output %q lacks %q", tc.args, out.String()+errb.String(), tc.out)
 		}
+	}
+}
+
+func TestPolicyCheckAndLint(t *testing.T) {
+	dir := t.TempDir()
+	good := dir + "/policy.yaml"
+	bad := dir + "/bad.yaml"
+	writeFile(t, good, "environments: [{name: prod, vaultMount: kv, vaultPrefix: prod}, {name: dev, vaultMount: kv, vaultPrefix: dev}]\n"+
+		"grants: [{namespace: payments, serviceAccount: api, paths: [\"payments/*\"]}]\n")
+	writeFile(t, bad, "environments: [{name: prod, vaultMount: kv, vaultPrefix: prod}]\n"+
+		"grants: [{namespace: payments, serviceAccount: api, paths: [\"billing/*\"]}]\n")
+	for _, tc := range []struct {
+		args []string
+		code int
+		out  string
+	}{
+		{[]string{"policy", "lint", good}, 0, "valid (2 environments, 1 grants"},
+		{[]string{"policy", "lint", bad}, 1, "reaches outside namespace"},
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "api", "--ref", "payments/db"}, 0, "reads Vault kv/data/prod/payments/db"},
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "dev", "--service-account", "api", "--ref", "payments/db"}, 0, "kv/data/dev/payments/db"},
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "worker", "--ref", "payments/db"}, 1, "deny: no grant"},
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--service-account", "api", "--ref", "payments/db"}, 1, "no keyward.dev/environment label"},
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "api", "--ref", "../x"}, 1, "deny"},
+		{[]string{"policy", "check", "--policy", good}, 2, "required"},
+	} {
+		var out, errb bytes.Buffer
+		if code := run(tc.args, &out, &errb); code != tc.code || !strings.Contains(out.String()+errb.String(), tc.out) {
+			t.Errorf("%v: exit %d (want %d): %s%s", tc.args, code, tc.code, out.String(), errb.String())
+		}
+	}
+}
+
+func writeFile(t *testing.T, p, s string) {
+	t.Helper()
+	if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
+		t.Fatal(err)
 	}
 }

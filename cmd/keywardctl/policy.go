@@ -1,0 +1,63 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/broker/policy"
+)
+
+// errDenied is a policy decision of deny (exit 1, like any finding).
+var errDenied = errors.New("denied")
+
+func policyCommand(e env, args []string) error {
+	if len(args) == 0 {
+		return fmt.Errorf("policy: want check or lint: %w", errUsage)
+	}
+	switch args[0] {
+	case "lint":
+		pos, err := parse(newFlags("policy lint", e), args[1:])
+		if err != nil {
+			return err
+		}
+		if len(pos) != 1 {
+			return fmt.Errorf("policy lint takes one FILE: %w", errUsage)
+		}
+		p, err := policy.Load(pos[0])
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "%s: valid (%d environments, %d grants, hash %s)\n", pos[0], len(p.Environments), len(p.Grants), p.Hash())
+		return nil
+	case "check":
+		fs := newFlags("policy check", e)
+		file := fs.String("policy", "/etc/keyward/policy.yaml", "policy file")
+		ns := fs.String("namespace", "", "the pod's namespace")
+		envName := fs.String("environment", "", "the namespace's keyward.dev/environment label (empty: none)")
+		sa := fs.String("service-account", "", "the pod's service account")
+		ref := fs.String("ref", "", "the ref the pod asks for, e.g. payments/db")
+		key := fs.String("key", "value", "the key inside the secret")
+		if _, err := parse(fs, args[1:]); err != nil {
+			return err
+		}
+		if *ns == "" || *sa == "" || *ref == "" {
+			return fmt.Errorf("--namespace, --service-account and --ref are required: %w", errUsage)
+		}
+		p, err := policy.Load(*file)
+		if err != nil {
+			return err
+		}
+		a := policy.NewAuthorizer(p, policy.StaticNamespaces{*ns: *envName})
+		r, err := a.Authorize(context.Background(), broker.Identity{Namespace: *ns, ServiceAccount: *sa}, broker.SecretRef{Ref: *ref, Key: *key})
+		if err != nil {
+			fmt.Fprintf(e.stdout, "deny: %v\n", err)
+			return errDenied
+		}
+		fmt.Fprintf(e.stdout, "allow: %s\nreads Vault %s/data/%s key %q (environment %s)\n", r.Reason, r.Mount, r.Path, r.Key, r.Environment)
+		return nil
+	default:
+		return fmt.Errorf("policy: unknown command %q: %w", args[0], errUsage)
+	}
+}
