@@ -35,7 +35,7 @@ lint: ## go vet, gofmt check and staticcheck
 fmt: ## Format the Go code
 	gofmt -w $$(find . -name '*.go' -not -path './bin/*')
 
-demo: deps ## Start the real components on loopback and walk through the whole flow
+demo: deps ## The whole flow on loopback: HSM, KMS plugin, etcd, apiserver, Vault, CSI driver (as root)
 	$(GO) run ./test/demo
 
 clean: ## Remove bin/ (the component cache in ~/.cache/keyward stays)

@@ -1,32 +1,37 @@
-// Command demo is `make demo`: it starts Keyward's real components on loopback and walks through what
-// they do, step by step, then tears everything down. It exits non-zero if any step fails.
+// Command demo is `make demo`: the whole Keyward flow on loopback, with the real components, step by
+// step, then everything torn down. It exits non-zero if any step fails.
 //
-// At this stage it shows the real parts answering: a SoftHSM2 token doing AES-GCM with a
-// non-extractable key, etcd over mutual TLS, kube-apiserver issuing and reviewing a pod-bound token,
-// and Vault serving KV v2 to a pod that logged in with that token.
+// SoftHSM2 holds the key-encryption key; keyward-kms is kube-apiserver's KMS v2 provider over etcd;
+// Vault holds the secrets; keyward-broker (the CSI node driver) delivers them into a tmpfs for a pod,
+// called the way kubelet calls it, with a real pod-bound token. It needs root (tmpfs mounts).
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
-	"crypto/rand"
+	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
 	"time"
 
-	"github.com/miekg/pkcs11"
-	authenticationv1 "k8s.io/api/authentication/v1"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kmsapi "k8s.io/kms/apis/v2"
 
+	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/csi/tmpfs"
+	"github.com/keyward/keyward/kms"
 	"github.com/keyward/keyward/test/harness"
 )
-
-func main() {
-	if err := run(); err != nil {
-		fmt.Fprintln(os.Stderr, "demo: FAILED:", err)
-		os.Exit(1)
-	}
-	fmt.Println("demo: all steps passed")
-}
 
 var stepN int
 
@@ -37,169 +42,388 @@ func step(format string, args ...any) {
 
 func show(format string, args ...any) { fmt.Printf("   %s\n", fmt.Sprintf(format, args...)) }
 
-func run() error {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
+func main() {
+	d := &demo{}
+	err := d.run()
+	d.teardown()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "\ndemo: FAILED:", err)
+		os.Exit(1)
+	}
+	fmt.Println("\ndemo: all steps passed")
+}
 
-	step("start etcd %s (mutual TLS), kube-apiserver %s and a Vault %s dev server on loopback",
-		harness.Versions()["ETCD_VERSION"], harness.Versions()["KUBE_VERSION"], harness.Versions()["VAULT_VERSION"])
-	start := time.Now()
-	env, err := harness.StartEnv(ctx, harness.EnvOptions{Kube: true, Vault: true})
+type demo struct {
+	dir     string
+	bin     string
+	procs   []*proc
+	cleanup []func()
+}
+
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// check fails when the process has exited, pointing at its log.
+func (p *proc) check(dir string) error {
+	select {
+	case <-p.done:
+		return errExited{fmt.Errorf("%s exited; see %s.log:\n%s", p.name, p.name, strings.Join(tail(filepath.Join(dir, p.name+".log"), 3), "\n"))}
+	default:
+		return nil
+	}
+}
+
+func (d *demo) teardown() {
+	step("tear down")
+	for i := len(d.cleanup) - 1; i >= 0; i-- {
+		d.cleanup[i]()
+	}
+	for i := len(d.procs) - 1; i >= 0; i-- {
+		d.procs[i].cmd.Process.Signal(syscall.SIGTERM)
+		<-d.procs[i].done
+	}
+	if d.dir != "" && os.Getenv("KEYWARD_DEMO_KEEP") == "" {
+		os.RemoveAll(d.dir)
+	}
+	show("stopped every process, unmounted the volume, removed %s", d.dir)
+}
+
+func (d *demo) start(name string, env []string, args ...string) (*proc, error) {
+	logf, err := os.Create(filepath.Join(d.dir, name+".log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(filepath.Join(d.bin, name), args...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	p := &proc{name: name, cmd: cmd, done: make(chan struct{})}
+	go func() { cmd.Wait(); logf.Close(); close(p.done) }()
+	d.procs = append(d.procs, p)
+	return p, nil
+}
+
+func (d *demo) ctl(env []string, args ...string) (string, error) {
+	cmd := exec.Command(filepath.Join(d.bin, "keywardctl"), args...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+// errExited marks an error poll must not retry.
+type errExited struct{ error }
+
+func poll(ctx context.Context, f func() error) error {
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		if e, ok := err.(errExited); ok {
+			return e.error
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last: %v)", ctx.Err(), err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+const policyYAML = `environments:
+  - {name: prod, vaultMount: kv, vaultPrefix: prod, vaultRole: prod}
+  - {name: dev, vaultMount: kv, vaultPrefix: dev, vaultRole: dev}
+grants:
+  - {namespace: payments-prod, serviceAccount: api, paths: ["payments-prod/*"]}
+  - {namespace: payments-dev, serviceAccount: api, paths: ["payments-dev/*"]}
+`
+
+func (d *demo) run() error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("the demo mounts tmpfs volumes as the CSI driver does: run it as root")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	var err error
+	if d.dir, err = harness.ShortTempDir("kw-demo-"); err != nil {
+		return err
+	}
+	d.bin = filepath.Join(d.dir, "bin")
+	step("build keyward-kms, keyward-broker and keywardctl")
+	if out, err := exec.Command("go", "build", "-o", d.bin+"/", "github.com/keyward/keyward/cmd/...").CombinedOutput(); err != nil {
+		return fmt.Errorf("go build: %v: %s", err, out)
+	}
+
+	step("SoftHSM2 token with a key-encryption key that never leaves it")
+	hsm, err := harness.NewSoftHSM(d.dir, "keyward")
 	if err != nil {
 		return err
 	}
-	defer func() {
-		step("tear down")
-		env.Stop()
-		show("stopped every component and removed %s", env.Dir)
-	}()
-	show("ready in %s: etcd %s, kube-apiserver %s, vault %s", time.Since(start).Round(time.Millisecond),
-		env.Etcd.Endpoint, env.Kube.URL, env.Vault.Addr)
+	kmsCfg := filepath.Join(d.dir, "kms.yaml")
+	os.WriteFile(kmsCfg, []byte(fmt.Sprintf("pkcs11: {module: %s, tokenLabel: keyward, pinFile: %s, keyLabel: kek}\nhealthInterval: 1s\n", hsm.Module, hsm.PINFile)), 0o600)
+	out, err := d.ctl(hsm.Env(), "kms", "keys", "create", "--config", kmsCfg)
+	if err != nil {
+		return fmt.Errorf("%v: %s", err, out)
+	}
+	show("keywardctl kms keys create: %s", out)
 
-	step("etcd: put and get over mutual TLS")
-	if _, err := env.Etcd.Client.Put(ctx, "/keyward/demo", "hello"); err != nil {
+	step("keyward-kms: the KMS v2 plugin on a unix socket")
+	auditKey := filepath.Join(d.dir, "audit.key")
+	os.WriteFile(auditKey, []byte(strings.Repeat("demo-audit-key-", 3)), 0o600)
+	kmsSock, kmsAudit := filepath.Join(d.dir, "kms.sock"), filepath.Join(d.dir, "kms-audit.log")
+	kmsProc, err := d.start("keyward-kms", hsm.Env(), "--socket", kmsSock, "--config", kmsCfg, "--metrics-address", "",
+		"--audit-log", kmsAudit, "--audit-key-file", auditKey)
+	if err != nil {
 		return err
 	}
-	resp, err := env.Etcd.Client.Get(ctx, "/keyward/demo")
+	kconn, err := grpc.NewClient("unix://"+kmsSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer kconn.Close()
+	kmsClient := kmsapi.NewKeyManagementServiceClient(kconn)
+	var st *kmsapi.StatusResponse
+	if err := poll(ctx, func() error {
+		if err := kmsProc.check(d.dir); err != nil {
+			return err
+		}
+		st, err = kmsClient.Status(ctx, &kmsapi.StatusRequest{})
+		if err == nil && st.Healthz != "ok" {
+			err = fmt.Errorf("healthz %s", st.Healthz)
+		}
+		return err
+	}); err != nil {
+		return err
+	}
+	show("Status: version %s, healthz %s, key_id %s", st.Version, st.Healthz, st.KeyId)
+
+	step("etcd %s and kube-apiserver %s with keyward-kms as the encryption provider for Secrets",
+		harness.Versions()["ETCD_VERSION"], harness.Versions()["KUBE_VERSION"])
+	encCfg := filepath.Join(d.dir, "encryption.yaml")
+	os.WriteFile(encCfg, []byte(fmt.Sprintf(`apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+  - resources: [secrets]
+    providers:
+      - kms: {apiVersion: v2, name: keyward, endpoint: "unix://%s", timeout: 3s}
+      - identity: {}
+`, kmsSock)), 0o600)
+	env, err := harness.StartEnv(ctx, harness.EnvOptions{Kube: true, Vault: true, KubeOptions: harness.KubeOptions{EncryptionConfig: encCfg}})
+	if err != nil {
+		return err
+	}
+	d.cleanup = append(d.cleanup, env.Stop)
+	k, v := env.Kube, env.Vault
+	show("apiserver %s, etcd %s (mutual TLS), Vault %s (a test dev server)", k.URL, env.Etcd.Endpoint, v.Addr)
+
+	step("namespaces payments-prod (environment prod) and payments-dev (dev), a pod in each, and the policy")
+	pods := map[string]*corev1.Pod{}
+	for ns, e := range map[string]string{"payments-prod": "prod", "payments-dev": "dev"} {
+		if _, err := k.CreateNamespace(ctx, ns, map[string]string{"keyward.dev/environment": e}); err != nil {
+			return err
+		}
+		if _, err := k.CreateServiceAccount(ctx, ns, "api"); err != nil {
+			return err
+		}
+		if pods[ns], err = k.CreatePod(ctx, ns, "api-0", "api", "node-1"); err != nil {
+			return err
+		}
+		show("namespace %s (keyward.dev/environment=%s), pod api-0 uid %s", ns, e, pods[ns].UID)
+	}
+	policyPath := filepath.Join(d.dir, "policy.yaml")
+	os.WriteFile(policyPath, []byte(policyYAML), 0o600)
+	for _, l := range strings.Split(strings.TrimSpace(policyYAML), "\n") {
+		show("  %s", l)
+	}
+
+	step("secrets in Vault (KV v2 per environment) with kubernetes-auth roles and policies per environment")
+	if err := v.EnableKVv2(ctx, "kv"); err != nil {
+		return err
+	}
+	values := map[string]string{"prod": "prod-db-" + fmt.Sprint(time.Now().UnixNano()), "dev": "dev-db-password"}
+	for e, val := range values {
+		if _, err := v.PutKV(ctx, "kv", e+"/payments-"+e+"/db", map[string]any{"password": val}); err != nil {
+			return err
+		}
+		if err := v.Client.Sys().PutPolicyWithContext(ctx, e+"-read", fmt.Sprintf(`path "kv/data/%s/*" { capabilities = ["read"] }`, e)); err != nil {
+			return err
+		}
+		show("kv/%s/payments-%s/db (password); Vault policy %s-read on kv/data/%s/*", e, e, e, e)
+	}
+	if err := v.KubernetesAuth(ctx, "kubernetes", k); err != nil {
+		return err
+	}
+	for e, ns := range map[string]string{"prod": "payments-prod", "dev": "payments-dev"} {
+		if err := v.KubernetesRole(ctx, "kubernetes", e, []string{ns}, []string{"api"}, []string{e + "-read"}, "keyward"); err != nil {
+			return err
+		}
+	}
+
+	step("keyward-broker: the CSI node driver")
+	kubeconfig, err := k.WriteKubeconfig(filepath.Join(d.dir, "kubeconfig"), "")
+	if err != nil {
+		return err
+	}
+	brokerCfg := filepath.Join(d.dir, "broker.yaml")
+	os.WriteFile(brokerCfg, []byte(fmt.Sprintf("policyFile: %s\nvault: {address: %s, allowInsecureHTTP: true}\n", policyPath, v.Addr)), 0o600)
+	csiSock, brokerAudit := filepath.Join(d.dir, "csi.sock"), filepath.Join(d.dir, "broker-audit.log")
+	brokerProc, err := d.start("keyward-broker", nil, "--csi-socket", csiSock, "--node-id", "node-1", "--config", brokerCfg,
+		"--kubeconfig", kubeconfig, "--audit-log", brokerAudit, "--audit-key-file", auditKey)
+	if err != nil {
+		return err
+	}
+	cconn, err := grpc.NewClient("unix://"+csiSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer cconn.Close()
+	node, ident := csipb.NewNodeClient(cconn), csipb.NewIdentityClient(cconn)
+	if err := poll(ctx, func() error {
+		if err := brokerProc.check(d.dir); err != nil {
+			return err
+		}
+		r, err := ident.Probe(ctx, &csipb.ProbeRequest{})
+		if err == nil && !r.GetReady().GetValue() {
+			err = fmt.Errorf("not ready")
+		}
+		return err
+	}); err != nil {
+		return err
+	}
+	show("Probe: ready")
+
+	publish := func(pod *corev1.Pod, target, secrets string) error {
+		tok, err := k.PodToken(ctx, pod, []string{"keyward"}, 10*time.Minute)
+		if err != nil {
+			return err
+		}
+		tokens, _ := json.Marshal(map[string]map[string]string{"keyward": {"token": tok}})
+		_, err = node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
+			VolumeId: "demo-" + string(pod.UID), TargetPath: target,
+			VolumeCapability: &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}},
+				AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY}},
+			VolumeContext: map[string]string{csi.AttrSecrets: secrets, csi.AttrTokens: string(tokens), csi.AttrPodName: pod.Name,
+				csi.AttrPodNamespace: pod.Namespace, csi.AttrPodUID: string(pod.UID), csi.AttrSAName: "api"},
+		})
+		return err
+	}
+	step("a simulated kubelet publishes payments-prod/api-0's volume with a real TokenRequest token")
+	target := filepath.Join(d.dir, "kubelet/pods", string(pods["payments-prod"].UID), "volumes/kubernetes.io~csi/secrets/mount")
+	if err := publish(pods["payments-prod"], target, "- {ref: payments-prod/db, key: password, file: db-password}"); err != nil {
+		return err
+	}
+	d.cleanup = append(d.cleanup, func() {
+		node.NodeUnpublishVolume(context.Background(), &csipb.NodeUnpublishVolumeRequest{VolumeId: "demo-" + string(pods["payments-prod"].UID), TargetPath: target})
+	})
+	onTmpfs, _ := tmpfs.IsTmpfs(target)
+	files, err := tmpfs.Read(target)
+	if err != nil || len(files) != 1 || string(files[0].Data) != values["prod"] {
+		return fmt.Errorf("the volume does not hold the prod secret (%v)", err)
+	}
+	show("%s", target)
+	show("  %s  mode %v  %d bytes (the prod value; not printed)  on tmpfs: %v", files[0].Name, files[0].Mode, len(files[0].Data), onTmpfs)
+	if !onTmpfs {
+		return fmt.Errorf("the volume is not a tmpfs")
+	}
+
+	step("payments-dev/api-0 asks for a prod namespace's ref: denied")
+	devTarget := filepath.Join(d.dir, "kubelet/pods", string(pods["payments-dev"].UID), "volumes/kubernetes.io~csi/secrets/mount")
+	err = publish(pods["payments-dev"], devTarget, "- {ref: payments-prod/db, key: password, file: x}")
+	if err == nil {
+		return fmt.Errorf("the dev pod was allowed a prod ref")
+	}
+	show("NodePublishVolume: %s: %s", status.Code(err), status.Convert(err).Message())
+	if _, serr := os.Stat(devTarget); !os.IsNotExist(serr) {
+		return fmt.Errorf("the refused publish left %s", devTarget)
+	}
+	show("nothing was mounted or written for it")
+
+	step("a Kubernetes Secret, as stored in etcd")
+	if _, err := k.Client.CoreV1().Secrets("payments-prod").Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "tls"},
+		StringData: map[string]string{"key": "demo-plaintext-never-in-etcd"}}, metav1.CreateOptions{}); err != nil {
+		return err
+	}
+	resp, err := env.Etcd.Client.Get(ctx, "/registry/secrets/payments-prod/tls")
 	if err != nil || len(resp.Kvs) != 1 {
 		return fmt.Errorf("etcd get: %v", err)
 	}
-	show("/keyward/demo = %q", resp.Kvs[0].Value)
+	raw := resp.Kvs[0].Value
+	envl, err := kms.ParseStored(raw)
+	if err != nil || bytes.Contains(raw, []byte("demo-plaintext")) {
+		return fmt.Errorf("the Secret is not KMS v2 encrypted in etcd (%v)", err)
+	}
+	show("raw value: %q... (%d bytes; no plaintext)", raw[:32], len(raw))
+	show("envelope: provider %s, key_id %s, annotations %v", envl.Provider, envl.KeyID, keys(envl.Annotations))
 
-	step("kube-apiserver: a namespace, a pod, and a token bound to that pod for audience %q", "keyward")
-	v, err := env.Kube.Client.Discovery().ServerVersion()
-	if err != nil {
+	step("rotate the key-encryption key")
+	if out, err = d.ctl(hsm.Env(), "kms", "keys", "rotate", "--config", kmsCfg); err != nil {
+		return fmt.Errorf("%v: %s", err, out)
+	}
+	show("keywardctl kms keys rotate: %s", strings.SplitN(out, "\n", 2)[0])
+	kmsProc.cmd.Process.Signal(syscall.SIGHUP)
+	old := st.KeyId
+	if err := poll(ctx, func() error {
+		st, err = kmsClient.Status(ctx, &kmsapi.StatusRequest{})
+		if err == nil && st.KeyId == old {
+			err = fmt.Errorf("still %s", old)
+		}
+		return err
+	}); err != nil {
 		return err
 	}
-	show("server version %s", v.GitVersion)
-	k := env.Kube
-	if _, err := k.CreateNamespace(ctx, "payments-dev", map[string]string{"keyward.dev/environment": "dev"}); err != nil {
-		return err
+	show("after SIGHUP, Status reports key_id %s (was %s); kube-apiserver starts a new DEK seed on its next Status poll", st.KeyId, old)
+	if out, err = d.ctl(hsm.Env(), "kms", "keys", "list", "--config", kmsCfg); err != nil {
+		return fmt.Errorf("%v: %s", err, out)
 	}
-	if _, err := k.CreateServiceAccount(ctx, "payments-dev", "api"); err != nil {
-		return err
+	for _, l := range strings.Split(out, "\n") {
+		show("%s", l)
 	}
-	pod, err := k.CreatePod(ctx, "payments-dev", "api-0", "api", "node-1")
-	if err != nil {
-		return err
-	}
-	token, err := k.PodToken(ctx, pod, []string{"keyward"}, 10*time.Minute)
-	if err != nil {
-		return err
-	}
-	tr, err := k.Client.AuthenticationV1().TokenReviews().Create(ctx, &authenticationv1.TokenReview{
-		Spec: authenticationv1.TokenReviewSpec{Token: token, Audiences: []string{"keyward"}},
-	}, metav1.CreateOptions{})
-	if err != nil {
-		return err
-	}
-	if !tr.Status.Authenticated {
-		return fmt.Errorf("TokenReview did not authenticate the pod token")
-	}
-	show("TokenReview: %s, pod %v (uid %v)", tr.Status.User.Username,
-		tr.Status.User.Extra["authentication.kubernetes.io/pod-name"], tr.Status.User.Extra["authentication.kubernetes.io/pod-uid"])
 
-	step("Vault: KV v2 secret, read by the pod after logging in with its own token (kubernetes auth)")
-	vault := env.Vault
-	if err := vault.EnableKVv2(ctx, "kv"); err != nil {
-		return err
+	step("the audit stream: tail, then keywardctl audit verify")
+	for _, f := range []string{brokerAudit, kmsAudit} {
+		for _, l := range tail(f, 2) {
+			show("%s", l)
+		}
+		if out, err = d.ctl(nil, "audit", "verify", f, "--key-file", auditKey); err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		show("keywardctl audit verify: %s", out)
 	}
-	if _, err := vault.PutKV(ctx, "kv", "dev/payments/db", map[string]any{"password": "demo-" + fmt.Sprint(time.Now().Unix())}); err != nil {
-		return err
-	}
-	if err := vault.Client.Sys().PutPolicyWithContext(ctx, "dev-payments", `path "kv/data/dev/payments/*" { capabilities = ["read"] }`); err != nil {
-		return err
-	}
-	if err := vault.KubernetesAuth(ctx, "kubernetes", k); err != nil {
-		return err
-	}
-	if err := vault.KubernetesRole(ctx, "kubernetes", "dev", []string{"payments-dev"}, []string{"api"}, []string{"dev-payments"}, "keyward"); err != nil {
-		return err
-	}
-	login, err := vault.Client.Logical().WriteWithContext(ctx, "auth/kubernetes/login", map[string]any{"role": "dev", "jwt": token})
-	if err != nil {
-		return err
-	}
-	podClient, err := vault.Client.Clone()
-	if err != nil {
-		return err
-	}
-	podClient.SetToken(login.Auth.ClientToken)
-	s, err := podClient.KVv2("kv").Get(ctx, "dev/payments/db")
-	if err != nil {
-		return err
-	}
-	show("the pod read kv/dev/payments/db version %d (keys: %d; values are not printed)", s.VersionMetadata.Version, len(s.Data))
-
-	step("SoftHSM2: a non-extractable AES-256 key encrypts with CKM_AES_GCM inside the token")
-	dir, err := harness.ShortTempDir("kw-demo-hsm-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	hsm, err := harness.NewSoftHSM(dir, "demo")
-	if err != nil {
-		return err
-	}
-	return hsmRoundTrip(hsm)
+	return nil
 }
 
-func hsmRoundTrip(h *harness.SoftHSM) error {
-	os.Setenv("SOFTHSM2_CONF", h.ConfPath)
-	p := pkcs11.New(h.Module)
-	if p == nil {
-		return fmt.Errorf("cannot load %s", h.Module)
+func keys(m map[string][]byte) []string {
+	var out []string
+	for k, v := range m {
+		out = append(out, k+"="+string(v))
 	}
-	defer p.Destroy()
-	if err := p.Initialize(); err != nil {
-		return err
-	}
-	defer p.Finalize()
-	sess, err := p.OpenSession(h.Slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	return out
+}
+
+func tail(path string, n int) []string {
+	f, err := os.Open(path)
 	if err != nil {
-		return err
+		return nil
 	}
-	if err := p.Login(sess, pkcs11.CKU_USER, h.UserPIN); err != nil {
-		return err
+	defer f.Close()
+	var lines []string
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64*1024), 1<<20)
+	for sc.Scan() {
+		l := sc.Text()
+		if len(l) > 220 {
+			l = l[:220] + "..."
+		}
+		lines = append(lines, l)
 	}
-	key, err := p.GenerateKey(sess, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, "demo-kek"),
-	})
-	if err != nil {
-		return err
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
 	}
-	_, err = p.GetAttributeValue(sess, key, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
-	show("reading the key value from the HSM: %v", err)
-	if err == nil {
-		return fmt.Errorf("the HSM handed out the key value")
-	}
-	iv := make([]byte, 12)
-	if _, err := rand.Read(iv); err != nil {
-		return err
-	}
-	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, pkcs11.NewGCMParams(iv, []byte("demo"), 128))}
-	if err := p.EncryptInit(sess, mech, key); err != nil {
-		return err
-	}
-	ct, err := p.Encrypt(sess, []byte("a 32-byte data encryption key!!!"))
-	if err != nil {
-		return err
-	}
-	if err := p.DecryptInit(sess, mech, key); err != nil {
-		return err
-	}
-	pt, err := p.Decrypt(sess, ct)
-	if err != nil {
-		return err
-	}
-	show("token %q slot %d: 32 bytes -> %d bytes of AES-GCM ciphertext -> %d bytes back", h.TokenLabel, h.Slot, len(ct), len(pt))
-	return nil
+	return lines
 }
