@@ -231,3 +231,41 @@ func Read(dir string) ([]File, error) {
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil
 }
+
+// MountsUnder lists the mount points at or below root (from /proc/self/mountinfo), deepest first.
+func MountsUnder(root string) ([]string, error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	root = filepath.Clean(root)
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 {
+			continue
+		}
+		mp := strings.ReplaceAll(f[4], `\040`, " ")
+		if mp == root || strings.HasPrefix(mp, root+"/") {
+			out = append(out, mp)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
+	return out, nil
+}
+
+// UnmountAllUnder unmounts (after scrubbing) every mount at or below root: a safety net for tests,
+// benchmarks and the demo, never used by the driver on volumes kubelet still owns.
+func UnmountAllUnder(root string) error {
+	mps, err := MountsUnder(root)
+	if err != nil {
+		return err
+	}
+	var first error
+	for _, mp := range mps {
+		if err := Unmount(mp); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}

@@ -85,6 +85,9 @@ func (d *demo) teardown() {
 		d.procs[i].cmd.Process.Signal(syscall.SIGTERM)
 		<-d.procs[i].done
 	}
+	if d.dir != "" {
+		tmpfs.UnmountAllUnder(d.dir) // only if an unpublish above failed
+	}
 	if d.dir != "" && os.Getenv("KEYWARD_DEMO_KEEP") == "" {
 		os.RemoveAll(d.dir)
 	}
@@ -282,7 +285,7 @@ resources:
 	if err != nil {
 		return err
 	}
-	defer cconn.Close()
+	d.cleanup = append(d.cleanup, func() { cconn.Close() })
 	node, ident := csipb.NewNodeClient(cconn), csipb.NewIdentityClient(cconn)
 	if err := poll(ctx, func() error {
 		if err := brokerProc.check(d.dir); err != nil {
@@ -319,7 +322,12 @@ resources:
 		return err
 	}
 	d.cleanup = append(d.cleanup, func() {
-		node.NodeUnpublishVolume(context.Background(), &csipb.NodeUnpublishVolumeRequest{VolumeId: "demo-" + string(pods["payments-prod"].UID), TargetPath: target})
+		_, err := node.NodeUnpublishVolume(context.Background(), &csipb.NodeUnpublishVolumeRequest{VolumeId: "demo-" + string(pods["payments-prod"].UID), TargetPath: target})
+		if err != nil {
+			show("NodeUnpublishVolume: %v", err)
+		} else {
+			show("NodeUnpublishVolume: the volume's files were overwritten and the tmpfs unmounted")
+		}
 	})
 	onTmpfs, _ := tmpfs.IsTmpfs(target)
 	files, err := tmpfs.Read(target)

@@ -132,6 +132,7 @@ vault:
 	}
 	defer conn.Close()
 	kl := &kubelet{t: t, e: e, node: csipb.NewNodeClient(conn), id: csipb.NewIdentityClient(conn), root: filepath.Join(dir, "kubelet")}
+	t.Cleanup(func() { tmpfs.UnmountAllUnder(kl.root) }) // only matters when the test failed midway
 	eventually(t, 30*time.Second, "driver ready", func() error {
 		if drv.exited() {
 			t.Fatalf("driver exited: %s", readFile(t, drv.log))
@@ -393,6 +394,9 @@ vault:
 		if _, err := os.Stat(kl.target(p)); !os.IsNotExist(err) {
 			t.Fatalf("unpublish left %s: %v", kl.target(p), err)
 		}
+	}
+	if mps, _ := tmpfs.MountsUnder(kl.root); len(mps) != 0 {
+		t.Fatalf("mounts left after unpublish: %v", mps)
 	}
 	drv.stop(t)
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {

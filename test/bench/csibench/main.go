@@ -79,6 +79,7 @@ func run(ops, rounds, volumes int) error {
 	}
 	defer env.Stop()
 	b := &bench{env: env, dir: env.Dir}
+	defer tmpfs.UnmountAllUnder(env.Dir)
 	if err := b.provision(ctx, 3*len([]int{1, 8, 32})*ops*rounds/2+64); err != nil {
 		return err
 	}
@@ -197,9 +198,6 @@ func run(ops, rounds, volumes int) error {
 	}
 	rss, _ := vmRSS(drv.Process.Pid)
 	fmt.Printf("\ndriver RSS with %d published volumes: %.1f MiB (target < 60 MiB)\n", volumes, float64(rss)/1024)
-	for i := range volumes {
-		tmpfs.Unmount(filepath.Join(b.dir, "rss", strconv.Itoa(i)))
-	}
 	return nil
 }
 
