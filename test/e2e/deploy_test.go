@@ -1,0 +1,260 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/discovery/cached/memory"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/restmapper"
+	"sigs.k8s.io/kustomize/api/krusty"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
+	"sigs.k8s.io/yaml"
+
+	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/broker/audit"
+	"github.com/keyward/keyward/broker/policy"
+	"github.com/keyward/keyward/broker/tokenreview"
+	"github.com/keyward/keyward/broker/vault"
+	"github.com/keyward/keyward/test/harness"
+)
+
+func render(t *testing.T, dir string) []*unstructured.Unstructured {
+	t.Helper()
+	rm, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
+	if err != nil {
+		t.Fatalf("kustomize %s: %v", dir, err)
+	}
+	var out []*unstructured.Unstructured
+	for _, r := range rm.Resources() {
+		m, err := r.Map()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, &unstructured.Unstructured{Object: m})
+	}
+	return out
+}
+
+func readObject(t *testing.T, path string) *unstructured.Unstructured {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := yaml.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	return &unstructured.Unstructured{Object: m}
+}
+
+// Every manifest of both overlays and the control-plane static pod passes a server-side dry run
+// (schema, defaulting, validation, admission) on a real kube-apiserver.
+func TestDeployManifestsServerSideDryRun(t *testing.T) {
+	kube := harness.KubeT(t, harness.KubeOptions{})
+	ctx := context.Background()
+	dyn, err := dynamic.NewForConfig(kube.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(kube.Client.Discovery()))
+	// Namespaced objects need their namespace to exist: keyward-system is created for real from its
+	// manifest below, and kube-system gets the default service account a controller-manager would make.
+	if _, err := kube.CreateServiceAccount(ctx, "kube-system", "default"); err != nil {
+		t.Fatal(err)
+	}
+	nsCreated := false
+	objects := map[string][]*unstructured.Unstructured{
+		"overlays/dev":  render(t, "../../deploy/overlays/dev"),
+		"overlays/prod": render(t, "../../deploy/overlays/prod"),
+		"control-plane": {readObject(t, "../../deploy/control-plane/keyward-kms.yaml")},
+	}
+	kinds := map[string]bool{}
+	for where, objs := range objects {
+		for _, o := range objs {
+			gvk := o.GroupVersionKind()
+			m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+			if err != nil {
+				t.Fatalf("%s: %s: %v", where, gvk, err)
+			}
+			var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
+			if m.Scope.Name() == "namespace" {
+				ri = dyn.Resource(m.Resource).Namespace(o.GetNamespace())
+			}
+			opts := metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}, FieldValidation: "Strict"}
+			if gvk.Kind == "Namespace" {
+				if nsCreated {
+					continue
+				}
+				opts.DryRun, nsCreated = nil, true
+			}
+			if _, err := ri.Create(ctx, o, opts); err != nil {
+				t.Errorf("%s: %s %s/%s: %v", where, gvk.Kind, o.GetNamespace(), o.GetName(), err)
+			}
+			kinds[gvk.Kind] = true
+		}
+	}
+	for _, k := range []string{"Namespace", "CSIDriver", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "NetworkPolicy", "Pod"} {
+		if !kinds[k] {
+			t.Errorf("no %s among the manifests", k)
+		}
+	}
+	// The broker config and policy shipped in the ConfigMaps are valid for the binaries.
+	for _, o := range objects["overlays/prod"] {
+		if o.GetKind() != "ConfigMap" {
+			continue
+		}
+		data, _, _ := unstructured.NestedStringMap(o.Object, "data")
+		if p, ok := data["policy.yaml"]; ok {
+			if _, err := policy.Parse([]byte(p)); err != nil {
+				t.Errorf("shipped policy: %v", err)
+			}
+		}
+	}
+}
+
+// The broker works with a token of exactly the shipped ServiceAccount and RBAC, and fails without
+// either of its rules. (Within the namespaces rule, client-go 0.37's informer gets by with list alone,
+// by relisting, or with watch alone, by streaming lists; both verbs stay so that it neither polls nor
+// depends on streaming-list support.)
+func TestBrokerRBACIsExactlyEnough(t *testing.T) {
+	e := newBrokerEnv(t)
+	ctx := context.Background()
+	var role rbacv1.ClusterRole
+	for _, o := range render(t, "../../deploy/overlays/prod") {
+		if o.GetKind() == "ClusterRole" {
+			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Object, &role); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if len(role.Rules) == 0 {
+		t.Fatal("no ClusterRole rules in the manifests")
+	}
+	type variant struct {
+		name  string
+		rules []rbacv1.PolicyRule
+	}
+	variants := []variant{{"as shipped", role.Rules}}
+	for i, r := range role.Rules {
+		rules := append(append([]rbacv1.PolicyRule{}, role.Rules[:i]...), role.Rules[i+1:]...)
+		variants = append(variants, variant{"without the " + r.Resources[0] + " rule", rules})
+	}
+	if len(variants) != 3 {
+		t.Fatalf("expected the shipped rules to be tokenreviews and namespaces; got %+v", role.Rules)
+	}
+	for i, v := range variants {
+		t.Run(v.name, func(t *testing.T) {
+			sa := fmt.Sprintf("broker-rbac-%d", i)
+			if _, err := e.kube.CreateServiceAccount(ctx, "kube-system", sa); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := e.kube.Client.RbacV1().ClusterRoles().Create(ctx, &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: sa}, Rules: v.rules}, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.kube.BindClusterRole(ctx, sa, sa, "kube-system", sa); err != nil {
+				t.Fatal(err)
+			}
+			tok, err := e.kube.ServiceAccountToken(ctx, "kube-system", sa, nil, time.Hour)
+			if err != nil {
+				t.Fatal(err)
+			}
+			client, err := kubernetes.NewForConfig(e.kube.ConfigForToken(tok))
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = brokerWith(t, e, client, i)
+			if i == 0 && err != nil {
+				t.Fatalf("with the shipped RBAC: %v", err)
+			}
+			if i > 0 && err == nil {
+				t.Fatalf("%s: the broker still worked; the rule is not needed", v.name)
+			}
+			t.Logf("%s: %v", v.name, err)
+		})
+	}
+}
+
+// brokerWith starts a broker on client and has a pod of a namespace created after the broker started
+// read its secret: it needs TokenReview (create), the namespace list and the watch that shows it.
+func brokerWith(t *testing.T, e *brokerEnv, client kubernetes.Interface, i int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	nsw := policy.NewNamespaceWatcher(client, 0)
+	nsw.Start(ctx)
+	syncCtx, syncCancel := context.WithTimeout(ctx, 5*time.Second)
+	synced := nsw.WaitForSync(syncCtx)
+	syncCancel()
+	if !synced {
+		return errors.New("namespace informer never synced (cannot list namespaces)")
+	}
+	ns := fmt.Sprintf("late-%d", i)
+	if _, err := e.kube.CreateNamespace(context.Background(), ns, map[string]string{policy.EnvironmentLabel: "prod"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.kube.CreateServiceAccount(context.Background(), ns, "api"); err != nil {
+		t.Fatal(err)
+	}
+	pod, err := e.kube.CreatePod(context.Background(), ns, "api-0", "api", "node-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.vault.PutKV(context.Background(), "kv", "prod/"+ns+"/db", map[string]any{"password": "p"}); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := e.kube.PodToken(context.Background(), pod, []string{audience}, 10*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := policy.Parse([]byte(strings.Replace(brokerPolicy, "grants:\n", fmt.Sprintf("grants:\n  - {namespace: %s, serviceAccount: api, paths: [\"%s/*\"]}\n", ns, ns), 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	authz := policy.NewAuthorizer(p, nsw)
+	vc, err := vault.NewClient(vault.ClientOptions{Address: e.vault.Addr, AllowHTTP: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.vault.KubernetesRole(context.Background(), "kubernetes", "prod", []string{"payments-prod", "other-prod", ns}, []string{"*"}, []string{"prod-read"}, audience); err != nil {
+		t.Fatal(err)
+	}
+	src, err := vault.New(vault.Options{Client: vc, Mode: vault.ModePod, Log: zap.NewNop(),
+		Role: func(env string) (string, bool) { e, ok := authz.Environment(env); return e.VaultRole, ok }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := harness.Dir(t)
+	os.WriteFile(dir+"/k", []byte(strings.Repeat("k", 32)), 0o600)
+	aud, err := audit.Open(audit.Options{Path: dir + "/a.log", KeyFile: dir + "/k"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer aud.Close()
+	svc, err := broker.NewService(broker.Options{Authenticator: tokenreview.New(tokenreview.Options{Client: client}),
+		Authorizer: authz, Source: src, Auditor: aud, Audiences: []string{audience}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var last error
+	for ctx.Err() == nil {
+		_, last = svc.Fetch(ctx, broker.Request{RequestID: "rbac", Event: broker.EventFetch, Token: broker.Token(tok),
+			Claimed: claimOf(pod), Refs: []broker.SecretRef{{Ref: ns + "/db", Key: "password"}}})
+		if last == nil {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return last
+}
