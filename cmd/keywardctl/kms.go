@@ -27,6 +27,8 @@ func kmsCommand(e env, args []string) error {
 		return keysCommand(e, args[1:])
 	case "coverage":
 		return coverageCommand(e, args[1:])
+	case "migrate":
+		return migrateCommand(e, args[1:])
 	default:
 		return fmt.Errorf("kms: unknown command %q: %w", args[0], errUsage)
 	}

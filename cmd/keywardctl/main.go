@@ -27,6 +27,8 @@ Usage:
   keywardctl policy check     --policy F --namespace N --environment E --service-account S --ref R [--key K]
                                                           the broker's decision and reason, offline
                                                           (exit 0 allow, 1 deny)
+  keywardctl kms migrate      --kubeconfig K [--state F]   rewrite every Secret so it is re-encrypted under the
+                                                          current key; resumable (progress in the state file)
   keywardctl audit verify     FILE --key-file F            check an audit log's hash chain
   keywardctl audit query      FILE [--decision D] [--namespace N] [--event E] [--since 1h] [-o json]
   keywardctl version | help

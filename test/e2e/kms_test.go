@@ -287,13 +287,41 @@ func TestKMSWithKubeAPIServer(t *testing.T) {
 		t.Fatalf("retire with data left: exit %d: %s", code, out)
 	}
 
+	// Re-encrypt everything under the new key, then retiring the old key is allowed.
+	kubeconfig, err := kube.WriteKubeconfig(filepath.Join(p.dir, "kubeconfig"), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := filepath.Join(p.dir, "migrate.state")
+	os.WriteFile(state, []byte(ns+"/db-1\n"), 0o600) // an interrupted earlier run got as far as db-1
+	code, out = ctl(t, nil, "kms", "migrate", "--kubeconfig", kubeconfig, "--state", state, "--page", "2")
+	if code != 0 || !strings.Contains(out, "resuming after payments/db-1") {
+		t.Fatalf("migrate: exit %d: %s", code, out)
+	}
+	code, out = ctl(t, nil, "kms", "migrate", "--kubeconfig", kubeconfig, "--state", state)
+	if code != 0 {
+		t.Fatalf("migrate: exit %d: %s", code, out)
+	}
+	for i := range 5 {
+		if id := rawKeyID(t, etcd, ns, fmt.Sprintf("db-%d", i)); id != key2 {
+			t.Fatalf("db-%d still under %s after migrate", i, id)
+		}
+	}
+	readAll()
+	code, out = ctl(t, p.env, append([]string{"kms", "keys", "retire", "--config", p.config, "--key-id", key1}, etcdFlags...)...)
+	if code != 0 {
+		t.Fatalf("retire after migrate: exit %d: %s", code, out)
+	}
+	p.proc.cmd.Process.Signal(syscall.SIGHUP)
+	readAll() // the apiserver has the DEKs; nothing needs the retired key any more
+
 	// HSM outage under the running plugin: unhealthy, Unavailable, then recovery by itself.
 	if err := p.hsm.HideToken(); err != nil {
 		t.Fatal(err)
 	}
 	p.waitHealthz(t, "", 15*time.Second)
 	cctx, ccancel := context.WithTimeout(ctx, 3*time.Second)
-	_, err := p.client.Encrypt(cctx, &kmsapi.EncryptRequest{Uid: "e2e", Plaintext: make([]byte, 32)})
+	_, err = p.client.Encrypt(cctx, &kmsapi.EncryptRequest{Uid: "e2e", Plaintext: make([]byte, 32)})
 	ccancel()
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("Encrypt during outage: %v, want Unavailable", err)
