@@ -2,14 +2,11 @@ package kms
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"os"
 	"time"
 
-	"sigs.k8s.io/yaml"
-
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/config"
 )
 
 // KeyWrapper encrypts and decrypts small payloads (kube-apiserver's DEK seeds) under a
@@ -69,37 +66,13 @@ type Config struct {
 }
 
 // Duration is a time.Duration written as a Go duration string ("30s") in YAML.
-type Duration struct{ time.Duration }
-
-// UnmarshalJSON parses a duration string.
-func (d *Duration) UnmarshalJSON(b []byte) error {
-	var s string
-	if err := json.Unmarshal(b, &s); err != nil {
-		return fmt.Errorf("duration must be a string such as \"30s\"")
-	}
-	v, err := time.ParseDuration(s)
-	if err != nil {
-		return err
-	}
-	if v < 0 {
-		return fmt.Errorf("duration %q is negative", s)
-	}
-	d.Duration = v
-	return nil
-}
-
-// MarshalJSON writes a duration string.
-func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.String()) }
+type Duration = config.Duration
 
 // LoadConfig reads a YAML config strictly (unknown keys are an error), applies defaults and validates.
 func LoadConfig(path string) (Config, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return Config{}, fmt.Errorf("config: %w", err)
-	}
 	var c Config
-	if err := yaml.UnmarshalStrict(b, &c); err != nil {
-		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	if err := config.LoadStrict(path, &c); err != nil {
+		return Config{}, err
 	}
 	c.Default()
 	if err := c.Validate(); err != nil {

@@ -1,25 +1,23 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
-	"sigs.k8s.io/yaml"
+	"github.com/keyward/keyward/internal/config"
 )
 
 // Config is keyward-broker's configuration file (decoded strictly: unknown keys are an error).
 // Secret material (the Vault token in broker mode) is only ever read from a file it names.
 type Config struct {
 	// PolicyFile is the policy (environments and grants); reloaded when it changes.
-	PolicyFile           string   `json:"policyFile"`
-	PolicyReloadInterval duration `json:"policyReloadInterval,omitempty"`
+	PolicyFile           string          `json:"policyFile"`
+	PolicyReloadInterval config.Duration `json:"policyReloadInterval,omitempty"`
 	// Audience of the tokens kubelet requests for the driver (CSIDriver tokenRequests).
 	Audience string `json:"audience,omitempty"`
 	// TokenReviewCacheTTL bounds how long a positive TokenReview is reused.
-	TokenReviewCacheTTL duration `json:"tokenReviewCacheTTL,omitempty"`
+	TokenReviewCacheTTL config.Duration `json:"tokenReviewCacheTTL,omitempty"`
 	Vault               struct {
 		Address   string `json:"address"`
 		CAFile    string `json:"caFile,omitempty"`
@@ -31,29 +29,10 @@ type Config struct {
 	} `json:"vault"`
 }
 
-type duration struct{ time.Duration }
-
-func (d *duration) UnmarshalJSON(b []byte) error {
-	var s string
-	if err := json.Unmarshal(b, &s); err != nil {
-		return errors.New(`duration must be a string such as "10s"`)
-	}
-	v, err := time.ParseDuration(s)
-	if err != nil || v < 0 {
-		return fmt.Errorf("duration %q: want a positive Go duration", s)
-	}
-	d.Duration = v
-	return nil
-}
-
 func loadConfig(path string) (Config, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return Config{}, fmt.Errorf("config: %w", err)
-	}
 	var c Config
-	if err := yaml.UnmarshalStrict(b, &c); err != nil {
-		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	if err := config.LoadStrict(path, &c); err != nil {
+		return Config{}, err
 	}
 	if c.PolicyReloadInterval.Duration == 0 {
 		c.PolicyReloadInterval.Duration = 10 * time.Second
