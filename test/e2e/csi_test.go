@@ -231,19 +231,25 @@ vault:
 	if err != nil {
 		t.Fatal(err)
 	}
+	freshProd, err := e.kube.CreatePod(context.Background(), "payments-prod", "api-2", "api", "node-1")
+	if err != nil {
+		t.Fatal(err)
+	}
 	for name, tc := range map[string]struct {
 		pod     *corev1.Pod
 		secrets string
 		code    codes.Code
 		msg     string
 	}{
-		"another namespace's ref": {e.pods["other-prod"], "- {ref: payments-prod/db, key: password, file: pw}", codes.PermissionDenied, "no grant"},
-		"dev pod, prod namespace": {freshDev, "- {ref: payments-prod/db, key: password, file: x}", codes.PermissionDenied, "no grant"},
-		"bad entry":               {e.pods["other-prod"], "- {ref: other-prod/db, key: password, file: a/b}", codes.InvalidArgument, "secrets[0]"},
-		"traversal":               {e.pods["other-prod"], "- {ref: ../prod/db, key: password, file: x}", codes.InvalidArgument, "secrets[0]"},
-		"unknown field":           {e.pods["other-prod"], "- {ref: other-prod/db, key: password, file: x, owner: root}", codes.InvalidArgument, "unknown field"},
-		"duplicate file":          {e.pods["other-prod"], "- {ref: other-prod/db, key: password, file: x}\n- {ref: other-prod/db, key: password, file: x}", codes.InvalidArgument, "used twice"},
-		"missing secret":          {e.pods["other-prod"], "- {ref: other-prod/nope, key: password, file: x}", codes.PermissionDenied, ""},
+		"another namespace's ref":  {e.pods["other-prod"], "- {ref: payments-prod/db, key: password, file: pw}", codes.PermissionDenied, "no grant"},
+		"dev pod, prod namespace":  {freshDev, "- {ref: payments-prod/db, key: password, file: x}", codes.PermissionDenied, "no grant"},
+		"bad entry":                {e.pods["other-prod"], "- {ref: other-prod/db, key: password, file: a/b}", codes.InvalidArgument, "secrets[0]"},
+		"traversal":                {e.pods["other-prod"], "- {ref: ../prod/db, key: password, file: x}", codes.InvalidArgument, "secrets[0]"},
+		"unknown field":            {e.pods["other-prod"], "- {ref: other-prod/db, key: password, file: x, owner: root}", codes.InvalidArgument, "unknown field"},
+		"duplicate file":           {e.pods["other-prod"], "- {ref: other-prod/db, key: password, file: x}\n- {ref: other-prod/db, key: password, file: x}", codes.InvalidArgument, "used twice"},
+		"no grant":                 {e.pods["other-prod"], "- {ref: other-prod/nope, key: password, file: x}", codes.PermissionDenied, ""},
+		"granted but not in Vault": {freshProd, "- {ref: payments-prod/db, key: password, file: a}\n- {ref: payments-prod/nope, key: password, file: b}", codes.NotFound, "not found"},
+		"granted, key missing":     {freshProd, "- {ref: payments-prod/db, key: nokey, file: a}", codes.NotFound, "no key"},
 	} {
 		err := kl.publish(tc.pod, tc.secrets, "")
 		if status.Code(err) != tc.code || !strings.Contains(status.Convert(err).Message(), tc.msg) {
