@@ -20,6 +20,7 @@ import (
 
 	"github.com/keyward/keyward/broker"
 	"github.com/keyward/keyward/csi/tmpfs"
+	"github.com/keyward/keyward/internal/grpcserver"
 )
 
 // DriverName is the CSI driver's name (the CSIDriver object's name).
@@ -301,28 +302,10 @@ func nonce() string {
 	return hex.EncodeToString(b)
 }
 
-// toStatus maps broker errors to gRPC codes, in this one place for the CSI adapter.
+// toStatus maps broker errors to gRPC codes for the CSI adapter, with the same mapping the broker
+// uses for its audit records (broker.CodeName), so what kubelet sees and what is audited agree.
 func toStatus(err error) error {
-	var c codes.Code
-	switch {
-	case errors.Is(err, broker.ErrUnauthenticated):
-		c = codes.Unauthenticated
-	case errors.Is(err, broker.ErrDenied):
-		c = codes.PermissionDenied
-	case errors.Is(err, broker.ErrInvalid):
-		c = codes.InvalidArgument
-	case errors.Is(err, broker.ErrNotFound):
-		c = codes.NotFound
-	case errors.Is(err, broker.ErrUnavailable):
-		c = codes.Unavailable
-	case errors.Is(err, context.DeadlineExceeded):
-		c = codes.DeadlineExceeded
-	case errors.Is(err, context.Canceled):
-		c = codes.Canceled
-	default:
-		c = codes.Internal
-	}
-	return status.Error(c, err.Error())
+	return status.Error(grpcserver.CodeFromName(broker.CodeName(err)), err.Error())
 }
 
 // Describe is the CSI adapter's grpcserver.Describer: what of a request may be logged. The token

@@ -12,6 +12,7 @@ import (
 	"k8s.io/kms/pkg/service"
 
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/grpcserver"
 )
 
 // AnnotationKey is the one annotation keyward-kms attaches to every ciphertext. kube-apiserver only
@@ -218,23 +219,10 @@ func (s *Service) markUnhealthy(err error) {
 	}
 }
 
-// Code maps an error to its gRPC code. It is the one place this mapping lives; the gRPC adapter and
-// the audit records use it.
+// Code maps an error to its gRPC code. The gRPC adapter and the audit records use it; it is the
+// broker's one mapping (broker.CodeName), since the kms sentinels are the broker's.
 func Code(err error) codes.Code {
-	switch {
-	case err == nil:
-		return codes.OK
-	case errors.Is(err, ErrInvalid):
-		return codes.InvalidArgument
-	case errors.Is(err, ErrUnavailable):
-		return codes.Unavailable
-	case errors.Is(err, context.DeadlineExceeded):
-		return codes.DeadlineExceeded
-	case errors.Is(err, context.Canceled):
-		return codes.Canceled
-	default:
-		return codes.Internal
-	}
+	return grpcserver.CodeFromName(broker.CodeName(err))
 }
 
 // short bounds an error text for Status and audit reasons.

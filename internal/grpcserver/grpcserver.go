@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
@@ -109,4 +110,22 @@ func Serve(ctx context.Context, s *grpc.Server, l net.Listener, grace time.Durat
 	}
 	<-errc
 	return nil
+}
+
+var codeByName = func() map[string]codes.Code {
+	m := map[string]codes.Code{}
+	for c := codes.OK; c <= codes.Unauthenticated; c++ {
+		m[c.String()] = c
+	}
+	return m
+}()
+
+// CodeFromName turns a gRPC code name ("PermissionDenied") into its code; unknown names are Internal.
+// Adapters use it with broker.CodeName, so the code returned to a caller and the code in its audit
+// record come from one mapping.
+func CodeFromName(name string) codes.Code {
+	if c, ok := codeByName[name]; ok {
+		return c
+	}
+	return codes.Internal
 }

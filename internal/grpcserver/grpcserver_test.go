@@ -112,3 +112,14 @@ func TestServeGracefulStopRemovesSocketAndLogsOnce(t *testing.T) {
 		t.Fatalf("socket left behind after stop: %v", err)
 	}
 }
+
+func TestCodeFromName(t *testing.T) {
+	for c := codes.OK; c <= codes.Unauthenticated; c++ {
+		if got := CodeFromName(c.String()); got != c {
+			t.Errorf("%s -> %s", c, got)
+		}
+	}
+	if CodeFromName("Bogus") != codes.Internal {
+		t.Error("unknown name is not Internal")
+	}
+}
