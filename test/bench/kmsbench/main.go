@@ -33,6 +33,7 @@ import (
 	kmsapi "k8s.io/kms/apis/v2"
 	"k8s.io/kms/pkg/service"
 
+	"github.com/keyward/keyward/broker"
 	"github.com/keyward/keyward/broker/audit"
 	"github.com/keyward/keyward/internal/grpcserver"
 	"github.com/keyward/keyward/kms"
@@ -55,6 +56,12 @@ type result struct {
 	elapsed time.Duration
 	lat     []time.Duration
 }
+
+var discardAudit = flag.Bool("discard-audit", false, "diagnosis: keyward without writing audit records (not a valid configuration)")
+
+type nopAuditor struct{}
+
+func (nopAuditor) Record(context.Context, broker.Event) error { return nil }
 
 var only = flag.String("only", "", "measure only this contender (for profiling)")
 
@@ -118,7 +125,11 @@ func run(dur time.Duration, rounds int) error {
 	if err != nil {
 		return err
 	}
-	svc, err := kms.NewService(kms.ServiceOptions{Wrapper: wrapper, Auditor: auditLog, Logger: log, HealthInterval: 10 * time.Second, Metrics: metrics})
+	var auditor broker.Auditor = auditLog
+	if *discardAudit {
+		auditor = nopAuditor{}
+	}
+	svc, err := kms.NewService(kms.ServiceOptions{Wrapper: wrapper, Auditor: auditor, Logger: log, HealthInterval: 10 * time.Second, Metrics: metrics})
 	if err != nil {
 		return err
 	}
