@@ -317,17 +317,6 @@ func (s *Source) forget(id broker.Identity, env string) {
 	s.mu.Unlock()
 }
 
-// Forget drops every cached Vault token of a pod (its volume was unpublished).
-func (s *Source) Forget(podUID string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for k := range s.tokens {
-		if strings.HasPrefix(k, podUID+"|") {
-			delete(s.tokens, k)
-		}
-	}
-}
-
 // mapErr maps a vault/api error onto the broker's sentinels, in this one place. The message keeps
 // Vault's error strings but never a request body (the JWT) or a token.
 func mapErr(op string, err error) error {

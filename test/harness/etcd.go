@@ -113,9 +113,6 @@ func (e *Etcd) Stop() {
 	e.proc.stop()
 }
 
-// Exited reports whether the etcd process has ended (for tests of the harness itself).
-func (e *Etcd) Exited() bool { return e.proc.exited() }
-
 func writeFile(dir, name string, data []byte, mode os.FileMode) (string, error) {
 	p := filepath.Join(dir, name)
 	if err := os.WriteFile(p, data, mode); err != nil {

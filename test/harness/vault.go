@@ -3,7 +3,6 @@ package harness
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -159,23 +158,6 @@ func (v *Vault) KubernetesRole(ctx context.Context, mount, role string, namespac
 		"token_ttl":                        strconv.Itoa(600),
 	})
 	return err
-}
-
-// Health returns nil when Vault answers its health endpoint as active.
-func (v *Vault) Health(ctx context.Context) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, v.Addr+"/v1/sys/health", nil)
-	if err != nil {
-		return err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("vault health: %s", resp.Status)
-	}
-	return nil
 }
 
 func poll(ctx context.Context, f func(context.Context) error) error {
