@@ -10,8 +10,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -34,26 +36,61 @@ type Options struct {
 	Path string
 	// KeyFile holds the HMAC key (at least MinKeyBytes bytes). Never logged.
 	KeyFile string
-	// Stdout also writes every record to standard output.
+	// Stdout also copies every written record to standard output, for log shippers. The copy is best
+	// effort: the file is the record, and a failing stdout does not fail requests.
 	Stdout bool
-	// SyncInterval is how often the file is fsynced (0: after every record).
+	// SyncInterval is how often the file is fsynced (0: after every write, before callers return).
 	SyncInterval time.Duration
 }
 
-// Log is a broker.Auditor writing hash-chained JSON records through its own zap encoder and write
-// syncer: never sampled, never leveled, a fixed schema.
+// Log is a broker.Auditor writing hash-chained JSON records through its own zap encoder: never
+// sampled, never leveled, a fixed schema.
+//
+// Records are group-committed: each caller encodes and chains its record under the lock, and whoever
+// finds no write in progress writes every queued record in one write(2) while the others wait for
+// theirs. Every caller still returns only after its own record reached the kernel (or failed), so
+// fail-closed holds; concurrent callers just share the syscall.
 type Log struct {
-	mu      sync.Mutex
-	enc     zapcore.Encoder
-	out     zapcore.WriteSyncer
-	file    *os.File
-	key     []byte
-	prev    []byte // MAC of the previous record (the chain head)
-	seq     uint64
-	dirty   bool
-	stop    chan struct{}
-	stopped chan struct{}
-	syncErr error
+	mu     sync.Mutex
+	cond   *sync.Cond // signalled when a write completes
+	enc    zapcore.Encoder
+	mac    hash.Hash // HMAC-SHA256 with the key, reused under mu
+	file   *os.File
+	out    appender  // the file; tests substitute a faulty one
+	stdout io.Writer // optional copy of every record (best effort; the file is the record)
+
+	// The chain head: sequence number and MAC of the newest record encoded.
+	seq  uint64
+	prev []byte
+
+	cur        *batch // records encoded and not yet handed to a writer
+	spare      []byte
+	writing    bool
+	writtenSeq uint64 // the newest record in the file, and its MAC: where a failed write rolls back to
+	writtenMAC []byte
+	size       int64 // file size after record writtenSeq
+
+	dirty        bool
+	syncErr      error
+	stop         chan struct{}
+	stopped      chan struct{}
+	syncEachTime bool
+}
+
+// appender is what records are written through: the audit file.
+type appender interface {
+	Write([]byte) (int, error)
+	Sync() error
+	Truncate(size int64) error
+}
+
+// batch is a group of consecutive records written with one write(2).
+type batch struct {
+	buf     []byte
+	last    uint64 // seq of its newest record
+	lastMAC []byte
+	done    bool
+	err     error
 }
 
 var _ broker.Auditor = (*Log)(nil)
@@ -82,16 +119,16 @@ func Open(opts Options) (*Log, error) {
 	if err != nil {
 		return nil, fmt.Errorf("audit log: %w", err)
 	}
-	l := &Log{file: f, key: key, stop: make(chan struct{}), stopped: make(chan struct{})}
-	if err := l.resume(); err != nil {
+	l := &Log{file: f, mac: hmac.New(sha256.New, key), cur: &batch{}, stop: make(chan struct{}), stopped: make(chan struct{})}
+	l.cond = sync.NewCond(&l.mu)
+	l.out = f
+	if err := l.resume(key); err != nil {
 		f.Close()
 		return nil, err
 	}
-	var out zapcore.WriteSyncer = f
 	if opts.Stdout {
-		out = zapcore.NewMultiWriteSyncer(f, zapcore.Lock(os.Stdout))
+		l.stdout = os.Stdout
 	}
-	l.out = out
 	l.enc = zapcore.NewJSONEncoder(zapcore.EncoderConfig{
 		TimeKey:        "time",
 		MessageKey:     "event",
@@ -102,6 +139,7 @@ func Open(opts Options) (*Log, error) {
 	if opts.SyncInterval > 0 {
 		go l.syncLoop(opts.SyncInterval)
 	} else {
+		l.syncEachTime = true
 		close(l.stopped)
 	}
 	return l, nil
@@ -109,18 +147,23 @@ func Open(opts Options) (*Log, error) {
 
 // resume reads the existing file and takes over its chain head. A file whose chain does not verify
 // is refused: appending to it would hide the break.
-func (l *Log) resume() error {
+func (l *Log) resume(key []byte) error {
 	if _, err := l.file.Seek(0, io.SeekStart); err != nil {
 		return err
 	}
-	rep, err := Verify(l.file, l.key)
+	rep, err := Verify(l.file, key)
 	if err != nil {
 		return fmt.Errorf("audit log %s: %w", l.file.Name(), err)
 	}
 	if !rep.OK() {
 		return fmt.Errorf("audit log %s does not verify (%s); move it aside before starting", l.file.Name(), rep.Problem)
 	}
+	st, err := l.file.Stat()
+	if err != nil {
+		return err
+	}
 	l.seq, l.prev = rep.Records, rep.head
+	l.writtenSeq, l.writtenMAC, l.size = rep.Records, rep.head, st.Size()
 	return nil
 }
 
@@ -130,45 +173,87 @@ func (l *Log) Record(_ context.Context, ev broker.Event) error {
 	if ev.Time.IsZero() {
 		ev.Time = time.Now()
 	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	buf, err := l.enc.EncodeEntry(zapcore.Entry{Time: ev.Time.UTC(), Message: string(ev.Type)}, fields(l.seq+1, ev))
+	// Encoding needs no lock; only the sequence number and the MAC depend on the chain.
+	buf, err := l.enc.EncodeEntry(zapcore.Entry{Time: ev.Time.UTC(), Message: string(ev.Type)}, fields(ev))
 	if err != nil {
 		return fmt.Errorf("audit encode: %w", broker.ErrUnavailable)
 	}
 	defer buf.Free()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.syncEachTime && l.syncErr != nil {
+		return fmt.Errorf("audit sync: %v: %w", l.syncErr, broker.ErrUnavailable)
+	}
 	body := bytes.TrimSuffix(buf.Bytes(), []byte("}\n"))
-	mac := chainMAC(l.key, l.prev, body)
-	line := make([]byte, 0, len(body)+len(macField)+len(mac)*2+3)
-	line = append(line, body...)
-	line = append(line, macField...)
-	line = hex.AppendEncode(line, mac)
-	line = append(line, "\"}\n"...)
-	if _, err := l.out.Write(line); err != nil {
-		return fmt.Errorf("audit write: %v: %w", err, broker.ErrUnavailable)
-	}
-	if l.stoppedSyncLoop() {
-		if err := l.out.Sync(); err != nil {
-			return fmt.Errorf("audit sync: %v: %w", err, broker.ErrUnavailable)
-		}
-	} else {
-		if l.syncErr != nil {
-			return fmt.Errorf("audit sync: %v: %w", l.syncErr, broker.ErrUnavailable)
-		}
-		l.dirty = true
-	}
+	body = append(body, `,"seq":`...)
+	body = strconv.AppendUint(body, l.seq+1, 10)
+	l.mac.Reset()
+	l.mac.Write(l.prev)
+	l.mac.Write(body)
+	mac := l.mac.Sum(nil)
+	bt := l.cur
+	bt.buf = append(bt.buf, body...)
+	bt.buf = append(bt.buf, macField...)
+	bt.buf = hex.AppendEncode(bt.buf, mac)
+	bt.buf = append(bt.buf, "\"}\n"...)
 	l.seq++
 	l.prev = mac
+	bt.last, bt.lastMAC = l.seq, mac
+
+	for !bt.done {
+		if l.writing {
+			l.cond.Wait()
+			continue
+		}
+		l.flushLocked()
+	}
+	if bt.err != nil {
+		return fmt.Errorf("audit write: %v: %w", bt.err, broker.ErrUnavailable)
+	}
 	return nil
 }
 
-func (l *Log) stoppedSyncLoop() bool {
-	select {
-	case <-l.stopped:
-		return true
-	default:
-		return false
+// flushLocked writes the current batch with one write, mu released during the syscall. On a failed
+// or short write the file is cut back to its last whole record and the chain head rolled back, so the
+// file stays verifiable; the batch's callers, and those of records already chained after it, get the
+// error.
+func (l *Log) flushLocked() {
+	bt := l.cur
+	l.cur = &batch{buf: l.spare[:0]}
+	l.spare = nil
+	l.writing = true
+	l.mu.Unlock()
+
+	n, err := l.out.Write(bt.buf)
+	if err == nil && l.syncEachTime {
+		err = l.out.Sync()
 	}
+	if err != nil && n > 0 {
+		if terr := l.out.Truncate(l.size); terr != nil {
+			err = fmt.Errorf("%v; cutting back the partial record also failed: %v", err, terr)
+		}
+	}
+	if err == nil && l.stdout != nil {
+		l.stdout.Write(bt.buf) // a copy for log shippers; the file is the record
+	}
+
+	l.mu.Lock()
+	l.writing = false
+	if err != nil {
+		if next := l.cur; len(next.buf) > 0 {
+			next.done, next.err = true, err
+			l.cur = &batch{}
+		}
+		l.seq, l.prev = l.writtenSeq, l.writtenMAC
+		bt.err = err
+	} else {
+		l.writtenSeq, l.writtenMAC = bt.last, bt.lastMAC
+		l.size += int64(len(bt.buf))
+		l.dirty = true
+	}
+	bt.done = true
+	l.spare, bt.buf = bt.buf[:0], nil
+	l.cond.Broadcast()
 }
 
 func (l *Log) syncLoop(every time.Duration) {
@@ -181,10 +266,15 @@ func (l *Log) syncLoop(every time.Duration) {
 			return
 		case <-t.C:
 			l.mu.Lock()
-			if l.dirty {
-				l.syncErr = l.out.Sync()
-				l.dirty = false
+			dirty := l.dirty
+			l.dirty = false
+			l.mu.Unlock()
+			if !dirty {
+				continue
 			}
+			err := l.out.Sync() // outside the lock: a slow disk must not stall every request
+			l.mu.Lock()
+			l.syncErr = err
 			l.mu.Unlock()
 		}
 	}
@@ -200,6 +290,9 @@ func (l *Log) Close() error {
 	<-l.stopped
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	for l.writing {
+		l.cond.Wait()
+	}
 	err := l.file.Sync()
 	if cerr := l.file.Close(); err == nil {
 		err = cerr
@@ -214,9 +307,9 @@ func chainMAC(key, prev, body []byte) []byte {
 	return m.Sum(nil)
 }
 
-func fields(seq uint64, ev broker.Event) []zapcore.Field {
+// fields are a record's fields after time and event; seq and mac follow them.
+func fields(ev broker.Event) []zapcore.Field {
 	return []zapcore.Field{
-		zap.Uint64("seq", seq),
 		zap.String("request_id", ev.RequestID),
 		zap.String("decision", string(ev.Decision)),
 		zap.String("reason", ev.Reason),

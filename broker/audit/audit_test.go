@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -201,5 +202,124 @@ func TestQuery(t *testing.T) {
 		if got := count(tc.f); got != tc.want {
 			t.Errorf("%+v: %d records, want %d", tc.f, got, tc.want)
 		}
+	}
+}
+
+// shortWriter writes part of a batch to the real file and then fails, as a full disk does.
+type shortWriter struct {
+	*os.File
+	fail bool
+}
+
+func (w *shortWriter) Write(b []byte) (int, error) {
+	if !w.fail {
+		return w.File.Write(b)
+	}
+	n, _ := w.File.Write(b[:len(b)/2])
+	return n, errors.New("no space left on device")
+}
+
+func TestFailedWriteLeavesNoPartialRecordAndTheChainContinues(t *testing.T) {
+	for _, every := range []time.Duration{0, time.Hour} {
+		t.Run(fmt.Sprintf("sync=%s", every), func(t *testing.T) {
+			dir := t.TempDir()
+			opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir), SyncInterval: every}
+			l, err := Open(opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			w := &shortWriter{File: l.file}
+			l.out = w
+			for i := range 3 {
+				if err := l.Record(context.Background(), event(i)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			w.fail = true
+			if err := l.Record(context.Background(), event(3)); !errors.Is(err, broker.ErrUnavailable) {
+				t.Fatalf("Record on a full disk: %v, want ErrUnavailable", err)
+			}
+			w.fail = false
+			for i := 4; i < 6; i++ {
+				if err := l.Record(context.Background(), event(i)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := l.Close(); err != nil {
+				t.Fatal(err)
+			}
+			rep, err := VerifyFile(opts.Path, opts.KeyFile)
+			if err != nil || rep.Records != 5 {
+				t.Fatalf("after a failed write: %+v, %v (want 5 verified records, no partial line)", rep, err)
+			}
+			recs, err := Query(strings.NewReader(readFile(t, opts.Path)), Filter{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ids []string
+			for _, r := range recs {
+				ids = append(ids, r.RequestID)
+			}
+			if got := strings.Join(ids, ","); got != "req-0,req-1,req-2,req-4,req-5" {
+				t.Fatalf("records in the file: %s", got)
+			}
+		})
+	}
+}
+
+func TestConcurrentRecordsAreAllWrittenInOneChain(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir), SyncInterval: time.Hour}
+	l, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const workers, each = 16, 200
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for i := range each {
+				if err := l.Record(context.Background(), event(w*each+i)); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := VerifyFile(opts.Path, opts.KeyFile)
+	if err != nil || rep.Records != workers*each {
+		t.Fatalf("verify: %+v, %v (want %d records)", rep, err, workers*each)
+	}
+	recs, _ := Query(strings.NewReader(readFile(t, opts.Path)), Filter{})
+	seen := map[string]bool{}
+	for _, r := range recs {
+		seen[r.RequestID] = true
+	}
+	if len(seen) != workers*each {
+		t.Fatalf("%d distinct records, want %d", len(seen), workers*each)
+	}
+}
+
+func TestStdoutCopyMatchesTheFile(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir), Stdout: true}
+	l, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var copyOut bytes.Buffer
+	l.stdout = &copyOut
+	for i := range 4 {
+		if err := l.Record(context.Background(), event(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.Close()
+	if got, want := copyOut.String(), readFile(t, opts.Path); got != want || want == "" {
+		t.Fatalf("stdout copy differs from the file:\n%s\nfile:\n%s", got, want)
 	}
 }
