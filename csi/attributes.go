@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 
 	"sigs.k8s.io/yaml"
 
@@ -72,43 +73,11 @@ func ParseVolume(attrs map[string]string, audience string) (Volume, error) {
 	if !ok || strings.TrimSpace(raw) == "" {
 		return Volume{}, fmt.Errorf("volume attribute %q is required: %w", AttrSecrets, broker.ErrInvalid)
 	}
-	if err := yaml.UnmarshalStrict([]byte(raw), &v.Entries); err != nil {
-		return Volume{}, fmt.Errorf("volume attribute %q: %v: %w", AttrSecrets, err, broker.ErrInvalid)
+	entries, modes, err := parseSecrets(raw)
+	if err != nil {
+		return Volume{}, err
 	}
-	if len(v.Entries) == 0 || len(v.Entries) > MaxEntries {
-		return Volume{}, fmt.Errorf("%d secrets (want 1..%d): %w", len(v.Entries), MaxEntries, broker.ErrInvalid)
-	}
-	files := map[string]bool{}
-	for i, e := range v.Entries {
-		bad := func(format string, args ...any) error {
-			return fmt.Errorf("secrets[%d] (file %q): %s: %w", i, e.File, fmt.Sprintf(format, args...), broker.ErrInvalid)
-		}
-		if err := policy.ValidateRef(e.Ref); err != nil {
-			return Volume{}, bad("ref %q is not valid", e.Ref)
-		}
-		if err := policy.ValidateKey(e.Key); err != nil {
-			return Volume{}, bad("key %q is not valid", e.Key)
-		}
-		if e.File == "" || len(e.File) > 255 || strings.ContainsAny(e.File, "/\x00") || strings.HasPrefix(e.File, "..") || e.File == "." {
-			return Volume{}, bad("file name must be non-empty, without '/', and not start with '..'")
-		}
-		if files[e.File] {
-			return Volume{}, bad("file name used twice")
-		}
-		files[e.File] = true
-		if e.Version < 0 {
-			return Volume{}, bad("version %d", e.Version)
-		}
-		mode := os.FileMode(0o400)
-		if e.Mode != "" {
-			m, err := strconv.ParseUint(e.Mode, 8, 32)
-			if err != nil || m&^0o666 != 0 {
-				return Volume{}, bad("mode %q: want octal permissions without execute bits, such as \"0400\"", e.Mode)
-			}
-			mode = os.FileMode(m)
-		}
-		v.Modes = append(v.Modes, mode)
-	}
+	v.Entries, v.Modes = entries, modes
 	v.Claimed = broker.Identity{Namespace: attrs[AttrPodNamespace], PodName: attrs[AttrPodName], PodUID: attrs[AttrPodUID], ServiceAccount: attrs[AttrSAName]}
 	if v.Claimed.Namespace == "" || v.Claimed.PodName == "" || v.Claimed.PodUID == "" {
 		return Volume{}, fmt.Errorf("pod information missing (the CSIDriver needs podInfoOnMount: true): %w", broker.ErrInvalid)
@@ -129,6 +98,86 @@ func ParseVolume(attrs map[string]string, audience string) (Volume, error) {
 	}
 	v.Token = broker.Token(t.Token)
 	return v, nil
+}
+
+// parsedSecrets memoizes parseSecrets: kubelet republishes every volume with the same "secrets"
+// attribute, and the pods of one workload share it, so each distinct list is parsed and validated once.
+// The attribute is pod-spec text, never secret. Bounded: cleared when full.
+var parsedSecrets = struct {
+	sync.Mutex
+	m map[string]parsed
+}{m: map[string]parsed{}}
+
+const maxParsedSecrets = 256
+
+type parsed struct {
+	entries []Entry
+	modes   []os.FileMode
+}
+
+// parseSecrets parses and validates the "secrets" attribute. The slices returned are shared: callers
+// must not modify them.
+func parseSecrets(raw string) ([]Entry, []os.FileMode, error) {
+	parsedSecrets.Lock()
+	p, ok := parsedSecrets.m[raw]
+	parsedSecrets.Unlock()
+	if ok {
+		return p.entries, p.modes, nil
+	}
+	entries, modes, err := parseSecretsUncached(raw)
+	if err != nil {
+		return nil, nil, err
+	}
+	parsedSecrets.Lock()
+	if len(parsedSecrets.m) >= maxParsedSecrets {
+		clear(parsedSecrets.m)
+	}
+	parsedSecrets.m[raw] = parsed{entries, modes}
+	parsedSecrets.Unlock()
+	return entries, modes, nil
+}
+
+func parseSecretsUncached(raw string) ([]Entry, []os.FileMode, error) {
+	var entries []Entry
+	if err := yaml.UnmarshalStrict([]byte(raw), &entries); err != nil {
+		return nil, nil, fmt.Errorf("volume attribute %q: %v: %w", AttrSecrets, err, broker.ErrInvalid)
+	}
+	if len(entries) == 0 || len(entries) > MaxEntries {
+		return nil, nil, fmt.Errorf("%d secrets (want 1..%d): %w", len(entries), MaxEntries, broker.ErrInvalid)
+	}
+	files := map[string]bool{}
+	modes := make([]os.FileMode, 0, len(entries))
+	for i, e := range entries {
+		bad := func(format string, args ...any) error {
+			return fmt.Errorf("secrets[%d] (file %q): %s: %w", i, e.File, fmt.Sprintf(format, args...), broker.ErrInvalid)
+		}
+		if err := policy.ValidateRef(e.Ref); err != nil {
+			return nil, nil, bad("ref %q is not valid", e.Ref)
+		}
+		if err := policy.ValidateKey(e.Key); err != nil {
+			return nil, nil, bad("key %q is not valid", e.Key)
+		}
+		if e.File == "" || len(e.File) > 255 || strings.ContainsAny(e.File, "/\x00") || strings.HasPrefix(e.File, "..") || e.File == "." {
+			return nil, nil, bad("file name must be non-empty, without '/', and not start with '..'")
+		}
+		if files[e.File] {
+			return nil, nil, bad("file name used twice")
+		}
+		files[e.File] = true
+		if e.Version < 0 {
+			return nil, nil, bad("version %d", e.Version)
+		}
+		mode := os.FileMode(0o400)
+		if e.Mode != "" {
+			m, err := strconv.ParseUint(e.Mode, 8, 32)
+			if err != nil || m&^0o666 != 0 {
+				return nil, nil, bad("mode %q: want octal permissions without execute bits, such as \"0400\"", e.Mode)
+			}
+			mode = os.FileMode(m)
+		}
+		modes = append(modes, mode)
+	}
+	return entries, modes, nil
 }
 
 // Refs returns the refs of the volume's entries, in order.

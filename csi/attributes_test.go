@@ -80,3 +80,34 @@ func TestDescribeRedacts(t *testing.T) {
 		t.Fatalf("described as %s", out)
 	}
 }
+
+// Parsed "secrets" lists are memoized (republishes repeat them), bounded, and a cached success never
+// answers for another text: an invalid list is still refused after a valid one was cached.
+func TestParsedSecretsAreMemoizedAndBounded(t *testing.T) {
+	good := "- {ref: payments/db, key: password, file: db}"
+	a, err := ParseVolume(attrs(good), "keyward")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := ParseVolume(attrs(good), "keyward")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if &a.Entries[0] != &b.Entries[0] {
+		t.Fatal("the second parse of the same list did not come from the cache")
+	}
+	if _, err := ParseVolume(attrs(good+"\n- {ref: payments/db, key: password, file: db}"), "keyward"); !errors.Is(err, broker.ErrInvalid) {
+		t.Fatalf("a duplicate-file list after a cached valid one: %v", err)
+	}
+	for i := range 2 * maxParsedSecrets {
+		if _, err := ParseVolume(attrs(fmt.Sprintf("- {ref: payments/s%d, key: k, file: f}", i)), "keyward"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	parsedSecrets.Lock()
+	n := len(parsedSecrets.m)
+	parsedSecrets.Unlock()
+	if n > maxParsedSecrets {
+		t.Fatalf("%d cached lists, bound %d", n, maxParsedSecrets)
+	}
+}

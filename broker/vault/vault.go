@@ -72,6 +72,12 @@ func NewClient(o ClientOptions) (*vaultapi.Client, error) {
 			return nil, err
 		}
 	}
+	// The broker talks to one Vault address with many concurrent reads; vault/api's pool keeps only
+	// GOMAXPROCS+1 idle connections per host, so over HTTP/1.1 a burst of publishes would open and
+	// close connections on every read.
+	if t, ok := cfg.HttpClient.Transport.(*http.Transport); ok {
+		t.MaxIdleConnsPerHost = 64
+	}
 	c, err := vaultapi.NewClient(cfg)
 	if err != nil {
 		return nil, err
@@ -182,35 +188,41 @@ func (s *Source) client(token string) *vaultapi.Client {
 	return c
 }
 
-type kvData struct {
-	Data     map[string]any `json:"data"`
-	Metadata struct {
-		Version int `json:"version"`
-	} `json:"metadata"`
+// kvResponse is the body of a KV v2 read, decoded once, straight from the response.
+type kvResponse struct {
+	Data *struct {
+		Data     map[string]any `json:"data"`
+		Metadata struct {
+			Version int `json:"version"`
+		} `json:"metadata"`
+	} `json:"data"`
 }
 
 func (s *Source) read(ctx context.Context, token string, r broker.Resolved) (broker.Secret, error) {
 	path := r.Mount + "/data/" + r.Path
-	var q map[string][]string
-	if r.Version > 0 {
-		q = map[string][]string{"version": {strconv.Itoa(r.Version)}}
-	}
 	sum := sha256.Sum256([]byte(token))
 	key := hex.EncodeToString(sum[:8]) + "|" + path + "|" + strconv.Itoa(r.Version)
 	v, err, _ := s.flight.Do(key, func() (any, error) {
-		sec, err := s.client(token).Logical().ReadWithDataWithContext(ctx, path, q)
+		// One shared client; the token goes on the request (no per-read client clone).
+		req := s.o.Client.NewRequest(http.MethodGet, "/v1/"+path)
+		req.ClientToken = token
+		if r.Version > 0 {
+			req.Params.Set("version", strconv.Itoa(r.Version))
+		}
+		resp, err := s.o.Client.RawRequestWithContext(ctx, req)
+		if resp != nil {
+			defer resp.Body.Close()
+		}
 		if err != nil {
 			return nil, mapErr("read "+r.Ref, err)
 		}
-		if sec == nil || sec.Data == nil {
-			return nil, fmt.Errorf("secret %s not found in environment %s: %w", r.Ref, r.Environment, broker.ErrNotFound)
+		var kv kvResponse
+		dec := json.NewDecoder(resp.Body)
+		dec.UseNumber() // numbers pass through exactly
+		if err := dec.Decode(&kv); err != nil {
+			return nil, fmt.Errorf("secret %s: undecodable answer from Vault: %w", r.Ref, broker.ErrUnavailable)
 		}
-		b, err := json.Marshal(sec.Data)
-		if err != nil {
-			return nil, err
-		}
-		var kv kvData
-		if err := json.Unmarshal(b, &kv); err != nil || kv.Data == nil {
+		if kv.Data == nil || kv.Data.Data == nil {
 			return nil, fmt.Errorf("secret %s was deleted or is not KV v2: %w", r.Ref, broker.ErrNotFound)
 		}
 		return &kv, nil
@@ -218,7 +230,7 @@ func (s *Source) read(ctx context.Context, token string, r broker.Resolved) (bro
 	if err != nil {
 		return broker.Secret{}, err
 	}
-	kv := v.(*kvData)
+	kv := v.(*kvResponse).Data
 	val, ok := kv.Data[r.Key]
 	if !ok {
 		return broker.Secret{}, fmt.Errorf("secret %s has no key %q: %w", r.Ref, r.Key, broker.ErrNotFound)

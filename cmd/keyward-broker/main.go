@@ -56,8 +56,8 @@ func (o *Options) bind(fs *flag.FlagSet) {
 	fs.StringVar(&o.AuditKeyFile, "audit-key-file", "/etc/keyward/audit.key", "file holding the audit HMAC key")
 	fs.BoolVar(&o.AuditStdout, "audit-stdout", false, "also write audit records to stdout")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
-	fs.Float64Var(&o.KubeQPS, "kube-api-qps", 100, "client-side limit on apiserver requests per second (one TokenReview per uncached publish)")
-	fs.IntVar(&o.KubeBurst, "kube-api-burst", 200, "client-side burst of apiserver requests")
+	fs.Float64Var(&o.KubeQPS, "kube-api-qps", 1000, "client-side limit on apiserver requests per second (one TokenReview per uncached publish); a runaway guard, the apiserver's priority and fairness is the flow control")
+	fs.IntVar(&o.KubeBurst, "kube-api-burst", 2000, "client-side burst of apiserver requests")
 	fs.DurationVar(&o.Grace, "grace", 10*time.Second, "how long in-flight calls may take to finish on SIGTERM")
 }
 

@@ -120,3 +120,6 @@ func writeFile(dir, name string, data []byte, mode os.FileMode) (string, error) 
 	}
 	return p, nil
 }
+
+// Pid is etcd's process ID (benchmarks read its CPU time).
+func (e *Etcd) Pid() int { return e.proc.pid() }

@@ -346,3 +346,6 @@ current-context: harness
 `, k.URL, k.CAFile, token)
 	return path, os.WriteFile(path, []byte(cfg), 0o600)
 }
+
+// Pid is kube-apiserver's process ID (benchmarks read its CPU time).
+func (k *KubeAPIServer) Pid() int { return k.proc.pid() }

@@ -152,3 +152,11 @@ func ShortTempDir(prefix string) (string, error) {
 func hostPort(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
 
 var errNotReady = errors.New("not ready")
+
+// pid is the process ID (0 if not started).
+func (p *process) pid() int {
+	if p == nil || p.cmd.Process == nil {
+		return 0
+	}
+	return p.cmd.Process.Pid
+}

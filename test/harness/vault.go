@@ -175,3 +175,6 @@ func poll(ctx context.Context, f func(context.Context) error) error {
 		}
 	}
 }
+
+// Pid is the Vault server's process ID (benchmarks read its CPU time).
+func (v *Vault) Pid() int { return v.proc.pid() }

@@ -130,12 +130,25 @@ func run(ops, rounds, volumes int) error {
 		n   int
 		el  time.Duration
 		lat []time.Duration
+		cpu []time.Duration // per component, as procs
+	}
+	// CPU per operation of each process on the machine's two cores: where a contender's cost goes.
+	procs := []struct {
+		name string
+		pid  int
+	}{{"driver", drv.Process.Pid}, {"vault", env.Vault.Pid()}, {"apiserver", env.Kube.Pid()}, {"etcd", env.Etcd.Pid()}, {"bench", os.Getpid()}}
+	sample := func() []time.Duration {
+		out := make([]time.Duration, len(procs))
+		for i, p := range procs {
+			out[i] = procCPU(p.pid)
+		}
+		return out
 	}
 	results := map[string]map[int]*res{}
 	for _, c := range contenders {
 		results[c.name] = map[int]*res{}
 		for _, n := range concs {
-			results[c.name][n] = &res{}
+			results[c.name][n] = &res{cpu: make([]time.Duration, len(procs))}
 		}
 	}
 	for r := range rounds {
@@ -148,6 +161,7 @@ func run(ops, rounds, volumes int) error {
 				var firstErr error
 				var left atomic.Int64
 				left.Store(int64(ops))
+				cpu0 := sample()
 				start := time.Now()
 				for w := range n {
 					wg.Go(func() {
@@ -167,6 +181,9 @@ func run(ops, rounds, volumes int) error {
 				wg.Wait()
 				rr.el += time.Since(start)
 				rr.n += ops
+				for i, c := range sample() {
+					rr.cpu[i] += c - cpu0[i]
+				}
 				if firstErr != nil {
 					return fmt.Errorf("%s at %d: %w", c.name, n, firstErr)
 				}
@@ -178,11 +195,21 @@ func run(ops, rounds, volumes int) error {
 		return d[int(p*float64(len(d)-1))].Round(10 * time.Microsecond)
 	}
 	fmt.Printf("csibench: 5-secret volumes, %d ops x %d rounds per contender and concurrency, real kube-apiserver and Vault\n\n", ops, rounds)
-	fmt.Printf("%-6s %5s %10s %10s %10s\n", "", "conc", "ops/s", "p50", "p99")
+	fmt.Printf("%-6s %5s %8s %9s %9s   CPU per op (µs): ", "", "conc", "ops/s", "p50", "p99")
+	for _, p := range procs {
+		fmt.Printf("%10s", p.name)
+	}
+	fmt.Printf("%10s\n", "total")
 	for _, c := range contenders {
 		for _, n := range concs {
 			r := results[c.name][n]
-			fmt.Printf("%-6s %5d %10.0f %10s %10s\n", c.name, n, float64(r.n)/r.el.Seconds(), pct(r.lat, .5), pct(r.lat, .99))
+			fmt.Printf("%-6s %5d %8.0f %9s %9s                    ", c.name, n, float64(r.n)/r.el.Seconds(), pct(r.lat, .5), pct(r.lat, .99))
+			var total time.Duration
+			for _, d := range r.cpu {
+				fmt.Printf("%10d", d.Microseconds()/int64(r.n))
+				total += d
+			}
+			fmt.Printf("%10d\n", total.Microseconds()/int64(r.n))
 		}
 	}
 	rate := func(name string, n int) float64 { r := results[name][n]; return float64(r.n) / r.el.Seconds() }
@@ -347,6 +374,22 @@ func (b *bench) naive(ctx context.Context, w int) error {
 		}
 	}
 	return nil
+}
+
+// procCPU is a process's user+system CPU time so far (0 if it cannot be read).
+func procCPU(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name (which may hold spaces) start after the last ')'.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+st) * time.Second / 100 // USER_HZ is 100 on Linux
 }
 
 func vmRSS(pid int) (int, error) {
