@@ -1,5 +1,6 @@
 // Package policy implements broker.Authorizer: the namespace x environment scoping of the policy file,
 // deny by default, with hot reload that keeps the last good policy.
 //
-// It may import the standard library, package broker, a YAML decoder and client-go informers.
+// It may import the standard library, package broker, a YAML decoder, and client-go's metadata client
+// and informer cache (never the typed clientset, whose scheme of every API group costs memory).
 package policy

@@ -11,24 +11,19 @@ import (
 	"time"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/client-go/kubernetes/fake"
-	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/keyward/keyward/broker"
 )
 
-// The real TokenReview path is covered in test/e2e against kube-apiserver; a fake clientset here
+// The real TokenReview path (NewReviewer) is covered in test/e2e against kube-apiserver; a fake here
 // counts calls and returns statuses the cache logic must handle.
-func fakeClient(calls *atomic.Int32, status func(token string) authenticationv1.TokenReviewStatus) *fake.Clientset {
-	c := fake.NewSimpleClientset()
-	c.PrependReactor("create", "tokenreviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
+func fakeClient(calls *atomic.Int32, status func(token string) authenticationv1.TokenReviewStatus) Reviewer {
+	return ReviewerFunc(func(_ context.Context, tr *authenticationv1.TokenReview) (*authenticationv1.TokenReview, error) {
 		calls.Add(1)
-		tr := a.(k8stesting.CreateAction).GetObject().(*authenticationv1.TokenReview)
-		tr.Status = status(tr.Spec.Token)
-		return true, tr, nil
+		out := tr.DeepCopy()
+		out.Status = status(tr.Spec.Token)
+		return out, nil
 	})
-	return c
 }
 
 func podUser(ns, sa, pod, uid string) authenticationv1.UserInfo {
@@ -114,9 +109,8 @@ func TestCacheIsBounded(t *testing.T) {
 }
 
 func TestApiserverDownIsUnavailable(t *testing.T) {
-	c := fake.NewSimpleClientset()
-	c.PrependReactor("create", "tokenreviews", func(k8stesting.Action) (bool, runtime.Object, error) {
-		return true, nil, errors.New("connection refused")
+	c := ReviewerFunc(func(context.Context, *authenticationv1.TokenReview) (*authenticationv1.TokenReview, error) {
+		return nil, errors.New("connection refused")
 	})
 	if _, err := New(Options{Client: c}).Authenticate(context.Background(), "t", []string{"k"}); !errors.Is(err, broker.ErrUnavailable) {
 		t.Fatalf("err = %v", err)

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/metadata"
 
 	"github.com/keyward/keyward/broker"
 	"github.com/keyward/keyward/broker/audit"
@@ -133,7 +134,7 @@ func newBrokerEnv(t *testing.T) *brokerEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nsw := policy.NewNamespaceWatcher(kube.Client, 0)
+	nsw := policy.NewNamespaceWatcher(metadata.NewForConfigOrDie(kube.Config), 0)
 	wctx, cancel := context.WithCancel(ctx)
 	t.Cleanup(cancel)
 	nsw.Start(wctx)
@@ -152,7 +153,11 @@ func newBrokerEnv(t *testing.T) *brokerEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.auth = tokenreview.New(tokenreview.Options{Client: kube.Client, CacheTTL: time.Second})
+	reviewer, err := tokenreview.NewReviewer(kube.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.auth = tokenreview.New(tokenreview.Options{Client: reviewer, CacheTTL: time.Second})
 	e.svc, err = broker.NewService(broker.Options{Authenticator: e.auth, Authorizer: authz, Source: src, Auditor: auditor, Audiences: []string{audience}})
 	if err != nil {
 		t.Fatal(err)

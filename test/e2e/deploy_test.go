@@ -16,7 +16,8 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/metadata"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/restmapper"
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
@@ -171,11 +172,7 @@ func TestBrokerRBACIsExactlyEnough(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			client, err := kubernetes.NewForConfig(e.kube.ConfigForToken(tok))
-			if err != nil {
-				t.Fatal(err)
-			}
-			err = brokerWith(t, e, client, i)
+			err = brokerWith(t, e, e.kube.ConfigForToken(tok), i)
 			if i == 0 && err != nil {
 				t.Fatalf("with the shipped RBAC: %v", err)
 			}
@@ -187,12 +184,20 @@ func TestBrokerRBACIsExactlyEnough(t *testing.T) {
 	}
 }
 
-// brokerWith starts a broker on client and has a pod of a namespace created after the broker started
+// brokerWith starts a broker with the clients keyward-broker builds from cfg and has a pod of a namespace created after the broker started
 // read its secret: it needs TokenReview (create), the namespace list and the watch that shows it.
-func brokerWith(t *testing.T, e *brokerEnv, client kubernetes.Interface, i int) error {
+func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	nsw := policy.NewNamespaceWatcher(client, 0)
+	meta, err := metadata.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reviewer, err := tokenreview.NewReviewer(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nsw := policy.NewNamespaceWatcher(meta, 0)
 	nsw.Start(ctx)
 	syncCtx, syncCancel := context.WithTimeout(ctx, 5*time.Second)
 	synced := nsw.WaitForSync(syncCtx)
@@ -242,7 +247,7 @@ func brokerWith(t *testing.T, e *brokerEnv, client kubernetes.Interface, i int) 
 		t.Fatal(err)
 	}
 	defer aud.Close()
-	svc, err := broker.NewService(broker.Options{Authenticator: tokenreview.New(tokenreview.Options{Client: client}),
+	svc, err := broker.NewService(broker.Options{Authenticator: tokenreview.New(tokenreview.Options{Client: reviewer}),
 		Authorizer: authz, Source: src, Auditor: aud, Audiences: []string{audience}})
 	if err != nil {
 		t.Fatal(err)

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/metadata"
 
 	"github.com/keyward/keyward/broker"
 	"github.com/keyward/keyward/broker/audit"
@@ -86,7 +87,7 @@ func run(n int) error {
 	if err != nil {
 		return err
 	}
-	nsw := policy.NewNamespaceWatcher(k.Client, 0)
+	nsw := policy.NewNamespaceWatcher(metadata.NewForConfigOrDie(k.Config), 0)
 	nsw.Start(ctx)
 	nsw.WaitForSync(ctx)
 	authz := policy.NewAuthorizer(p, nsw)
@@ -107,7 +108,11 @@ func run(n int) error {
 		if err != nil {
 			return nil, err
 		}
-		return broker.NewService(broker.Options{Authenticator: tokenreview.New(tokenreview.Options{Client: k.Client, CacheTTL: time.Hour}),
+		reviewer, err := tokenreview.NewReviewer(k.Config)
+		if err != nil {
+			return nil, err
+		}
+		return broker.NewService(broker.Options{Authenticator: tokenreview.New(tokenreview.Options{Client: reviewer, CacheTTL: time.Hour}),
 			Authorizer: authz, Source: src, Auditor: aud, Audiences: []string{"keyward"}})
 	}
 	warm, err := newSvc()

@@ -223,8 +223,9 @@ func run(ops, rounds, volumes int) error {
 			return fmt.Errorf("rss publish %d: %w", i, err)
 		}
 	}
-	rss, _ := vmRSS(drv.Process.Pid)
-	fmt.Printf("\ndriver RSS with %d published volumes: %.1f MiB (target < 60 MiB)\n", volumes, float64(rss)/1024)
+	st := procStatus(drv.Process.Pid)
+	fmt.Printf("\ndriver RSS with %d published volumes: %.1f MiB (target < 60 MiB): anonymous %.1f MiB, file-backed %.1f MiB\n",
+		volumes, float64(st["VmRSS"])/1024, float64(st["RssAnon"])/1024, float64(st["RssFile"])/1024)
 	return nil
 }
 
@@ -392,16 +393,19 @@ func procCPU(pid int) time.Duration {
 	return time.Duration(ut+st) * time.Second / 100 // USER_HZ is 100 on Linux
 }
 
-func vmRSS(pid int) (int, error) {
+// procStatus returns the kB figures of /proc/PID/status (VmRSS, RssAnon, RssFile, ...).
+func procStatus(pid int) map[string]int {
+	out := map[string]int{}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0, err
+		return out
 	}
 	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "VmRSS:") {
-			f := strings.Fields(l)
-			return strconv.Atoi(f[1])
+		f := strings.Fields(l)
+		if len(f) == 3 && f[2] == "kB" {
+			n, _ := strconv.Atoi(f[1])
+			out[strings.TrimSuffix(f[0], ":")] = n
 		}
 	}
-	return 0, fmt.Errorf("no VmRSS")
+	return out
 }
