@@ -51,6 +51,10 @@ func NewReviewer(cfg *rest.Config) (Reviewer, error) {
 	gv := authenticationv1.SchemeGroupVersion
 	c.GroupVersion, c.APIPath = &gv, "/apis"
 	c.NegotiatedSerializer = serializer.NewCodecFactory(scheme).WithoutConversion()
+	// Protobuf, as kube's own components speak: cheaper than JSON to encode and decode, for the
+	// broker and for the apiserver.
+	c.ContentType = runtime.ContentTypeProtobuf
+	c.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
 	if c.UserAgent == "" {
 		c.UserAgent = rest.DefaultKubernetesUserAgent()
 	}
