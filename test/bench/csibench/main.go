@@ -56,6 +56,8 @@ type bench struct {
 	vc     *vaultapi.Client
 }
 
+var only = flag.String("only", "", "measure only this contender (for profiling; no ratios)")
+
 func main() {
 	ops := flag.Int("ops", 64, "operations per contender, concurrency and round")
 	rounds := flag.Int("rounds", 2, "rounds")
@@ -154,6 +156,9 @@ func run(ops, rounds, volumes int) error {
 	for r := range rounds {
 		for i := range contenders {
 			c := contenders[(i+r)%len(contenders)]
+			if *only != "" && c.name != *only {
+				continue
+			}
 			for _, n := range concs {
 				rr := results[c.name][n]
 				var mu sync.Mutex
@@ -203,6 +208,9 @@ func run(ops, rounds, volumes int) error {
 	for _, c := range contenders {
 		for _, n := range concs {
 			r := results[c.name][n]
+			if r.n == 0 {
+				continue
+			}
 			fmt.Printf("%-6s %5d %8.0f %9s %9s                    ", c.name, n, float64(r.n)/r.el.Seconds(), pct(r.lat, .5), pct(r.lat, .99))
 			var total time.Duration
 			for _, d := range r.cpu {
@@ -211,6 +219,9 @@ func run(ops, rounds, volumes int) error {
 			}
 			fmt.Printf("%10d\n", total.Microseconds()/int64(r.n))
 		}
+	}
+	if *only != "" {
+		return nil
 	}
 	rate := func(name string, n int) float64 { r := results[name][n]; return float64(r.n) / r.el.Seconds() }
 	fmt.Printf("\nwarm/floor ops/s at 8: %.2f (target >= 0.8); warm p99 / floor p99 at 8: %.2f (target <= 1.5)\n",
