@@ -203,13 +203,16 @@ func (s *Source) read(ctx context.Context, token string, r broker.Resolved) (bro
 	sum := sha256.Sum256([]byte(token))
 	key := hex.EncodeToString(sum[:8]) + "|" + path + "|" + strconv.Itoa(r.Version)
 	v, err, _ := s.flight.Do(key, func() (any, error) {
-		// One shared client; the token goes on the request (no per-read client clone).
-		req := s.o.Client.NewRequest(http.MethodGet, "/v1/"+path)
-		req.ClientToken = token
+		// The shared client, with the token set on the request by a callback: a shallow copy, not a
+		// Clone (which builds a whole new client, environment lookups included, per read).
+		c := s.o.Client.WithRequestCallbacks(func(req *vaultapi.Request) { req.ClientToken = token })
+		var q map[string][]string
 		if r.Version > 0 {
-			req.Params.Set("version", strconv.Itoa(r.Version))
+			q = map[string][]string{"version": {strconv.Itoa(r.Version)}}
 		}
-		resp, err := s.o.Client.RawRequestWithContext(ctx, req)
+		rctx, cancel := context.WithTimeout(ctx, s.o.Client.ClientTimeout())
+		defer cancel()
+		resp, err := c.Logical().ReadRawWithDataWithContext(rctx, path, q)
 		if resp != nil {
 			defer resp.Body.Close()
 		}

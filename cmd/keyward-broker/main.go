@@ -1,6 +1,3 @@
-// Command keyward-broker is the CSI node driver that authenticates each pod by its service-account
-// token, scopes its secrets by namespace and environment, fetches them from Vault and delivers them
-// into a tmpfs volume, never to a Kubernetes Secret or to disk.
 package main
 
 import (

@@ -1,5 +1,3 @@
-// Command keyward-kms is the Kubernetes KMS v2 plugin that kube-apiserver uses as its encryption
-// provider: etcd Secrets are envelope-encrypted under a key that never leaves a PKCS#11 HSM.
 package main
 
 import (

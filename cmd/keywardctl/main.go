@@ -1,4 +1,3 @@
-// Command keywardctl is Keyward's operator CLI: HSM keys, encryption coverage, audit verification.
 package main
 
 import (

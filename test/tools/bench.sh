@@ -3,13 +3,17 @@
 # baseline, so read the ratios, not the absolute numbers (the machine is 2 cores and noisy).
 #   1. Go micro-benchmarks: PKCS#11 wrap+unwrap with session-object key copies vs token objects,
 #      and the cost of one audit record.
-#   2. kmsbench: raw PKCS#11 vs a no-op KMS plugin vs keyward-kms, alternating, at concurrency 1/8/32.
+#   2. kmsbench: raw PKCS#11 vs a no-op KMS plugin vs keyward-kms vs the ceiling (no-op + the raw HSM's
+#      CPU per call), alternating, at concurrency 1/8/32, with CPU per pair.
+#   3. brokerbench: the broker core against the direct TokenReview + login + reads.
+#   4. csibench: CSI publishes warm/cold vs the floor and the naive path, CPU per publish of every
+#      process, and the driver's RSS with 1000 volumes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 echo "== Go benchmarks"
 go test -run '^$' -bench "${BENCH:-.}" -benchmem -count "${BENCH_COUNT:-1}" ./broker/... ./kms/...
 echo
-echo "== KMS v2 plugin: keyward-kms vs raw PKCS#11 vs a no-op plugin (one SoftHSM token, one run)"
+echo "== KMS v2 plugin: keyward-kms vs raw PKCS#11 vs a no-op plugin vs the ceiling (one SoftHSM token, one run)"
 go run ./test/bench/kmsbench ${KMSBENCH_ARGS:-}
 echo
 echo "== Broker: Service (cold and warm caches) vs the direct TokenReview + Vault login + 5 KV reads"

@@ -1,12 +1,3 @@
-// Command csibench measures NodePublishVolume of keyward-broker (the real binary, on its unix socket,
-// against real kube-apiserver and Vault) for a 5-secret volume at concurrency 1, 8 and 32:
-//
-//	warm   a pod publishing its volume again (kubelet's republish): cached review and Vault token
-//	cold   new pods, each publishing for the first time: TokenReview, Vault login, reads, tmpfs mount
-//	floor  the unavoidable work: 5 KV v2 reads with an already-held Vault token
-//	naive  TokenReview + Vault kubernetes login + 5 reads + plain file writes, per mount
-//
-// Contenders alternate round by round. It then publishes 1000 volumes and reports the driver's RSS.
 package main
 
 import (
@@ -59,7 +50,7 @@ type bench struct {
 var only = flag.String("only", "", "measure only this contender (for profiling; no ratios)")
 
 func main() {
-	ops := flag.Int("ops", 64, "operations per contender, concurrency and round")
+	ops := flag.Int("ops", 256, "operations per contender, concurrency and round")
 	rounds := flag.Int("rounds", 2, "rounds")
 	volumes := flag.Int("volumes", 1000, "volumes published for the RSS measurement")
 	flag.Parse()
