@@ -121,6 +121,15 @@ func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err
 	return secrets, nil
 }
 
+// Release drops what the source holds for a pod whose volumes are gone (see PodReleaser). Sources
+// holding nothing per pod make it a no-op.
+func (s *Service) Release(ctx context.Context, podUID string) error {
+	if r, ok := s.o.Source.(PodReleaser); ok && podUID != "" {
+		return r.Release(ctx, podUID)
+	}
+	return nil
+}
+
 // matchClaim denies any difference between who the token proves and who the caller claims.
 func matchClaim(id, claimed Identity) error {
 	for _, f := range []struct{ name, got, want string }{

@@ -144,3 +144,31 @@ func TestSecretsAndTokensDoNotPrint(t *testing.T) {
 		t.Fatal("token marshals")
 	}
 }
+
+type releasingSource struct {
+	fakeSource
+	released []string
+}
+
+func (r *releasingSource) Release(_ context.Context, podUID string) error {
+	r.released = append(r.released, podUID)
+	return nil
+}
+
+// Release reaches a source that holds per-pod credentials, and is a no-op for one that does not.
+func TestReleaseReachesPodReleasers(t *testing.T) {
+	rs := &releasingSource{}
+	s, err := broker.NewService(broker.Options{Authenticator: fakeAuthn{}, Authorizer: fakeAuthz{}, Source: rs, Auditor: &fakeAudit{}, Audiences: []string{"keyward"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Release(context.Background(), "uid-1"); err != nil || len(rs.released) != 1 || rs.released[0] != "uid-1" {
+		t.Fatalf("Release: %v, source saw %v", err, rs.released)
+	}
+	if err := s.Release(context.Background(), ""); err != nil || len(rs.released) != 1 {
+		t.Fatalf("an empty pod UID reached the source: %v", rs.released)
+	}
+	if err := newSvc(t, fakeAuthn{}, fakeAuthz{}, &fakeSource{}, &fakeAudit{}).Release(context.Background(), "uid-1"); err != nil {
+		t.Fatalf("a source without per-pod credentials: %v", err)
+	}
+}

@@ -90,3 +90,10 @@ type Authorizer interface {
 type SecretSource interface {
 	Fetch(ctx context.Context, id Identity, token Token, refs []Resolved) ([]Secret, error)
 }
+
+// PodReleaser is implemented by sources that hold credentials on behalf of a pod (a Vault token from
+// the pod's login): Release revokes and forgets them, so they do not outlive the pod's volumes.
+// Idempotent; a pod it holds nothing for is not an error.
+type PodReleaser interface {
+	Release(ctx context.Context, podUID string) error
+}

@@ -17,6 +17,8 @@ import (
 
 type sanityBroker struct{}
 
+func (sanityBroker) Release(context.Context, string) error { return nil }
+
 func (sanityBroker) Fetch(_ context.Context, req broker.Request) ([]broker.Secret, error) {
 	out := make([]broker.Secret, len(req.Refs))
 	for i, r := range req.Refs {

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"os"
+	"regexp"
 	"strconv"
 	"sync"
 	"time"
@@ -29,6 +30,9 @@ const DriverName = "secrets.keyward.dev"
 // Fetcher is what the node server needs of the broker (broker.Service).
 type Fetcher interface {
 	Fetch(ctx context.Context, req broker.Request) ([]broker.Secret, error)
+	// Release drops the credentials held for a pod whose last volume went (or whose access was
+	// revoked): its Vault token must not outlive its volumes.
+	Release(ctx context.Context, podUID string) error
 }
 
 // Options configure NewServer.
@@ -53,6 +57,9 @@ type Server struct {
 	o     Options
 	mu    sync.Mutex
 	locks map[string]*volumeLock
+	pods  map[string]string // volume ID -> pod UID of each published volume
+	// releases tracks background releases, so tests (and shutdown) can wait for them.
+	releases sync.WaitGroup
 }
 
 type volumeLock struct {
@@ -68,7 +75,7 @@ func NewServer(o Options) (*Server, error) {
 	if o.Ready == nil {
 		o.Ready = func() error { return nil }
 	}
-	return &Server{o: o, locks: map[string]*volumeLock{}}, nil
+	return &Server{o: o, locks: map[string]*volumeLock{}, pods: map[string]string{}}, nil
 }
 
 // Register registers the Identity and Node services, and a Controller service that only answers
@@ -172,11 +179,15 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 		Token: vol.Token, Claimed: vol.Claimed, Refs: vol.Refs(),
 	})
 	if err != nil {
+		if !published {
+			s.releaseIfUntracked(vol.Claimed.PodUID)
+		}
 		if published && (errors.Is(err, broker.ErrDenied) || errors.Is(err, broker.ErrUnauthenticated)) {
 			// Access was revoked (grant removed, pod deleted, token invalid): the files go now.
 			if cerr := tmpfs.WriteAtomic(target, nil, gid); cerr != nil {
 				s.o.Log.Error("clearing a revoked volume failed", zap.String("volume_id", req.GetVolumeId()), zap.Error(cerr))
 			}
+			s.release(vol.Claimed.PodUID)
 		}
 		return nil, toStatus(err)
 	}
@@ -194,6 +205,7 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 		}
 	}()
 	if published {
+		s.track(req.GetVolumeId(), vol.Claimed.PodUID) // also after a driver restart
 		if current, err := tmpfs.Read(target); err == nil && sameFiles(current, files) {
 			return &csipb.NodePublishVolumeResponse{}, nil
 		}
@@ -203,10 +215,82 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 		return &csipb.NodePublishVolumeResponse{}, nil
 	}
 	if err := s.publish(target, vol.SizeLimit, files, gid); err != nil {
+		s.releaseIfUntracked(vol.Claimed.PodUID)
 		return nil, status.Errorf(codes.Internal, "publishing: %v", err)
 	}
+	s.track(req.GetVolumeId(), vol.Claimed.PodUID)
 	return &csipb.NodePublishVolumeResponse{}, nil
 }
+
+// track remembers which pod a published volume belongs to.
+func (s *Server) track(volumeID, podUID string) {
+	s.mu.Lock()
+	s.pods[volumeID] = podUID
+	s.mu.Unlock()
+}
+
+// podUIDInPath finds the pod UID in a kubelet target path (.../pods/<uid>/volumes/...), for volumes
+// published before a driver restart.
+var podUIDInPath = regexp.MustCompile(`/pods/([0-9a-fA-F-]{36})/volumes/`)
+
+// untrack forgets a volume and, if it was its pod's last, releases the pod's credentials.
+func (s *Server) untrack(volumeID, target string) {
+	s.mu.Lock()
+	uid, ok := s.pods[volumeID]
+	delete(s.pods, volumeID)
+	if !ok {
+		if m := podUIDInPath.FindStringSubmatch(target); m != nil {
+			uid = m[1]
+		}
+	}
+	last := uid != ""
+	for _, other := range s.pods {
+		if other == uid {
+			last = false
+			break
+		}
+	}
+	s.mu.Unlock()
+	if last {
+		s.release(uid)
+	}
+}
+
+// releaseIfUntracked releases a pod's credentials after a failed first publish, unless another of its
+// volumes is published: credentials live only while the pod has a volume.
+func (s *Server) releaseIfUntracked(podUID string) {
+	s.mu.Lock()
+	for _, other := range s.pods {
+		if other == podUID {
+			s.mu.Unlock()
+			return
+		}
+	}
+	s.mu.Unlock()
+	s.release(podUID)
+}
+
+// release drops the pod's credentials in the background (kubelet need not wait on Vault; a failure
+// only leaves the token to lapse at its TTL).
+func (s *Server) release(podUID string) {
+	if podUID == "" {
+		return
+	}
+	s.releases.Add(1)
+	go func() {
+		defer s.releases.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := s.o.Broker.Release(ctx, podUID); err != nil {
+			s.o.Log.Warn("releasing the pod's Vault token failed; it lapses at its TTL", zap.String("pod_uid", podUID), zap.Error(err))
+			return
+		}
+		s.o.Log.Debug("released the pod's credentials", zap.String("pod_uid", podUID))
+	}()
+}
+
+// WaitReleases waits for background releases to finish.
+func (s *Server) WaitReleases() { s.releases.Wait() }
 
 // publish mounts and writes; on any failure it leaves no mount and no file behind.
 func (s *Server) publish(target string, size int64, files []tmpfs.File, gid int) (err error) {
@@ -267,6 +351,7 @@ func (s *Server) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpubli
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "unpublishing: %v", err)
 	}
+	s.untrack(req.GetVolumeId(), req.GetTargetPath())
 	return &csipb.NodeUnpublishVolumeResponse{}, nil
 }
 

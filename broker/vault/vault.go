@@ -325,6 +325,50 @@ func (s *Source) renew(ctx context.Context, key string, t *vaultToken) (*vaultTo
 	return v.(*vaultToken), nil
 }
 
+var _ broker.PodReleaser = (*Source)(nil)
+
+// Release revokes the Vault tokens the pod's logins returned (revoke-self, with each token) and drops
+// them from the cache. A token Vault no longer knows (expired, already revoked) is not an error.
+func (s *Source) Release(ctx context.Context, podUID string) error {
+	_, err := s.revoke(ctx, func(uid string) bool { return uid == podUID })
+	return err
+}
+
+// ReleaseAll revokes every pod's cached Vault token, for a clean shutdown. It returns how many were
+// revoked.
+func (s *Source) ReleaseAll(ctx context.Context) (int, error) {
+	return s.revoke(ctx, func(string) bool { return true })
+}
+
+func (s *Source) revoke(ctx context.Context, match func(podUID string) bool) (int, error) {
+	if s.o.Mode != ModePod {
+		return 0, nil
+	}
+	var toks []string
+	s.mu.Lock()
+	for k, t := range s.tokens {
+		if uid, _, _ := strings.Cut(k, "|"); match(uid) {
+			toks = append(toks, t.token)
+			delete(s.tokens, k)
+		}
+	}
+	s.mu.Unlock()
+	n := 0
+	var first error
+	for _, tok := range toks {
+		c := s.o.Client.WithRequestCallbacks(func(req *vaultapi.Request) { req.ClientToken = tok })
+		err := c.Auth().Token().RevokeSelfWithContext(ctx, "")
+		switch merr := mapErr("revoke", err); {
+		case err == nil:
+			n++
+		case errors.Is(merr, broker.ErrDenied): // expired or already revoked
+		case first == nil:
+			first = merr
+		}
+	}
+	return n, first
+}
+
 func (s *Source) forget(id broker.Identity, env string) {
 	role, _ := s.o.Role(env)
 	s.mu.Lock()

@@ -206,6 +206,16 @@ func run(o Options, log *zap.Logger) error {
 	log.Info("serving CSI", zap.String("socket", o.CSISocket), zap.String("node", o.NodeID), zap.String("policy", pol.Hash()),
 		zap.String("vault_mode", cfg.Vault.Mode), zap.String("version", version.Version))
 	err = grpcserver.Serve(ctx, gs, lis, o.Grace)
+	node.WaitReleases()
+	// The pods' Vault tokens do not outlive the process holding them: a restarted broker logs in
+	// again at the next republish (kubelet sends a fresh token each time).
+	rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if n, rerr := src.ReleaseAll(rctx); rerr != nil {
+		log.Warn("revoking the pods' Vault tokens at shutdown failed; they lapse at their TTL", zap.Int("revoked", n), zap.Error(rerr))
+	} else if n > 0 {
+		log.Info("revoked the pods' Vault tokens", zap.Int("revoked", n))
+	}
 	log.Info("stopped")
 	return err
 }

@@ -91,6 +91,39 @@ func (k *kubelet) unpublish(pod *corev1.Pod) error {
 	return err
 }
 
+// podLoginTokens counts the live Vault tokens made by kubernetes-auth logins: the pods' tokens the
+// driver holds.
+func podLoginTokens(v *harness.Vault) (int, error) {
+	list, err := v.Client.Logical().List("auth/token/accessors")
+	if err != nil || list == nil {
+		return 0, fmt.Errorf("listing token accessors: %v", err)
+	}
+	keys, _ := list.Data["keys"].([]any)
+	n := 0
+	for _, k := range keys {
+		l, err := v.Client.Logical().Write("auth/token/lookup-accessor", map[string]any{"accessor": k})
+		if err != nil || l == nil {
+			continue // revoked in between
+		}
+		if p, _ := l.Data["path"].(string); strings.HasPrefix(p, "auth/kubernetes/login") {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// wantPodTokens waits until exactly want pod tokens are live in Vault.
+func wantPodTokens(t *testing.T, v *harness.Vault, want int, why string) {
+	t.Helper()
+	eventually(t, 15*time.Second, why, func() error {
+		n, err := podLoginTokens(v)
+		if err == nil && n != want {
+			err = fmt.Errorf("%d pod tokens live in Vault, want %d", n, want)
+		}
+		return err
+	})
+}
+
 func readFile(t *testing.T, p string) string {
 	t.Helper()
 	b, err := os.ReadFile(p)
@@ -260,6 +293,19 @@ vault:
 		}
 	}
 
+	// Vault tokens live only while their pod has a volume: the two published pods hold one each;
+	// freshProd's failed first publishes logged in and released theirs. A published and unpublished
+	// volume takes its token with it.
+	wantPodTokens(t, e.vault, 2, "only the published pods hold Vault tokens")
+	if err := kl.publish(freshProd, csiSecrets, ""); err != nil {
+		t.Fatal(err)
+	}
+	wantPodTokens(t, e.vault, 3, "a third published pod holds a token")
+	if err := kl.unpublish(freshProd); err != nil {
+		t.Fatal(err)
+	}
+	wantPodTokens(t, e.vault, 2, "unpublishing the pod's last volume revoked its token")
+
 	// Rotation in Vault reaches the file on republish; a reader never sees partial content.
 	var reads, bad atomic.Int64
 	stop := make(chan struct{})
@@ -306,8 +352,9 @@ vault:
 	t.Logf("%d reads during 10 swaps, none partial", reads.Load())
 
 	// A restarted driver finds its published volumes again (tmpfs mount points) and keeps serving
-	// republish: no state is lost with the process.
+	// republish: no state is lost with the process. The stopped one revoked the Vault tokens it held.
 	drv.stop(t)
+	wantPodTokens(t, e.vault, 0, "a stopped driver revoked its pods' tokens")
 	drv = start(t, nil, filepath.Join(dir, "keyward-broker-2.log"), "keyward-broker", "--csi-socket", sock, "--node-id", "node-1",
 		"--config", cfgPath, "--kubeconfig", kubeconfig, "--audit-log", auditLog, "--audit-key-file", auditKey, "--log-level", "debug")
 	eventually(t, 30*time.Second, "restarted driver ready", func() error {
@@ -363,6 +410,7 @@ vault:
 	if files, err := tmpfs.Read(target); err != nil || len(files) != 0 {
 		t.Fatalf("files left after revocation: %d %v", len(files), err)
 	}
+	wantPodTokens(t, e.vault, 0, "revoked and deleted pods hold no Vault token")
 
 	// Everything the test and the driver wrote outside the tmpfs mounts is free of the secrets.
 	var scanned int
