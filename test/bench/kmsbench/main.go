@@ -173,6 +173,17 @@ func run(dur time.Duration, rounds int) error {
 		return err
 	}
 	contenders = append(contenders, contender{"ceiling", grpcWorker(ceilingSock)})
+	// minimal: the no-op plugin's stack with one raw PKCS#11 call per operation in the handler, and
+	// nothing else (no audit, metrics, health, recovery or generations): what the HSM costs in situ.
+	minimal, err := raw.plugin(*sessions)
+	if err != nil {
+		return err
+	}
+	minimalSock, err := serve(ctx, filepath.Join(dir, "minimal.sock"), minimal)
+	if err != nil {
+		return err
+	}
+	contenders = append(contenders, contender{"minimal", grpcWorker(minimalSock)})
 	var concs []int
 	for _, f := range strings.Split(*concList, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
@@ -210,16 +221,16 @@ func run(dur time.Duration, rounds int) error {
 				r.cpuPerPair(), r.cpu.Seconds()/r.elapsed.Seconds(), r.allocs/uint64(max(r.pairs, 1)), r.bytes/uint64(max(r.pairs, 1)))
 		}
 	}
-	fmt.Printf("\n%5s %14s %14s %12s %18s   %s\n", "conc", "keyward/no-op", "ceiling/no-op", "keyward/raw", "p99 keyward/no-op", "targets (>=0.80, <=1.50)")
+	fmt.Printf("\n%5s %14s %14s %14s %12s %18s   %s\n", "conc", "keyward/no-op", "ceiling/no-op", "minimal/no-op", "keyward/raw", "p99 keyward/no-op", "targets (>=0.80, <=1.50)")
 	for _, n := range concs {
-		k, o, rw, ce := res["keyward"][n], res["no-op"][n], res["raw"][n], res["ceiling"][n]
+		k, o, rw, ce, mi := res["keyward"][n], res["no-op"][n], res["raw"][n], res["ceiling"][n], res["minimal"][n]
 		thr := k.rate() / o.rate()
 		p99 := float64(k.pct(0.99)) / float64(o.pct(0.99))
 		verdict := "-"
 		if n >= 8 {
 			verdict = fmt.Sprintf("throughput %s, p99 %s", mark(thr >= 0.8), mark(p99 <= 1.5))
 		}
-		fmt.Printf("%5d %14.2f %14.2f %12.2f %18.2f   %s\n", n, thr, ce.rate()/o.rate(), k.rate()/rw.rate(), p99, verdict)
+		fmt.Printf("%5d %14.2f %14.2f %14.2f %12.2f %18.2f   %s\n", n, thr, ce.rate()/o.rate(), mi.rate()/o.rate(), k.rate()/rw.rate(), p99, verdict)
 	}
 	return nil
 }
@@ -453,6 +464,59 @@ func (r *rawHSM) worker() (pairFunc, func(), error) {
 		}
 		return t1.Sub(t0), time.Since(t1), nil
 	}, func() { r.p.CloseSession(s) }, nil
+}
+
+// minimalPlugin is a KMS v2 service doing one raw AES-GCM call per operation on a session pool.
+type minimalPlugin struct {
+	r        *rawHSM
+	sessions chan p11.SessionHandle
+}
+
+func (r *rawHSM) plugin(n int) (*minimalPlugin, error) {
+	m := &minimalPlugin{r: r, sessions: make(chan p11.SessionHandle, n)}
+	for range n {
+		s, err := r.p.OpenSession(r.slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+		if err != nil {
+			return nil, err
+		}
+		m.sessions <- s
+	}
+	return m, nil
+}
+
+func (m *minimalPlugin) Status(context.Context) (*service.StatusResponse, error) {
+	return &service.StatusResponse{Version: "v2", Healthz: "ok", KeyID: "minimal"}, nil
+}
+
+func (m *minimalPlugin) Encrypt(_ context.Context, _ string, pt []byte) (*service.EncryptResponse, error) {
+	s := <-m.sessions
+	defer func() { m.sessions <- s }()
+	iv := make([]byte, 12)
+	rand.Read(iv)
+	gp := p11.NewGCMParams(iv, []byte("minimal"), 128)
+	defer gp.Free()
+	if err := m.r.p.EncryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, gp)}, m.r.key); err != nil {
+		return nil, err
+	}
+	ct, err := m.r.p.Encrypt(s, pt)
+	if err != nil {
+		return nil, err
+	}
+	return &service.EncryptResponse{Ciphertext: append(iv, ct...), KeyID: "minimal"}, nil
+}
+
+func (m *minimalPlugin) Decrypt(_ context.Context, _ string, req *service.DecryptRequest) ([]byte, error) {
+	if len(req.Ciphertext) < 12+16 {
+		return nil, fmt.Errorf("short ciphertext")
+	}
+	s := <-m.sessions
+	defer func() { m.sessions <- s }()
+	gp := p11.NewGCMParams(req.Ciphertext[:12], []byte("minimal"), 128)
+	defer gp.Free()
+	if err := m.r.p.DecryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, gp)}, m.r.key); err != nil {
+		return nil, err
+	}
+	return m.r.p.Decrypt(s, req.Ciphertext[12:])
 }
 
 func (r *rawHSM) close() {
