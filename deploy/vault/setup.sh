@@ -15,6 +15,8 @@ vault auth enable kubernetes
 vault write auth/kubernetes/config kubernetes_host="$KUBE_HOST" kubernetes_ca_cert=@"$KUBE_CA" \
   token_reviewer_jwt="$REVIEWER_JWT" disable_local_ca_jwt=true
 # Bind each role to the namespaces labelled with its environment (keep in sync with the labels).
+# Keep Vault's default policy on the roles' tokens (no token_no_default_policy): it allows
+# auth/token/revoke-self, which keyward-broker uses to revoke a pod's token when its volumes go.
 vault write auth/kubernetes/role/prod bound_service_account_names='*' \
   bound_service_account_namespaces=payments-prod audience=keyward token_policies=prod-read token_ttl=10m
 vault write auth/kubernetes/role/dev bound_service_account_names='*' \
