@@ -121,11 +121,11 @@ func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err
 	return secrets, nil
 }
 
-// Release drops what the source holds for a pod whose volumes are gone (see PodReleaser). Sources
-// holding nothing per pod make it a no-op.
-func (s *Service) Release(ctx context.Context, podUID string) error {
+// Release forgets what the source holds for a pod whose volumes are gone and returns the function
+// that revokes it (see PodReleaser); nil when the source holds nothing per pod.
+func (s *Service) Release(podUID string) func(context.Context) error {
 	if r, ok := s.o.Source.(PodReleaser); ok && podUID != "" {
-		return r.Release(ctx, podUID)
+		return r.Release(podUID)
 	}
 	return nil
 }

@@ -150,9 +150,9 @@ type releasingSource struct {
 	released []string
 }
 
-func (r *releasingSource) Release(_ context.Context, podUID string) error {
+func (r *releasingSource) Release(podUID string) func(context.Context) error {
 	r.released = append(r.released, podUID)
-	return nil
+	return func(context.Context) error { return nil }
 }
 
 // Release reaches a source that holds per-pod credentials, and is a no-op for one that does not.
@@ -162,13 +162,13 @@ func TestReleaseReachesPodReleasers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Release(context.Background(), "uid-1"); err != nil || len(rs.released) != 1 || rs.released[0] != "uid-1" {
-		t.Fatalf("Release: %v, source saw %v", err, rs.released)
+	if revoke := s.Release("uid-1"); revoke == nil || len(rs.released) != 1 || rs.released[0] != "uid-1" {
+		t.Fatalf("Release: source saw %v", rs.released)
 	}
-	if err := s.Release(context.Background(), ""); err != nil || len(rs.released) != 1 {
+	if revoke := s.Release(""); revoke != nil || len(rs.released) != 1 {
 		t.Fatalf("an empty pod UID reached the source: %v", rs.released)
 	}
-	if err := newSvc(t, fakeAuthn{}, fakeAuthz{}, &fakeSource{}, &fakeAudit{}).Release(context.Background(), "uid-1"); err != nil {
-		t.Fatalf("a source without per-pod credentials: %v", err)
+	if revoke := newSvc(t, fakeAuthn{}, fakeAuthz{}, &fakeSource{}, &fakeAudit{}).Release("uid-1"); revoke != nil {
+		t.Fatal("a source without per-pod credentials returned a revoke function")
 	}
 }

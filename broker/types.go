@@ -92,8 +92,9 @@ type SecretSource interface {
 }
 
 // PodReleaser is implemented by sources that hold credentials on behalf of a pod (a Vault token from
-// the pod's login): Release revokes and forgets them, so they do not outlive the pod's volumes.
-// Idempotent; a pod it holds nothing for is not an error.
+// the pod's login). Release forgets them at once, so no later request uses them, and returns the
+// function that revokes them at their issuer (nil if it held none), so they do not outlive the pod's
+// volumes.
 type PodReleaser interface {
-	Release(ctx context.Context, podUID string) error
+	Release(podUID string) (revoke func(context.Context) error)
 }

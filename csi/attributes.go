@@ -1,6 +1,7 @@
 package csi
 
 import (
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -102,11 +103,11 @@ func ParseVolume(attrs map[string]string, audience string) (Volume, error) {
 
 // parsedSecrets memoizes parseSecrets: kubelet republishes every volume with the same "secrets"
 // attribute, and the pods of one workload share it, so each distinct list is parsed and validated once.
-// The attribute is pod-spec text, never secret. Bounded: cleared when full.
+// Keyed by the text's SHA-256, so padded attributes cost no memory here. Bounded: cleared when full.
 var parsedSecrets = struct {
 	sync.Mutex
-	m map[string]parsed
-}{m: map[string]parsed{}}
+	m map[[32]byte]parsed
+}{m: map[[32]byte]parsed{}}
 
 const maxParsedSecrets = 256
 
@@ -118,8 +119,9 @@ type parsed struct {
 // parseSecrets parses and validates the "secrets" attribute. The slices returned are shared: callers
 // must not modify them.
 func parseSecrets(raw string) ([]Entry, []os.FileMode, error) {
+	key := sha256.Sum256([]byte(raw))
 	parsedSecrets.Lock()
-	p, ok := parsedSecrets.m[raw]
+	p, ok := parsedSecrets.m[key]
 	parsedSecrets.Unlock()
 	if ok {
 		return p.entries, p.modes, nil
@@ -132,7 +134,7 @@ func parseSecrets(raw string) ([]Entry, []os.FileMode, error) {
 	if len(parsedSecrets.m) >= maxParsedSecrets {
 		clear(parsedSecrets.m)
 	}
-	parsedSecrets.m[raw] = parsed{entries, modes}
+	parsedSecrets.m[key] = parsed{entries, modes}
 	parsedSecrets.Unlock()
 	return entries, modes, nil
 }

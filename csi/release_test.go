@@ -12,56 +12,83 @@ import (
 	"github.com/keyward/keyward/broker"
 )
 
+// releaseRecorder records which pods' credentials were released (forgotten) and revoked.
 type releaseRecorder struct {
 	sanityBroker
 	mu       sync.Mutex
 	released []string
+	revoked  []string
 }
 
-func (r *releaseRecorder) Release(_ context.Context, podUID string) error {
+func (r *releaseRecorder) Release(podUID string) func(context.Context) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.released = append(r.released, podUID)
-	return nil
+	return func(context.Context) error {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.revoked = append(r.revoked, podUID)
+		return nil
+	}
 }
 
-func (r *releaseRecorder) take() string {
+func (r *releaseRecorder) take() (released, revoked string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	sort.Strings(r.released)
-	s := strings.Join(r.released, ",")
-	r.released = nil
-	return s
+	sort.Strings(r.revoked)
+	released, revoked = strings.Join(r.released, ","), strings.Join(r.revoked, ",")
+	r.released, r.revoked = nil, nil
+	return released, revoked
 }
 
-// A pod's credentials are released when its last tracked volume is unpublished, not before; a volume
-// published before a restart (untracked) is attributed by kubelet's target path.
-func TestReleaseAfterThePodsLastVolume(t *testing.T) {
+// A pod's credentials are released when no volume of the pod holds its files and no publish of it
+// is running, and only then; a volume published before a restart is attributed by kubelet's path.
+func TestReleaseFollowsThePodsVolumes(t *testing.T) {
 	rec := &releaseRecorder{}
 	s, err := NewServer(Options{NodeID: "n", Broker: rec, Auditor: discardAudit{}, Audience: "keyward", Log: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	step := func(volumeID, target, want string) {
+	want := func(step, pods string) {
 		t.Helper()
-		s.untrack(volumeID, target)
 		s.WaitReleases()
-		if got := rec.take(); got != want {
-			t.Fatalf("unpublish %s: released %q, want %q", volumeID, got, want)
+		released, revoked := rec.take()
+		if released != pods || revoked != pods {
+			t.Fatalf("%s: released %q, revoked %q, want %q", step, released, revoked, pods)
 		}
 	}
-	s.track("v1", "pod-a")
-	s.track("v2", "pod-a")
-	s.track("v3", "pod-b")
-	step("v1", "/t/1", "")
-	step("v2", "/t/2", "pod-a")
-	step("v3", "/t/3", "pod-b")
+	publish := func(vol, pod string, holdsFiles bool) { s.begin(pod); s.end(vol, pod, holdsFiles) }
+
+	publish("v1", "pod-a", true)
+	publish("v2", "pod-a", true)
+	publish("v3", "pod-b", true)
+	want("three volumes published", "")
+	s.unpublished("v1", "/t/1")
+	want("pod-a still has v2", "")
+	s.unpublished("v2", "/t/2")
+	want("pod-a's last volume", "pod-a")
+
+	// A refused republish clears v3's files: pod-b holds nothing any more.
+	publish("v3", "pod-b", false)
+	want("pod-b's republish refused", "pod-b")
+
+	// A failed first publish releases, unless another volume of the pod holds files...
+	publish("v4", "pod-c", true)
+	publish("v5", "pod-c", false)
+	want("pod-c's second volume failed", "")
+	// ...or another publish of the pod is running (it may be using the token).
+	s.begin("pod-c")
+	s.unpublished("v4", "/t/4")
+	want("pod-c has a publish in flight", "")
+	s.end("v6", "pod-c", false)
+	want("pod-c's in-flight publish failed too", "pod-c")
+
 	const uid = "0b9e3c4e-8f1a-4d2b-9c3e-5a6b7c8d9e0f"
-	step("v4", "/var/lib/kubelet/pods/"+uid+"/volumes/kubernetes.io~csi/secrets/mount", uid)
-	step("v5", "/somewhere/else", "")
-	s.track("v6", "pod-c")
-	s.track("v7", "")
-	step("v7", "/t/7", "")
+	s.unpublished("v7", "/var/lib/kubelet/pods/"+uid+"/volumes/kubernetes.io~csi/secrets/mount")
+	want("a volume from before a restart", uid)
+	s.unpublished("v8", "/somewhere/else")
+	want("an unknown volume", "")
 }
 
 var _ Fetcher = (*releaseRecorder)(nil)

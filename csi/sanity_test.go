@@ -17,7 +17,7 @@ import (
 
 type sanityBroker struct{}
 
-func (sanityBroker) Release(context.Context, string) error { return nil }
+func (sanityBroker) Release(string) func(context.Context) error { return nil }
 
 func (sanityBroker) Fetch(_ context.Context, req broker.Request) ([]broker.Secret, error) {
 	out := make([]broker.Secret, len(req.Refs))

@@ -30,9 +30,10 @@ const DriverName = "secrets.keyward.dev"
 // Fetcher is what the node server needs of the broker (broker.Service).
 type Fetcher interface {
 	Fetch(ctx context.Context, req broker.Request) ([]broker.Secret, error)
-	// Release drops the credentials held for a pod whose last volume went (or whose access was
-	// revoked): its Vault token must not outlive its volumes.
-	Release(ctx context.Context, podUID string) error
+	// Release forgets, at once, the credentials held for a pod whose last volume went (or whose
+	// access was revoked) and returns the function that revokes them at Vault (nil if none): a pod's
+	// Vault token must not outlive its volumes.
+	Release(podUID string) (revoke func(context.Context) error)
 }
 
 // Options configure NewServer.
@@ -57,8 +58,11 @@ type Server struct {
 	o     Options
 	mu    sync.Mutex
 	locks map[string]*volumeLock
-	pods  map[string]string // volume ID -> pod UID of each published volume
-	// releases tracks background releases, so tests (and shutdown) can wait for them.
+	pods  map[string]string // volume ID -> pod UID of each volume holding the pod's files
+	// inflight counts publishes running per pod UID: a pod's credentials are not released while one
+	// of its publishes may be using them.
+	inflight map[string]int
+	// releases tracks background revocations, so shutdown (and tests) can wait for them.
 	releases sync.WaitGroup
 }
 
@@ -75,7 +79,7 @@ func NewServer(o Options) (*Server, error) {
 	if o.Ready == nil {
 		o.Ready = func() error { return nil }
 	}
-	return &Server{o: o, locks: map[string]*volumeLock{}, pods: map[string]string{}}, nil
+	return &Server{o: o, locks: map[string]*volumeLock{}, pods: map[string]string{}, inflight: map[string]int{}}, nil
 }
 
 // Register registers the Identity and Node services, and a Controller service that only answers
@@ -174,20 +178,22 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 	defer unlock()
 
 	published := isPublished(target)
+	podUID := vol.Claimed.PodUID
+	s.begin(podUID)
+	holdsFiles := published // whether the volume holds the pod's files when this call ends
+	defer func() { s.end(req.GetVolumeId(), podUID, holdsFiles) }()
 	secrets, err := s.o.Broker.Fetch(ctx, broker.Request{
 		RequestID: req.GetVolumeId() + "/" + nonce(), Event: broker.EventMount,
 		Token: vol.Token, Claimed: vol.Claimed, Refs: vol.Refs(),
 	})
 	if err != nil {
-		if !published {
-			s.releaseIfUntracked(vol.Claimed.PodUID)
-		}
 		if published && (errors.Is(err, broker.ErrDenied) || errors.Is(err, broker.ErrUnauthenticated)) {
 			// Access was revoked (grant removed, pod deleted, token invalid): the files go now.
 			if cerr := tmpfs.WriteAtomic(target, nil, gid); cerr != nil {
 				s.o.Log.Error("clearing a revoked volume failed", zap.String("volume_id", req.GetVolumeId()), zap.Error(cerr))
+			} else {
+				holdsFiles = false
 			}
-			s.release(vol.Claimed.PodUID)
 		}
 		return nil, toStatus(err)
 	}
@@ -205,7 +211,6 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 		}
 	}()
 	if published {
-		s.track(req.GetVolumeId(), vol.Claimed.PodUID) // also after a driver restart
 		if current, err := tmpfs.Read(target); err == nil && sameFiles(current, files) {
 			return &csipb.NodePublishVolumeResponse{}, nil
 		}
@@ -215,27 +220,49 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 		return &csipb.NodePublishVolumeResponse{}, nil
 	}
 	if err := s.publish(target, vol.SizeLimit, files, gid); err != nil {
-		s.releaseIfUntracked(vol.Claimed.PodUID)
 		return nil, status.Errorf(codes.Internal, "publishing: %v", err)
 	}
-	s.track(req.GetVolumeId(), vol.Claimed.PodUID)
+	holdsFiles = true
 	return &csipb.NodePublishVolumeResponse{}, nil
 }
 
-// track remembers which pod a published volume belongs to.
-func (s *Server) track(volumeID, podUID string) {
+// Pod credentials follow the pod's volumes. A Vault token the broker obtained for a pod is released
+// (forgotten at once, revoked at Vault in the background) when no volume of the pod holds its files
+// and no publish of the pod is running: after its last volume is unpublished, after a republish was
+// refused and cleared the files, or after a failed first publish. Deciding and forgetting happen
+// under s.mu, and publishes register under s.mu before fetching, so a release never takes a token a
+// running publish of the pod may still use; a later publish logs in afresh.
+
+// begin registers a publish of the pod.
+func (s *Server) begin(podUID string) {
 	s.mu.Lock()
-	s.pods[volumeID] = podUID
+	s.inflight[podUID]++
 	s.mu.Unlock()
+}
+
+// end unregisters a publish; holdsFiles says whether the volume holds the pod's files now.
+func (s *Server) end(volumeID, podUID string, holdsFiles bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.inflight[podUID]--; s.inflight[podUID] <= 0 {
+		delete(s.inflight, podUID)
+	}
+	if holdsFiles {
+		s.pods[volumeID] = podUID // also re-learns volumes published before a driver restart
+		return
+	}
+	delete(s.pods, volumeID)
+	s.releaseLocked(podUID)
 }
 
 // podUIDInPath finds the pod UID in a kubelet target path (.../pods/<uid>/volumes/...), for volumes
 // published before a driver restart.
 var podUIDInPath = regexp.MustCompile(`/pods/([0-9a-fA-F-]{36})/volumes/`)
 
-// untrack forgets a volume and, if it was its pod's last, releases the pod's credentials.
-func (s *Server) untrack(volumeID, target string) {
+// unpublished forgets an unpublished volume and releases its pod's credentials if it was the last.
+func (s *Server) unpublished(volumeID, target string) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	uid, ok := s.pods[volumeID]
 	delete(s.pods, volumeID)
 	if !ok {
@@ -243,37 +270,22 @@ func (s *Server) untrack(volumeID, target string) {
 			uid = m[1]
 		}
 	}
-	last := uid != ""
-	for _, other := range s.pods {
-		if other == uid {
-			last = false
-			break
-		}
-	}
-	s.mu.Unlock()
-	if last {
-		s.release(uid)
-	}
+	s.releaseLocked(uid)
 }
 
-// releaseIfUntracked releases a pod's credentials after a failed first publish, unless another of its
-// volumes is published: credentials live only while the pod has a volume.
-func (s *Server) releaseIfUntracked(podUID string) {
-	s.mu.Lock()
+// releaseLocked releases the pod's credentials unless a volume of the pod holds files or a publish of
+// it is running. Callers hold s.mu.
+func (s *Server) releaseLocked(podUID string) {
+	if podUID == "" || s.inflight[podUID] > 0 {
+		return
+	}
 	for _, other := range s.pods {
 		if other == podUID {
-			s.mu.Unlock()
 			return
 		}
 	}
-	s.mu.Unlock()
-	s.release(podUID)
-}
-
-// release drops the pod's credentials in the background (kubelet need not wait on Vault; a failure
-// only leaves the token to lapse at its TTL).
-func (s *Server) release(podUID string) {
-	if podUID == "" {
+	revoke := s.o.Broker.Release(podUID) // forgets now: no later request can pick the token up
+	if revoke == nil {
 		return
 	}
 	s.releases.Add(1)
@@ -281,11 +293,11 @@ func (s *Server) release(podUID string) {
 		defer s.releases.Done()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if err := s.o.Broker.Release(ctx, podUID); err != nil {
-			s.o.Log.Warn("releasing the pod's Vault token failed; it lapses at its TTL", zap.String("pod_uid", podUID), zap.Error(err))
+		if err := revoke(ctx); err != nil {
+			s.o.Log.Warn("revoking the pod's Vault token failed; it lapses at its TTL", zap.String("pod_uid", podUID), zap.Error(err))
 			return
 		}
-		s.o.Log.Debug("released the pod's credentials", zap.String("pod_uid", podUID))
+		s.o.Log.Debug("revoked the pod's Vault token", zap.String("pod_uid", podUID))
 	}()
 }
 
@@ -351,7 +363,7 @@ func (s *Server) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpubli
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "unpublishing: %v", err)
 	}
-	s.untrack(req.GetVolumeId(), req.GetTargetPath())
+	s.unpublished(req.GetVolumeId(), req.GetTargetPath())
 	return &csipb.NodeUnpublishVolumeResponse{}, nil
 }
 

@@ -70,8 +70,11 @@ type Log struct {
 	writtenMAC []byte
 	size       int64 // file size after record writtenSeq
 
-	dirty        bool
-	syncErr      error
+	dirty   bool
+	syncErr error
+	// broken is set when a partial record could not be cut back: the file no longer ends on a whole
+	// record, and appending would only hide the break. Every later Record fails.
+	broken       error
 	stop         chan struct{}
 	stopped      chan struct{}
 	syncEachTime bool
@@ -181,6 +184,9 @@ func (l *Log) Record(_ context.Context, ev broker.Event) error {
 	defer buf.Free()
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.broken != nil {
+		return fmt.Errorf("audit log unusable until restarted and repaired: %v: %w", l.broken, broker.ErrUnavailable)
+	}
 	if !l.syncEachTime && l.syncErr != nil {
 		return fmt.Errorf("audit sync: %v: %w", l.syncErr, broker.ErrUnavailable)
 	}
@@ -228,9 +234,11 @@ func (l *Log) flushLocked() {
 	if err == nil && l.syncEachTime {
 		err = l.out.Sync()
 	}
+	var broken error
 	if err != nil && n > 0 {
 		if terr := l.out.Truncate(l.size); terr != nil {
 			err = fmt.Errorf("%v; cutting back the partial record also failed: %v", err, terr)
+			broken = err
 		}
 	}
 	if err == nil && l.stdout != nil {
@@ -239,6 +247,9 @@ func (l *Log) flushLocked() {
 
 	l.mu.Lock()
 	l.writing = false
+	if broken != nil {
+		l.broken = broken
+	}
 	if err != nil {
 		if next := l.cur; len(next.buf) > 0 {
 			next.done, next.err = true, err

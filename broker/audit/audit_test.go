@@ -208,7 +208,15 @@ func TestQuery(t *testing.T) {
 // shortWriter writes part of a batch to the real file and then fails, as a full disk does.
 type shortWriter struct {
 	*os.File
-	fail bool
+	fail         bool
+	truncateFail bool
+}
+
+func (w *shortWriter) Truncate(size int64) error {
+	if w.truncateFail {
+		return errors.New("input/output error")
+	}
+	return w.File.Truncate(size)
 }
 
 func (w *shortWriter) Write(b []byte) (int, error) {
@@ -321,5 +329,36 @@ func TestStdoutCopyMatchesTheFile(t *testing.T) {
 	l.Close()
 	if got, want := copyOut.String(), readFile(t, opts.Path); got != want || want == "" {
 		t.Fatalf("stdout copy differs from the file:\n%s\nfile:\n%s", got, want)
+	}
+}
+
+// A partial record that cannot be cut back leaves the log unusable: later records fail (closed)
+// instead of being appended after the broken line.
+func TestUncutPartialRecordStopsTheLog(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir), SyncInterval: time.Hour}
+	l, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &shortWriter{File: l.file}
+	l.out = w
+	if err := l.Record(context.Background(), event(0)); err != nil {
+		t.Fatal(err)
+	}
+	w.fail, w.truncateFail = true, true
+	if err := l.Record(context.Background(), event(1)); !errors.Is(err, broker.ErrUnavailable) {
+		t.Fatalf("failed write: %v", err)
+	}
+	w.fail, w.truncateFail = false, false
+	for i := range 3 {
+		if err := l.Record(context.Background(), event(2+i)); !errors.Is(err, broker.ErrUnavailable) {
+			t.Fatalf("record after an uncut partial write: %v, want ErrUnavailable", err)
+		}
+	}
+	l.Close()
+	lines := strings.Split(strings.TrimSpace(readFile(t, opts.Path)), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("%d lines in the file, want the good record and the partial one only", len(lines))
 	}
 }

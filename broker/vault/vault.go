@@ -315,7 +315,9 @@ func (s *Source) renew(ctx context.Context, key string, t *vaultToken) (*vaultTo
 		}
 		nt := &vaultToken{token: t.token, issued: s.o.Now(), ttl: time.Duration(sec.Auth.LeaseDuration) * time.Second, renewable: sec.Auth.Renewable}
 		s.mu.Lock()
-		s.tokens[key] = nt
+		if cur := s.tokens[key]; cur != nil && cur.token == t.token { // a released token stays released
+			s.tokens[key] = nt
+		}
 		s.mu.Unlock()
 		return nt, nil
 	})
@@ -327,22 +329,29 @@ func (s *Source) renew(ctx context.Context, key string, t *vaultToken) (*vaultTo
 
 var _ broker.PodReleaser = (*Source)(nil)
 
-// Release revokes the Vault tokens the pod's logins returned (revoke-self, with each token) and drops
-// them from the cache. A token Vault no longer knows (expired, already revoked) is not an error.
-func (s *Source) Release(ctx context.Context, podUID string) error {
-	_, err := s.revoke(ctx, func(uid string) bool { return uid == podUID })
-	return err
+// Release forgets the Vault tokens the pod's logins returned and returns the function that revokes
+// them (revoke-self, with each token); nil if it held none.
+func (s *Source) Release(podUID string) func(context.Context) error {
+	toks := s.detach(func(uid string) bool { return uid == podUID })
+	if len(toks) == 0 {
+		return nil
+	}
+	return func(ctx context.Context) error {
+		_, err := s.revoke(ctx, toks)
+		return err
+	}
 }
 
 // ReleaseAll revokes every pod's cached Vault token, for a clean shutdown. It returns how many were
 // revoked.
 func (s *Source) ReleaseAll(ctx context.Context) (int, error) {
-	return s.revoke(ctx, func(string) bool { return true })
+	return s.revoke(ctx, s.detach(func(string) bool { return true }))
 }
 
-func (s *Source) revoke(ctx context.Context, match func(podUID string) bool) (int, error) {
+// detach removes the matching pods' tokens from the cache and returns them.
+func (s *Source) detach(match func(podUID string) bool) []string {
 	if s.o.Mode != ModePod {
-		return 0, nil
+		return nil
 	}
 	var toks []string
 	s.mu.Lock()
@@ -353,15 +362,24 @@ func (s *Source) revoke(ctx context.Context, match func(podUID string) bool) (in
 		}
 	}
 	s.mu.Unlock()
+	return toks
+}
+
+// revoke revokes tokens at Vault. A token Vault no longer accepts is not an error.
+func (s *Source) revoke(ctx context.Context, toks []string) (int, error) {
 	n := 0
 	var first error
 	for _, tok := range toks {
 		c := s.o.Client.WithRequestCallbacks(func(req *vaultapi.Request) { req.ClientToken = tok })
 		err := c.Auth().Token().RevokeSelfWithContext(ctx, "")
-		switch merr := mapErr("revoke", err); {
-		case err == nil:
+		if err == nil {
 			n++
-		case errors.Is(merr, broker.ErrDenied): // expired or already revoked
+			continue
+		}
+		switch merr := mapErr("revoke", err); {
+		case errors.Is(merr, broker.ErrDenied):
+			// Expired, already revoked, or the role's tokens lack revoke-self (Vault says 403 to all).
+			s.o.Log.Debug("Vault refused a token's revoke-self; it lapses at its TTL", zap.Error(merr))
 		case first == nil:
 			first = merr
 		}

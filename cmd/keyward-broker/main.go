@@ -184,7 +184,10 @@ func run(o Options, log *zap.Logger) error {
 	}
 	gs := grpcserver.NewServer(log.Named("grpc"), csi.Describe)
 	node.Register(gs)
-	if o.ProviderSock != "" {
+	providerDone := make(chan struct{})
+	if o.ProviderSock == "" {
+		close(providerDone)
+	} else {
 		plis, err := grpcserver.Listen(o.ProviderSock)
 		if err != nil {
 			return err
@@ -197,6 +200,7 @@ func run(o Options, log *zap.Logger) error {
 		ps := grpcserver.NewServer(log.Named("provider"), csi.DescribeProvider)
 		prov.Register(ps)
 		go func() {
+			defer close(providerDone)
 			if err := grpcserver.Serve(ctx, ps, plis, o.Grace); err != nil {
 				log.Error("provider API stopped", zap.Error(err))
 			}
@@ -206,6 +210,9 @@ func run(o Options, log *zap.Logger) error {
 	log.Info("serving CSI", zap.String("socket", o.CSISocket), zap.String("node", o.NodeID), zap.String("policy", pol.Hash()),
 		zap.String("vault_mode", cfg.Vault.Mode), zap.String("version", version.Version))
 	err = grpcserver.Serve(ctx, gs, lis, o.Grace)
+	stop() // the CSI server may have ended on its own: stop the provider API too
+	// Both servers have stopped and their handlers returned: no publish can log in any more.
+	<-providerDone
 	node.WaitReleases()
 	// The pods' Vault tokens do not outlive the process holding them: a restarted broker logs in
 	// again at the next republish (kubelet sends a fresh token each time).

@@ -66,7 +66,10 @@ type Describer func(req any) []zap.Field
 // NewServer returns a gRPC server that logs each RPC once (method, code, duration, and what describe
 // allows of the request; never payloads).
 func NewServer(log *zap.Logger, describe Describer, opts ...grpc.ServerOption) *grpc.Server {
-	return grpc.NewServer(append([]grpc.ServerOption{grpc.ChainUnaryInterceptor(LoggingInterceptor(log, describe))}, opts...)...)
+	// WaitForHandlers: even a forced Stop (grace exceeded) returns only once every handler has
+	// returned, so nothing a handler does can race with the process's own shutdown steps.
+	return grpc.NewServer(append([]grpc.ServerOption{grpc.ChainUnaryInterceptor(LoggingInterceptor(log, describe)),
+		grpc.WaitForHandlers(true)}, opts...)...)
 }
 
 // LoggingInterceptor logs one line per unary RPC: OK at debug level, failures at info level. It logs
