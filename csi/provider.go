@@ -24,7 +24,8 @@ const attrSecretProviderClass = "secretProviderClass"
 // the same authentication, scoping and audit. The driver writes the files it returns.
 type ProviderServer struct {
 	provider.UnimplementedCSIDriverProviderServer
-	o Options
+	o     Options
+	creds *PodCredentials
 }
 
 // NewProviderServer shares Options with the CSI node server.
@@ -32,7 +33,10 @@ func NewProviderServer(o Options) (*ProviderServer, error) {
 	if o.Broker == nil || o.Log == nil || o.Audience == "" {
 		return nil, errors.New("csi provider: Broker, Audience and Log are required")
 	}
-	return &ProviderServer{o: o}, nil
+	if o.Credentials == nil {
+		o.Credentials = NewPodCredentials(o.Broker, o.Log)
+	}
+	return &ProviderServer{o: o, creds: o.Credentials}, nil
 }
 
 // Register registers the provider service.
@@ -58,6 +62,8 @@ func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) 
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	p.creds.begin(vol.Claimed.PodUID)
+	defer p.creds.end("", vol.Claimed.PodUID, false)
 	secrets, err := p.o.Broker.Fetch(ctx, broker.Request{
 		RequestID: "provider/" + vol.Claimed.PodUID + "/" + nonce(), Event: broker.EventMount,
 		Token: vol.Token, Claimed: vol.Claimed, Refs: vol.Refs(),

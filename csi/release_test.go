@@ -58,15 +58,16 @@ func TestReleaseFollowsThePodsVolumes(t *testing.T) {
 			t.Fatalf("%s: released %q, revoked %q, want %q", step, released, revoked, pods)
 		}
 	}
-	publish := func(vol, pod string, holdsFiles bool) { s.begin(pod); s.end(vol, pod, holdsFiles) }
+	c := s.creds
+	publish := func(vol, pod string, holdsFiles bool) { c.begin(pod); c.end(vol, pod, holdsFiles) }
 
 	publish("v1", "pod-a", true)
 	publish("v2", "pod-a", true)
 	publish("v3", "pod-b", true)
 	want("three volumes published", "")
-	s.unpublished("v1", "/t/1")
+	c.unpublished("v1", "/t/1")
 	want("pod-a still has v2", "")
-	s.unpublished("v2", "/t/2")
+	c.unpublished("v2", "/t/2")
 	want("pod-a's last volume", "pod-a")
 
 	// A refused republish clears v3's files: pod-b holds nothing any more.
@@ -78,16 +79,16 @@ func TestReleaseFollowsThePodsVolumes(t *testing.T) {
 	publish("v5", "pod-c", false)
 	want("pod-c's second volume failed", "")
 	// ...or another publish of the pod is running (it may be using the token).
-	s.begin("pod-c")
-	s.unpublished("v4", "/t/4")
+	c.begin("pod-c")
+	c.unpublished("v4", "/t/4")
 	want("pod-c has a publish in flight", "")
-	s.end("v6", "pod-c", false)
+	c.end("v6", "pod-c", false)
 	want("pod-c's in-flight publish failed too", "pod-c")
 
 	const uid = "0b9e3c4e-8f1a-4d2b-9c3e-5a6b7c8d9e0f"
-	s.unpublished("v7", "/var/lib/kubelet/pods/"+uid+"/volumes/kubernetes.io~csi/secrets/mount")
+	c.unpublished("v7", "/var/lib/kubelet/pods/"+uid+"/volumes/kubernetes.io~csi/secrets/mount")
 	want("a volume from before a restart", uid)
-	s.unpublished("v8", "/somewhere/else")
+	c.unpublished("v8", "/somewhere/else")
 	want("an unknown volume", "")
 }
 

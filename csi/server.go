@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"os"
-	"regexp"
 	"strconv"
 	"sync"
 	"time"
@@ -45,6 +44,9 @@ type Options struct {
 	Auditor broker.Auditor
 	// Audience of the token kubelet requests for the driver (the CSIDriver's tokenRequests).
 	Audience string
+	// Credentials tracks pods' volumes and fetches to release their credentials; share one between
+	// the node and provider servers of a process (NewServer makes one if nil).
+	Credentials *PodCredentials
 	// Ready reports whether the broker can decide (informers synced, policy loaded); Probe uses it.
 	Ready func() error
 	Log   *zap.Logger
@@ -58,12 +60,7 @@ type Server struct {
 	o     Options
 	mu    sync.Mutex
 	locks map[string]*volumeLock
-	pods  map[string]string // volume ID -> pod UID of each volume holding the pod's files
-	// inflight counts publishes running per pod UID: a pod's credentials are not released while one
-	// of its publishes may be using them.
-	inflight map[string]int
-	// releases tracks background revocations, so shutdown (and tests) can wait for them.
-	releases sync.WaitGroup
+	creds *PodCredentials
 }
 
 type volumeLock struct {
@@ -79,7 +76,10 @@ func NewServer(o Options) (*Server, error) {
 	if o.Ready == nil {
 		o.Ready = func() error { return nil }
 	}
-	return &Server{o: o, locks: map[string]*volumeLock{}, pods: map[string]string{}, inflight: map[string]int{}}, nil
+	if o.Credentials == nil {
+		o.Credentials = NewPodCredentials(o.Broker, o.Log)
+	}
+	return &Server{o: o, locks: map[string]*volumeLock{}, creds: o.Credentials}, nil
 }
 
 // Register registers the Identity and Node services, and a Controller service that only answers
@@ -179,9 +179,9 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 
 	published := isPublished(target)
 	podUID := vol.Claimed.PodUID
-	s.begin(podUID)
+	s.creds.begin(podUID)
 	holdsFiles := published // whether the volume holds the pod's files when this call ends
-	defer func() { s.end(req.GetVolumeId(), podUID, holdsFiles) }()
+	defer func() { s.creds.end(req.GetVolumeId(), podUID, holdsFiles) }()
 	secrets, err := s.o.Broker.Fetch(ctx, broker.Request{
 		RequestID: req.GetVolumeId() + "/" + nonce(), Event: broker.EventMount,
 		Token: vol.Token, Claimed: vol.Claimed, Refs: vol.Refs(),
@@ -226,83 +226,8 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 	return &csipb.NodePublishVolumeResponse{}, nil
 }
 
-// Pod credentials follow the pod's volumes. A Vault token the broker obtained for a pod is released
-// (forgotten at once, revoked at Vault in the background) when no volume of the pod holds its files
-// and no publish of the pod is running: after its last volume is unpublished, after a republish was
-// refused and cleared the files, or after a failed first publish. Deciding and forgetting happen
-// under s.mu, and publishes register under s.mu before fetching, so a release never takes a token a
-// running publish of the pod may still use; a later publish logs in afresh.
-
-// begin registers a publish of the pod.
-func (s *Server) begin(podUID string) {
-	s.mu.Lock()
-	s.inflight[podUID]++
-	s.mu.Unlock()
-}
-
-// end unregisters a publish; holdsFiles says whether the volume holds the pod's files now.
-func (s *Server) end(volumeID, podUID string, holdsFiles bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.inflight[podUID]--; s.inflight[podUID] <= 0 {
-		delete(s.inflight, podUID)
-	}
-	if holdsFiles {
-		s.pods[volumeID] = podUID // also re-learns volumes published before a driver restart
-		return
-	}
-	delete(s.pods, volumeID)
-	s.releaseLocked(podUID)
-}
-
-// podUIDInPath finds the pod UID in a kubelet target path (.../pods/<uid>/volumes/...), for volumes
-// published before a driver restart.
-var podUIDInPath = regexp.MustCompile(`/pods/([0-9a-fA-F-]{36})/volumes/`)
-
-// unpublished forgets an unpublished volume and releases its pod's credentials if it was the last.
-func (s *Server) unpublished(volumeID, target string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	uid, ok := s.pods[volumeID]
-	delete(s.pods, volumeID)
-	if !ok {
-		if m := podUIDInPath.FindStringSubmatch(target); m != nil {
-			uid = m[1]
-		}
-	}
-	s.releaseLocked(uid)
-}
-
-// releaseLocked releases the pod's credentials unless a volume of the pod holds files or a publish of
-// it is running. Callers hold s.mu.
-func (s *Server) releaseLocked(podUID string) {
-	if podUID == "" || s.inflight[podUID] > 0 {
-		return
-	}
-	for _, other := range s.pods {
-		if other == podUID {
-			return
-		}
-	}
-	revoke := s.o.Broker.Release(podUID) // forgets now: no later request can pick the token up
-	if revoke == nil {
-		return
-	}
-	s.releases.Add(1)
-	go func() {
-		defer s.releases.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := revoke(ctx); err != nil {
-			s.o.Log.Warn("revoking the pod's Vault token failed; it lapses at its TTL", zap.String("pod_uid", podUID), zap.Error(err))
-			return
-		}
-		s.o.Log.Debug("revoked the pod's Vault token", zap.String("pod_uid", podUID))
-	}()
-}
-
-// WaitReleases waits for background releases to finish.
-func (s *Server) WaitReleases() { s.releases.Wait() }
+// WaitReleases waits for background revocations to finish.
+func (s *Server) WaitReleases() { s.creds.Wait() }
 
 // publish mounts and writes; on any failure it leaves no mount and no file behind.
 func (s *Server) publish(target string, size int64, files []tmpfs.File, gid int) (err error) {
@@ -363,7 +288,7 @@ func (s *Server) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpubli
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "unpublishing: %v", err)
 	}
-	s.unpublished(req.GetVolumeId(), req.GetTargetPath())
+	s.creds.unpublished(req.GetVolumeId(), req.GetTargetPath())
 	return &csipb.NodeUnpublishVolumeResponse{}, nil
 }
 

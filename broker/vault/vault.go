@@ -165,6 +165,10 @@ func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.To
 	for i, r := range refs {
 		tok, err := s.token(ctx, id, jwt, r.Environment)
 		if err != nil {
+			g.Wait() // reads already started must not outlive the request
+			for i := range out {
+				clear(out[i].Value)
+			}
 			return nil, err
 		}
 		g.Go(func() error {

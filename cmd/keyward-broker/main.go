@@ -142,6 +142,7 @@ func run(o Options, log *zap.Logger) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	context.AfterFunc(ctx, stop) // after the first signal, a second one kills the process
 	namespaces := policy.NewNamespaceWatcher(meta, 10*time.Minute)
 	namespaces.Start(ctx)
 	authz := policy.NewAuthorizer(pol, namespaces)
@@ -171,8 +172,10 @@ func run(o Options, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
+	// One tracker for both servers: a pod's Vault token goes when neither holds it in use.
+	creds := csi.NewPodCredentials(svc, log.Named("csi"))
 	node, err := csi.NewServer(csi.Options{NodeID: o.NodeID, Version: version.Version, Broker: svc, Auditor: auditLog,
-		Audience: cfg.Audience, Log: log.Named("csi"),
+		Audience: cfg.Audience, Log: log.Named("csi"), Credentials: creds,
 		Ready: func() error {
 			if !namespaces.HasSynced() {
 				return errors.New("namespace informer not synced")
@@ -185,6 +188,7 @@ func run(o Options, log *zap.Logger) error {
 	gs := grpcserver.NewServer(log.Named("grpc"), csi.Describe)
 	node.Register(gs)
 	providerDone := make(chan struct{})
+	var providerErr error // written before providerDone closes
 	if o.ProviderSock == "" {
 		close(providerDone)
 	} else {
@@ -193,7 +197,8 @@ func run(o Options, log *zap.Logger) error {
 			return err
 		}
 		defer plis.Close()
-		prov, err := csi.NewProviderServer(csi.Options{Version: version.Version, Broker: svc, Audience: cfg.Audience, Log: log.Named("provider")})
+		prov, err := csi.NewProviderServer(csi.Options{Version: version.Version, Broker: svc, Audience: cfg.Audience, Log: log.Named("provider"),
+			Credentials: creds})
 		if err != nil {
 			return err
 		}
@@ -201,8 +206,9 @@ func run(o Options, log *zap.Logger) error {
 		prov.Register(ps)
 		go func() {
 			defer close(providerDone)
-			if err := grpcserver.Serve(ctx, ps, plis, o.Grace); err != nil {
-				log.Error("provider API stopped", zap.Error(err))
+			if perr := grpcserver.Serve(ctx, ps, plis, o.Grace); perr != nil {
+				providerErr = perr
+				log.Error("provider API stopped", zap.Error(perr))
 			}
 		}()
 		log.Info("serving the Secrets Store CSI Driver provider API", zap.String("socket", o.ProviderSock))
@@ -211,8 +217,12 @@ func run(o Options, log *zap.Logger) error {
 		zap.String("vault_mode", cfg.Vault.Mode), zap.String("version", version.Version))
 	err = grpcserver.Serve(ctx, gs, lis, o.Grace)
 	stop() // the CSI server may have ended on its own: stop the provider API too
-	// Both servers have stopped and their handlers returned: no publish can log in any more.
 	<-providerDone
+	if errors.Is(err, grpcserver.ErrHandlersRunning) || errors.Is(providerErr, grpcserver.ErrHandlersRunning) {
+		log.Error("handlers still running after the grace periods; leaving the pods' Vault tokens to their TTL")
+		return err
+	}
+	// Both servers have stopped and their handlers returned: no publish can log in any more.
 	node.WaitReleases()
 	// The pods' Vault tokens do not outlive the process holding them: a restarted broker logs in
 	// again at the next republish (kubelet sends a fresh token each time).

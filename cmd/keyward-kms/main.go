@@ -141,6 +141,7 @@ func run(o Options, log *zap.Logger) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	context.AfterFunc(ctx, stop) // after the first signal, a second one kills the process
 	go svc.Run(ctx)
 	go reloadOnHUP(ctx, log, wrapper, svc)
 	if o.MetricsAddress != "" {

@@ -94,25 +94,49 @@ func LoggingInterceptor(log *zap.Logger, describe Describer) grpc.UnaryServerInt
 	}
 }
 
+// ErrHandlersRunning is returned by Serve when handlers were still running after being cut: the
+// caller must not assume no handler runs any more.
+var ErrHandlersRunning = errors.New("grpc handlers still running after the server was stopped")
+
 // Serve serves until ctx ends, then stops gracefully: in-flight calls get up to grace to finish, after
-// which they are cut. The listener (and so the socket file) is closed either way.
+// which they are cut (their contexts cancelled) and get another grace to return. The listener (and so
+// the socket file) is closed either way. If serving fails on its own, the server is stopped the same
+// way before Serve returns, so no handler outlives it.
 func Serve(ctx context.Context, s *grpc.Server, l net.Listener, grace time.Duration) error {
 	errc := make(chan error, 1)
 	go func() { errc <- s.Serve(l) }()
 	select {
 	case err := <-errc:
+		if serr := stop(s, 0, grace); serr != nil {
+			return errors.Join(err, serr)
+		}
 		return err
 	case <-ctx.Done():
 	}
+	if err := stop(s, grace, grace); err != nil {
+		return err
+	}
+	<-errc
+	return nil
+}
+
+// stop lets in-flight calls finish for up to grace, then cuts them and waits up to cut for their
+// handlers to return (the servers are built with WaitForHandlers).
+func stop(s *grpc.Server, grace, cut time.Duration) error {
 	done := make(chan struct{})
 	go func() { s.GracefulStop(); close(done) }()
 	select {
 	case <-done:
+		return nil
 	case <-time.After(grace):
-		s.Stop()
 	}
-	<-errc
-	return nil
+	go s.Stop()
+	select {
+	case <-done:
+		return nil
+	case <-time.After(cut):
+		return ErrHandlersRunning
+	}
 }
 
 var codeByName = func() map[string]codes.Code {

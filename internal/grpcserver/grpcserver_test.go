@@ -3,9 +3,11 @@ package grpcserver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -121,5 +123,61 @@ func TestCodeFromName(t *testing.T) {
 	}
 	if CodeFromName("Bogus") != codes.Internal {
 		t.Error("unknown name is not Internal")
+	}
+}
+
+// blockingHealth's Check blocks: until its context ends (polite) or until release closes (stuck).
+type blockingHealth struct {
+	healthpb.UnimplementedHealthServer
+	polite   bool
+	entered  chan struct{}
+	release  chan struct{}
+	returned atomic.Bool
+}
+
+func (b *blockingHealth) Check(ctx context.Context, _ *healthpb.HealthCheckRequest) (*healthpb.HealthCheckResponse, error) {
+	defer b.returned.Store(true)
+	close(b.entered)
+	if b.polite {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	<-b.release
+	return &healthpb.HealthCheckResponse{}, nil
+}
+
+// Past the grace, calls are cut; Serve returns only once their handlers have returned, or reports
+// that one is still running instead of hanging.
+func TestServeCutsCallsAndWaitsForTheirHandlers(t *testing.T) {
+	for _, polite := range []bool{true, false} {
+		t.Run(fmt.Sprintf("polite=%v", polite), func(t *testing.T) {
+			path := filepath.Join(shortDir(t), "s.sock")
+			s := NewServer(zap.NewNop(), nil)
+			b := &blockingHealth{polite: polite, entered: make(chan struct{}), release: make(chan struct{})}
+			defer close(b.release)
+			healthpb.RegisterHealthServer(s, b)
+			l, err := Listen(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- Serve(ctx, s, l, 200*time.Millisecond) }()
+			conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			go healthpb.NewHealthClient(conn).Check(context.Background(), &healthpb.HealthCheckRequest{})
+			<-b.entered
+			cancel()
+			err = <-done
+			switch {
+			case polite && (err != nil || !b.returned.Load()):
+				t.Fatalf("polite handler: Serve = %v, handler returned = %v", err, b.returned.Load())
+			case !polite && !errors.Is(err, ErrHandlersRunning):
+				t.Fatalf("stuck handler: Serve = %v, want ErrHandlersRunning", err)
+			}
+		})
 	}
 }
