@@ -162,14 +162,11 @@ func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.To
 	out := make([]broker.Secret, len(refs))
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
+	var err error
 	for i, r := range refs {
-		tok, err := s.token(ctx, id, jwt, r.Environment)
-		if err != nil {
-			g.Wait() // reads already started must not outlive the request
-			for i := range out {
-				clear(out[i].Value)
-			}
-			return nil, err
+		var tok string
+		if tok, err = s.token(ctx, id, jwt, r.Environment); err != nil {
+			break // reads already started are still waited for below: none outlives the request
 		}
 		g.Go(func() error {
 			sec, err := s.read(gctx, tok, r)
@@ -177,7 +174,10 @@ func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.To
 			return err
 		})
 	}
-	if err := g.Wait(); err != nil {
+	if werr := g.Wait(); err == nil {
+		err = werr
+	}
+	if err != nil {
 		for i := range out {
 			clear(out[i].Value)
 		}
@@ -186,10 +186,10 @@ func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.To
 	return out, nil
 }
 
+// client is the shared client with token set on every request by a callback: a shallow copy, not a
+// Clone (which builds a whole new client, environment lookups included, per call).
 func (s *Source) client(token string) *vaultapi.Client {
-	c, _ := s.o.Client.Clone() // Clone only copies configuration; it cannot fail without headers
-	c.SetToken(token)
-	return c
+	return s.o.Client.WithRequestCallbacks(func(req *vaultapi.Request) { req.ClientToken = token })
 }
 
 // kvResponse is the body of a KV v2 read, decoded once, straight from the response.
@@ -207,16 +207,12 @@ func (s *Source) read(ctx context.Context, token string, r broker.Resolved) (bro
 	sum := sha256.Sum256([]byte(token))
 	key := hex.EncodeToString(sum[:8]) + "|" + path + "|" + strconv.Itoa(r.Version)
 	v, err, _ := s.flight.Do(key, func() (any, error) {
-		// The shared client, with the token set on the request by a callback: a shallow copy, not a
-		// Clone (which builds a whole new client, environment lookups included, per read).
-		c := s.o.Client.WithRequestCallbacks(func(req *vaultapi.Request) { req.ClientToken = token })
 		var q map[string][]string
 		if r.Version > 0 {
 			q = map[string][]string{"version": {strconv.Itoa(r.Version)}}
 		}
-		rctx, cancel := context.WithTimeout(ctx, s.o.Client.ClientTimeout())
-		defer cancel()
-		resp, err := c.Logical().ReadRawWithDataWithContext(rctx, path, q)
+		// The client's configured timeout applies (RawRequestWithContext sets it).
+		resp, err := s.client(token).Logical().ReadRawWithDataWithContext(ctx, path, q)
 		if resp != nil {
 			defer resp.Body.Close()
 		}
@@ -374,8 +370,7 @@ func (s *Source) revoke(ctx context.Context, toks []string) (int, error) {
 	n := 0
 	var first error
 	for _, tok := range toks {
-		c := s.o.Client.WithRequestCallbacks(func(req *vaultapi.Request) { req.ClientToken = tok })
-		err := c.Auth().Token().RevokeSelfWithContext(ctx, "")
+		err := s.client(tok).Auth().Token().RevokeSelfWithContext(ctx, "")
 		if err == nil {
 			n++
 			continue
