@@ -24,8 +24,7 @@ const attrSecretProviderClass = "secretProviderClass"
 // the same authentication, scoping and audit. The driver writes the files it returns.
 type ProviderServer struct {
 	provider.UnimplementedCSIDriverProviderServer
-	o     Options
-	creds *PodCredentials
+	o Options
 }
 
 // NewProviderServer shares Options with the CSI node server.
@@ -36,7 +35,7 @@ func NewProviderServer(o Options) (*ProviderServer, error) {
 	if o.Credentials == nil {
 		o.Credentials = NewPodCredentials(o.Broker, o.Log)
 	}
-	return &ProviderServer{o: o, creds: o.Credentials}, nil
+	return &ProviderServer{o: o}, nil
 }
 
 // Register registers the provider service.
@@ -62,8 +61,8 @@ func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) 
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	p.creds.begin(vol.Claimed.PodUID)
-	defer p.creds.end("", vol.Claimed.PodUID, false)
+	p.o.Credentials.begin(vol.Claimed.PodUID)
+	defer p.o.Credentials.end("", vol.Claimed.PodUID, false)
 	secrets, err := p.o.Broker.Fetch(ctx, broker.Request{
 		RequestID: "provider/" + vol.Claimed.PodUID + "/" + nonce(), Event: broker.EventMount,
 		Token: vol.Token, Claimed: vol.Claimed, Refs: vol.Refs(),

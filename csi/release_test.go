@@ -58,7 +58,7 @@ func TestReleaseFollowsThePodsVolumes(t *testing.T) {
 			t.Fatalf("%s: released %q, revoked %q, want %q", step, released, revoked, pods)
 		}
 	}
-	c := s.creds
+	c := s.o.Credentials
 	publish := func(vol, pod string, holdsFiles bool) { c.begin(pod); c.end(vol, pod, holdsFiles) }
 
 	publish("v1", "pod-a", true)

@@ -60,7 +60,6 @@ type Server struct {
 	o     Options
 	mu    sync.Mutex
 	locks map[string]*volumeLock
-	creds *PodCredentials
 }
 
 type volumeLock struct {
@@ -79,7 +78,7 @@ func NewServer(o Options) (*Server, error) {
 	if o.Credentials == nil {
 		o.Credentials = NewPodCredentials(o.Broker, o.Log)
 	}
-	return &Server{o: o, locks: map[string]*volumeLock{}, creds: o.Credentials}, nil
+	return &Server{o: o, locks: map[string]*volumeLock{}}, nil
 }
 
 // Register registers the Identity and Node services, and a Controller service that only answers
@@ -179,9 +178,9 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 
 	published := isPublished(target)
 	podUID := vol.Claimed.PodUID
-	s.creds.begin(podUID)
+	s.o.Credentials.begin(podUID)
 	holdsFiles := published // whether the volume holds the pod's files when this call ends
-	defer func() { s.creds.end(req.GetVolumeId(), podUID, holdsFiles) }()
+	defer func() { s.o.Credentials.end(req.GetVolumeId(), podUID, holdsFiles) }()
 	secrets, err := s.o.Broker.Fetch(ctx, broker.Request{
 		RequestID: req.GetVolumeId() + "/" + nonce(), Event: broker.EventMount,
 		Token: vol.Token, Claimed: vol.Claimed, Refs: vol.Refs(),
@@ -227,7 +226,7 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 }
 
 // WaitReleases waits for background revocations to finish.
-func (s *Server) WaitReleases() { s.creds.Wait() }
+func (s *Server) WaitReleases() { s.o.Credentials.Wait() }
 
 // publish mounts and writes; on any failure it leaves no mount and no file behind.
 func (s *Server) publish(target string, size int64, files []tmpfs.File, gid int) (err error) {
@@ -288,7 +287,7 @@ func (s *Server) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpubli
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "unpublishing: %v", err)
 	}
-	s.creds.unpublished(req.GetVolumeId(), req.GetTargetPath())
+	s.o.Credentials.unpublished(req.GetVolumeId(), req.GetTargetPath())
 	return &csipb.NodeUnpublishVolumeResponse{}, nil
 }
 
