@@ -62,8 +62,6 @@ var only = flag.String("only", "", "measure only this contender (for profiling)"
 
 var spin = flag.Duration("spin", 0, "CPU the ceiling contender burns per operation (default: the raw HSM's CPU per operation, measured at the start of the run)")
 
-var perSession = flag.Bool("raw-per-session", false, "diagnosis: raw workers use a key copy of their own")
-
 var concList = flag.String("conc", "1,8,32", "concurrency levels (the targets apply at 8 and 32)")
 
 var sessions = flag.Int("sessions", 8, "keyward-kms pkcs11.maxSessions (the plugin's default is 8)")
@@ -399,7 +397,6 @@ type rawHSM struct {
 	p    *p11.Ctx
 	slot uint
 	key  p11.ObjectHandle
-	tok  p11.ObjectHandle
 	own  p11.SessionHandle
 }
 
@@ -422,7 +419,6 @@ func newRaw(h *harness.SoftHSM, cfg kms.PKCS11Config) (*rawHSM, error) {
 	if err != nil || len(objs) != 1 {
 		return nil, fmt.Errorf("raw: key not found: %v", err)
 	}
-	r.tok = objs[0]
 	r.key, err = p.CopyObject(s, objs[0], []*p11.Attribute{p11.NewAttribute(p11.CKA_TOKEN, false)})
 	return r, err
 }
@@ -434,37 +430,44 @@ func (r *rawHSM) worker() (pairFunc, func(), error) {
 	}
 	seed := make([]byte, 32)
 	rand.Read(seed)
-	key := r.key
-	if *perSession {
-		if key, err = r.p.CopyObject(s, r.tok, []*p11.Attribute{p11.NewAttribute(p11.CKA_TOKEN, false)}); err != nil {
-			return nil, nil, err
-		}
-	}
+	aad := []byte("aad")
 	return func(context.Context) (time.Duration, time.Duration, error) {
 		iv := make([]byte, 12)
 		rand.Read(iv)
 		t0 := time.Now()
-		gp := p11.NewGCMParams(iv, []byte("aad"), 128)
-		defer gp.Free()
-		if err := r.p.EncryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, gp)}, key); err != nil {
-			return 0, 0, err
-		}
-		ct, err := r.p.Encrypt(s, seed)
+		ct, err := r.seal(s, iv, aad, seed)
 		if err != nil {
 			return 0, 0, err
 		}
 		t1 := time.Now()
-		dp := p11.NewGCMParams(iv, []byte("aad"), 128)
-		defer dp.Free()
-		if err := r.p.DecryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, dp)}, key); err != nil {
-			return 0, 0, err
-		}
-		if _, err := r.p.Decrypt(s, ct); err != nil {
+		if _, err := r.open(s, iv, aad, ct); err != nil {
 			return 0, 0, err
 		}
 		return t1.Sub(t0), time.Since(t1), nil
 	}, func() { r.p.CloseSession(s) }, nil
 }
+
+// seal is one AES-GCM encryption inside the HSM, in session s, with the key copy.
+func (r *rawHSM) seal(s p11.SessionHandle, iv, aad, pt []byte) ([]byte, error) {
+	gp := p11.NewGCMParams(iv, aad, 128)
+	defer gp.Free()
+	if err := r.p.EncryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, gp)}, r.key); err != nil {
+		return nil, err
+	}
+	return r.p.Encrypt(s, pt)
+}
+
+// open is one AES-GCM decryption inside the HSM, in session s, with the key copy.
+func (r *rawHSM) open(s p11.SessionHandle, iv, aad, ct []byte) ([]byte, error) {
+	gp := p11.NewGCMParams(iv, aad, 128)
+	defer gp.Free()
+	if err := r.p.DecryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, gp)}, r.key); err != nil {
+		return nil, err
+	}
+	return r.p.Decrypt(s, ct)
+}
+
+var minimalAAD = []byte("minimal")
 
 // minimalPlugin is a KMS v2 service doing one raw AES-GCM call per operation on a session pool.
 type minimalPlugin struct {
@@ -493,12 +496,7 @@ func (m *minimalPlugin) Encrypt(_ context.Context, _ string, pt []byte) (*servic
 	defer func() { m.sessions <- s }()
 	iv := make([]byte, 12)
 	rand.Read(iv)
-	gp := p11.NewGCMParams(iv, []byte("minimal"), 128)
-	defer gp.Free()
-	if err := m.r.p.EncryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, gp)}, m.r.key); err != nil {
-		return nil, err
-	}
-	ct, err := m.r.p.Encrypt(s, pt)
+	ct, err := m.r.seal(s, iv, minimalAAD, pt)
 	if err != nil {
 		return nil, err
 	}
@@ -511,12 +509,7 @@ func (m *minimalPlugin) Decrypt(_ context.Context, _ string, req *service.Decryp
 	}
 	s := <-m.sessions
 	defer func() { m.sessions <- s }()
-	gp := p11.NewGCMParams(req.Ciphertext[:12], []byte("minimal"), 128)
-	defer gp.Free()
-	if err := m.r.p.DecryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, gp)}, m.r.key); err != nil {
-		return nil, err
-	}
-	return m.r.p.Decrypt(s, req.Ciphertext[12:])
+	return m.r.open(s, req.Ciphertext[:12], minimalAAD, req.Ciphertext[12:])
 }
 
 func (r *rawHSM) close() {
