@@ -60,6 +60,9 @@ type Event struct {
 	// Code is the status code returned to the caller (a gRPC code name such as "OK").
 	Code    string
 	Latency time.Duration
+	// Suppressed counts the refusals of the same pod that were not recorded (rate limit) since its
+	// previous record.
+	Suppressed int
 }
 
 // Auditor records events. An error means the record was not durably accepted and the request it

@@ -11,7 +11,8 @@ import (
 // MaxRefs bounds how many secrets one request may ask for.
 const MaxRefs = 64
 
-// Options configure NewService. All fields but Now are required.
+// Options configure NewService. Authenticator, Authorizer, Source, Auditor and Audiences are
+// required.
 type Options struct {
 	Authenticator Authenticator
 	Authorizer    Authorizer
@@ -19,13 +20,25 @@ type Options struct {
 	Auditor       Auditor
 	// Audiences the pod's token must be issued for (the broker's own audience, e.g. "keyward").
 	Audiences []string
-	Now       func() time.Time
+	// Node is the node this broker serves. When set, a token bound to a pod on another node (or to
+	// no node) is refused, so a token stolen from one node cannot be replayed through another's broker.
+	Node string
+	// Pods confirms a pod's deletion when its token is rejected on a republish (Request.Published):
+	// only then is the refusal a withdrawal (ErrWithdrawn). Nil: a rejected token never withdraws.
+	Pods PodChecker
+	// RefusalBurst and RefusalInterval rate-limit the audit records of refused requests per pod: a
+	// burst of RefusalBurst records, then one per RefusalInterval; each record that is written counts
+	// the ones suppressed before it. Defaults: 10 and 30s.
+	RefusalBurst    int
+	RefusalInterval time.Duration
+	Now             func() time.Time
 }
 
 // Service answers one secret request: authenticate -> authorize every ref -> fetch -> audit.
 // It is all or nothing: one denied ref denies the whole request.
 type Service struct {
-	o Options
+	o        Options
+	refusals *refusalLimiter
 }
 
 // NewService checks the options.
@@ -39,7 +52,13 @@ func NewService(o Options) (*Service, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &Service{o: o}, nil
+	if o.RefusalBurst <= 0 {
+		o.RefusalBurst = 10
+	}
+	if o.RefusalInterval <= 0 {
+		o.RefusalInterval = 30 * time.Second
+	}
+	return &Service{o: o, refusals: newRefusalLimiter(o.RefusalBurst, o.RefusalInterval)}, nil
 }
 
 // Request is one ask for secrets.
@@ -52,26 +71,28 @@ type Request struct {
 	// match the authenticated identity.
 	Claimed Identity
 	Refs    []SecretRef
+	// MaxBytes bounds the values fetched, together (the volume's size); 0 means DefaultMaxBytes.
+	MaxBytes int64
+	// Published says the caller already delivered this pod's files (a republish): a refusal then
+	// decides whether they stay, so a rejected token is checked against the pod's existence.
+	Published bool
 }
 
-// Fetch runs the request and records exactly one audit record for it. If the record cannot be
-// written, the request fails (fail closed) and no secret is returned.
+// DefaultMaxBytes bounds a request's values when the request does not say.
+const DefaultMaxBytes = 1 << 20
+
+// maxReason bounds the reason text of an audit record (errors may quote a malformed attribute).
+const maxReason = 1024
+
+// Fetch runs the request and records exactly one audit record for it (refusals are rate-limited
+// per pod; see Options.RefusalBurst). If the record of an allowed request cannot be written, the
+// request fails (fail closed) and no secret is returned.
 func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err error) {
 	start := s.o.Now()
 	ev := Event{Time: start, RequestID: req.RequestID, Type: req.Event, Subject: subject(req.Claimed)}
 	defer func() {
 		ev.Latency = s.o.Now().Sub(start)
-		ev.Code = CodeName(err)
-		if err == nil {
-			ev.Decision, ev.Reason = Allow, "ok: "+ev.Reason
-		} else {
-			ev.Decision = Error
-			if errors.Is(err, ErrDenied) || errors.Is(err, ErrUnauthenticated) || errors.Is(err, ErrInvalid) {
-				ev.Decision = Deny
-			}
-			ev.Reason = err.Error()
-		}
-		if aerr := s.o.Auditor.Record(ctx, ev); aerr != nil && err == nil {
+		if aerr := s.record(ctx, ev, req.Claimed, err); aerr != nil && err == nil {
 			clear(secrets)
 			secrets, err = nil, fmt.Errorf("audit record not written, refusing: %w", ErrUnavailable)
 		}
@@ -88,12 +109,16 @@ func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err
 	id, err := s.o.Authenticator.Authenticate(ctx, req.Token, s.o.Audiences)
 	if err != nil {
 		ev.Type = EventAuthenticate
-		return nil, err
+		return nil, s.podGone(ctx, req, err)
 	}
 	ev.Subject = subject(id)
 	if err := matchClaim(id, req.Claimed); err != nil {
 		ev.Type = EventAuthenticate
 		return nil, err
+	}
+	if s.o.Node != "" && id.Node != s.o.Node {
+		ev.Type = EventAuthenticate
+		return nil, fmt.Errorf("token is bound to a pod on node %q, this broker serves node %q: %w", id.Node, s.o.Node, ErrDenied)
 	}
 	resolved := make([]Resolved, 0, len(req.Refs))
 	var reasons []string
@@ -101,24 +126,102 @@ func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err
 		r, err := s.o.Authorizer.Authorize(ctx, id, ref)
 		if err != nil {
 			ev.Type = EventAuthorize
-			return nil, fmt.Errorf("%s: %w", ref, err)
+			err = fmt.Errorf("%s: %w", ref, err)
+			if errors.Is(err, ErrDenied) {
+				err = Withdrawn(err) // the broker's own policy: certain
+			}
+			return nil, err
 		}
 		resolved = append(resolved, r)
 		reasons = append(reasons, r.Reason)
 	}
 	ev.Object = object(req.Refs, resolved)
 	ev.Reason = strings.Join(dedupe(reasons), "; ")
-	secrets, err = s.o.Source.Fetch(ctx, id, req.Token, resolved)
+	maxBytes := req.MaxBytes
+	if maxBytes <= 0 {
+		maxBytes = DefaultMaxBytes
+	}
+	secrets, err = s.o.Source.Fetch(ctx, id, req.Token, resolved, maxBytes)
 	if err != nil {
 		return nil, err
 	}
 	if len(secrets) != len(resolved) {
+		clearSecrets(secrets)
 		return nil, fmt.Errorf("source returned %d of %d secrets: %w", len(secrets), len(resolved), ErrUnavailable)
+	}
+	var total int64
+	for _, sec := range secrets {
+		total += int64(len(sec.Value))
+	}
+	if total > maxBytes {
+		clearSecrets(secrets)
+		return nil, fmt.Errorf("the secrets hold %d bytes, more than the volume's %d: %w", total, maxBytes, ErrTooLarge)
 	}
 	if len(secrets) == 1 {
 		ev.Object.Version = secrets[0].Version
 	}
 	return secrets, nil
+}
+
+// podGone turns a rejected token on a republish into a withdrawal when the pod is confirmed gone.
+// Anything short of confirmation leaves err as it is: the pod's files stay.
+func (s *Service) podGone(ctx context.Context, req Request, err error) error {
+	if !req.Published || s.o.Pods == nil || !errors.Is(err, ErrUnauthenticated) || req.Claimed.PodUID == "" {
+		return err
+	}
+	gone, cerr := s.o.Pods.Gone(ctx, req.Claimed.Namespace, req.Claimed.PodName, req.Claimed.PodUID)
+	if cerr != nil || !gone {
+		return err
+	}
+	return Withdrawn(fmt.Errorf("%w; pod %s/%s (uid %s) is gone", err, req.Claimed.Namespace, req.Claimed.PodName, req.Claimed.PodUID))
+}
+
+// Refuse records a request an adapter refused before it could reach Fetch (a malformed request, a
+// missing token, a writable volume, too many requests at once): one audit record with the claimed
+// pod and the reason, rate-limited per pod like every refusal. The record's error, if any, is
+// returned for logging; the request is refused either way.
+func (s *Service) Refuse(ctx context.Context, req Request, err error) error {
+	ev := Event{Time: s.o.Now(), RequestID: req.RequestID, Type: req.Event, Subject: subject(req.Claimed)}
+	if len(req.Refs) > 0 && len(req.Refs) <= MaxRefs {
+		ev.Object = object(req.Refs, nil)
+	}
+	return s.record(ctx, ev, req.Claimed, err)
+}
+
+// SuppressedRefusals is how many refusal records the per-pod rate limit has suppressed in all.
+func (s *Service) SuppressedRefusals() uint64 { return s.refusals.suppressed.Load() }
+
+// record completes ev from err and writes it; refusals pass the per-pod rate limit first.
+func (s *Service) record(ctx context.Context, ev Event, claimed Identity, err error) error {
+	ev.Code = CodeName(err)
+	if err == nil {
+		ev.Decision, ev.Reason = Allow, "ok: "+ev.Reason
+		return s.o.Auditor.Record(ctx, ev)
+	}
+	ev.Decision = Error
+	if errors.Is(err, ErrDenied) || errors.Is(err, ErrUnauthenticated) || errors.Is(err, ErrInvalid) || errors.Is(err, ErrTooLarge) {
+		ev.Decision = Deny
+	}
+	ev.Reason = err.Error()
+	if len(ev.Reason) > maxReason {
+		ev.Reason = strings.ToValidUTF8(ev.Reason[:maxReason], "") + "...(truncated)"
+	}
+	key := claimed.PodUID
+	if key == "" {
+		key = claimed.Namespace + "/" + claimed.PodName
+	}
+	ok, suppressed := s.refusals.allow(key, s.o.Now())
+	if !ok {
+		return nil
+	}
+	ev.Suppressed = suppressed
+	return s.o.Auditor.Record(ctx, ev)
+}
+
+func clearSecrets(secrets []Secret) {
+	for _, sec := range secrets {
+		clear(sec.Value)
+	}
 }
 
 // Release forgets what the source holds for a pod whose volumes are gone and returns the function
@@ -191,6 +294,8 @@ func CodeName(err error) string {
 		return "InvalidArgument"
 	case errors.Is(err, ErrNotFound):
 		return "NotFound"
+	case errors.Is(err, ErrTooLarge):
+		return "ResourceExhausted"
 	case errors.Is(err, ErrUnavailable):
 		return "Unavailable"
 	case errors.Is(err, context.DeadlineExceeded):

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/keyward/keyward/broker"
 )
@@ -31,18 +32,25 @@ func (f fakeAuthz) Authorize(_ context.Context, _ broker.Identity, ref broker.Se
 }
 
 type fakeSource struct {
-	calls int
-	err   error
+	calls    int
+	err      error
+	size     int // each value's length, if set
+	maxBytes int64
 }
 
-func (f *fakeSource) Fetch(_ context.Context, _ broker.Identity, _ broker.Token, refs []broker.Resolved) ([]broker.Secret, error) {
+func (f *fakeSource) Fetch(_ context.Context, _ broker.Identity, _ broker.Token, refs []broker.Resolved, maxBytes int64) ([]broker.Secret, error) {
 	f.calls++
+	f.maxBytes = maxBytes
 	if f.err != nil {
 		return nil, f.err
 	}
 	out := make([]broker.Secret, len(refs))
 	for i, r := range refs {
-		out[i] = broker.Secret{Ref: r.SecretRef, Version: 3, Value: []byte("CANARY-" + r.Ref)}
+		v := []byte("CANARY-" + r.Ref)
+		if f.size > 0 {
+			v = []byte(strings.Repeat("C", f.size))
+		}
+		out[i] = broker.Secret{Ref: r.SecretRef, Version: 3, Value: v}
 	}
 	return out, nil
 }
@@ -170,5 +178,166 @@ func TestReleaseReachesPodReleasers(t *testing.T) {
 	}
 	if revoke := newSvc(t, fakeAuthn{}, fakeAuthz{}, &fakeSource{}, &fakeAudit{}).Release("uid-1"); revoke != nil {
 		t.Fatal("a source without per-pod credentials returned a revoke function")
+	}
+}
+
+type fakePods struct {
+	gone  bool
+	err   error
+	calls int
+}
+
+func (f *fakePods) Gone(context.Context, string, string, string) (bool, error) {
+	f.calls++
+	return f.gone, f.err
+}
+
+// Only a certain withdrawal (the broker's own policy denies, or the pod is confirmed gone) is marked
+// ErrWithdrawn, the mark that lets the CSI driver clear a running pod's files. Everything ambiguous
+// is not: a rejected token for a pod that still exists (or cannot be checked), a backend down, Vault
+// refusing.
+func TestOnlyCertainRefusalsWithdrawAccess(t *testing.T) {
+	published := func(r broker.Request) broker.Request { r.Published = true; return r }
+	for _, tc := range []struct {
+		name      string
+		authn     fakeAuthn
+		deny      map[string]bool
+		srcErr    error
+		pods      *fakePods
+		req       broker.Request
+		withdrawn bool
+		podCalls  int
+	}{
+		{"policy denies", fakeAuthn{id: pod}, map[string]bool{"payments/db": true}, nil, &fakePods{}, published(req("payments/db")), true, 0},
+		{"token rejected, pod gone", fakeAuthn{err: broker.ErrUnauthenticated}, nil, nil, &fakePods{gone: true}, published(req("payments/db")), true, 1},
+		{"token rejected, pod exists", fakeAuthn{err: broker.ErrUnauthenticated}, nil, nil, &fakePods{}, published(req("payments/db")), false, 1},
+		{"token rejected, pod lookup fails", fakeAuthn{err: broker.ErrUnauthenticated}, nil, nil, &fakePods{gone: true, err: errors.New("etcd blip")}, published(req("payments/db")), false, 1},
+		{"token rejected, first publish", fakeAuthn{err: broker.ErrUnauthenticated}, nil, nil, &fakePods{gone: true}, req("payments/db"), false, 0},
+		{"token review down", fakeAuthn{err: fmt.Errorf("token review: %w", broker.ErrUnavailable)}, nil, nil, &fakePods{gone: true}, published(req("payments/db")), false, 0},
+		{"vault denies", fakeAuthn{id: pod}, nil, fmt.Errorf("vault read: 403: %w", broker.ErrDenied), &fakePods{}, published(req("payments/db")), false, 0},
+		{"vault down", fakeAuthn{id: pod}, nil, fmt.Errorf("vault read: 503: %w", broker.ErrUnavailable), &fakePods{}, published(req("payments/db")), false, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := broker.NewService(broker.Options{Authenticator: tc.authn, Authorizer: fakeAuthz{deny: tc.deny}, Source: &fakeSource{err: tc.srcErr},
+				Auditor: &fakeAudit{}, Audiences: []string{"keyward"}, Pods: tc.pods})
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = s.Fetch(context.Background(), tc.req)
+			if err == nil || errors.Is(err, broker.ErrWithdrawn) != tc.withdrawn {
+				t.Fatalf("err = %v, withdrawn %v, want withdrawn %v", err, errors.Is(err, broker.ErrWithdrawn), tc.withdrawn)
+			}
+			if tc.pods.calls != tc.podCalls {
+				t.Fatalf("pod lookups %d, want %d", tc.pods.calls, tc.podCalls)
+			}
+		})
+	}
+}
+
+// A token bound to a pod on another node (or to no node) is refused by a broker that knows its node.
+func TestTokenOfAnotherNodeIsRefused(t *testing.T) {
+	for _, tc := range []struct {
+		tokenNode string
+		want      error
+	}{{"n1", nil}, {"n2", broker.ErrDenied}, {"", broker.ErrDenied}} {
+		id := pod
+		id.Node = tc.tokenNode
+		src, aud := &fakeSource{}, &fakeAudit{}
+		s, err := broker.NewService(broker.Options{Authenticator: fakeAuthn{id: id}, Authorizer: fakeAuthz{}, Source: src,
+			Auditor: aud, Audiences: []string{"keyward"}, Node: "n1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = s.Fetch(context.Background(), req("payments/db"))
+		if !errors.Is(err, tc.want) || (tc.want != nil && (src.calls != 0 || broker.CodeName(err) != "PermissionDenied")) {
+			t.Fatalf("token of node %q: %v (source called %d times)", tc.tokenNode, err, src.calls)
+		}
+		if tc.want != nil && (len(aud.evs) != 1 || aud.evs[0].Decision != broker.Deny || !strings.Contains(aud.evs[0].Reason, "node")) {
+			t.Fatalf("token of node %q: audit %+v", tc.tokenNode, aud.evs)
+		}
+	}
+}
+
+// Values larger than the request's bound are refused (ResourceExhausted, audited) and zeroed; the
+// bound reaches the source, so it can stop reading early.
+func TestValuesLargerThanTheVolumeAreRefused(t *testing.T) {
+	src, aud := &fakeSource{size: 600}, &fakeAudit{}
+	s := newSvc(t, fakeAuthn{id: pod}, fakeAuthz{}, src, aud)
+	r := req("payments/db", "payments/api")
+	r.MaxBytes = 1000
+	secs, err := s.Fetch(context.Background(), r)
+	if !errors.Is(err, broker.ErrTooLarge) || secs != nil || broker.CodeName(err) != "ResourceExhausted" {
+		t.Fatalf("got %d secrets, %v", len(secs), err)
+	}
+	if src.maxBytes != 1000 {
+		t.Fatalf("the source was given a bound of %d", src.maxBytes)
+	}
+	if len(aud.evs) != 1 || aud.evs[0].Decision != broker.Deny || aud.evs[0].Code != "ResourceExhausted" {
+		t.Fatalf("audit %+v", aud.evs)
+	}
+	r.MaxBytes = 1200
+	if secs, err := s.Fetch(context.Background(), r); err != nil || len(secs) != 2 {
+		t.Fatalf("within the bound: %d, %v", len(secs), err)
+	}
+}
+
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time { return c.t }
+
+// Refusals are audited whatever stage refused them, rate-limited per pod: a burst, then one per
+// interval, each record counting those suppressed before it. Allowed requests are never suppressed,
+// and one pod's flood does not silence another.
+func TestRefusalsAreAuditedAndRateLimitedPerPod(t *testing.T) {
+	c := &clock{t: time.Unix(1_700_000_000, 0)}
+	aud := &fakeAudit{}
+	s, err := broker.NewService(broker.Options{Authenticator: fakeAuthn{id: pod}, Authorizer: fakeAuthz{deny: map[string]bool{"payments/no": true}},
+		Source: &fakeSource{}, Auditor: aud, Audiences: []string{"keyward"}, RefusalBurst: 2, RefusalInterval: time.Minute, Now: c.now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	other := broker.Identity{Namespace: "payments", PodName: "api-9", PodUID: "uid-9"}
+	refuse := func(claimed broker.Identity) {
+		s.Refuse(ctx, broker.Request{RequestID: "x", Event: broker.EventMount, Claimed: claimed}, fmt.Errorf("writable volume: %w", broker.ErrInvalid))
+	}
+	for range 5 {
+		refuse(pod)
+	}
+	if len(aud.evs) != 2 {
+		t.Fatalf("%d records for 5 refusals with a burst of 2", len(aud.evs))
+	}
+	ev := aud.evs[0]
+	if ev.Decision != broker.Deny || ev.Code != "InvalidArgument" || ev.Subject.PodUID != pod.PodUID || ev.Subject.Pod != pod.PodName ||
+		!strings.Contains(ev.Reason, "writable volume") || ev.Type != broker.EventMount {
+		t.Fatalf("refusal record %+v", ev)
+	}
+	refuse(other)
+	if len(aud.evs) != 3 || aud.evs[2].Subject.PodUID != "uid-9" {
+		t.Fatal("another pod's refusal was suppressed by the first pod's flood")
+	}
+	if _, err := s.Fetch(ctx, req("payments/db")); err != nil || len(aud.evs) != 4 || aud.evs[3].Decision != broker.Allow {
+		t.Fatalf("an allowed request was not recorded: %v, %d records", err, len(aud.evs))
+	}
+	if _, err := s.Fetch(ctx, req("payments/no")); err == nil || len(aud.evs) != 4 {
+		t.Fatal("a denied Fetch of the flooding pod was recorded past its rate limit")
+	}
+	if s.SuppressedRefusals() != 4 {
+		t.Fatalf("suppressed %d, want 4", s.SuppressedRefusals())
+	}
+	c.t = c.t.Add(time.Minute)
+	refuse(pod)
+	if len(aud.evs) != 5 || aud.evs[4].Suppressed != 4 {
+		t.Fatalf("the record after the pause: %+v, want suppressed 4", aud.evs[len(aud.evs)-1])
+	}
+}
+
+// A refusal's reason is bounded: an error may quote a huge malformed attribute.
+func TestRefusalReasonIsBounded(t *testing.T) {
+	aud := &fakeAudit{}
+	s := newSvc(t, fakeAuthn{id: pod}, fakeAuthz{}, &fakeSource{}, aud)
+	s.Refuse(context.Background(), broker.Request{Claimed: pod}, fmt.Errorf("%s: %w", strings.Repeat("x", 100_000), broker.ErrInvalid))
+	if len(aud.evs) != 1 || len(aud.evs[0].Reason) > 1100 {
+		t.Fatalf("reason of %d bytes", len(aud.evs[0].Reason))
 	}
 }

@@ -87,8 +87,17 @@ type Authorizer interface {
 }
 
 // SecretSource fetches allowed secrets. token is the pod's own token, for sources that act as the pod.
+// maxBytes bounds the values returned, together: a source refuses (ErrTooLarge) before it holds much
+// more than that, so a tenant who can write a huge value into its own Vault path cannot exhaust the
+// broker's memory.
 type SecretSource interface {
-	Fetch(ctx context.Context, id Identity, token Token, refs []Resolved) ([]Secret, error)
+	Fetch(ctx context.Context, id Identity, token Token, refs []Resolved, maxBytes int64) ([]Secret, error)
+}
+
+// PodChecker confirms that a pod is gone. Gone is true only when the apiserver says the pod does not
+// exist, or that the pod of that name has another UID; any doubt (an error) is not gone.
+type PodChecker interface {
+	Gone(ctx context.Context, namespace, name, uid string) (bool, error)
 }
 
 // PodReleaser is implemented by sources that hold credentials on behalf of a pod (a Vault token from

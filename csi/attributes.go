@@ -13,6 +13,7 @@ import (
 
 	"github.com/keyward/keyward/broker"
 	"github.com/keyward/keyward/broker/policy"
+	"github.com/keyward/keyward/csi/tmpfs"
 )
 
 // Volume attributes kubelet passes (podInfoOnMount, tokenRequests) and the ones users write.
@@ -159,7 +160,7 @@ func parseSecretsUncached(raw string) ([]Entry, []os.FileMode, error) {
 		if err := policy.ValidateKey(e.Key); err != nil {
 			return nil, nil, bad("key %q is not valid", e.Key)
 		}
-		if e.File == "" || len(e.File) > 255 || strings.ContainsAny(e.File, "/\x00") || strings.HasPrefix(e.File, "..") || e.File == "." {
+		if !tmpfs.ValidName(e.File) {
 			return nil, nil, bad("file name must be non-empty, without '/', and not start with '..'")
 		}
 		if files[e.File] {
@@ -172,8 +173,8 @@ func parseSecretsUncached(raw string) ([]Entry, []os.FileMode, error) {
 		mode := os.FileMode(0o400)
 		if e.Mode != "" {
 			m, err := strconv.ParseUint(e.Mode, 8, 32)
-			if err != nil || m&^0o666 != 0 {
-				return nil, nil, bad("mode %q: want octal permissions without execute bits, such as \"0400\"", e.Mode)
+			if err != nil || m&^0o444 != 0 {
+				return nil, nil, bad("mode %q: files are read-only, want read bits only: \"0400\", \"0440\" or \"0444\"", e.Mode)
 			}
 			mode = os.FileMode(m)
 		}

@@ -4,12 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strconv"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	provider "sigs.k8s.io/secrets-store-csi-driver/provider/v1alpha1"
 
 	"github.com/keyward/keyward/broker"
@@ -35,6 +34,9 @@ func NewProviderServer(o Options) (*ProviderServer, error) {
 	if o.Credentials == nil {
 		o.Credentials = NewPodCredentials(o.Broker, o.Log)
 	}
+	if err := o.limits(); err != nil {
+		return nil, err
+	}
 	return &ProviderServer{o: o}, nil
 }
 
@@ -50,23 +52,30 @@ func (p *ProviderServer) Version(context.Context, *provider.VersionRequest) (*pr
 	return &provider.VersionResponse{Version: "v1alpha1", RuntimeName: "keyward", RuntimeVersion: v}, nil
 }
 
-// Mount authenticates the pod, authorizes and fetches its secrets, and returns them as files.
+// Mount authenticates the pod, authorizes and fetches its secrets, and returns them as files. Every
+// refusal is audited, whatever stage refused it.
 func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) (*provider.MountResponse, error) {
+	breq := broker.Request{RequestID: "provider/" + nonce(), Event: broker.EventMount}
 	var attrs map[string]string
 	if err := json.Unmarshal([]byte(req.GetAttributes()), &attrs); err != nil {
-		return nil, status.Error(codes.InvalidArgument, "attributes are not a JSON object of strings")
+		return nil, p.refuse(ctx, breq, fmt.Errorf("attributes are not a JSON object of strings: %w", broker.ErrInvalid))
 	}
 	delete(attrs, attrSecretProviderClass)
+	breq.Claimed = claimedPod(attrs)
+	breq.RequestID = "provider/" + breq.Claimed.PodUID + "/" + nonce()
 	vol, err := ParseVolume(attrs, p.o.Audience)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, p.refuse(ctx, breq, err)
 	}
+	breq.Claimed, breq.Token, breq.Refs, breq.MaxBytes = vol.Claimed, vol.Token, vol.Refs(), vol.SizeLimit
+	release, err := p.o.Limiter.acquire(ctx, vol.SizeLimit)
+	if err != nil {
+		return nil, p.refuse(ctx, breq, err)
+	}
+	defer release()
 	p.o.Credentials.begin(vol.Claimed.PodUID)
 	defer p.o.Credentials.end("", vol.Claimed.PodUID, false)
-	secrets, err := p.o.Broker.Fetch(ctx, broker.Request{
-		RequestID: "provider/" + vol.Claimed.PodUID + "/" + nonce(), Event: broker.EventMount,
-		Token: vol.Token, Claimed: vol.Claimed, Refs: vol.Refs(),
-	})
+	secrets, err := p.o.Broker.Fetch(ctx, breq)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -77,6 +86,13 @@ func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) 
 		resp.ObjectVersion = append(resp.ObjectVersion, &provider.ObjectVersion{Id: e.Ref + "#" + e.Key, Version: strconv.Itoa(sec.Version)})
 	}
 	return resp, nil
+}
+
+func (p *ProviderServer) refuse(ctx context.Context, req broker.Request, err error) error {
+	if aerr := p.o.Broker.Refuse(ctx, req, err); aerr != nil {
+		p.o.Log.Error("audit record for a refused request not written", zap.Error(aerr))
+	}
+	return toStatus(err)
 }
 
 // DescribeProvider is the provider API's grpcserver.Describer: the pod, never the token or contents.

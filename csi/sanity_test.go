@@ -19,6 +19,8 @@ type sanityBroker struct{}
 
 func (sanityBroker) Release(string) func(context.Context) error { return nil }
 
+func (sanityBroker) Refuse(context.Context, broker.Request, error) error { return nil }
+
 func (sanityBroker) Fetch(_ context.Context, req broker.Request) ([]broker.Secret, error) {
 	out := make([]broker.Secret, len(req.Refs))
 	for i, r := range req.Refs {
@@ -42,8 +44,9 @@ func TestSanity(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer os.RemoveAll(dir)
+	kubeletDir := filepath.Join(dir, "kubelet")
 	srv, err := NewServer(Options{NodeID: "node-1", Version: "test", Broker: sanityBroker{}, Auditor: discardAudit{},
-		Audience: "keyward", Log: zaptest.NewLogger(t)})
+		Audience: "keyward", Log: zaptest.NewLogger(t), KubeletDir: kubeletDir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +64,11 @@ func TestSanity(t *testing.T) {
 
 	cfg := sanity.NewTestConfig()
 	cfg.Address = sock
-	cfg.TargetPath = filepath.Join(dir, "target")
+	// Kubelet's path of a CSI volume (the driver accepts no other); kubelet creates its parent.
+	cfg.TargetPath = filepath.Join(kubeletDir, "pods/0b9e3c4e-8f1a-4d2b-9c3e-5a6b7c8d9e0f/volumes/kubernetes.io~csi/sanity/mount")
+	if err := os.MkdirAll(filepath.Dir(cfg.TargetPath), 0o750); err != nil {
+		t.Fatal(err)
+	}
 	cfg.StagingPath = filepath.Join(dir, "staging")
 	// Keyward is a node-only driver for ephemeral volumes: it has no controller service (it answers
 	// ControllerGetCapabilities with none). csi-sanity runs its Controller specs and one Node spec

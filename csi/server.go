@@ -1,12 +1,13 @@
 package csi
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
@@ -29,11 +30,16 @@ const DriverName = "secrets.keyward.dev"
 // Fetcher is what the node server needs of the broker (broker.Service).
 type Fetcher interface {
 	Fetch(ctx context.Context, req broker.Request) ([]broker.Secret, error)
+	// Refuse audits a request refused before it could reach Fetch (rate-limited per pod).
+	Refuse(ctx context.Context, req broker.Request, err error) error
 	// Release forgets, at once, the credentials held for a pod whose last volume went (or whose
 	// access was revoked) and returns the function that revokes them at Vault (nil if none): a pod's
 	// Vault token must not outlive its volumes.
 	Release(podUID string) (revoke func(context.Context) error)
 }
+
+// DefaultKubeletDir is kubelet's default --root-dir.
+const DefaultKubeletDir = "/var/lib/kubelet"
 
 // Options configure NewServer.
 type Options struct {
@@ -44,6 +50,18 @@ type Options struct {
 	Auditor broker.Auditor
 	// Audience of the token kubelet requests for the driver (the CSIDriver's tokenRequests).
 	Audience string
+	// KubeletDir is kubelet's root directory (default /var/lib/kubelet): every target path must be
+	// kubelet's path of a CSI volume below it.
+	KubeletDir string
+	// MaxConcurrentPublishes bounds the publishes handled at once (default 16); MaxPublishBytes bounds
+	// the sum of their volumes' size limits (default 64 MiB), which bounds the memory their secrets
+	// take. Others wait for a slot (until their deadline). Limiter, if set, is used instead: share one
+	// between the node and provider servers of a process.
+	MaxConcurrentPublishes int
+	MaxPublishBytes        int64
+	Limiter                *PublishLimiter
+	// AllowSwap mounts volumes without noswap when the kernel lacks it (see tmpfs.Mount).
+	AllowSwap bool
 	// Credentials tracks pods' volumes and fetches to release their credentials; share one between
 	// the node and provider servers of a process (NewServer makes one if nil).
 	Credentials *PodCredentials
@@ -57,9 +75,9 @@ type Server struct {
 	csipb.UnimplementedIdentityServer
 	csipb.UnimplementedNodeServer
 	csipb.UnimplementedControllerServer
-	o     Options
-	mu    sync.Mutex
-	locks map[string]*volumeLock
+	o       Options
+	mu      sync.Mutex
+	locks   map[string]*volumeLock
 }
 
 type volumeLock struct {
@@ -72,6 +90,15 @@ func NewServer(o Options) (*Server, error) {
 	if o.NodeID == "" || o.Broker == nil || o.Auditor == nil || o.Log == nil || o.Audience == "" {
 		return nil, errors.New("csi: NodeID, Broker, Auditor, Audience and Log are required")
 	}
+	if o.KubeletDir == "" {
+		o.KubeletDir = DefaultKubeletDir
+	}
+	if !filepath.IsAbs(o.KubeletDir) || filepath.Clean(o.KubeletDir) != o.KubeletDir {
+		return nil, fmt.Errorf("csi: kubelet directory %q must be absolute and clean", o.KubeletDir)
+	}
+	if err := o.limits(); err != nil {
+		return nil, err
+	}
 	if o.Ready == nil {
 		o.Ready = func() error { return nil }
 	}
@@ -80,6 +107,27 @@ func NewServer(o Options) (*Server, error) {
 	}
 	return &Server{o: o, locks: map[string]*volumeLock{}}, nil
 }
+
+// limits sets the Limiter from the bounds (or their defaults) unless one is given.
+func (o *Options) limits() error {
+	if o.Limiter != nil {
+		return nil
+	}
+	if o.MaxConcurrentPublishes <= 0 {
+		o.MaxConcurrentPublishes = 16
+	}
+	if o.MaxPublishBytes <= 0 {
+		o.MaxPublishBytes = 64 << 20
+	}
+	if o.MaxPublishBytes < MaxSizeLimit {
+		return fmt.Errorf("csi: the publish memory bound %d must hold at least one volume of the largest size, %d", o.MaxPublishBytes, MaxSizeLimit)
+	}
+	o.Limiter = NewPublishLimiter(o.MaxConcurrentPublishes, o.MaxPublishBytes)
+	return nil
+}
+
+// Limiter is the server's publish limiter (for metrics).
+func (s *Server) Limiter() *PublishLimiter { return s.o.Limiter }
 
 // Register registers the Identity and Node services, and a Controller service that only answers
 // ControllerGetCapabilities with none (ephemeral volumes have no controller side; tools such as
@@ -148,48 +196,37 @@ func (s *Server) lock(volumeID string) func() {
 
 // NodePublishVolume mounts a tmpfs at the target path and writes the pod's secrets into it. Called
 // again for a published volume (requiresRepublish, with a fresh token), it authenticates and
-// authorizes again: refused, it clears the files; allowed, it swaps them in only if they changed.
+// authorizes again: if access is withdrawn for certain (the policy denies it, or the pod is gone) it
+// clears the files; any other failure keeps them, and kubelet retries; allowed, it swaps the files
+// in only if they changed. Every refusal is audited, whatever stage refused it.
 func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
-	target := req.GetTargetPath()
-	switch {
-	case req.GetVolumeId() == "":
-		return nil, status.Error(codes.InvalidArgument, "volume_id is required")
-	case target == "":
-		return nil, status.Error(codes.InvalidArgument, "target_path is required")
-	case req.GetVolumeCapability() == nil:
-		return nil, status.Error(codes.InvalidArgument, "volume_capability is required")
-	case req.GetVolumeCapability().GetBlock() != nil:
-		return nil, status.Error(codes.InvalidArgument, "block volumes are not supported")
-	}
-	vol, err := ParseVolume(req.GetVolumeContext(), s.o.Audience)
+	breq := broker.Request{RequestID: req.GetVolumeId() + "/" + nonce(), Event: broker.EventMount, Claimed: claimedPod(req.GetVolumeContext())}
+	vol, gid, err := s.checkPublish(req)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, s.refuse(ctx, breq, err)
 	}
-	gid := -1
-	if g := req.GetVolumeCapability().GetMount().GetVolumeMountGroup(); g != "" {
-		n, err := strconv.Atoi(g)
-		if err != nil || n < 0 {
-			return nil, status.Errorf(codes.InvalidArgument, "volume_mount_group %q is not a group ID", g)
-		}
-		gid = n
-	}
+	target := req.GetTargetPath()
+	breq.Claimed, breq.Token, breq.Refs, breq.MaxBytes = vol.Claimed, vol.Token, vol.Refs(), vol.SizeLimit
 	unlock := s.lock(req.GetVolumeId())
 	defer unlock()
+	release, err := s.o.Limiter.acquire(ctx, vol.SizeLimit)
+	if err != nil {
+		return nil, s.refuse(ctx, breq, err)
+	}
+	defer release()
 
-	published := isPublished(target)
+	published := tmpfs.Published(target)
+	breq.Published = published
 	podUID := vol.Claimed.PodUID
 	s.o.Credentials.begin(podUID)
 	holdsFiles := published // whether the volume holds the pod's files when this call ends
 	defer func() { s.o.Credentials.end(req.GetVolumeId(), podUID, holdsFiles) }()
-	secrets, err := s.o.Broker.Fetch(ctx, broker.Request{
-		RequestID: req.GetVolumeId() + "/" + nonce(), Event: broker.EventMount,
-		Token: vol.Token, Claimed: vol.Claimed, Refs: vol.Refs(),
-	})
+	secrets, err := s.o.Broker.Fetch(ctx, breq)
 	if err != nil {
-		if published && (errors.Is(err, broker.ErrDenied) || errors.Is(err, broker.ErrUnauthenticated)) {
-			// Access was revoked (grant removed, pod deleted, token invalid): the files go now.
-			if cerr := tmpfs.WriteAtomic(target, nil, gid); cerr != nil {
-				s.o.Log.Error("clearing a revoked volume failed", zap.String("volume_id", req.GetVolumeId()), zap.Error(cerr))
+		if published && errors.Is(err, broker.ErrWithdrawn) {
+			// Access was withdrawn (grant removed, pod deleted): the files go now.
+			if cerr := s.clear(target, vol.SizeLimit); cerr != nil {
+				s.o.Log.Error("clearing a withdrawn volume failed", zap.String("volume_id", req.GetVolumeId()), zap.Error(cerr))
 			} else {
 				holdsFiles = false
 			}
@@ -206,14 +243,11 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 	}
 	defer func() {
 		for _, f := range files {
-			clear(f.Data)
+			clear(f.Data) // the bytes, not just the slices: nothing of the values is left for the GC
 		}
 	}()
 	if published {
-		if current, err := tmpfs.Read(target); err == nil && sameFiles(current, files) {
-			return &csipb.NodePublishVolumeResponse{}, nil
-		}
-		if err := tmpfs.WriteAtomic(target, files, gid); err != nil {
+		if err := s.update(target, vol.SizeLimit, files, gid); err != nil {
 			return nil, status.Errorf(codes.Internal, "updating the files: %v", err)
 		}
 		return &csipb.NodePublishVolumeResponse{}, nil
@@ -225,17 +259,91 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 	return &csipb.NodePublishVolumeResponse{}, nil
 }
 
+// checkPublish validates a publish request before anything is fetched or mounted.
+func (s *Server) checkPublish(req *csipb.NodePublishVolumeRequest) (Volume, int, error) {
+	switch {
+	case req.GetVolumeId() == "":
+		return Volume{}, 0, fmt.Errorf("volume_id is required: %w", broker.ErrInvalid)
+	case req.GetTargetPath() == "":
+		return Volume{}, 0, fmt.Errorf("target_path is required: %w", broker.ErrInvalid)
+	case req.GetVolumeCapability() == nil:
+		return Volume{}, 0, fmt.Errorf("volume_capability is required: %w", broker.ErrInvalid)
+	case req.GetVolumeCapability().GetBlock() != nil:
+		return Volume{}, 0, fmt.Errorf("block volumes are not supported: %w", broker.ErrInvalid)
+	case !req.GetReadonly():
+		return Volume{}, 0, fmt.Errorf("the volume must be read-only: set readOnly: true on the CSI volume in the pod spec (a writable volume would let the pod change what the driver reads back): %w", broker.ErrInvalid)
+	}
+	vol, err := ParseVolume(req.GetVolumeContext(), s.o.Audience)
+	if err != nil {
+		return Volume{}, 0, err
+	}
+	if err := CheckTarget(s.o.KubeletDir, req.GetTargetPath(), vol.Claimed.PodUID); err != nil {
+		return Volume{}, 0, err
+	}
+	gid := -1
+	if g := req.GetVolumeCapability().GetMount().GetVolumeMountGroup(); g != "" {
+		n, err := strconv.Atoi(g)
+		if err != nil || n < 0 {
+			return Volume{}, 0, fmt.Errorf("volume_mount_group %q is not a group ID: %w", g, broker.ErrInvalid)
+		}
+		gid = n
+	}
+	return vol, gid, nil
+}
+
+// refuse audits a refusal that happened before the broker's Fetch and returns its status.
+func (s *Server) refuse(ctx context.Context, req broker.Request, err error) error {
+	if aerr := s.o.Broker.Refuse(ctx, req, err); aerr != nil {
+		s.o.Log.Error("audit record for a refused request not written", zap.Error(aerr))
+	}
+	return toStatus(err)
+}
+
+// claimedPod is who the attributes say the pod is, for the audit record of a refusal; parsed or not.
+func claimedPod(attrs map[string]string) broker.Identity {
+	return broker.Identity{Namespace: attrs[AttrPodNamespace], PodName: attrs[AttrPodName], PodUID: attrs[AttrPodUID], ServiceAccount: attrs[AttrSAName]}
+}
+
 // WaitReleases waits for background revocations to finish.
 func (s *Server) WaitReleases() { s.o.Credentials.Wait() }
+
+func dirMode(gid int) os.FileMode {
+	if gid >= 0 {
+		return 0o750
+	}
+	return 0o755
+}
+
+// update swaps new files into a published volume, unless it already holds exactly them.
+func (s *Server) update(target string, limit int64, files []tmpfs.File, gid int) error {
+	v, err := tmpfs.Open(target, limit)
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	if v.Unchanged(files, gid) {
+		return nil
+	}
+	return v.Swap(files, gid, dirMode(gid))
+}
+
+// clear removes a published volume's files.
+func (s *Server) clear(target string, limit int64) error {
+	v, err := tmpfs.Open(target, limit)
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	return v.Clear()
+}
 
 // publish mounts and writes; on any failure it leaves no mount and no file behind.
 func (s *Server) publish(target string, size int64, files []tmpfs.File, gid int) (err error) {
 	created := false
-	if _, statErr := os.Stat(target); os.IsNotExist(statErr) {
-		if err := os.MkdirAll(target, 0o750); err != nil {
-			return err
-		}
+	if err := os.Mkdir(target, 0o750); err == nil {
 		created = true
+	} else if !errors.Is(err, os.ErrExist) {
+		return err
 	}
 	mounted := false
 	defer func() {
@@ -243,7 +351,7 @@ func (s *Server) publish(target string, size int64, files []tmpfs.File, gid int)
 			return
 		}
 		if mounted {
-			if uerr := tmpfs.Unmount(target); uerr != nil {
+			if _, uerr := tmpfs.Unmount(target, size); uerr != nil {
 				s.o.Log.Error("cleanup after a failed publish: unmount", zap.String("target", target), zap.Error(uerr))
 			}
 		}
@@ -251,26 +359,36 @@ func (s *Server) publish(target string, size int64, files []tmpfs.File, gid int)
 			os.Remove(target)
 		}
 	}()
-	mode := os.FileMode(0o755)
-	if gid >= 0 {
-		mode = 0o750
-	}
-	if _, err := tmpfs.Mount(target, size, mode, gid); err != nil {
+	if _, err := tmpfs.Mount(target, tmpfs.MountOptions{Size: tmpfs.SizeFor(size, len(files)), Mode: dirMode(gid), GID: gid, AllowSwap: s.o.AllowSwap}); err != nil {
 		return err
 	}
 	mounted = true
-	return tmpfs.WriteAtomic(target, files, gid)
+	v, err := tmpfs.Open(target, size)
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	return v.Swap(files, gid, dirMode(gid))
 }
 
-// NodeUnpublishVolume scrubs the files, unmounts the tmpfs and removes the directory. Idempotent.
+// NodeUnpublishVolume scrubs the files, unmounts the tmpfs and removes the directory. Idempotent. The
+// target path is checked as for a publish before anything is touched.
 func (s *Server) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublishVolumeRequest) (*csipb.NodeUnpublishVolumeResponse, error) {
-	if req.GetVolumeId() == "" || req.GetTargetPath() == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume_id and target_path are required")
+	breq := broker.Request{RequestID: req.GetVolumeId(), Event: broker.EventUnmount}
+	switch {
+	case req.GetVolumeId() == "" || req.GetTargetPath() == "":
+		return nil, s.refuse(ctx, breq, fmt.Errorf("volume_id and target_path are required: %w", broker.ErrInvalid))
+	}
+	if err := CheckTarget(s.o.KubeletDir, req.GetTargetPath(), ""); err != nil {
+		return nil, s.refuse(ctx, breq, err)
 	}
 	unlock := s.lock(req.GetVolumeId())
 	defer unlock()
 	start := time.Now()
-	err := tmpfs.Unmount(req.GetTargetPath())
+	scrubErr, err := tmpfs.Unmount(req.GetTargetPath(), MaxSizeLimit)
+	if scrubErr != nil {
+		s.o.Log.Warn("unpublish: the volume held objects the driver did not make; unmounted anyway", zap.String("volume_id", req.GetVolumeId()), zap.Error(scrubErr))
+	}
 	if err == nil {
 		if rerr := os.Remove(req.GetTargetPath()); rerr != nil && !os.IsNotExist(rerr) {
 			err = rerr
@@ -289,32 +407,6 @@ func (s *Server) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpubli
 	}
 	s.o.Credentials.unpublished(req.GetVolumeId(), req.GetTargetPath())
 	return &csipb.NodeUnpublishVolumeResponse{}, nil
-}
-
-func isPublished(target string) bool {
-	mp, err := tmpfs.IsMountPoint(target)
-	if err != nil || !mp {
-		return false
-	}
-	ok, err := tmpfs.IsTmpfs(target)
-	return err == nil && ok
-}
-
-func sameFiles(a, b []tmpfs.File) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	byName := map[string]tmpfs.File{}
-	for _, f := range a {
-		byName[f.Name] = f
-	}
-	for _, f := range b {
-		g, ok := byName[f.Name]
-		if !ok || g.Mode != f.Mode || !bytes.Equal(g.Data, f.Data) {
-			return false
-		}
-	}
-	return true
 }
 
 func nonce() string {

@@ -320,7 +320,7 @@ func chainMAC(key, prev, body []byte) []byte {
 
 // fields are a record's fields after time and event; seq and mac follow them.
 func fields(ev broker.Event) []zapcore.Field {
-	return []zapcore.Field{
+	fs := []zapcore.Field{
 		zap.String("request_id", ev.RequestID),
 		zap.String("decision", string(ev.Decision)),
 		zap.String("reason", ev.Reason),
@@ -329,6 +329,10 @@ func fields(ev broker.Event) []zapcore.Field {
 		zap.String("code", ev.Code),
 		zap.Float64("latency_ms", float64(ev.Latency.Microseconds())/1000),
 	}
+	if ev.Suppressed > 0 {
+		fs = append(fs, zap.Int("suppressed", ev.Suppressed))
+	}
+	return fs
 }
 
 type subject broker.Subject
@@ -463,6 +467,8 @@ type Record struct {
 	} `json:"object"`
 	Code      string  `json:"code"`
 	LatencyMS float64 `json:"latency_ms"`
+	// Suppressed counts the same pod's refusals not recorded (rate limit) before this one.
+	Suppressed int `json:"suppressed,omitempty"`
 }
 
 // Filter selects records; zero fields match everything.

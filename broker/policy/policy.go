@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -263,25 +264,61 @@ func (a *Authorizer) Environment(name string) (Environment, bool) {
 	return e, ok
 }
 
-// Watch reloads the policy file when its content changes (checked every interval). A new policy is
-// validated first; a bad one keeps the last good policy, logs an error and leaves an audit record.
+// Watch reloads the policy file when its content changes (checked every interval). A changed file is
+// read again until two reads a moment apart agree, so a file caught mid-write (an editor or a script
+// that truncates and rewrites it) is never taken for a bad policy; ConfigMap updates swap the whole
+// file at once. A new policy is validated first; a bad one keeps the last good policy, logs an error
+// and leaves an audit record.
 func Watch(ctx context.Context, path string, interval time.Duration, a *Authorizer, log *zap.Logger, auditor broker.Auditor) {
+	watchFile(ctx, path, interval, a, log, auditor, os.ReadFile)
+}
+
+// maxSettleReads bounds how often a changing file is re-read before the next tick tries again.
+const maxSettleReads = 5
+
+func watchFile(ctx context.Context, path string, interval time.Duration, a *Authorizer, log *zap.Logger, auditor broker.Auditor,
+	readFile func(string) ([]byte, error)) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	settle := min(interval/4, 100*time.Millisecond)
 	last := a.Policy().Hash()
 	lastBad := ""
+	hash := func(b []byte) string { sum := sha256.Sum256(b); return fmt.Sprintf("%x", sum[:6]) }
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		b, err := os.ReadFile(path)
+		b, err := readFile(path)
 		if err != nil {
 			continue // being replaced (ConfigMap symlink swap); try again next tick
 		}
-		sum := sha256.Sum256(b)
-		h := fmt.Sprintf("%x", sum[:6])
+		h := hash(b)
+		if h == last || h == lastBad {
+			continue
+		}
+		stable := false
+		for range maxSettleReads {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(settle):
+			}
+			again, err := readFile(path)
+			if err != nil {
+				break
+			}
+			if bytes.Equal(again, b) {
+				stable = true
+				break
+			}
+			b = again
+		}
+		if !stable {
+			continue // still being written: the next tick looks again
+		}
+		h = hash(b)
 		if h == last || h == lastBad {
 			continue
 		}

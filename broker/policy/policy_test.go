@@ -152,7 +152,7 @@ func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
 		t.Fatalf("before reload: %v", err)
 	}
 	// A bad file: refused, logged, audited; the old policy stays.
-	os.WriteFile(path, []byte(good+"  - {namespace: billing, serviceAccount: api, paths: [\"payments/*\"]}\n"), 0o600)
+	writeAtomic(t, path, good+"  - {namespace: billing, serviceAccount: api, paths: [\"payments/*\"]}\n")
 	waitFor(t, func() bool { return len(rec.events()) == 1 })
 	if ev := rec.events()[0]; ev.Type != broker.EventPolicyReload || ev.Decision != broker.Error {
 		t.Fatalf("audit event %+v", ev)
@@ -164,13 +164,90 @@ func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
 		t.Fatal("a refused policy replaced the good one")
 	}
 	// A good file: swapped in.
-	os.WriteFile(path, []byte(good+"  - {namespace: billing, serviceAccount: api, paths: [\"billing/*\"]}\n"), 0o600)
+	writeAtomic(t, path, good+"  - {namespace: billing, serviceAccount: api, paths: [\"billing/*\"]}\n")
 	waitFor(t, func() bool { return len(rec.events()) == 2 })
 	if ev := rec.events()[1]; ev.Decision != broker.Allow {
 		t.Fatalf("audit event %+v", ev)
 	}
 	if _, err := a.Authorize(ctx, billing, ref); err != nil {
 		t.Fatalf("after reload: %v", err)
+	}
+}
+
+// writeAtomic replaces path's content at once (write a temporary file, rename it over), as ConfigMap
+// updates do: the watcher never sees it half-written.
+func writeAtomic(t *testing.T, path, content string) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// scriptedFile plays a sequence of file contents to the watcher, one per read, then repeats the last.
+type scriptedFile struct {
+	mu    sync.Mutex
+	reads []string
+	n     int
+}
+
+func (f *scriptedFile) read(string) ([]byte, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	i := min(f.n, len(f.reads)-1)
+	f.n++
+	return []byte(f.reads[i]), nil
+}
+
+func (f *scriptedFile) count() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.n
+}
+
+// A file caught mid-write (empty, then half of the new policy) is not a bad policy: the watcher reads
+// again until two reads agree and records only the reload of the finished file. (Before, it recorded
+// a refused reload, "no environments", and raised a false security alert.)
+func TestWatchWaitsOutAFileCaughtMidWrite(t *testing.T) {
+	p, err := Parse([]byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := NewAuthorizer(p, StaticNamespaces{"payments": "prod", "billing": "prod"})
+	next := good + "  - {namespace: billing, serviceAccount: api, paths: [\"billing/*\"]}\n"
+	f := &scriptedFile{reads: []string{good, "", next[:len(next)/2], next}}
+	rec := &recorder{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { watchFile(ctx, "policy.yaml", 4*time.Millisecond, a, zap.NewNop(), rec, f.read); close(done) }()
+	waitFor(t, func() bool { return len(rec.events()) >= 1 })
+	waitFor(t, func() bool { return f.count() > 10 }) // more ticks: nothing else is recorded
+	cancel()
+	<-done
+	evs := rec.events()
+	if len(evs) != 1 || evs[0].Decision != broker.Allow {
+		t.Fatalf("recorded %+v, want exactly one allowed reload", evs)
+	}
+	if _, err := a.Authorize(ctx, broker.Identity{Namespace: "billing", ServiceAccount: "api"}, broker.SecretRef{Ref: "billing/db", Key: "k"}); err != nil {
+		t.Fatalf("the finished policy is not in force: %v", err)
+	}
+
+	// A file that stays bad (two reads agree) is refused, once.
+	f2 := &scriptedFile{reads: []string{good, ""}}
+	rec2 := &recorder{}
+	ctx2, cancel2 := context.WithCancel(context.Background())
+	done2 := make(chan struct{})
+	a2 := NewAuthorizer(p, StaticNamespaces{})
+	go func() { watchFile(ctx2, "policy.yaml", 4*time.Millisecond, a2, zap.NewNop(), rec2, f2.read); close(done2) }()
+	waitFor(t, func() bool { return len(rec2.events()) >= 1 })
+	waitFor(t, func() bool { return f2.count() > 10 })
+	cancel2()
+	<-done2
+	if evs := rec2.events(); len(evs) != 1 || evs[0].Decision != broker.Error {
+		t.Fatalf("a file that stays empty: recorded %+v, want one refused reload", evs)
 	}
 }
 

@@ -1,17 +1,21 @@
 package vault
 
 import (
+	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unicode"
+	"unicode/utf16"
+	"unicode/utf8"
 
 	vaultapi "github.com/hashicorp/vault/api"
 	"go.uber.org/zap"
@@ -144,35 +148,61 @@ func New(o Options) (*Source, error) {
 	return &Source{o: o, tokens: map[string]*vaultToken{}}, nil
 }
 
-// Fetch reads each ref's key from KV v2, up to 8 reads at a time. All refs are in one environment
-// (the pod's), so one Vault token serves them all.
-func (s *Source) Fetch(ctx context.Context, id broker.Identity, jwt broker.Token, refs []broker.Resolved) ([]broker.Secret, error) {
-	out, err := s.fetchAll(ctx, id, jwt, refs)
+// Fetch reads each ref's key from KV v2, up to 8 reads at a time; refs in the same secret share one
+// read. All refs are in one environment (the pod's), so one Vault token serves them all. The
+// responses together may hold at most maxBytes plus bodySlack per read, and the values returned at
+// most maxBytes: beyond that the fetch stops reading and fails with broker.ErrTooLarge.
+func (s *Source) Fetch(ctx context.Context, id broker.Identity, jwt broker.Token, refs []broker.Resolved, maxBytes int64) ([]broker.Secret, error) {
+	out, err := s.fetchAll(ctx, id, jwt, refs, maxBytes)
 	if err != nil && errors.Is(err, broker.ErrDenied) && s.o.Mode == ModePod {
-		// The cached Vault token may have been revoked (or Vault restarted): log in once more.
-		for _, r := range refs {
-			s.forget(id, r.Environment)
+		// The cached Vault token may have been revoked (or Vault restarted): forget it, revoke it in
+		// case Vault still knows it (best effort), and log in once more.
+		if old := s.forget(id, refs); len(old) > 0 {
+			if _, rerr := s.revoke(ctx, old); rerr != nil {
+				s.o.Log.Info("revoking a Vault token refused a read failed; it lapses at its TTL", zap.Error(rerr))
+			}
 		}
-		out, err = s.fetchAll(ctx, id, jwt, refs)
+		out, err = s.fetchAll(ctx, id, jwt, refs, maxBytes)
 	}
 	return out, err
 }
 
-func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.Token, refs []broker.Resolved) ([]broker.Secret, error) {
+// bodySlack is what a KV v2 response may hold beyond the values a volume can take: the JSON
+// envelope, the metadata and the secret's other, smaller keys.
+const bodySlack = 64 << 10
+
+// read is one KV v2 read and the refs it answers.
+type read struct {
+	ref  broker.Resolved // the first ref: mount, path, version
+	refs []int           // indexes of the refs it answers
+}
+
+func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.Token, refs []broker.Resolved, maxBytes int64) ([]broker.Secret, error) {
+	var reads []*read
+	byKey := map[string]*read{}
+	for i, r := range refs {
+		k := r.Environment + "\x00" + r.Mount + "\x00" + r.Path + "\x00" + strconv.Itoa(r.Version)
+		if rd := byKey[k]; rd != nil {
+			rd.refs = append(rd.refs, i)
+			continue
+		}
+		rd := &read{ref: r, refs: []int{i}}
+		byKey[k] = rd
+		reads = append(reads, rd)
+	}
+	b := &budget{}
+	b.body.Store(maxBytes + int64(len(reads))*bodySlack)
+	b.values.Store(maxBytes)
 	out := make([]broker.Secret, len(refs))
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
 	var err error
-	for i, r := range refs {
+	for _, rd := range reads {
 		var tok string
-		if tok, err = s.token(ctx, id, jwt, r.Environment); err != nil {
+		if tok, err = s.token(ctx, id, jwt, rd.ref.Environment); err != nil {
 			break // reads already started are still waited for below: none outlives the request
 		}
-		g.Go(func() error {
-			sec, err := s.read(gctx, tok, r)
-			out[i] = sec
-			return err
-		})
+		g.Go(func() error { return s.read(gctx, tok, rd, refs, out, b) })
 	}
 	if werr := g.Wait(); err == nil {
 		err = werr
@@ -186,68 +216,218 @@ func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.To
 	return out, nil
 }
 
+// budget is what a fetch may still read: response bytes and value bytes.
+type budget struct{ body, values atomic.Int64 }
+
 // client is the shared client with token set on every request by a callback: a shallow copy, not a
 // Clone (which builds a whole new client, environment lookups included, per call).
 func (s *Source) client(token string) *vaultapi.Client {
 	return s.o.Client.WithRequestCallbacks(func(req *vaultapi.Request) { req.ClientToken = token })
 }
 
-// kvResponse is the body of a KV v2 read, decoded once, straight from the response.
+// kvResponse is the body of a KV v2 read. The values are views into the response body, not copies:
+// the requested ones are decoded into fresh buffers and the body is zeroed after.
 type kvResponse struct {
 	Data *struct {
-		Data     map[string]any `json:"data"`
+		Data     map[string]rawView `json:"data"`
 		Metadata struct {
 			Version int `json:"version"`
 		} `json:"metadata"`
 	} `json:"data"`
 }
 
-func (s *Source) read(ctx context.Context, token string, r broker.Resolved) (broker.Secret, error) {
+// rawView keeps the JSON of a value as a slice of the input json.Unmarshal decodes: no copy.
+type rawView []byte
+
+func (r *rawView) UnmarshalJSON(b []byte) error { *r = b; return nil }
+
+func (s *Source) read(ctx context.Context, token string, rd *read, refs []broker.Resolved, out []broker.Secret, b *budget) error {
+	r := rd.ref
 	path := r.Mount + "/data/" + r.Path
-	sum := sha256.Sum256([]byte(token))
-	key := hex.EncodeToString(sum[:8]) + "|" + path + "|" + strconv.Itoa(r.Version)
-	v, err, _ := s.flight.Do(key, func() (any, error) {
-		var q map[string][]string
-		if r.Version > 0 {
-			q = map[string][]string{"version": {strconv.Itoa(r.Version)}}
+	var q map[string][]string
+	if r.Version > 0 {
+		q = map[string][]string{"version": {strconv.Itoa(r.Version)}}
+	}
+	// The client's configured timeout applies (RawRequestWithContext sets it).
+	resp, err := s.client(token).Logical().ReadRawWithDataWithContext(ctx, path, q)
+	if resp != nil {
+		defer resp.Body.Close()
+	}
+	if err != nil {
+		return mapErr("read "+r.Ref, err)
+	}
+	body, err := readBounded(resp.Body, resp.ContentLength, &b.body)
+	if err != nil {
+		if errors.Is(err, errTooLarge) {
+			return fmt.Errorf("secret %s: Vault's answer is larger than the volume can take: %w", r.Ref, broker.ErrTooLarge)
 		}
-		// The client's configured timeout applies (RawRequestWithContext sets it).
-		resp, err := s.client(token).Logical().ReadRawWithDataWithContext(ctx, path, q)
-		if resp != nil {
-			defer resp.Body.Close()
+		return fmt.Errorf("secret %s: reading Vault's answer: %v: %w", r.Ref, err, broker.ErrUnavailable)
+	}
+	defer clear(body)
+	var kv kvResponse
+	if err := json.Unmarshal(body, &kv); err != nil {
+		return fmt.Errorf("secret %s: undecodable answer from Vault: %w", r.Ref, broker.ErrUnavailable)
+	}
+	if kv.Data == nil || kv.Data.Data == nil {
+		return fmt.Errorf("secret %s was deleted or is not KV v2: %w", r.Ref, broker.ErrNotFound)
+	}
+	for _, i := range rd.refs {
+		raw, ok := kv.Data.Data[refs[i].Key]
+		if !ok {
+			return fmt.Errorf("secret %s has no key %q: %w", r.Ref, refs[i].Key, broker.ErrNotFound)
+		}
+		v := decodeValue(raw)
+		if b.values.Add(-int64(len(v))) < 0 {
+			clear(v)
+			return fmt.Errorf("secret %s key %q: the values are larger than the volume: %w", r.Ref, refs[i].Key, broker.ErrTooLarge)
+		}
+		out[i] = broker.Secret{Ref: refs[i].SecretRef, Version: kv.Data.Metadata.Version, Value: v}
+	}
+	return nil
+}
+
+var errTooLarge = errors.New("over budget")
+
+// readBounded reads r whole while the shared budget lasts, into a buffer it owns: each buffer it
+// outgrows is zeroed before it is dropped, so no copy of the secret is left for the garbage collector.
+func readBounded(r io.Reader, contentLength int64, left *atomic.Int64) ([]byte, error) {
+	if contentLength > left.Load() {
+		return nil, errTooLarge
+	}
+	size := int64(16 << 10)
+	if contentLength >= 0 {
+		size = contentLength + 1 // +1: EOF is seen without growing
+	}
+	buf := make([]byte, 0, size)
+	for {
+		if len(buf) == cap(buf) {
+			nb := make([]byte, len(buf), 2*cap(buf))
+			copy(nb, buf)
+			clear(buf)
+			buf = nb
+		}
+		n, err := r.Read(buf[len(buf):cap(buf)])
+		if n > 0 {
+			buf = buf[:len(buf)+n]
+			if left.Add(-int64(n)) < 0 {
+				clear(buf)
+				return nil, errTooLarge
+			}
+		}
+		if err == io.EOF {
+			return buf, nil
 		}
 		if err != nil {
-			return nil, mapErr("read "+r.Ref, err)
-		}
-		var kv kvResponse
-		dec := json.NewDecoder(resp.Body)
-		dec.UseNumber() // numbers pass through exactly
-		if err := dec.Decode(&kv); err != nil {
-			return nil, fmt.Errorf("secret %s: undecodable answer from Vault: %w", r.Ref, broker.ErrUnavailable)
-		}
-		if kv.Data == nil || kv.Data.Data == nil {
-			return nil, fmt.Errorf("secret %s was deleted or is not KV v2: %w", r.Ref, broker.ErrNotFound)
-		}
-		return &kv, nil
-	})
-	if err != nil {
-		return broker.Secret{}, err
-	}
-	kv := v.(*kvResponse).Data
-	val, ok := kv.Data[r.Key]
-	if !ok {
-		return broker.Secret{}, fmt.Errorf("secret %s has no key %q: %w", r.Ref, r.Key, broker.ErrNotFound)
-	}
-	var b []byte
-	switch x := val.(type) {
-	case string:
-		b = []byte(x)
-	default:
-		if b, err = json.Marshal(x); err != nil {
-			return broker.Secret{}, fmt.Errorf("secret %s key %q: not encodable: %w", r.Ref, r.Key, broker.ErrInvalid)
+			clear(buf)
+			return nil, err
 		}
 	}
-	return broker.Secret{Ref: r.SecretRef, Version: kv.Metadata.Version, Value: b}, nil
+}
+
+// decodeValue turns the JSON of a KV value into the file's bytes: a string's characters, anything
+// else (a number, a boolean, an object) its JSON text as Vault sent it.
+func decodeValue(raw []byte) []byte {
+	if v, ok := unquote(raw); ok {
+		return v
+	}
+	if len(raw) > 0 && raw[0] == '"' {
+		var str string // not the JSON unquote handles: let encoding/json decide (never seen from Vault)
+		if json.Unmarshal(raw, &str) == nil {
+			return []byte(str)
+		}
+	}
+	return bytes.Clone(raw)
+}
+
+// unquote decodes a JSON string literal into a fresh byte slice, as encoding/json does (invalid
+// surrogate escapes become U+FFFD), without going through an immutable Go string that could not be
+// zeroed. ok is false for anything that is not a well-formed string literal.
+func unquote(s []byte) ([]byte, bool) {
+	if len(s) < 2 || s[0] != '"' || s[len(s)-1] != '"' {
+		return nil, false
+	}
+	s = s[1 : len(s)-1]
+	out := make([]byte, 0, len(s))
+	for i := 0; i < len(s); {
+		c := s[i]
+		switch {
+		case c == '"' || c < 0x20:
+			return nil, false
+		case c != '\\':
+			if c < utf8.RuneSelf {
+				out = append(out, c)
+				i++
+				continue
+			}
+			r, size := utf8.DecodeRune(s[i:])
+			out = utf8.AppendRune(out, r) // invalid UTF-8 becomes U+FFFD, as encoding/json does
+			i += size
+			continue
+		}
+		if i+1 >= len(s) {
+			return nil, false
+		}
+		switch e := s[i+1]; e {
+		case '"', '\\', '/':
+			out = append(out, e)
+		case 'b':
+			out = append(out, '\b')
+		case 'f':
+			out = append(out, '\f')
+		case 'n':
+			out = append(out, '\n')
+		case 'r':
+			out = append(out, '\r')
+		case 't':
+			out = append(out, '\t')
+		case 'u':
+			r := hex4(s[i+2:])
+			if r < 0 {
+				return nil, false
+			}
+			i += 6
+			if utf16.IsSurrogate(r) {
+				r2 := rune(-1)
+				if i+1 < len(s) && s[i] == '\\' && s[i+1] == 'u' {
+					r2 = hex4(s[i+2:])
+				}
+				if dec := utf16.DecodeRune(r, r2); dec != unicode.ReplacementChar {
+					i += 6
+					r = dec
+				} else {
+					r = unicode.ReplacementChar
+				}
+			}
+			out = utf8.AppendRune(out, r)
+			continue
+		default:
+			return nil, false
+		}
+		i += 2
+	}
+	return out, true
+}
+
+// hex4 decodes the four hex digits at the start of s, or returns -1.
+func hex4(s []byte) rune {
+	if len(s) < 4 {
+		return -1
+	}
+	var r rune
+	for _, c := range s[:4] {
+		switch {
+		case '0' <= c && c <= '9':
+			c -= '0'
+		case 'a' <= c && c <= 'f':
+			c = c - 'a' + 10
+		case 'A' <= c && c <= 'F':
+			c = c - 'A' + 10
+		default:
+			return -1
+		}
+		r = r*16 + rune(c)
+	}
+	return r
 }
 
 // token returns a Vault token for the pod in env: cached, renewed in the last third of its TTL, or a
@@ -289,7 +469,7 @@ func (s *Source) login(ctx context.Context, key, role string, jwt broker.Token) 
 	c := s.client("")
 	sec, err := c.Logical().WriteWithContext(ctx, "auth/"+s.o.AuthMount+"/login", map[string]any{"role": role, "jwt": jwt.Reveal()})
 	if err != nil {
-		return nil, mapErr("login with role "+role, err)
+		return nil, loginErr(role, err)
 	}
 	if sec == nil || sec.Auth == nil || sec.Auth.ClientToken == "" {
 		return nil, fmt.Errorf("login with role %s: no token in the answer: %w", role, broker.ErrUnavailable)
@@ -386,11 +566,33 @@ func (s *Source) revoke(ctx context.Context, toks []string) (int, error) {
 	return n, first
 }
 
-func (s *Source) forget(id broker.Identity, env string) {
-	role, _ := s.o.Role(env)
+// forget drops the pod's cached tokens for the refs' environments and returns them.
+func (s *Source) forget(id broker.Identity, refs []broker.Resolved) []string {
+	var toks []string
 	s.mu.Lock()
-	delete(s.tokens, id.PodUID+"|"+role)
-	s.mu.Unlock()
+	defer s.mu.Unlock()
+	for _, r := range refs {
+		role, _ := s.o.Role(r.Environment)
+		k := id.PodUID + "|" + role
+		if t := s.tokens[k]; t != nil {
+			toks = append(toks, t.token)
+			delete(s.tokens, k)
+		}
+	}
+	return toks
+}
+
+// loginErr maps a failed kubernetes-auth login. Vault answers 400/403 when the role does not exist or
+// does not match, but also when its own TokenReview fails (an expired reviewer JWT, an apiserver it
+// cannot reach): a refused login is ambiguous, so it is ErrUnavailable (retried, files kept), never
+// a denial that would clear a running pod's files.
+func loginErr(role string, err error) error {
+	var re *vaultapi.ResponseError
+	if errors.As(err, &re) && re.StatusCode >= 400 && re.StatusCode < 500 {
+		return fmt.Errorf("vault login with role %s refused (%d %s; check the role and the auth method's token reviewer): %w",
+			role, re.StatusCode, strings.Join(re.Errors, "; "), broker.ErrUnavailable)
+	}
+	return mapErr("login with role "+role, err)
 }
 
 // mapErr maps a vault/api error onto the broker's sentinels, in this one place. The message keeps
@@ -404,8 +606,6 @@ func mapErr(op string, err error) error {
 			return fmt.Errorf("vault %s: %d %s: %w", op, re.StatusCode, msg, broker.ErrDenied)
 		case re.StatusCode == http.StatusNotFound:
 			return fmt.Errorf("vault %s: not found: %w", op, broker.ErrNotFound)
-		case re.StatusCode == http.StatusBadRequest:
-			return fmt.Errorf("vault %s: %d %s: %w", op, re.StatusCode, msg, broker.ErrDenied)
 		default:
 			return fmt.Errorf("vault %s: %d %s: %w", op, re.StatusCode, msg, broker.ErrUnavailable)
 		}

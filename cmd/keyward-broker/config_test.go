@@ -31,12 +31,46 @@ func TestLoadConfig(t *testing.T) {
 }
 
 func TestOptionsValidate(t *testing.T) {
-	o := Options{CSISocket: "/s", NodeID: "n", Config: "/c", AuditLog: "/a", AuditKeyFile: "/k"}
-	if err := o.Validate(); err != nil {
+	good := Options{CSISocket: "/s", NodeID: "n", Config: "/c", AuditLog: "/a", AuditKeyFile: "/k", MaxPublishes: 16, MaxPublishBytes: 64 << 20,
+		MetricsAddress: "127.0.0.1:9465"}
+	if err := good.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	o.AuditLog = ""
-	if err := o.Validate(); err == nil {
-		t.Fatal("no audit log accepted")
+	for name, mutate := range map[string]func(*Options){
+		"no audit log":            func(o *Options) { o.AuditLog = "" },
+		"no publishes":            func(o *Options) { o.MaxPublishes = 0 },
+		"bytes below one volume":  func(o *Options) { o.MaxPublishBytes = 1 << 20 },
+		"metrics off loopback":    func(o *Options) { o.MetricsAddress = "0.0.0.0:9465" },
+		"metrics address garbled": func(o *Options) { o.MetricsAddress = "9465" },
+	} {
+		o := good
+		mutate(&o)
+		if err := o.Validate(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+// With swap on and no noswap support, the broker refuses to start unless told to accept the risk;
+// with noswap, volumes always use it.
+func TestSwapPolicy(t *testing.T) {
+	for _, tc := range []struct {
+		swap, noswap, allow bool
+		mountsMaySwap       bool
+		warn, fail          bool
+	}{
+		{swap: true, noswap: true, allow: false, mountsMaySwap: false},
+		{swap: false, noswap: true, allow: true, mountsMaySwap: false},
+		{swap: false, noswap: false, allow: false, mountsMaySwap: true, warn: true},
+		{swap: true, noswap: false, allow: false, fail: true},
+		{swap: true, noswap: false, allow: true, mountsMaySwap: true, warn: true},
+	} {
+		may, warning, err := swapPolicy(tc.swap, tc.noswap, tc.allow)
+		if (err != nil) != tc.fail || may != tc.mountsMaySwap || (warning != "") != tc.warn {
+			t.Errorf("swap %v noswap %v allow %v: mounts may swap %v, warning %q, err %v", tc.swap, tc.noswap, tc.allow, may, warning, err)
+		}
+		if tc.fail && !strings.Contains(err.Error(), "--allow-swap-without-noswap") {
+			t.Errorf("the refusal does not name the flag: %v", err)
+		}
 	}
 }

@@ -5,12 +5,15 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"k8s.io/client-go/metadata"
 	"k8s.io/client-go/rest"
@@ -22,7 +25,9 @@ import (
 	"github.com/keyward/keyward/broker/tokenreview"
 	"github.com/keyward/keyward/broker/vault"
 	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/csi/tmpfs"
 	"github.com/keyward/keyward/internal/grpcserver"
+	"github.com/keyward/keyward/internal/hardening"
 	"github.com/keyward/keyward/internal/logging"
 	"github.com/keyward/keyward/internal/version"
 )
@@ -41,6 +46,12 @@ type Options struct {
 	Grace        time.Duration
 	KubeQPS      float64
 	KubeBurst    int
+	KubeletDir   string
+	// MaxPublishes and MaxPublishBytes bound the publishes handled at once (see csi.Options).
+	MaxPublishes    int
+	MaxPublishBytes int64
+	AllowSwap       bool
+	MetricsAddress  string
 }
 
 func (o *Options) bind(fs *flag.FlagSet) {
@@ -56,6 +67,11 @@ func (o *Options) bind(fs *flag.FlagSet) {
 	fs.Float64Var(&o.KubeQPS, "kube-api-qps", 1000, "client-side limit on apiserver requests per second (one TokenReview per uncached publish); a runaway guard, the apiserver's priority and fairness is the flow control")
 	fs.IntVar(&o.KubeBurst, "kube-api-burst", 2000, "client-side burst of apiserver requests")
 	fs.DurationVar(&o.Grace, "grace", 10*time.Second, "how long in-flight calls may take to finish on SIGTERM")
+	fs.StringVar(&o.KubeletDir, "kubelet-dir", csi.DefaultKubeletDir, "kubelet's root directory: every target path must be kubelet's path of a CSI volume below it")
+	fs.IntVar(&o.MaxPublishes, "max-concurrent-publishes", 16, "publishes handled at once; more wait for a slot")
+	fs.Int64Var(&o.MaxPublishBytes, "max-publish-bytes", 64<<20, "sum of the size limits of the volumes published at once (their secrets are in memory meanwhile); sized for the DaemonSet's memory limit")
+	fs.BoolVar(&o.AllowSwap, "allow-swap-without-noswap", false, "start even though swap is on and the kernel cannot keep tmpfs volumes out of it (tmpfs noswap needs Linux 6.4+): secrets may reach the swap device")
+	fs.StringVar(&o.MetricsAddress, "metrics-address", "127.0.0.1:9465", "loopback address for /metrics (empty: off)")
 }
 
 // Validate reports the first problem with the options.
@@ -69,8 +85,37 @@ func (o Options) Validate() error {
 		return errors.New("--config is required")
 	case o.AuditLog == "" || o.AuditKeyFile == "":
 		return errors.New("--audit-log and --audit-key-file are required: every access is audited")
+	case o.MaxPublishes <= 0:
+		return errors.New("--max-concurrent-publishes must be positive")
+	case o.MaxPublishBytes < csi.MaxSizeLimit:
+		return fmt.Errorf("--max-publish-bytes must be at least the largest volume size, %d", csi.MaxSizeLimit)
+	}
+	if o.MetricsAddress != "" {
+		host, _, err := net.SplitHostPort(o.MetricsAddress)
+		if err != nil {
+			return fmt.Errorf("--metrics-address: %w", err)
+		}
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			return fmt.Errorf("--metrics-address %s is not a loopback address", o.MetricsAddress)
+		}
 	}
 	return nil
+}
+
+// swapPolicy decides, at start, whether volumes may be mounted without noswap. With noswap, never.
+// Without it, only when no swap is active (nothing to leak to) or the operator explicitly accepts
+// the risk; otherwise the broker refuses to start.
+func swapPolicy(swapActive, noswap, allow bool) (allowSwapMounts bool, warning string, err error) {
+	switch {
+	case noswap:
+		return false, "", nil
+	case !swapActive:
+		return true, "the kernel cannot mount tmpfs with noswap (Linux 6.4+); no swap is active now, so volumes are mounted without it: turning swap on later would let secrets reach it", nil
+	case allow:
+		return true, "swap is active and the kernel cannot mount tmpfs with noswap: secrets may reach the swap device (--allow-swap-without-noswap)", nil
+	default:
+		return false, "", errors.New("swap is active and the kernel cannot keep tmpfs volumes out of it (tmpfs noswap needs Linux 6.4+): secrets could reach the swap device. Turn swap off, upgrade the kernel, or accept the risk with --allow-swap-without-noswap")
+	}
 }
 
 func main() {
@@ -103,6 +148,27 @@ func main() {
 }
 
 func run(o Options, log *zap.Logger) error {
+	if err := hardening.DisableCoreDumps(); err != nil {
+		return err
+	}
+	swapActive, err := tmpfs.SwapActive()
+	if err != nil {
+		return fmt.Errorf("reading /proc/swaps: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(o.CSISocket), 0o700); err != nil {
+		return err
+	}
+	noswap, err := tmpfs.ProbeNoswap(filepath.Dir(o.CSISocket))
+	if err != nil {
+		return err
+	}
+	allowSwapMounts, warning, err := swapPolicy(swapActive, noswap, o.AllowSwap)
+	if err != nil {
+		return err
+	}
+	if warning != "" {
+		log.Warn(warning)
+	}
 	cfg, err := loadConfig(o.Config)
 	if err != nil {
 		return err
@@ -168,14 +234,17 @@ func run(o Options, log *zap.Logger) error {
 	svc, err := broker.NewService(broker.Options{
 		Authenticator: tokenreview.New(tokenreview.Options{Client: reviewer, CacheTTL: cfg.TokenReviewCacheTTL.Duration}),
 		Authorizer:    authz, Source: src, Auditor: auditLog, Audiences: []string{cfg.Audience},
+		Node: o.NodeID, Pods: tokenreview.PodLookup{Client: meta},
 	})
 	if err != nil {
 		return err
 	}
 	// One tracker for both servers: a pod's Vault token goes when neither holds it in use.
 	creds := csi.NewPodCredentials(svc, log.Named("csi"))
+	limiter := csi.NewPublishLimiter(o.MaxPublishes, o.MaxPublishBytes) // both servers' publishes share the bounds
 	node, err := csi.NewServer(csi.Options{NodeID: o.NodeID, Version: version.Version, Broker: svc, Auditor: auditLog,
-		Audience: cfg.Audience, Log: log.Named("csi"), Credentials: creds,
+		Audience: cfg.Audience, Log: log.Named("csi"), Credentials: creds, KubeletDir: o.KubeletDir,
+		Limiter: limiter, AllowSwap: allowSwapMounts,
 		Ready: func() error {
 			if !namespaces.HasSynced() {
 				return errors.New("namespace informer not synced")
@@ -184,6 +253,17 @@ func run(o Options, log *zap.Logger) error {
 		}})
 	if err != nil {
 		return err
+	}
+	if o.MetricsAddress != "" {
+		reg := prometheus.NewRegistry()
+		if err := registerMetrics(reg, node, svc, noswap); err != nil {
+			return err
+		}
+		srv, err := serveMetrics(o.MetricsAddress, reg)
+		if err != nil {
+			return err
+		}
+		defer srv.Close()
 	}
 	gs := grpcserver.NewServer(log.Named("grpc"), csi.Describe)
 	node.Register(gs)
@@ -198,7 +278,7 @@ func run(o Options, log *zap.Logger) error {
 		}
 		defer plis.Close()
 		prov, err := csi.NewProviderServer(csi.Options{Version: version.Version, Broker: svc, Audience: cfg.Audience, Log: log.Named("provider"),
-			Credentials: creds})
+			Credentials: creds, Limiter: limiter})
 		if err != nil {
 			return err
 		}
@@ -214,7 +294,8 @@ func run(o Options, log *zap.Logger) error {
 		log.Info("serving the Secrets Store CSI Driver provider API", zap.String("socket", o.ProviderSock))
 	}
 	log.Info("serving CSI", zap.String("socket", o.CSISocket), zap.String("node", o.NodeID), zap.String("policy", pol.Hash()),
-		zap.String("vault_mode", cfg.Vault.Mode), zap.String("version", version.Version))
+		zap.String("vault_mode", cfg.Vault.Mode), zap.String("version", version.Version), zap.Bool("tmpfs_noswap", noswap),
+		zap.Bool("swap_active", swapActive))
 	err = grpcserver.Serve(ctx, gs, lis, o.Grace)
 	stop() // the CSI server may have ended on its own: stop the provider API too
 	<-providerDone

@@ -20,6 +20,7 @@ import (
 
 	"github.com/keyward/keyward/broker/audit"
 	"github.com/keyward/keyward/internal/grpcserver"
+	"github.com/keyward/keyward/internal/hardening"
 	"github.com/keyward/keyward/internal/logging"
 	"github.com/keyward/keyward/internal/version"
 	"github.com/keyward/keyward/kms"
@@ -103,6 +104,10 @@ func main() {
 }
 
 func run(o Options, log *zap.Logger) error {
+	// The HSM PIN and every DEK seed pass through this process's memory: never into a core file.
+	if err := hardening.DisableCoreDumps(); err != nil {
+		return err
+	}
 	cfg, err := kms.LoadConfig(o.Config)
 	if err != nil {
 		return err

@@ -1,8 +1,11 @@
 package tmpfs
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -16,16 +19,30 @@ import (
 // Magic is statfs's f_type of a tmpfs.
 const Magic = 0x01021994
 
-// Mount mounts a tmpfs of at most sizeBytes at target (which must exist) with nodev, nosuid and
-// noexec, and noswap where the kernel supports it (Linux 6.4+), so the pages are never written to a
-// swap device. mode is the root directory's mode; gid, if >= 0, its group.
-func Mount(target string, sizeBytes int64, mode os.FileMode, gid int) (noswap bool, err error) {
-	if sizeBytes <= 0 {
-		return false, fmt.Errorf("tmpfs size %d: must be positive", sizeBytes)
+// ErrNoswap means the kernel cannot keep a tmpfs out of swap (the noswap option needs Linux 6.4+).
+var ErrNoswap = errors.New("tmpfs noswap is not supported by this kernel (Linux 6.4+)")
+
+// MountOptions configure Mount.
+type MountOptions struct {
+	// Size bounds the tmpfs, in bytes.
+	Size int64
+	// Mode is the root directory's mode; GID, if >= 0, its group (the pod's fsGroup).
+	Mode os.FileMode
+	GID  int
+	// AllowSwap mounts without noswap when the kernel lacks it (instead of failing with ErrNoswap).
+	AllowSwap bool
+}
+
+// Mount mounts a tmpfs at target (an existing directory) with nodev, nosuid and noexec, and noswap
+// so that its pages are never written to a swap device. Without kernel support for noswap it fails
+// with ErrNoswap unless o.AllowSwap is set. It reports whether noswap is in effect.
+func Mount(target string, o MountOptions) (noswap bool, err error) {
+	if o.Size <= 0 {
+		return false, fmt.Errorf("tmpfs size %d: must be positive", o.Size)
 	}
-	data := "size=" + strconv.FormatInt(sizeBytes, 10) + ",mode=" + strconv.FormatUint(uint64(mode.Perm()), 8)
-	if gid >= 0 {
-		data += ",gid=" + strconv.Itoa(gid)
+	data := "size=" + strconv.FormatInt(o.Size, 10) + ",mode=" + strconv.FormatUint(uint64(o.Mode.Perm()), 8)
+	if o.GID >= 0 {
+		data += ",gid=" + strconv.Itoa(o.GID)
 	}
 	flags := uintptr(unix.MS_NODEV | unix.MS_NOSUID | unix.MS_NOEXEC)
 	if err := unix.Mount("tmpfs", target, "tmpfs", flags, data+",noswap"); err == nil {
@@ -33,10 +50,41 @@ func Mount(target string, sizeBytes int64, mode os.FileMode, gid int) (noswap bo
 	} else if !errors.Is(err, unix.EINVAL) {
 		return false, fmt.Errorf("mount tmpfs at %s: %w", target, err)
 	}
+	if !o.AllowSwap {
+		return false, ErrNoswap
+	}
 	if err := unix.Mount("tmpfs", target, "tmpfs", flags, data); err != nil {
 		return false, fmt.Errorf("mount tmpfs at %s: %w", target, err)
 	}
 	return false, nil
+}
+
+// ProbeNoswap mounts and unmounts a small tmpfs in a temporary directory under dir to learn whether
+// the kernel supports noswap.
+func ProbeNoswap(dir string) (bool, error) {
+	d, err := os.MkdirTemp(dir, ".keyward-noswap-probe-")
+	if err != nil {
+		return false, err
+	}
+	defer os.Remove(d)
+	err = unix.Mount("tmpfs", d, "tmpfs", unix.MS_NODEV|unix.MS_NOSUID|unix.MS_NOEXEC, "size=4096,noswap")
+	if errors.Is(err, unix.EINVAL) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("probing tmpfs noswap: %w", err)
+	}
+	return true, unix.Unmount(d, 0)
+}
+
+// SwapActive reports whether any swap device is in use (from /proc/swaps).
+func SwapActive() (bool, error) {
+	b, err := os.ReadFile("/proc/swaps")
+	if err != nil {
+		return false, err
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	return len(lines) > 1, nil // the first line is the header
 }
 
 // IsTmpfs reports whether path is on a tmpfs.
@@ -48,11 +96,15 @@ func IsTmpfs(path string) (bool, error) {
 	return st.Type == Magic, nil
 }
 
-// IsMountPoint reports whether path is the root of a mount (its device differs from its parent's).
+// IsMountPoint reports whether path (not followed if it is a symlink) is the root of a mount: its
+// device differs from its parent's.
 func IsMountPoint(path string) (bool, error) {
 	var st, parent unix.Stat_t
 	if err := unix.Lstat(path, &st); err != nil {
 		return false, err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return false, nil
 	}
 	if err := unix.Lstat(filepath.Dir(filepath.Clean(path)), &parent); err != nil {
 		return false, err
@@ -60,48 +112,42 @@ func IsMountPoint(path string) (bool, error) {
 	return st.Dev != parent.Dev || st.Ino == parent.Ino, nil
 }
 
-// Unmount overwrites every file under target with zeros, then unmounts it. Missing or already
-// unmounted targets are fine (idempotent).
-func Unmount(target string) error {
+// Published reports whether target is a directory (not a symlink) on which a tmpfs is mounted.
+func Published(target string) bool {
 	mp, err := IsMountPoint(target)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
+	if err != nil || !mp {
+		return false
 	}
-	if err != nil {
-		return err
-	}
-	if !mp {
-		return nil
-	}
-	if err := Scrub(target); err != nil {
-		return err
-	}
-	if err := unix.Unmount(target, 0); err != nil && !errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("unmount %s: %w", target, err)
-	}
-	return nil
+	ok, err := IsTmpfs(target)
+	return err == nil && ok
 }
 
-// Scrub overwrites the content of every regular file under dir with zeros.
-func Scrub(dir string) error {
-	return filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
-			return err
-		}
-		f, err := os.OpenFile(p, os.O_WRONLY, 0)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		st, err := f.Stat()
-		if err != nil {
-			return err
-		}
-		if _, err := f.Write(make([]byte, st.Size())); err != nil {
-			return err
-		}
-		return f.Sync()
-	})
+// Unmount scrubs the files the driver delivered into the tmpfs at target (see Volume.Clear), then
+// unmounts it. A missing target, or one with nothing mounted, is fine (idempotent). A mount point
+// that is not a tmpfs is refused: it is not one of ours. A failed scrub does not keep the volume
+// mounted (unmounting frees its pages; a pod must not be kept from terminating): it is returned as
+// scrubErr, for the log.
+func Unmount(target string, limit int64) (scrubErr, err error) {
+	mp, err := IsMountPoint(target)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if !mp {
+		return nil, nil
+	}
+	v, err := Open(target, limit)
+	if err != nil {
+		return nil, err
+	}
+	scrubErr = v.Clear()
+	v.Close()
+	if err := unix.Unmount(target, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+		return scrubErr, fmt.Errorf("unmount %s: %w", target, err)
+	}
+	return scrubErr, nil
 }
 
 // File is one file to deliver.
@@ -111,125 +157,602 @@ type File struct {
 	Data []byte
 }
 
-const dataLink = "..data"
+// The names the driver creates in a volume: the "..data" link to the payload in force, the
+// temporary link swapped over it, and payload directories "..<UTC time>.<random>".
+const (
+	dataLink    = "..data"
+	dataTmpLink = "..data_tmp"
+	// chunk is the unit of scrubbing and comparing: memory stays bounded whatever a file claims.
+	chunk = 64 << 10
+)
 
-// WriteAtomic replaces the visible files in dir all at once, as kubelet's AtomicWriter does: the files
-// go into a new hidden payload directory, the "..data" symlink is swapped to it with one rename, and
-// each visible name is a symlink through "..data". A reader sees the old set or the new set, never a
-// mix or a partial file. Files no longer present are removed; payloads older than the one replaced
-// are removed (tmpfs pages are freed, never written to disk). gid, if >= 0, owns the files (fsGroup).
-func WriteAtomic(dir string, files []File, gid int) error {
+// resolve is how every path inside a volume is resolved: one component, below the volume's root, on
+// the same mount, never through a symlink (the kernel refuses with ELOOP/EXDEV).
+const resolve = unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS | unix.RESOLVE_NO_XDEV
+
+// Volume is an open tmpfs volume. Every operation inside it is relative to the directory descriptor
+// of its root and resolved with openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_XDEV);
+// files are opened O_NOFOLLOW, new ones O_EXCL, and only regular files are read or overwritten, in
+// bounded chunks. Nothing a pod planted in the volume (a symlink, a FIFO, a huge sparse file, a
+// directory where a link should be) can make the driver write, chmod or read outside the volume,
+// block, or allocate more than the volume's size limit.
+type Volume struct {
+	fd     int
+	path   string
+	limit  int64 // most bytes of files delivered or read
+	fsSize int64 // the tmpfs's size: no file can hold more data, so no scrub writes more
+}
+
+// Open opens the volume mounted at target (the last component is not followed) and checks that it
+// is a tmpfs. limit is the most bytes of files it delivers or reads (the volume's sizeLimit).
+func Open(target string, limit int64) (*Volume, error) {
+	fd, err := unix.Open(target, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open volume %s: %w", target, err)
+	}
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(fd, &st); err != nil || st.Type != Magic {
+		unix.Close(fd)
+		if err == nil {
+			err = errors.New("not a tmpfs")
+		}
+		return nil, fmt.Errorf("volume %s: %w", target, err)
+	}
+	return &Volume{fd: fd, path: target, limit: limit, fsSize: int64(st.Blocks) * st.Bsize}, nil
+}
+
+// Close closes the volume's directory descriptor.
+func (v *Volume) Close() error { return unix.Close(v.fd) }
+
+func openIn(dirfd int, name string, flags int, mode uint32) (int, error) {
+	for {
+		fd, err := unix.Openat2(dirfd, name, &unix.OpenHow{
+			Flags: uint64(flags | unix.O_NOFOLLOW | unix.O_CLOEXEC), Mode: uint64(mode), Resolve: resolve,
+		})
+		if err == unix.EINTR || err == unix.EAGAIN {
+			continue // openat2 may ask to retry RESOLVE_* lookups raced by renames
+		}
+		return fd, err
+	}
+}
+
+// ValidName reports whether name can be a delivered file: one path component, not starting with
+// "..", not "." .
+func ValidName(name string) bool {
+	return name != "" && name != "." && len(name) <= 255 && !strings.ContainsAny(name, "/\x00") && !strings.HasPrefix(name, "..")
+}
+
+func isPayloadName(name string) bool {
+	// "..2006_01_02_15_04_05.<16 hex>"
+	rest, ok := strings.CutPrefix(name, "..")
+	if !ok || len(rest) != len("2006_01_02_15_04_05.")+16 {
+		return false
+	}
+	_, err := time.Parse("2006_01_02_15_04_05", rest[:19])
+	return err == nil && rest[19] == '.' && isHex(rest[20:])
+}
+
+func isHex(s string) bool {
+	_, err := hex.DecodeString(s)
+	return err == nil
+}
+
+// entry is one name in the volume's root, as readdir reports it (no link is followed).
+type entry struct {
+	name string
+	typ  os.FileMode
+}
+
+func (v *Volume) list() ([]entry, error) {
+	fd, err := openIn(v.fd, ".", unix.O_DIRECTORY|unix.O_RDONLY, 0)
+	if err != nil {
+		return nil, fmt.Errorf("list volume: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), v.path)
+	defer f.Close()
+	des, err := f.ReadDir(-1)
+	if err != nil {
+		return nil, fmt.Errorf("list volume: %w", err)
+	}
+	out := make([]entry, len(des))
+	for i, d := range des {
+		out[i] = entry{d.Name(), d.Type()}
+	}
+	return out, nil
+}
+
+// delivered returns the names the driver delivered: the root's symlinks of the driver's own shape,
+// name -> ..data/name. They are the driver's payload list; a volume holds nothing else of its own.
+func (v *Volume) delivered(entries []entry) []string {
+	var names []string
+	for _, e := range entries {
+		if e.typ != os.ModeSymlink || !ValidName(e.name) {
+			continue
+		}
+		if t, err := readlinkAt(v.fd, e.name); err == nil && t == dataLink+"/"+e.name {
+			names = append(names, e.name)
+		}
+	}
+	return names
+}
+
+func readlinkAt(dirfd int, name string) (string, error) {
+	buf := make([]byte, 256)
+	n, err := unix.Readlinkat(dirfd, name, buf)
+	if err != nil {
+		return "", err
+	}
+	if n == len(buf) {
+		return "", errors.New("link target too long")
+	}
+	return string(buf[:n]), nil
+}
+
+// current returns the payload "..data" points to, if it is a link of the driver's shape.
+func (v *Volume) current() (string, bool) {
+	t, err := readlinkAt(v.fd, dataLink)
+	return t, err == nil && isPayloadName(t)
+}
+
+// newPayloadName returns "..<UTC time>.<16 random hex>": unpredictable, so nothing can be planted at
+// it before the driver creates it.
+func newPayloadName() string {
+	b := make([]byte, 8)
+	rand.Read(b)
+	return ".." + time.Now().UTC().Format("2006_01_02_15_04_05") + "." + hex.EncodeToString(b)
+}
+
+// Swap replaces the delivered files all at once, as kubelet's AtomicWriter does: the files go into a
+// new payload directory (random name, mode 0700 until complete), the "..data" link is swapped to it
+// with one rename, and each visible name is a link through "..data". A reader sees the old set or
+// the new set, never a mix or a partial file. Names no longer delivered disappear. The payload just
+// replaced stays until the next swap (a reader that resolved "..data" a moment ago may still be
+// opening a file in it); every other payload is scrubbed and removed before the new one is written,
+// so a volume never holds more than two sets (see SizeFor). gid, if >= 0, owns the files (the pod's
+// fsGroup) and dirMode is the payload directory's final mode.
+func (v *Volume) Swap(files []File, gid int, dirMode os.FileMode) error {
 	names := map[string]bool{}
+	var total int64
 	for _, f := range files {
-		if f.Name == "" || strings.ContainsRune(f.Name, '/') || strings.HasPrefix(f.Name, "..") || names[f.Name] {
+		if !ValidName(f.Name) || names[f.Name] {
 			return fmt.Errorf("file name %q: must be unique, non-empty, without '/' and not start with '..'", f.Name)
 		}
+		if f.Mode.Perm()&0o222 != 0 || f.Mode&^os.ModePerm != 0 {
+			return fmt.Errorf("file %s: mode %v is writable or not a plain permission", f.Name, f.Mode)
+		}
 		names[f.Name] = true
+		total += int64(len(f.Data))
 	}
-	payload, err := os.MkdirTemp(dir, ".."+time.Now().UTC().Format("2006_01_02_15_04_05."))
+	if total > v.limit {
+		return fmt.Errorf("%d bytes do not fit the volume's %d: %w", total, v.limit, unix.ENOSPC)
+	}
+	before, err := v.list()
 	if err != nil {
 		return err
 	}
-	ok := false
-	defer func() {
-		if !ok {
-			Scrub(payload)
-			os.RemoveAll(payload)
+	prevNames := v.delivered(before)
+	scrubNames := sortedKeys(names)
+	for _, n := range prevNames {
+		if !names[n] {
+			scrubNames = append(scrubNames, n)
 		}
-	}()
-	if err := os.Chmod(payload, 0o755); err != nil {
-		return err
 	}
-	for _, f := range files {
-		p := filepath.Join(payload, f.Name)
-		if err := os.WriteFile(p, f.Data, f.Mode.Perm()); err != nil {
-			return err
-		}
-		if err := os.Chmod(p, f.Mode.Perm()); err != nil { // WriteFile's mode is masked by the umask
-			return err
-		}
-		if gid >= 0 {
-			if err := os.Lchown(p, -1, gid); err != nil {
+	replaced, _ := v.current()
+	for _, e := range before {
+		if e.typ == os.ModeDir && isPayloadName(e.name) && e.name != replaced {
+			if err := v.removePayload(e.name, scrubNames); err != nil {
 				return err
 			}
 		}
 	}
-	old, _ := os.Readlink(filepath.Join(dir, dataLink))
-	tmpLink := filepath.Join(dir, "..data_tmp")
-	os.Remove(tmpLink)
-	if err := os.Symlink(filepath.Base(payload), tmpLink); err != nil {
+
+	payload := newPayloadName()
+	if err := unix.Mkdirat(v.fd, payload, 0o700); err != nil {
+		return fmt.Errorf("create payload: %w", err)
+	}
+	if testHookPayloadCreated != nil {
+		testHookPayloadCreated(v.path, payload)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			v.removePayload(payload, sortedKeys(names))
+		}
+	}()
+	pfd, err := openIn(v.fd, payload, unix.O_DIRECTORY|unix.O_RDONLY, 0)
+	if err != nil {
+		return fmt.Errorf("open payload: %w", err)
+	}
+	defer unix.Close(pfd)
+	for _, f := range files {
+		if err := writeNew(pfd, f, gid); err != nil {
+			return err
+		}
+	}
+	if gid >= 0 {
+		if err := unix.Fchown(pfd, -1, gid); err != nil {
+			return fmt.Errorf("payload group: %w", err)
+		}
+	}
+	if err := unix.Fchmod(pfd, uint32(dirMode.Perm())); err != nil {
+		return fmt.Errorf("payload mode: %w", err)
+	}
+	if err := v.unlinkAny(dataTmpLink); err != nil {
 		return err
 	}
-	if err := os.Rename(tmpLink, filepath.Join(dir, dataLink)); err != nil {
-		os.Remove(tmpLink)
-		return err
+	if err := unix.Symlinkat(payload, v.fd, dataTmpLink); err != nil {
+		return fmt.Errorf("link payload: %w", err)
+	}
+	if err := unix.Renameat(v.fd, dataTmpLink, v.fd, dataLink); err != nil {
+		unix.Unlinkat(v.fd, dataTmpLink, 0)
+		return fmt.Errorf("swap payload: %w", err)
 	}
 	ok = true
 	for _, f := range files {
-		link := filepath.Join(dir, f.Name)
-		if target, err := os.Readlink(link); err == nil && target == filepath.Join(dataLink, f.Name) {
+		want := dataLink + "/" + f.Name
+		if t, err := readlinkAt(v.fd, f.Name); err == nil && t == want {
 			continue
 		}
-		os.Remove(link)
-		if err := os.Symlink(filepath.Join(dataLink, f.Name), link); err != nil {
+		if err := v.unlinkAny(f.Name); err != nil {
 			return err
 		}
-	}
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return err
-	}
-	for _, e := range entries {
-		if !strings.HasPrefix(e.Name(), "..") && !names[e.Name()] {
-			os.Remove(filepath.Join(dir, e.Name()))
+		if err := unix.Symlinkat(want, v.fd, f.Name); err != nil {
+			return fmt.Errorf("link %s: %w", f.Name, err)
 		}
 	}
-	// Earlier payloads go, except the one just replaced: a reader that resolved "..data" a moment
-	// ago may still be opening a file in it. It goes at the next swap. Clearing (no files: access was
-	// revoked) removes and scrubs every earlier payload at once.
-	for _, e := range entries {
-		name := e.Name()
-		if !e.IsDir() || !strings.HasPrefix(name, "..") || name == filepath.Base(payload) {
-			continue
-		}
-		if len(files) > 0 && name == old {
-			continue
-		}
-		p := filepath.Join(dir, name)
-		if len(files) == 0 {
-			Scrub(p)
-		}
-		if err := os.RemoveAll(p); err != nil {
-			return err
+	for _, name := range prevNames {
+		if !names[name] {
+			if err := unix.Unlinkat(v.fd, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("remove %s: %w", name, err)
+			}
 		}
 	}
 	return nil
 }
 
-// Read returns the visible files of dir (through the symlinks), sorted by name, for comparisons.
-func Read(dir string) ([]File, error) {
-	entries, err := os.ReadDir(dir)
+// writeNew creates one file in a payload directory: O_EXCL (nothing planted is reused), written
+// whole, then its group and mode set on the descriptor.
+func writeNew(dirfd int, f File, gid int) error {
+	fd, err := openIn(dirfd, f.Name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", f.Name, err)
+	}
+	defer unix.Close(fd)
+	for p := 0; p < len(f.Data); {
+		n, err := unix.Write(fd, f.Data[p:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("write %s: %w", f.Name, err)
+		}
+		p += n
+	}
+	if gid >= 0 {
+		if err := unix.Fchown(fd, -1, gid); err != nil {
+			return fmt.Errorf("group of %s: %w", f.Name, err)
+		}
+	}
+	if err := unix.Fchmod(fd, uint32(f.Mode.Perm())); err != nil {
+		return fmt.Errorf("mode of %s: %w", f.Name, err)
+	}
+	return nil
+}
+
+// testHookPayloadCreated, when set by a test, runs right after a payload directory is created: it
+// plays a pod racing the driver (planting a link inside it, or swapping it for a link).
+var testHookPayloadCreated func(volume, payload string)
+
+// SizeFor is the tmpfs size for a volume of at most data bytes in files: room for two complete sets
+// (the one in force and the one swapped in), each file rounded up to whole pages.
+func SizeFor(data int64, files int) int64 {
+	const page = 4096
+	return 2*(data+int64(files)*page) + 4*page
+}
+
+// Clear removes every delivered file at once, for a revocation or an unmount: the visible links and
+// "..data" go first (readers see no file), then every payload's delivered files are overwritten
+// with zeros and removed.
+func (v *Volume) Clear() error {
+	entries, err := v.list()
+	if err != nil {
+		return err
+	}
+	names := v.delivered(entries)
+	var first error
+	for _, name := range append([]string{dataLink, dataTmpLink}, names...) {
+		if err := v.unlinkAny(name); err != nil && !errors.Is(err, unix.ENOTEMPTY) && first == nil {
+			first = err // a non-empty directory there is not the driver's: the unmount takes it
+		}
+	}
+	for _, e := range entries {
+		if e.typ == os.ModeDir && isPayloadName(e.name) {
+			if err := v.removePayload(e.name, names); err != nil && first == nil {
+				first = err
+			}
+		}
+	}
+	return first
+}
+
+// unlinkAny removes name from the root, whatever it is, without following it: a file or link is
+// unlinked, an empty directory removed. A non-empty directory is an error (nothing of ours).
+func (v *Volume) unlinkAny(name string) error {
+	err := unix.Unlinkat(v.fd, name, 0)
+	if errors.Is(err, unix.EISDIR) {
+		err = unix.Unlinkat(v.fd, name, unix.AT_REMOVEDIR)
+	}
+	if err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("remove %s: %w", name, err)
+	}
+	return nil
+}
+
+// removePayload scrubs and unlinks the named files of a payload directory, then removes the
+// directory. Anything else found in it (not the driver's) is unlinked unread; a non-empty
+// subdirectory is left and reported.
+func (v *Volume) removePayload(payload string, names []string) error {
+	pfd, err := openIn(v.fd, payload, unix.O_DIRECTORY|unix.O_RDONLY, 0)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		return fmt.Errorf("open payload %s: %w", payload, err)
+	}
+	defer unix.Close(pfd)
+	var first error
+	for _, name := range names {
+		if err := scrubFile(pfd, name, v.fsSize); err != nil && first == nil {
+			first = fmt.Errorf("scrub %s: %w", name, err)
+		}
+	}
+	// What is left is not the driver's: unlink it without reading or writing it.
+	if fd, err := unix.Dup(pfd); err == nil {
+		f := os.NewFile(uintptr(fd), payload)
+		left, _ := f.ReadDir(256)
+		f.Close()
+		for _, d := range left {
+			if d.IsDir() {
+				unix.Unlinkat(pfd, d.Name(), unix.AT_REMOVEDIR)
+			} else {
+				unix.Unlinkat(pfd, d.Name(), 0)
+			}
+		}
+	}
+	if err := unix.Unlinkat(v.fd, payload, unix.AT_REMOVEDIR); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ENOTEMPTY) && first == nil {
+		first = fmt.Errorf("remove payload %s: %w", payload, err)
+	}
+	return first
+}
+
+// scrubFile overwrites the data of a regular file with zeros, in fixed-size chunks and only where
+// data is allocated (a sparse file's holes hold nothing), never more than limit bytes in all; then it
+// truncates and unlinks it. A missing file is fine; anything but a regular file is unlinked unread.
+func scrubFile(dirfd int, name string, limit int64) error {
+	fd, err := openIn(dirfd, name, unix.O_WRONLY|unix.O_NONBLOCK, 0)
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		return nil
+	case err != nil:
+		// A link, a FIFO without a reader, a socket...: not a file the driver wrote. Unlinked below.
+		unix.Unlinkat(dirfd, name, 0)
+		return nil
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFREG {
+		if err := zeroData(fd, st.Size, limit); err != nil {
+			return err
+		}
+		if err := unix.Ftruncate(fd, 0); err != nil {
+			return err
+		}
+	}
+	if err := unix.Unlinkat(dirfd, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+		return err
+	}
+	return nil
+}
+
+var zeros = make([]byte, chunk)
+
+// zeroData overwrites the allocated ranges of a file of size bytes, at most limit bytes in all.
+func zeroData(fd int, size, limit int64) error {
+	var written int64
+	off := int64(0)
+	for off < size && written < limit {
+		start, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			return nil // no data past off
+		}
+		if err != nil {
+			return err
+		}
+		end, err := unix.Seek(fd, start, unix.SEEK_HOLE)
+		if err != nil {
+			return err
+		}
+		for p := start; p < end && written < limit; {
+			n := min(end-p, chunk, limit-written)
+			w, err := unix.Pwrite(fd, zeros[:n], p)
+			if err != nil {
+				return err
+			}
+			p += int64(w)
+			written += int64(w)
+		}
+		off = end
+	}
+	return nil
+}
+
+// Unchanged reports whether the volume already delivers exactly files: "..data" points to a payload
+// of the driver's shape, holding exactly these regular files with these modes, group and contents,
+// each visible through its link, and nothing else visible. Files are compared in bounded chunks,
+// never read whole. Any doubt (an error, something planted) answers false, so the caller swaps in a
+// fresh payload.
+func (v *Volume) Unchanged(files []File, gid int) bool {
+	payload, ok := v.current()
+	if !ok {
+		return false
+	}
+	entries, err := v.list()
+	if err != nil {
+		return false
+	}
+	want := map[string]bool{}
+	for _, f := range files {
+		want[f.Name] = true
+	}
+	for _, e := range entries {
+		switch {
+		case e.name == dataLink || (e.typ == os.ModeDir && isPayloadName(e.name)):
+		case e.typ == os.ModeSymlink && want[e.name]:
+			if t, err := readlinkAt(v.fd, e.name); err != nil || t != dataLink+"/"+e.name {
+				return false
+			}
+			delete(want, e.name)
+		default:
+			return false
+		}
+	}
+	if len(want) != 0 {
+		return false
+	}
+	pfd, err := openIn(v.fd, payload, unix.O_DIRECTORY|unix.O_RDONLY, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(pfd)
+	if n, err := countEntries(pfd); err != nil || n != len(files) {
+		return false
+	}
+	buf := make([]byte, min(chunk, v.limit+1))
+	for _, f := range files {
+		if !sameFile(pfd, f, gid, buf) {
+			return false
+		}
+	}
+	return true
+}
+
+func countEntries(dirfd int) (int, error) {
+	fd, err := unix.Dup(dirfd)
+	if err != nil {
+		return 0, err
+	}
+	f := os.NewFile(uintptr(fd), "payload")
+	defer f.Close()
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return 0, err
+	}
+	names, err := f.Readdirnames(MaxFiles + 1)
+	if err == io.EOF {
+		err = nil
+	}
+	return len(names), err
+}
+
+// MaxFiles bounds how many entries Unchanged reads from a payload directory.
+const MaxFiles = 256
+
+func sameFile(dirfd int, f File, gid int, buf []byte) bool {
+	fd, err := openIn(dirfd, f.Name, unix.O_RDONLY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if unix.Fstat(fd, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Nlink != 1 || st.Uid != 0 ||
+		os.FileMode(st.Mode&0o7777) != f.Mode.Perm() || st.Size != int64(len(f.Data)) {
+		return false
+	}
+	if gid >= 0 && st.Gid != uint32(gid) {
+		return false
+	}
+	off := 0
+	for {
+		n, err := unix.Read(fd, buf)
+		if n < 0 || err != nil {
+			return false
+		}
+		if n == 0 {
+			return off == len(f.Data)
+		}
+		if off+n > len(f.Data) || string(buf[:n]) != string(f.Data[off:off+n]) {
+			return false
+		}
+		off += n
+	}
+}
+
+// Read returns the delivered files (by the driver's own links), sorted by name, each read in
+// chunks and at most the volume's limit in all. It refuses anything that is not a regular file. For
+// tests, tools and the demo; the driver itself compares with Unchanged.
+func (v *Volume) Read() ([]File, error) {
+	payload, ok := v.current()
+	if !ok {
+		return nil, nil // nothing delivered (or cleared)
+	}
+	entries, err := v.list()
 	if err != nil {
 		return nil, err
 	}
+	pfd, err := openIn(v.fd, payload, unix.O_DIRECTORY|unix.O_RDONLY, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open payload: %w", err)
+	}
+	defer unix.Close(pfd)
 	var out []File
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), "..") {
-			continue
+	budget := v.limit
+	for _, name := range v.delivered(entries) {
+		fd, err := openIn(pfd, name, unix.O_RDONLY|unix.O_NONBLOCK, 0)
+		if err != nil {
+			return nil, fmt.Errorf("open %s: %w", name, err)
 		}
-		p := filepath.Join(dir, e.Name())
-		st, err := os.Stat(p)
+		f := os.NewFile(uintptr(fd), name)
+		st, err := f.Stat()
+		if err == nil && !st.Mode().IsRegular() {
+			err = fmt.Errorf("%s is not a regular file", name)
+		}
+		var b []byte
+		if err == nil {
+			b, err = io.ReadAll(io.LimitReader(f, budget+1))
+			if err == nil && int64(len(b)) > budget {
+				err = fmt.Errorf("%s: more than the volume's %d bytes", name, v.limit)
+			}
+		}
+		f.Close()
 		if err != nil {
 			return nil, err
 		}
-		b, err := os.ReadFile(p)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, File{Name: e.Name(), Mode: st.Mode().Perm(), Data: b})
+		budget -= int64(len(b))
+		out = append(out, File{Name: name, Mode: st.Mode().Perm(), Data: b})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil
+}
+
+// ReadDir opens the volume at target and reads it (see Volume.Read).
+func ReadDir(target string, limit int64) ([]File, error) {
+	v, err := Open(target, limit)
+	if err != nil {
+		return nil, err
+	}
+	defer v.Close()
+	return v.Read()
+}
+
+func sortedKeys(m map[string]bool) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
 }
 
 // MountsUnder lists the mount points at or below root (from /proc/self/mountinfo), deepest first.
@@ -263,8 +786,10 @@ func UnmountAllUnder(root string) error {
 	}
 	var first error
 	for _, mp := range mps {
-		if err := Unmount(mp); err != nil && first == nil {
-			first = err
+		if _, err := Unmount(mp, 16<<20); err != nil {
+			if uerr := unix.Unmount(mp, unix.MNT_DETACH); uerr != nil && first == nil {
+				first = err
+			}
 		}
 	}
 	return first

@@ -271,7 +271,8 @@ resources:
 	os.WriteFile(brokerCfg, []byte(fmt.Sprintf("policyFile: %s\nvault: {address: %s, allowInsecureHTTP: true}\n", policyPath, v.Addr)), 0o600)
 	csiSock, brokerAudit := filepath.Join(d.dir, "csi.sock"), filepath.Join(d.dir, "broker-audit.log")
 	brokerProc, err := d.start("keyward-broker", nil, "--csi-socket", csiSock, "--node-id", "node-1", "--config", brokerCfg,
-		"--kubeconfig", kubeconfig, "--audit-log", brokerAudit, "--audit-key-file", auditKey)
+		"--kubeconfig", kubeconfig, "--audit-log", brokerAudit, "--audit-key-file", auditKey,
+		"--kubelet-dir", filepath.Join(d.dir, "kubelet"), "--metrics-address", "")
 	if err != nil {
 		return err
 	}
@@ -301,8 +302,11 @@ resources:
 			return err
 		}
 		tokens, _ := json.Marshal(map[string]map[string]string{"keyward": {"token": tok}})
+		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil { // kubelet creates the parent
+			return err
+		}
 		_, err = node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
-			VolumeId: "demo-" + string(pod.UID), TargetPath: target,
+			VolumeId: "demo-" + string(pod.UID), TargetPath: target, Readonly: true,
 			VolumeCapability: &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}},
 				AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY}},
 			VolumeContext: map[string]string{csi.AttrSecrets: secrets, csi.AttrTokens: string(tokens), csi.AttrPodName: pod.Name,
@@ -324,7 +328,7 @@ resources:
 		}
 	})
 	onTmpfs, _ := tmpfs.IsTmpfs(target)
-	files, err := tmpfs.Read(target)
+	files, err := tmpfs.ReadDir(target, csi.DefaultSizeLimit)
 	if err != nil || len(files) != 1 || string(files[0].Data) != values["prod"] {
 		return fmt.Errorf("the volume does not hold the prod secret (%v)", err)
 	}

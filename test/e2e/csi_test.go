@@ -49,8 +49,13 @@ const csiSecrets = `
   mode: "0444"
 `
 
+// target is kubelet's path of the pod's CSI volume; kubelet creates its parent before publishing.
 func (k *kubelet) target(pod *corev1.Pod) string {
-	return filepath.Join(k.root, "pods", string(pod.UID), "volumes/kubernetes.io~csi/secrets/mount")
+	p := filepath.Join(k.root, "pods", string(pod.UID), "volumes/kubernetes.io~csi/secrets/mount")
+	if err := os.MkdirAll(filepath.Dir(p), 0o750); err != nil {
+		k.t.Fatal(err)
+	}
+	return p
 }
 
 func (k *kubelet) publish(pod *corev1.Pod, secrets string, fsGroup string) error {
@@ -157,6 +162,7 @@ vault:
 	os.WriteFile(auditKey, []byte(strings.Repeat("q", 40)), 0o600)
 	sock, provSock := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "provider.sock")
 	drv := start(t, nil, filepath.Join(dir, "keyward-broker.log"), "keyward-broker", "--csi-socket", sock, "--node-id", "node-1",
+		"--kubelet-dir", filepath.Join(dir, "kubelet"), "--metrics-address", "",
 		"--provider-socket", provSock,
 		"--config", cfgPath, "--kubeconfig", kubeconfig, "--audit-log", auditLog, "--audit-key-file", auditKey, "--log-level", "debug")
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -229,7 +235,7 @@ vault:
 	if err != nil {
 		t.Fatalf("provider Mount: %v", err)
 	}
-	onDisk, _ := tmpfs.Read(target)
+	onDisk, _ := tmpfs.ReadDir(target, csi.DefaultSizeLimit)
 	if len(resp.Files) != len(onDisk) {
 		t.Fatalf("provider returned %d files, the CSI volume has %d", len(resp.Files), len(onDisk))
 	}
@@ -356,6 +362,7 @@ vault:
 	drv.stop(t)
 	wantPodTokens(t, e.vault, 0, "a stopped driver revoked its pods' tokens")
 	drv = start(t, nil, filepath.Join(dir, "keyward-broker-2.log"), "keyward-broker", "--csi-socket", sock, "--node-id", "node-1",
+		"--kubelet-dir", filepath.Join(dir, "kubelet"), "--metrics-address", "",
 		"--config", cfgPath, "--kubeconfig", kubeconfig, "--audit-log", auditLog, "--audit-key-file", auditKey, "--log-level", "debug")
 	eventually(t, 30*time.Second, "restarted driver ready", func() error {
 		r, err := kl.id.Probe(context.Background(), &csipb.ProbeRequest{})
@@ -394,7 +401,7 @@ vault:
 		}
 		return nil
 	})
-	if files, err := tmpfs.Read(kl.target(devPod)); err != nil || len(files) != 0 {
+	if files, err := tmpfs.ReadDir(kl.target(devPod), csi.DefaultSizeLimit); err != nil || len(files) != 0 {
 		t.Fatalf("files left for a deleted pod: %d %v", len(files), err)
 	}
 
@@ -407,7 +414,7 @@ vault:
 		}
 		return fmt.Errorf("republish: %v", err)
 	})
-	if files, err := tmpfs.Read(target); err != nil || len(files) != 0 {
+	if files, err := tmpfs.ReadDir(target, csi.DefaultSizeLimit); err != nil || len(files) != 0 {
 		t.Fatalf("files left after revocation: %d %v", len(files), err)
 	}
 	wantPodTokens(t, e.vault, 0, "revoked and deleted pods hold no Vault token")

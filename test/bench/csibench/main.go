@@ -221,7 +221,7 @@ func run(ops, rounds, volumes int) error {
 
 	// RSS with many published volumes (one pod, many volumes: the driver's per-volume state).
 	for i := range volumes {
-		if err := b.publish(ctx, b.pods[0], b.tokens[0], filepath.Join(b.dir, "rss", strconv.Itoa(i))); err != nil {
+		if err := b.publish(ctx, b.pods[0], b.tokens[0], b.target(b.pods[0], "rss-"+strconv.Itoa(i))); err != nil {
 			return fmt.Errorf("rss publish %d: %w", i, err)
 		}
 	}
@@ -231,8 +231,11 @@ func run(ops, rounds, volumes int) error {
 	return nil
 }
 
+// target is kubelet's path of the pod's volume named kind; kubelet creates its parent.
 func (b *bench) target(p *corev1.Pod, kind string) string {
-	return filepath.Join(b.dir, "kubelet", kind, string(p.UID))
+	t := filepath.Join(b.dir, "kubelet/pods", string(p.UID), "volumes/kubernetes.io~csi", kind, "mount")
+	os.MkdirAll(filepath.Dir(t), 0o750)
+	return t
 }
 
 func (b *bench) provision(ctx context.Context, pods int) error {
@@ -299,7 +302,8 @@ func (b *bench) startDriver() (*exec.Cmd, string, error) {
 	sock := filepath.Join(dir, "csi.sock")
 	logf, _ := os.Create(filepath.Join(dir, "driver.log"))
 	cmd := exec.Command(bin, "--csi-socket", sock, "--node-id", "node-1", "--config", filepath.Join(dir, "broker.yaml"),
-		"--kubeconfig", kc, "--audit-log", filepath.Join(dir, "audit.log"), "--audit-key-file", filepath.Join(dir, "audit.key"), "--log-level", "warn")
+		"--kubeconfig", kc, "--audit-log", filepath.Join(dir, "audit.log"), "--audit-key-file", filepath.Join(dir, "audit.key"), "--log-level", "warn",
+		"--kubelet-dir", filepath.Join(dir, "kubelet"), "--metrics-address", "")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	return cmd, sock, cmd.Start()
@@ -323,7 +327,7 @@ func waitReady(ctx context.Context, conn *grpc.ClientConn) error {
 func (b *bench) publish(ctx context.Context, p *corev1.Pod, tok, target string) error {
 	tokens, _ := json.Marshal(map[string]map[string]string{"keyward": {"token": tok}})
 	_, err := b.node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
-		VolumeId: "v-" + filepath.Base(target) + filepath.Base(filepath.Dir(target)), TargetPath: target,
+		VolumeId: "v-" + filepath.Base(filepath.Dir(target)) + "-" + string(p.UID), TargetPath: target, Readonly: true,
 		VolumeCapability: &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}},
 			AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY}},
 		VolumeContext: map[string]string{csi.AttrSecrets: secrets, csi.AttrTokens: string(tokens), csi.AttrPodName: p.Name,
