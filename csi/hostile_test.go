@@ -401,5 +401,3 @@ func TestConcurrentPublishesAreBounded(t *testing.T) {
 		t.Fatalf("at most %d publishes were inside at once, want 3", m)
 	}
 }
-
-

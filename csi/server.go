@@ -75,9 +75,9 @@ type Server struct {
 	csipb.UnimplementedIdentityServer
 	csipb.UnimplementedNodeServer
 	csipb.UnimplementedControllerServer
-	o       Options
-	mu      sync.Mutex
-	locks   map[string]*volumeLock
+	o     Options
+	mu    sync.Mutex
+	locks map[string]*volumeLock
 }
 
 type volumeLock struct {

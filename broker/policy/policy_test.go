@@ -241,7 +241,10 @@ func TestWatchWaitsOutAFileCaughtMidWrite(t *testing.T) {
 	ctx2, cancel2 := context.WithCancel(context.Background())
 	done2 := make(chan struct{})
 	a2 := NewAuthorizer(p, StaticNamespaces{})
-	go func() { watchFile(ctx2, "policy.yaml", 4*time.Millisecond, a2, zap.NewNop(), rec2, f2.read); close(done2) }()
+	go func() {
+		watchFile(ctx2, "policy.yaml", 4*time.Millisecond, a2, zap.NewNop(), rec2, f2.read)
+		close(done2)
+	}()
 	waitFor(t, func() bool { return len(rec2.events()) >= 1 })
 	waitFor(t, func() bool { return f2.count() > 10 })
 	cancel2()
