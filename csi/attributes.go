@@ -33,6 +33,8 @@ const (
 	DefaultSizeLimit = 1 << 20
 	MaxSizeLimit     = 16 << 20
 	MaxEntries       = broker.MaxRefs
+	// MaxAttributeBytes bounds each volume attribute (the secrets list, the tokens).
+	MaxAttributeBytes = 64 << 10
 )
 
 // Entry is one file of a volume, as the user writes it in the "secrets" attribute.
@@ -57,11 +59,14 @@ type Volume struct {
 // ErrUnauthenticated for a missing token) and name the entry at fault; they never hold the token.
 func ParseVolume(attrs map[string]string, audience string) (Volume, error) {
 	v := Volume{SizeLimit: DefaultSizeLimit}
-	for k := range attrs {
+	for k, val := range attrs {
 		switch k {
 		case AttrSecrets, AttrSizeLimit, AttrTokens, AttrPodName, AttrPodNamespace, AttrPodUID, AttrSAName, AttrEphemeral:
 		default:
-			return Volume{}, fmt.Errorf("unknown volume attribute %q: %w", k, broker.ErrInvalid)
+			return Volume{}, fmt.Errorf("unknown volume attribute %.64q: %w", k, broker.ErrInvalid)
+		}
+		if len(val) > MaxAttributeBytes {
+			return Volume{}, fmt.Errorf("volume attribute %q is %d bytes (max %d): %w", k, len(val), MaxAttributeBytes, broker.ErrInvalid)
 		}
 	}
 	if s, ok := attrs[AttrSizeLimit]; ok {

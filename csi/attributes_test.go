@@ -56,6 +56,7 @@ func TestParseVolume(t *testing.T) {
 		"no token":           {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { delete(m, AttrTokens) }), broker.ErrUnauthenticated, "tokenRequests"},
 		"other audience":     {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrTokens] = `{"vault":{"token":"` + canaryToken + `"}}` }), broker.ErrUnauthenticated, "audience"},
 		"garbled tokens":     {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrTokens] = canaryToken }), broker.ErrInvalid, "JSON"},
+		"oversized secrets":  {attrs("- {ref: a/b, key: k, file: f}\n#" + strings.Repeat("x", MaxAttributeBytes)), broker.ErrInvalid, "max 65536"},
 		"size limit too big": {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrSizeLimit] = "999999999" }), broker.ErrInvalid, "sizeLimit"},
 	} {
 		t.Run(name, func(t *testing.T) {

@@ -18,6 +18,11 @@ type Config struct {
 	Audience string `json:"audience,omitempty"`
 	// TokenReviewCacheTTL bounds how long a positive TokenReview is reused.
 	TokenReviewCacheTTL config.Duration `json:"tokenReviewCacheTTL,omitempty"`
+	// RefusalAuditBurst and RefusalAuditInterval rate-limit the audit records of one pod's refused
+	// requests: a burst, then one per interval, each record counting those suppressed before it
+	// (defaults 10 and 30s). Allowed requests are always recorded.
+	RefusalAuditBurst    int             `json:"refusalAuditBurst,omitempty"`
+	RefusalAuditInterval config.Duration `json:"refusalAuditInterval,omitempty"`
 	Vault               struct {
 		Address   string `json:"address"`
 		CAFile    string `json:"caFile,omitempty"`
@@ -46,6 +51,12 @@ func loadConfig(path string) (Config, error) {
 	if c.Vault.Mode == "" {
 		c.Vault.Mode = "pod"
 	}
+	if c.RefusalAuditBurst == 0 {
+		c.RefusalAuditBurst = 10
+	}
+	if c.RefusalAuditInterval.Duration == 0 {
+		c.RefusalAuditInterval.Duration = 30 * time.Second
+	}
 	if err := c.validate(); err != nil {
 		return Config{}, fmt.Errorf("config %s: %w", path, err)
 	}
@@ -64,6 +75,8 @@ func (c Config) validate() error {
 		return errors.New("vault.tokenFile is required in broker mode")
 	case c.TokenReviewCacheTTL.Duration > time.Minute:
 		return errors.New("tokenReviewCacheTTL above 1m would let deleted pods keep access too long")
+	case c.RefusalAuditBurst < 1 || c.RefusalAuditInterval.Duration < 0:
+		return errors.New("refusalAuditBurst must be at least 1 and refusalAuditInterval positive")
 	}
 	return nil
 }

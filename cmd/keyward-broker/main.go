@@ -235,6 +235,7 @@ func run(o Options, log *zap.Logger) error {
 		Authenticator: tokenreview.New(tokenreview.Options{Client: reviewer, CacheTTL: cfg.TokenReviewCacheTTL.Duration}),
 		Authorizer:    authz, Source: src, Auditor: auditLog, Audiences: []string{cfg.Audience},
 		Node: o.NodeID, Pods: tokenreview.PodLookup{Client: meta},
+		RefusalBurst: cfg.RefusalAuditBurst, RefusalInterval: cfg.RefusalAuditInterval.Duration,
 	})
 	if err != nil {
 		return err

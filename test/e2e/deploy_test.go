@@ -127,7 +127,7 @@ func TestDeployManifestsServerSideDryRun(t *testing.T) {
 }
 
 // The broker works with a token of exactly the shipped ServiceAccount and RBAC, and fails without
-// either of its rules. (Within the namespaces rule, client-go 0.37's informer gets by with list alone,
+// any of its rules (without pods get, a deleted pod's files would never be cleared). (Within the namespaces rule, client-go 0.37's informer gets by with list alone,
 // by relisting, or with watch alone, by streaming lists; both verbs stay so that it neither polls nor
 // depends on streaming-list support.)
 func TestBrokerRBACIsExactlyEnough(t *testing.T) {
@@ -153,8 +153,8 @@ func TestBrokerRBACIsExactlyEnough(t *testing.T) {
 		rules := append(append([]rbacv1.PolicyRule{}, role.Rules[:i]...), role.Rules[i+1:]...)
 		variants = append(variants, variant{"without the " + r.Resources[0] + " rule", rules})
 	}
-	if len(variants) != 3 {
-		t.Fatalf("expected the shipped rules to be tokenreviews and namespaces; got %+v", role.Rules)
+	if len(variants) != 4 {
+		t.Fatalf("expected the shipped rules to be tokenreviews, namespaces and pods; got %+v", role.Rules)
 	}
 	for i, v := range variants {
 		t.Run(v.name, func(t *testing.T) {
@@ -185,7 +185,8 @@ func TestBrokerRBACIsExactlyEnough(t *testing.T) {
 }
 
 // brokerWith starts a broker with the clients keyward-broker builds from cfg and has a pod of a namespace created after the broker started
-// read its secret: it needs TokenReview (create), the namespace list and the watch that shows it.
+// read its secret: it needs TokenReview (create), the namespace list and the watch that shows it. Then
+// the pod is deleted and its republish must be recognized as a withdrawal: that needs pods get.
 func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
@@ -247,19 +248,34 @@ func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 		t.Fatal(err)
 	}
 	defer aud.Close()
-	svc, err := broker.NewService(broker.Options{Authenticator: tokenreview.New(tokenreview.Options{Client: reviewer}),
-		Authorizer: authz, Source: src, Auditor: aud, Audiences: []string{audience}})
+	svc, err := broker.NewService(broker.Options{Authenticator: tokenreview.New(tokenreview.Options{Client: reviewer, CacheTTL: 100 * time.Millisecond}),
+		Authorizer: authz, Source: src, Auditor: aud, Audiences: []string{audience}, Pods: tokenreview.PodLookup{Client: meta}})
 	if err != nil {
 		t.Fatal(err)
 	}
+	req := broker.Request{RequestID: "rbac", Event: broker.EventFetch, Token: broker.Token(tok),
+		Claimed: claimOf(pod), Refs: []broker.SecretRef{{Ref: ns + "/db", Key: "password"}}}
 	var last error
 	for ctx.Err() == nil {
-		_, last = svc.Fetch(ctx, broker.Request{RequestID: "rbac", Event: broker.EventFetch, Token: broker.Token(tok),
-			Claimed: claimOf(pod), Refs: []broker.SecretRef{{Ref: ns + "/db", Key: "password"}}})
-		if last == nil {
+		if _, last = svc.Fetch(ctx, req); last == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if last != nil {
+		return last
+	}
+	zero := int64(0)
+	if err := e.kube.Client.CoreV1().Pods(ns).Delete(context.Background(), pod.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
+		t.Fatal(err)
+	}
+	req.Published = true
+	for ctx.Err() == nil {
+		_, last = svc.Fetch(ctx, req)
+		if errors.Is(last, broker.ErrWithdrawn) {
 			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return last
+	return fmt.Errorf("a deleted pod's republish was not recognized as a withdrawal: %v", last)
 }

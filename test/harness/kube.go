@@ -185,6 +185,9 @@ func (k *KubeAPIServer) Restart(ctx context.Context) error {
 // Stop stops the apiserver. Safe to call twice.
 func (k *KubeAPIServer) Stop() { k.proc.stop() }
 
+// Start starts a stopped apiserver again with the same flags, port and identity.
+func (k *KubeAPIServer) Start(ctx context.Context) error { return k.start(ctx) }
+
 // ConfigForToken returns a client config that authenticates with token instead of the admin token.
 func (k *KubeAPIServer) ConfigForToken(token string) *rest.Config {
 	c := rest.CopyConfig(k.Config)

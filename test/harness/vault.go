@@ -138,10 +138,16 @@ func (v *Vault) KubernetesAuth(ctx context.Context, mount string, kube *KubeAPIS
 	if err != nil {
 		return err
 	}
-	_, err = v.Client.Logical().WriteWithContext(ctx, "auth/"+mount+"/config", map[string]any{
+	return v.KubernetesAuthReviewer(ctx, mount, kube, reviewer)
+}
+
+// KubernetesAuthReviewer (re)writes the kubernetes auth method's config at mount with reviewerJWT as
+// the token Vault reviews pods' tokens with: tests break it (an expired or wrong JWT) and mend it.
+func (v *Vault) KubernetesAuthReviewer(ctx context.Context, mount string, kube *KubeAPIServer, reviewerJWT string) error {
+	_, err := v.Client.Logical().WriteWithContext(ctx, "auth/"+mount+"/config", map[string]any{
 		"kubernetes_host":      kube.URL,
 		"kubernetes_ca_cert":   string(kube.CAData),
-		"token_reviewer_jwt":   reviewer,
+		"token_reviewer_jwt":   reviewerJWT,
 		"disable_local_ca_jwt": true,
 		"issuer":               kube.Issuer,
 	})

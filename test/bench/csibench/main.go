@@ -47,7 +47,10 @@ type bench struct {
 	vc     *vaultapi.Client
 }
 
-var only = flag.String("only", "", "measure only this contender (for profiling; no ratios)")
+var (
+	only   = flag.String("only", "", "measure only this contender (for profiling; no ratios)")
+	memory = flag.Bool("memory", false, "measure only the driver's peak RSS when 64 publishes of 16 MiB volumes arrive at once, bounded (defaults) and unbounded")
+)
 
 func main() {
 	ops := flag.Int("ops", 256, "operations per contender, concurrency and round")
@@ -73,6 +76,9 @@ func run(ops, rounds, volumes int) error {
 	defer env.Stop()
 	b := &bench{env: env, dir: env.Dir}
 	defer tmpfs.UnmountAllUnder(env.Dir)
+	if *memory {
+		return b.memory(ctx)
+	}
 	if err := b.provision(ctx, 3*len([]int{1, 8, 32})*ops*rounds/2+64); err != nil {
 		return err
 	}
@@ -285,7 +291,7 @@ func (b *bench) provision(ctx context.Context, pods int) error {
 	return nil
 }
 
-func (b *bench) startDriver() (*exec.Cmd, string, error) {
+func (b *bench) startDriver(args ...string) (*exec.Cmd, string, error) {
 	dir := b.dir
 	os.WriteFile(filepath.Join(dir, "policy.yaml"), []byte("environments: [{name: prod, vaultMount: kv, vaultPrefix: prod, vaultRole: prod}]\ngrants: [{namespace: payments, serviceAccount: api, paths: [\"payments/*\"]}]\n"), 0o600)
 	os.WriteFile(filepath.Join(dir, "broker.yaml"), []byte(fmt.Sprintf("policyFile: %s\nvault: {address: %s, allowInsecureHTTP: true}\n",
@@ -296,14 +302,17 @@ func (b *bench) startDriver() (*exec.Cmd, string, error) {
 		return nil, "", err
 	}
 	bin := filepath.Join(dir, "keyward-broker")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/keyward/keyward/cmd/keyward-broker").CombinedOutput(); err != nil {
-		return nil, "", fmt.Errorf("build: %v: %s", err, out)
+	if _, err := os.Stat(bin); err != nil {
+		if out, err := exec.Command("go", "build", "-o", bin, "github.com/keyward/keyward/cmd/keyward-broker").CombinedOutput(); err != nil {
+			return nil, "", fmt.Errorf("build: %v: %s", err, out)
+		}
 	}
 	sock := filepath.Join(dir, "csi.sock")
 	logf, _ := os.Create(filepath.Join(dir, "driver.log"))
 	cmd := exec.Command(bin, "--csi-socket", sock, "--node-id", "node-1", "--config", filepath.Join(dir, "broker.yaml"),
 		"--kubeconfig", kc, "--audit-log", filepath.Join(dir, "audit.log"), "--audit-key-file", filepath.Join(dir, "audit.key"), "--log-level", "warn",
 		"--kubelet-dir", filepath.Join(dir, "kubelet"), "--metrics-address", "")
+	cmd.Args = append(cmd.Args, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	return cmd, sock, cmd.Start()
@@ -325,13 +334,22 @@ func waitReady(ctx context.Context, conn *grpc.ClientConn) error {
 }
 
 func (b *bench) publish(ctx context.Context, p *corev1.Pod, tok, target string) error {
+	return b.publishVolume(ctx, p, tok, target, map[string]string{csi.AttrSecrets: secrets})
+}
+
+// publishVolume publishes with the given user attributes (the pod's and the token's are added).
+func (b *bench) publishVolume(ctx context.Context, p *corev1.Pod, tok, target string, attrs map[string]string) error {
 	tokens, _ := json.Marshal(map[string]map[string]string{"keyward": {"token": tok}})
+	vc := map[string]string{csi.AttrTokens: string(tokens), csi.AttrPodName: p.Name,
+		csi.AttrPodNamespace: p.Namespace, csi.AttrPodUID: string(p.UID), csi.AttrSAName: "api"}
+	for k, v := range attrs {
+		vc[k] = v
+	}
 	_, err := b.node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
 		VolumeId: "v-" + filepath.Base(filepath.Dir(target)) + "-" + string(p.UID), TargetPath: target, Readonly: true,
 		VolumeCapability: &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}},
 			AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY}},
-		VolumeContext: map[string]string{csi.AttrSecrets: secrets, csi.AttrTokens: string(tokens), csi.AttrPodName: p.Name,
-			csi.AttrPodNamespace: p.Namespace, csi.AttrPodUID: string(p.UID), csi.AttrSAName: "api"},
+		VolumeContext: vc,
 	})
 	return err
 }
