@@ -23,7 +23,7 @@ type Config struct {
 	// (defaults 10 and 30s). Allowed requests are always recorded.
 	RefusalAuditBurst    int             `json:"refusalAuditBurst,omitempty"`
 	RefusalAuditInterval config.Duration `json:"refusalAuditInterval,omitempty"`
-	Vault               struct {
+	Vault                struct {
 		Address   string `json:"address"`
 		CAFile    string `json:"caFile,omitempty"`
 		AllowHTTP bool   `json:"allowInsecureHTTP,omitempty"`
