@@ -54,7 +54,7 @@ type Options struct {
 	// kubelet's path of a CSI volume below it.
 	KubeletDir string
 	// MaxConcurrentPublishes bounds the publishes handled at once (default 16); MaxPublishBytes bounds
-	// the sum of their volumes' size limits (default 64 MiB), which bounds the memory their secrets
+	// the sum of their volumes' size limits (default 32 MiB), which bounds the memory their secrets
 	// take. Others wait for a slot (until their deadline). Limiter, if set, is used instead: share one
 	// between the node and provider servers of a process.
 	MaxConcurrentPublishes int
@@ -117,7 +117,7 @@ func (o *Options) limits() error {
 		o.MaxConcurrentPublishes = 16
 	}
 	if o.MaxPublishBytes <= 0 {
-		o.MaxPublishBytes = 64 << 20
+		o.MaxPublishBytes = 32 << 20
 	}
 	if o.MaxPublishBytes < MaxSizeLimit {
 		return fmt.Errorf("csi: the publish memory bound %d must hold at least one volume of the largest size, %d", o.MaxPublishBytes, MaxSizeLimit)

@@ -1,13 +1,13 @@
 package vault
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -263,7 +263,17 @@ func (s *Source) read(ctx context.Context, token string, rd *read, refs []broker
 		}
 		return fmt.Errorf("secret %s: reading Vault's answer: %v: %w", r.Ref, err, broker.ErrUnavailable)
 	}
-	defer clear(body)
+	// The values are decoded in place: they stay in body, the rest of which is zeroed when this
+	// returns (all of it on failure), so the answer is never held twice.
+	var keep [][2]int
+	done := false
+	defer func() {
+		if done {
+			clearExcept(body, keep)
+		} else {
+			clear(body)
+		}
+	}()
 	var kv kvResponse
 	if err := json.Unmarshal(body, &kv); err != nil {
 		return fmt.Errorf("secret %s: undecodable answer from Vault: %w", r.Ref, broker.ErrUnavailable)
@@ -271,83 +281,114 @@ func (s *Source) read(ctx context.Context, token string, rd *read, refs []broker
 	if kv.Data == nil || kv.Data.Data == nil {
 		return fmt.Errorf("secret %s was deleted or is not KV v2: %w", r.Ref, broker.ErrNotFound)
 	}
+	decoded := map[string][]byte{}
 	for _, i := range rd.refs {
-		raw, ok := kv.Data.Data[refs[i].Key]
-		if !ok {
-			return fmt.Errorf("secret %s has no key %q: %w", r.Ref, refs[i].Key, broker.ErrNotFound)
-		}
-		v := decodeValue(raw)
-		if b.values.Add(-int64(len(v))) < 0 {
-			clear(v)
-			return fmt.Errorf("secret %s key %q: the values are larger than the volume: %w", r.Ref, refs[i].Key, broker.ErrTooLarge)
+		key := refs[i].Key
+		v, seen := decoded[key]
+		if !seen {
+			raw, ok := kv.Data.Data[key]
+			if !ok {
+				return fmt.Errorf("secret %s has no key %q: %w", r.Ref, key, broker.ErrNotFound)
+			}
+			if v, ok = decodeInPlace(raw); !ok {
+				return fmt.Errorf("secret %s key %q: undecodable value: %w", r.Ref, key, broker.ErrUnavailable)
+			}
+			if b.values.Add(-int64(len(v))) < 0 {
+				return fmt.Errorf("secret %s key %q: the values are larger than the volume: %w", r.Ref, key, broker.ErrTooLarge)
+			}
+			off := cap(body) - cap(v) // v is a prefix of raw, itself a slice of body up to its end
+			keep = append(keep, [2]int{off, off + len(v)})
+			decoded[key] = v
 		}
 		out[i] = broker.Secret{Ref: refs[i].SecretRef, Version: kv.Data.Metadata.Version, Value: v}
 	}
+	done = true
 	return nil
+}
+
+// clearExcept zeroes b outside the kept ranges.
+func clearExcept(b []byte, keep [][2]int) {
+	sort.Slice(keep, func(i, j int) bool { return keep[i][0] < keep[j][0] })
+	at := 0
+	for _, k := range keep {
+		if k[0] > at {
+			clear(b[at:k[0]])
+		}
+		at = max(at, k[1])
+	}
+	clear(b[at:])
 }
 
 var errTooLarge = errors.New("over budget")
 
-// readBounded reads r whole while the shared budget lasts, into a buffer it owns: each buffer it
-// outgrows is zeroed before it is dropped, so no copy of the secret is left for the garbage collector.
+// chunk is the unit answers are read in; chunks are pooled and zeroed before they go back.
+const chunk = 64 << 10
+
+var chunks = sync.Pool{New: func() any { b := make([]byte, chunk); return &b }}
+
+// readBounded reads r whole while the shared budget lasts, into one buffer of exactly its size:
+// read in pooled chunks (zeroed after use) and copied once, so no outgrown copy of the answer is
+// left for the garbage collector and the peak is twice the answer, not three times.
 func readBounded(r io.Reader, contentLength int64, left *atomic.Int64) ([]byte, error) {
 	if contentLength > left.Load() {
 		return nil, errTooLarge
 	}
-	size := int64(16 << 10)
-	if contentLength >= 0 {
-		size = contentLength + 1 // +1: EOF is seen without growing
-	}
-	buf := make([]byte, 0, size)
+	var parts []*[]byte
+	var lens []int
+	total := 0
+	defer func() {
+		for _, p := range parts {
+			clear(*p)
+			chunks.Put(p)
+		}
+	}()
 	for {
-		if len(buf) == cap(buf) {
-			nb := make([]byte, len(buf), 2*cap(buf))
-			copy(nb, buf)
-			clear(buf)
-			buf = nb
+		p := chunks.Get().(*[]byte)
+		n, err := io.ReadFull(r, *p)
+		parts, lens = append(parts, p), append(lens, n)
+		total += n
+		if left.Add(-int64(n)) < 0 {
+			return nil, errTooLarge
 		}
-		n, err := r.Read(buf[len(buf):cap(buf)])
-		if n > 0 {
-			buf = buf[:len(buf)+n]
-			if left.Add(-int64(n)) < 0 {
-				clear(buf)
-				return nil, errTooLarge
-			}
-		}
-		if err == io.EOF {
-			return buf, nil
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			break
 		}
 		if err != nil {
-			clear(buf)
 			return nil, err
 		}
 	}
+	out := make([]byte, total)
+	at := 0
+	for i, p := range parts {
+		at += copy(out[at:], (*p)[:lens[i]])
+	}
+	return out, nil
 }
 
-// decodeValue turns the JSON of a KV value into the file's bytes: a string's characters, anything
-// else (a number, a boolean, an object) its JSON text as Vault sent it.
-func decodeValue(raw []byte) []byte {
-	if v, ok := unquote(raw); ok {
-		return v
+// decodeInPlace turns the JSON of a KV value into the file's bytes, in the value's own bytes: a
+// string's characters (decoded over its literal, which is never shorter), anything else (a number, a
+// boolean, an object) its JSON text as Vault sent it. ok is false for a string that is not valid
+// UTF-8 JSON (Vault's encoder never sends one).
+func decodeInPlace(raw []byte) ([]byte, bool) {
+	if len(raw) == 0 || raw[0] != '"' {
+		return raw, len(raw) > 0
 	}
-	if len(raw) > 0 && raw[0] == '"' {
-		var str string // not the JSON unquote handles: let encoding/json decide (never seen from Vault)
-		if json.Unmarshal(raw, &str) == nil {
-			return []byte(str)
-		}
+	if !utf8.Valid(raw) {
+		return nil, false // U+FFFD replacements would be longer than what they replace
 	}
-	return bytes.Clone(raw)
+	return unquote(raw[:0], raw)
 }
 
-// unquote decodes a JSON string literal into a fresh byte slice, as encoding/json does (invalid
-// surrogate escapes become U+FFFD), without going through an immutable Go string that could not be
-// zeroed. ok is false for anything that is not a well-formed string literal.
-func unquote(s []byte) ([]byte, bool) {
+// unquote appends the decoded JSON string literal s to dst, as encoding/json decodes it (invalid
+// surrogate escapes and invalid UTF-8 become U+FFFD), without going through an immutable Go string
+// that could not be zeroed. dst may be s[:0] when s is valid UTF-8: the output never overtakes the
+// input. ok is false for anything that is not a well-formed string literal.
+func unquote(dst, s []byte) ([]byte, bool) {
 	if len(s) < 2 || s[0] != '"' || s[len(s)-1] != '"' {
 		return nil, false
 	}
 	s = s[1 : len(s)-1]
-	out := make([]byte, 0, len(s))
+	out := dst
 	for i := 0; i < len(s); {
 		c := s[i]
 		switch {

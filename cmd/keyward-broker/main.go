@@ -69,7 +69,7 @@ func (o *Options) bind(fs *flag.FlagSet) {
 	fs.DurationVar(&o.Grace, "grace", 10*time.Second, "how long in-flight calls may take to finish on SIGTERM")
 	fs.StringVar(&o.KubeletDir, "kubelet-dir", csi.DefaultKubeletDir, "kubelet's root directory: every target path must be kubelet's path of a CSI volume below it")
 	fs.IntVar(&o.MaxPublishes, "max-concurrent-publishes", 16, "publishes handled at once; more wait for a slot")
-	fs.Int64Var(&o.MaxPublishBytes, "max-publish-bytes", 64<<20, "sum of the size limits of the volumes published at once (their secrets are in memory meanwhile); sized for the DaemonSet's memory limit")
+	fs.Int64Var(&o.MaxPublishBytes, "max-publish-bytes", 32<<20, "sum of the size limits of the volumes published at once: a publish holds up to about twice its volume's size in memory meanwhile (default sized for the DaemonSet's 128 MiB limit with GOMEMLIMIT=100MiB)")
 	fs.BoolVar(&o.AllowSwap, "allow-swap-without-noswap", false, "start even though swap is on and the kernel cannot keep tmpfs volumes out of it (tmpfs noswap needs Linux 6.4+): secrets may reach the swap device")
 	fs.StringVar(&o.MetricsAddress, "metrics-address", "127.0.0.1:9465", "loopback address for /metrics (empty: off)")
 }

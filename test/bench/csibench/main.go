@@ -292,6 +292,11 @@ func (b *bench) provision(ctx context.Context, pods int) error {
 }
 
 func (b *bench) startDriver(args ...string) (*exec.Cmd, string, error) {
+	return b.startDriverEnv(nil, args...)
+}
+
+// startDriverEnv starts the driver with env added to the environment and args to its flags.
+func (b *bench) startDriverEnv(env []string, args ...string) (*exec.Cmd, string, error) {
 	dir := b.dir
 	os.WriteFile(filepath.Join(dir, "policy.yaml"), []byte("environments: [{name: prod, vaultMount: kv, vaultPrefix: prod, vaultRole: prod}]\ngrants: [{namespace: payments, serviceAccount: api, paths: [\"payments/*\"]}]\n"), 0o600)
 	os.WriteFile(filepath.Join(dir, "broker.yaml"), []byte(fmt.Sprintf("policyFile: %s\nvault: {address: %s, allowInsecureHTTP: true}\n",
@@ -313,6 +318,7 @@ func (b *bench) startDriver(args ...string) (*exec.Cmd, string, error) {
 		"--kubeconfig", kc, "--audit-log", filepath.Join(dir, "audit.log"), "--audit-key-file", filepath.Join(dir, "audit.key"), "--log-level", "warn",
 		"--kubelet-dir", filepath.Join(dir, "kubelet"), "--metrics-address", "")
 	cmd.Args = append(cmd.Args, args...)
+	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	return cmd, sock, cmd.Start()
