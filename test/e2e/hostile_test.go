@@ -139,6 +139,8 @@ func TestRepublishKeepsFilesThroughAmbiguousFailures(t *testing.T) {
 		t.Fatal(err)
 	}
 	refused("Vault policy refuses the read", codes.PermissionDenied)
+	// The token Vault refused was revoked, not left to its TTL: only the fresh login's token lives.
+	wantPodTokens(t, e.vault, 1, "one live pod token after a refused read and a fresh login")
 	if err := e.vault.Client.Sys().PutPolicyWithContext(ctx, "prod-read", `path "kv/data/prod/*" { capabilities = ["read"] }`); err != nil {
 		t.Fatal(err)
 	}
