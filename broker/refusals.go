@@ -6,7 +6,8 @@ import (
 	"time"
 )
 
-// refusalLimiter rate-limits the audit records of refused requests per pod (a token bucket per pod),
+// refusalLimiter rate-limits the audit records of refused requests per pod and code (a token bucket
+// each),
 // so a crash-looping or hostile pod cannot flood the audit log. A record that is let through carries
 // the number suppressed before it. Allowed requests are never rate-limited.
 type refusalLimiter struct {
@@ -66,10 +67,14 @@ func (l *refusalLimiter) allow(pod string, now time.Time) (bool, int) {
 	return true, n
 }
 
-// sweep forgets pods whose bucket has refilled and owes no count. Callers hold l.mu.
+// sweep forgets buckets that have refilled and owe no count, and those idle for ten refills even if
+// they owe one (a pod gone long ago; its suppressed refusals stay counted in the metric). Callers
+// hold l.mu.
 func (l *refusalLimiter) sweep(now time.Time) {
+	full := time.Duration(l.burst) * l.every
 	for k, b := range l.pods {
-		if b.suppressed == 0 && (l.every == 0 || now.Sub(b.last) >= time.Duration(l.burst)*l.every) {
+		idle := now.Sub(b.last)
+		if (b.suppressed == 0 && idle >= full) || idle >= 10*full {
 			delete(l.pods, k)
 		}
 	}

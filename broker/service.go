@@ -81,6 +81,13 @@ type Request struct {
 // DefaultMaxBytes bounds a request's values when the request does not say.
 const DefaultMaxBytes = 1 << 20
 
+// AnswerBudget is the most a source may read from its backend for a request of refs refs whose values
+// may take maxBytes together: the values, plus room for each answer's envelope and metadata and for
+// the secrets' other, unrequested keys. Adapters bound their concurrency with the same figure.
+func AnswerBudget(maxBytes int64, refs int) int64 {
+	return maxBytes + 64<<10 + int64(refs)*4<<10
+}
+
 // maxReason bounds the reason text of an audit record (errors may quote a malformed attribute).
 const maxReason = 1024
 
@@ -93,7 +100,7 @@ func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err
 	defer func() {
 		ev.Latency = s.o.Now().Sub(start)
 		if aerr := s.record(ctx, ev, req.Claimed, err); aerr != nil && err == nil {
-			clear(secrets)
+			clearSecrets(secrets)
 			secrets, err = nil, fmt.Errorf("audit record not written, refusing: %w", ErrUnavailable)
 		}
 	}()
@@ -206,11 +213,13 @@ func (s *Service) record(ctx context.Context, ev Event, claimed Identity, err er
 	if len(ev.Reason) > maxReason {
 		ev.Reason = strings.ToValidUTF8(ev.Reason[:maxReason], "") + "...(truncated)"
 	}
+	// Per pod and code: a flood of one kind (a malformed volume kubelet keeps retrying) does not hide
+	// another (the same pod probing refs it is denied).
 	key := claimed.PodUID
 	if key == "" {
 		key = claimed.Namespace + "/" + claimed.PodName
 	}
-	ok, suppressed := s.refusals.allow(key, s.o.Now())
+	ok, suppressed := s.refusals.allow(key+"|"+ev.Code, s.o.Now())
 	if !ok {
 		return nil
 	}

@@ -285,9 +285,10 @@ type clock struct{ t time.Time }
 
 func (c *clock) now() time.Time { return c.t }
 
-// Refusals are audited whatever stage refused them, rate-limited per pod: a burst, then one per
-// interval, each record counting those suppressed before it. Allowed requests are never suppressed,
-// and one pod's flood does not silence another.
+// Refusals are audited whatever stage refused them, rate-limited per pod and code: a burst, then one
+// per interval, each record counting those suppressed before it. Allowed requests are never
+// suppressed, one pod's flood does not silence another, and a flood of one kind does not hide
+// another kind of refusal of the same pod.
 func TestRefusalsAreAuditedAndRateLimitedPerPod(t *testing.T) {
 	c := &clock{t: time.Unix(1_700_000_000, 0)}
 	aud := &fakeAudit{}
@@ -319,16 +320,25 @@ func TestRefusalsAreAuditedAndRateLimitedPerPod(t *testing.T) {
 	if _, err := s.Fetch(ctx, req("payments/db")); err != nil || len(aud.evs) != 4 || aud.evs[3].Decision != broker.Allow {
 		t.Fatalf("an allowed request was not recorded: %v, %d records", err, len(aud.evs))
 	}
-	if _, err := s.Fetch(ctx, req("payments/no")); err == nil || len(aud.evs) != 4 {
-		t.Fatal("a denied Fetch of the flooding pod was recorded past its rate limit")
+	// A flood of one kind does not hide another: the pod's denied requests have their own bucket.
+	for i := range 3 {
+		if _, err := s.Fetch(ctx, req("payments/no")); err == nil {
+			t.Fatal("a denied ref was allowed")
+		}
+		if want := min(5+i, 6); len(aud.evs) != want {
+			t.Fatalf("after %d denied requests: %d records, want %d", i+1, len(aud.evs), want)
+		}
+	}
+	if aud.evs[4].Code != "PermissionDenied" {
+		t.Fatalf("record %+v", aud.evs[4])
 	}
 	if s.SuppressedRefusals() != 4 {
 		t.Fatalf("suppressed %d, want 4", s.SuppressedRefusals())
 	}
 	c.t = c.t.Add(time.Minute)
 	refuse(pod)
-	if len(aud.evs) != 5 || aud.evs[4].Suppressed != 4 {
-		t.Fatalf("the record after the pause: %+v, want suppressed 4", aud.evs[len(aud.evs)-1])
+	if len(aud.evs) != 7 || aud.evs[6].Suppressed != 3 || aud.evs[6].Code != "InvalidArgument" {
+		t.Fatalf("the record after the pause: %+v, want suppressed 3", aud.evs[len(aud.evs)-1])
 	}
 }
 

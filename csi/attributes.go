@@ -188,6 +188,14 @@ func parseSecretsUncached(raw string) ([]Entry, []os.FileMode, error) {
 	return entries, modes, nil
 }
 
+// Weight is what a publish of the volume counts against the publish bound (Options.MaxPublishBytes):
+// the most bytes of Vault's answers its fetch may hold (broker.AnswerBudget). The fetch holds at most
+// about twice that at its peak.
+func (v Volume) Weight() int64 { return broker.AnswerBudget(v.SizeLimit, len(v.Entries)) }
+
+// MaxWeight is the weight of the largest volume: the publish bound must hold at least one.
+var MaxWeight = broker.AnswerBudget(MaxSizeLimit, MaxEntries)
+
 // Refs returns the refs of the volume's entries, in order.
 func (v Volume) Refs() []broker.SecretRef {
 	refs := make([]broker.SecretRef, len(v.Entries))

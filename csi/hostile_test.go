@@ -307,6 +307,60 @@ func TestPlantedSparseFileAndFIFODoNotStopTheDriver(t *testing.T) {
 	}
 }
 
+// A pod holding a lease on a delivered file cannot stall the driver: an unchanged republish opens
+// nothing in the volume (the driver remembers what it delivered), and swaps that must remove the
+// leased file's payload go on at once.
+func TestALeaseOnADeliveredFileDoesNotStallTheDriver(t *testing.T) {
+	n := newNode(t)
+	target := n.target(podA, "secrets")
+	req := n.publishReq(podA, target, twoSecrets)
+	if err := n.publish(req); err != nil {
+		t.Fatal(err)
+	}
+	payload, _ := os.Readlink(filepath.Join(target, "..data"))
+	f, err := os.Open(filepath.Join(target, payload, "db-password"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := unix.FcntlInt(f.Fd(), unix.F_SETLEASE, unix.F_WRLCK); err != nil {
+		t.Fatalf("taking a lease: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		if err := n.publish(req); err != nil {
+			done <- fmt.Errorf("unchanged republish: %w", err)
+			return
+		}
+		if again, _ := os.Readlink(filepath.Join(target, "..data")); again != payload {
+			done <- fmt.Errorf("an unchanged republish swapped the files")
+			return
+		}
+		for i := range 2 {
+			n.b.set(fmt.Sprintf("ROTATED-%d", i), nil)
+			if err := n.publish(req); err != nil {
+				done <- fmt.Errorf("republish %d: %w", i, err)
+				return
+			}
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("the driver waited for a pod's lease")
+	}
+	f.Close()
+	if got, _ := os.ReadFile(filepath.Join(target, "db-password")); string(got) != "ROTATED-1-payments/db" {
+		t.Fatalf("after the rotations the file holds %q", got)
+	}
+	if err := n.unpublish(req.VolumeId, target); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // A republish clears the files only when access is withdrawn for certain; a backend down, Vault
 // refusing or a token rejected for a pod that still exists keeps them (kubelet retries).
 func TestRepublishClearsOnlyOnACertainWithdrawal(t *testing.T) {
@@ -345,7 +399,7 @@ func TestRepublishClearsOnlyOnACertainWithdrawal(t *testing.T) {
 // Publishes are bounded by count and by the bytes of their volumes; the ones over the bound wait, and
 // give up with ResourceExhausted at their deadline.
 func TestConcurrentPublishesAreBounded(t *testing.T) {
-	n := newNode(t, func(o *Options) { o.MaxConcurrentPublishes = 3; o.MaxPublishBytes = 2 * MaxSizeLimit })
+	n := newNode(t, func(o *Options) { o.MaxConcurrentPublishes = 3; o.MaxPublishBytes = 2 * MaxWeight })
 	n.b.block = make(chan struct{})
 	var wg sync.WaitGroup
 	errs := make([]error, 6)

@@ -68,7 +68,7 @@ func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) 
 		return nil, p.refuse(ctx, breq, err)
 	}
 	breq.Claimed, breq.Token, breq.Refs, breq.MaxBytes = vol.Claimed, vol.Token, vol.Refs(), vol.SizeLimit
-	release, err := p.o.Limiter.acquire(ctx, vol.SizeLimit)
+	release, err := p.o.Limiter.acquire(ctx, vol.Weight())
 	if err != nil {
 		return nil, p.refuse(ctx, breq, err)
 	}

@@ -2,7 +2,10 @@ package csi
 
 import (
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -78,6 +81,17 @@ type Server struct {
 	o     Options
 	mu    sync.Mutex
 	locks map[string]*volumeLock
+	// delivered remembers, per volume, the payload the driver swapped in last and a keyed digest of
+	// its files, so an unchanged republish is known without reading anything in the volume (a pod
+	// holding a lease on a file cannot stall it). Lost at a restart: the first republish then swaps.
+	deliveredMu sync.Mutex
+	delivered   map[string]delivery
+	digestKey   [32]byte
+}
+
+type delivery struct {
+	payload string
+	digest  [32]byte
 }
 
 type volumeLock struct {
@@ -105,7 +119,11 @@ func NewServer(o Options) (*Server, error) {
 	if o.Credentials == nil {
 		o.Credentials = NewPodCredentials(o.Broker, o.Log)
 	}
-	return &Server{o: o, locks: map[string]*volumeLock{}}, nil
+	srv := &Server{o: o, locks: map[string]*volumeLock{}, delivered: map[string]delivery{}}
+	if _, err := rand.Read(srv.digestKey[:]); err != nil {
+		return nil, err
+	}
+	return srv, nil
 }
 
 // limits sets the Limiter from the bounds (or their defaults) unless one is given.
@@ -119,8 +137,8 @@ func (o *Options) limits() error {
 	if o.MaxPublishBytes <= 0 {
 		o.MaxPublishBytes = 32 << 20
 	}
-	if o.MaxPublishBytes < MaxSizeLimit {
-		return fmt.Errorf("csi: the publish memory bound %d must hold at least one volume of the largest size, %d", o.MaxPublishBytes, MaxSizeLimit)
+	if o.MaxPublishBytes < MaxWeight {
+		return fmt.Errorf("csi: the publish memory bound %d must hold at least one publish of the largest volume, %d", o.MaxPublishBytes, MaxWeight)
 	}
 	o.Limiter = NewPublishLimiter(o.MaxConcurrentPublishes, o.MaxPublishBytes)
 	return nil
@@ -209,13 +227,16 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 	breq.Claimed, breq.Token, breq.Refs, breq.MaxBytes = vol.Claimed, vol.Token, vol.Refs(), vol.SizeLimit
 	unlock := s.lock(req.GetVolumeId())
 	defer unlock()
-	release, err := s.o.Limiter.acquire(ctx, vol.SizeLimit)
+	release, err := s.o.Limiter.acquire(ctx, vol.Weight())
 	if err != nil {
 		return nil, s.refuse(ctx, breq, err)
 	}
 	defer release()
 
-	published := tmpfs.Published(target)
+	published, err := tmpfs.Published(target)
+	if err != nil {
+		return nil, s.refuse(ctx, breq, fmt.Errorf("inspecting the target: %v: %w", err, broker.ErrUnavailable))
+	}
 	breq.Published = published
 	podUID := vol.Claimed.PodUID
 	s.o.Credentials.begin(podUID)
@@ -225,7 +246,7 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 	if err != nil {
 		if published && errors.Is(err, broker.ErrWithdrawn) {
 			// Access was withdrawn (grant removed, pod deleted): the files go now.
-			if cerr := s.clear(target, vol.SizeLimit); cerr != nil {
+			if cerr := s.clear(req.GetVolumeId(), target, vol.SizeLimit); cerr != nil {
 				s.o.Log.Error("clearing a withdrawn volume failed", zap.String("volume_id", req.GetVolumeId()), zap.Error(cerr))
 			} else {
 				holdsFiles = false
@@ -247,12 +268,12 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 		}
 	}()
 	if published {
-		if err := s.update(target, vol.SizeLimit, files, gid); err != nil {
+		if err := s.update(req.GetVolumeId(), target, vol.SizeLimit, files, gid); err != nil {
 			return nil, status.Errorf(codes.Internal, "updating the files: %v", err)
 		}
 		return &csipb.NodePublishVolumeResponse{}, nil
 	}
-	if err := s.publish(target, vol.SizeLimit, files, gid); err != nil {
+	if err := s.publish(req.GetVolumeId(), target, vol.SizeLimit, files, gid); err != nil {
 		return nil, status.Errorf(codes.Internal, "publishing: %v", err)
 	}
 	holdsFiles = true
@@ -314,31 +335,85 @@ func dirMode(gid int) os.FileMode {
 	return 0o755
 }
 
-// update swaps new files into a published volume, unless it already holds exactly them.
-func (s *Server) update(target string, limit int64, files []tmpfs.File, gid int) error {
+// digest is a keyed hash of a set of files (names, modes, group, contents): equal digests, equal
+// sets. The key is random per process, so the digest says nothing about the values.
+func (s *Server) digest(files []tmpfs.File, gid int) [32]byte {
+	h := hmac.New(sha256.New, s.digestKey[:])
+	var n [8]byte
+	put := func(b []byte) {
+		binary.BigEndian.PutUint64(n[:], uint64(len(b)))
+		h.Write(n[:])
+		h.Write(b)
+	}
+	put([]byte(strconv.Itoa(gid)))
+	for _, f := range files {
+		put([]byte(f.Name))
+		put([]byte(strconv.FormatUint(uint64(f.Mode), 8)))
+		put(f.Data)
+	}
+	var out [32]byte
+	copy(out[:], h.Sum(nil))
+	return out
+}
+
+// swapped records what a volume delivers after a swap.
+func (s *Server) swapped(volumeID string, v *tmpfs.Volume, sum [32]byte) {
+	payload, _ := v.Current()
+	s.deliveredMu.Lock()
+	s.delivered[volumeID] = delivery{payload: payload, digest: sum}
+	s.deliveredMu.Unlock()
+}
+
+func (s *Server) forget(volumeID string) {
+	s.deliveredMu.Lock()
+	delete(s.delivered, volumeID)
+	s.deliveredMu.Unlock()
+}
+
+// update swaps new files into a published volume, unless it already delivers exactly them: the
+// payload in force is the one this process swapped in, with the same digest, and its layout is
+// intact (metadata only: nothing in the volume is opened).
+func (s *Server) update(volumeID, target string, limit int64, files []tmpfs.File, gid int) error {
 	v, err := tmpfs.Open(target, limit)
 	if err != nil {
 		return err
 	}
 	defer v.Close()
-	if v.Unchanged(files, gid) {
+	sum := s.digest(files, gid)
+	s.deliveredMu.Lock()
+	d, known := s.delivered[volumeID]
+	s.deliveredMu.Unlock()
+	if cur, ok := v.Current(); known && ok && cur == d.payload && d.digest == sum && v.Intact(files, gid) {
 		return nil
 	}
-	return v.Swap(files, gid, dirMode(gid))
+	if err := v.Swap(files, gid, dirMode(gid)); errors.Is(err, tmpfs.ErrScrub) {
+		s.o.Log.Warn("republish: the new files are in force; an old file could not be overwritten first", zap.String("volume_id", volumeID), zap.Error(err))
+	} else if err != nil {
+		s.forget(volumeID)
+		return err
+	}
+	s.swapped(volumeID, v, sum)
+	return nil
 }
 
 // clear removes a published volume's files.
-func (s *Server) clear(target string, limit int64) error {
+func (s *Server) clear(volumeID, target string, limit int64) error {
+	s.forget(volumeID)
 	v, err := tmpfs.Open(target, limit)
 	if err != nil {
 		return err
 	}
 	defer v.Close()
-	return v.Clear()
+	if err := v.Clear(); errors.Is(err, tmpfs.ErrScrub) {
+		s.o.Log.Warn("clearing: the files are gone; an old file could not be overwritten first", zap.String("volume_id", volumeID), zap.Error(err))
+	} else if err != nil {
+		return err
+	}
+	return nil
 }
 
 // publish mounts and writes; on any failure it leaves no mount and no file behind.
-func (s *Server) publish(target string, size int64, files []tmpfs.File, gid int) (err error) {
+func (s *Server) publish(volumeID, target string, size int64, files []tmpfs.File, gid int) (err error) {
 	created := false
 	if err := os.Mkdir(target, 0o750); err == nil {
 		created = true
@@ -368,7 +443,11 @@ func (s *Server) publish(target string, size int64, files []tmpfs.File, gid int)
 		return err
 	}
 	defer v.Close()
-	return v.Swap(files, gid, dirMode(gid))
+	if err := v.Swap(files, gid, dirMode(gid)); err != nil {
+		return err
+	}
+	s.swapped(volumeID, v, s.digest(files, gid))
+	return nil
 }
 
 // NodeUnpublishVolume scrubs the files, unmounts the tmpfs and removes the directory. Idempotent. The
@@ -384,6 +463,7 @@ func (s *Server) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpubli
 	}
 	unlock := s.lock(req.GetVolumeId())
 	defer unlock()
+	s.forget(req.GetVolumeId())
 	start := time.Now()
 	scrubErr, err := tmpfs.Unmount(req.GetTargetPath(), MaxSizeLimit)
 	if scrubErr != nil {

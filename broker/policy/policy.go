@@ -280,7 +280,7 @@ func watchFile(ctx context.Context, path string, interval time.Duration, a *Auth
 	readFile func(string) ([]byte, error)) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
-	settle := min(interval/4, 100*time.Millisecond)
+	settle := min(interval/2, time.Second)
 	last := a.Policy().Hash()
 	lastBad := ""
 	hash := func(b []byte) string { sum := sha256.Sum256(b); return fmt.Sprintf("%x", sum[:6]) }

@@ -150,26 +150,23 @@ func New(o Options) (*Source, error) {
 
 // Fetch reads each ref's key from KV v2, up to 8 reads at a time; refs in the same secret share one
 // read. All refs are in one environment (the pod's), so one Vault token serves them all. The
-// responses together may hold at most maxBytes plus bodySlack per read, and the values returned at
-// most maxBytes: beyond that the fetch stops reading and fails with broker.ErrTooLarge.
+// responses together may hold at most broker.AnswerBudget(maxBytes, reads), and the values returned
+// at most maxBytes: beyond that the fetch stops reading and fails with broker.ErrTooLarge.
 func (s *Source) Fetch(ctx context.Context, id broker.Identity, jwt broker.Token, refs []broker.Resolved, maxBytes int64) ([]broker.Secret, error) {
-	out, err := s.fetchAll(ctx, id, jwt, refs, maxBytes)
+	out, used, err := s.fetchAll(ctx, id, jwt, refs, maxBytes)
 	if err != nil && errors.Is(err, broker.ErrDenied) && s.o.Mode == ModePod {
-		// The cached Vault token may have been revoked (or Vault restarted): forget it, revoke it in
-		// case Vault still knows it (best effort), and log in once more.
-		if old := s.forget(id, refs); len(old) > 0 {
+		// The cached Vault token may have been revoked (or Vault restarted): forget it (only it: a
+		// concurrent request may have logged in afresh meanwhile), revoke it in case Vault still knows
+		// it (best effort), and log in once more.
+		if old := s.forget(id, refs, used); len(old) > 0 {
 			if _, rerr := s.revoke(ctx, old); rerr != nil {
 				s.o.Log.Info("revoking a Vault token refused a read failed; it lapses at its TTL", zap.Error(rerr))
 			}
 		}
-		out, err = s.fetchAll(ctx, id, jwt, refs, maxBytes)
+		out, _, err = s.fetchAll(ctx, id, jwt, refs, maxBytes)
 	}
 	return out, err
 }
-
-// bodySlack is what a KV v2 response may hold beyond the values a volume can take: the JSON
-// envelope, the metadata and the secret's other, smaller keys.
-const bodySlack = 64 << 10
 
 // read is one KV v2 read and the refs it answers.
 type read struct {
@@ -177,7 +174,8 @@ type read struct {
 	refs []int           // indexes of the refs it answers
 }
 
-func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.Token, refs []broker.Resolved, maxBytes int64) ([]broker.Secret, error) {
+// fetchAll fetches refs; it also returns the Vault tokens it used.
+func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.Token, refs []broker.Resolved, maxBytes int64) ([]broker.Secret, map[string]bool, error) {
 	var reads []*read
 	byKey := map[string]*read{}
 	for i, r := range refs {
@@ -191,9 +189,10 @@ func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.To
 		reads = append(reads, rd)
 	}
 	b := &budget{}
-	b.body.Store(maxBytes + int64(len(reads))*bodySlack)
+	b.body.Store(broker.AnswerBudget(maxBytes, len(reads)))
 	b.values.Store(maxBytes)
 	out := make([]broker.Secret, len(refs))
+	used := map[string]bool{}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
 	var err error
@@ -202,6 +201,7 @@ func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.To
 		if tok, err = s.token(ctx, id, jwt, rd.ref.Environment); err != nil {
 			break // reads already started are still waited for below: none outlives the request
 		}
+		used[tok] = true
 		g.Go(func() error { return s.read(gctx, tok, rd, refs, out, b) })
 	}
 	if werr := g.Wait(); err == nil {
@@ -211,9 +211,9 @@ func (s *Source) fetchAll(ctx context.Context, id broker.Identity, jwt broker.To
 		for i := range out {
 			clear(out[i].Value)
 		}
-		return nil, err
+		return nil, used, err
 	}
-	return out, nil
+	return out, used, nil
 }
 
 // budget is what a fetch may still read: response bytes and value bytes.
@@ -296,7 +296,13 @@ func (s *Source) read(ctx context.Context, token string, rd *read, refs []broker
 			if b.values.Add(-int64(len(v))) < 0 {
 				return fmt.Errorf("secret %s key %q: the values are larger than the volume: %w", r.Ref, key, broker.ErrTooLarge)
 			}
-			off := cap(body) - cap(v) // v is a prefix of raw, itself a slice of body up to its end
+			// v is a prefix of raw, a view of body that encoding/json hands out up to body's end;
+			// checked, so that a decoder handing out capped views cannot make the zeroing below
+			// hit the value instead of the rest.
+			off := cap(body) - cap(v)
+			if len(v) > 0 && (off < 0 || off+len(v) > len(body) || &body[off] != &v[0]) {
+				return fmt.Errorf("secret %s key %q: the value is not where it was read: %w", r.Ref, key, broker.ErrUnavailable)
+			}
 			keep = append(keep, [2]int{off, off + len(v)})
 			decoded[key] = v
 		}
@@ -607,15 +613,16 @@ func (s *Source) revoke(ctx context.Context, toks []string) (int, error) {
 	return n, first
 }
 
-// forget drops the pod's cached tokens for the refs' environments and returns them.
-func (s *Source) forget(id broker.Identity, refs []broker.Resolved) []string {
+// forget drops the pod's cached tokens for the refs' environments, if they are among used, and
+// returns them.
+func (s *Source) forget(id broker.Identity, refs []broker.Resolved, used map[string]bool) []string {
 	var toks []string
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, r := range refs {
 		role, _ := s.o.Role(r.Environment)
 		k := id.PodUID + "|" + role
-		if t := s.tokens[k]; t != nil {
+		if t := s.tokens[k]; t != nil && used[t.token] {
 			toks = append(toks, t.token)
 			delete(s.tokens, k)
 		}

@@ -87,8 +87,8 @@ func (o Options) Validate() error {
 		return errors.New("--audit-log and --audit-key-file are required: every access is audited")
 	case o.MaxPublishes <= 0:
 		return errors.New("--max-concurrent-publishes must be positive")
-	case o.MaxPublishBytes < csi.MaxSizeLimit:
-		return fmt.Errorf("--max-publish-bytes must be at least the largest volume size, %d", csi.MaxSizeLimit)
+	case o.MaxPublishBytes < csi.MaxWeight:
+		return fmt.Errorf("--max-publish-bytes must hold at least one publish of the largest volume, %d", csi.MaxWeight)
 	}
 	if o.MetricsAddress != "" {
 		host, _, err := net.SplitHostPort(o.MetricsAddress)

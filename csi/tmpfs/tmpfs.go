@@ -22,6 +22,11 @@ const Magic = 0x01021994
 // ErrNoswap means the kernel cannot keep a tmpfs out of swap (the noswap option needs Linux 6.4+).
 var ErrNoswap = errors.New("tmpfs noswap is not supported by this kernel (Linux 6.4+)")
 
+// ErrScrub marks an error of Swap or Clear that did not stop it: the new set is in force (or the
+// files are gone), but an old file could not be overwritten first (a pod holds a lease on it, say).
+// Callers log it; they need not retry.
+var ErrScrub = errors.New("an old file was removed without being overwritten")
+
 // MountOptions configure Mount.
 type MountOptions struct {
 	// Size bounds the tmpfs, in bytes.
@@ -44,8 +49,16 @@ func Mount(target string, o MountOptions) (noswap bool, err error) {
 	if o.GID >= 0 {
 		data += ",gid=" + strconv.Itoa(o.GID)
 	}
+	// Mounted on the directory itself, through a descriptor opened without following a link: a link
+	// swapped in after the caller checked the path is not followed.
+	dfd, err := unix.Open(target, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false, fmt.Errorf("mount tmpfs at %s: %w", target, err)
+	}
+	defer unix.Close(dfd)
+	at := "/proc/self/fd/" + strconv.Itoa(dfd)
 	flags := uintptr(unix.MS_NODEV | unix.MS_NOSUID | unix.MS_NOEXEC)
-	if err := unix.Mount("tmpfs", target, "tmpfs", flags, data+",noswap"); err == nil {
+	if err := unix.Mount("tmpfs", at, "tmpfs", flags, data+",noswap"); err == nil {
 		return true, nil
 	} else if !errors.Is(err, unix.EINVAL) {
 		return false, fmt.Errorf("mount tmpfs at %s: %w", target, err)
@@ -53,7 +66,7 @@ func Mount(target string, o MountOptions) (noswap bool, err error) {
 	if !o.AllowSwap {
 		return false, ErrNoswap
 	}
-	if err := unix.Mount("tmpfs", target, "tmpfs", flags, data); err != nil {
+	if err := unix.Mount("tmpfs", at, "tmpfs", flags, data); err != nil {
 		return false, fmt.Errorf("mount tmpfs at %s: %w", target, err)
 	}
 	return false, nil
@@ -112,14 +125,18 @@ func IsMountPoint(path string) (bool, error) {
 	return st.Dev != parent.Dev || st.Ino == parent.Ino, nil
 }
 
-// Published reports whether target is a directory (not a symlink) on which a tmpfs is mounted.
-func Published(target string) bool {
+// Published reports whether target is a directory (not a symlink) on which a tmpfs is mounted. A
+// missing target is not published; any other error is returned, so a caller never mounts a second
+// tmpfs over a live volume it merely failed to inspect.
+func Published(target string) (bool, error) {
 	mp, err := IsMountPoint(target)
-	if err != nil || !mp {
-		return false
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
 	}
-	ok, err := IsTmpfs(target)
-	return err == nil && ok
+	if err != nil || !mp {
+		return false, err
+	}
+	return IsTmpfs(target)
 }
 
 // Unmount scrubs the files the driver delivered into the tmpfs at target (see Volume.Clear), then
@@ -144,7 +161,7 @@ func Unmount(target string, limit int64) (scrubErr, err error) {
 	}
 	scrubErr = v.Clear()
 	v.Close()
-	if err := unix.Unmount(target, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+	if err := unix.Unmount(target, unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
 		return scrubErr, fmt.Errorf("unmount %s: %w", target, err)
 	}
 	return scrubErr, nil
@@ -205,12 +222,18 @@ func Open(target string, limit int64) (*Volume, error) {
 func (v *Volume) Close() error { return unix.Close(v.fd) }
 
 func openIn(dirfd int, name string, flags int, mode uint32) (int, error) {
-	for {
+	for again := 0; ; {
 		fd, err := unix.Openat2(dirfd, name, &unix.OpenHow{
 			Flags: uint64(flags | unix.O_NOFOLLOW | unix.O_CLOEXEC), Mode: uint64(mode), Resolve: resolve,
 		})
-		if err == unix.EINTR || err == unix.EAGAIN {
-			continue // openat2 may ask to retry RESOLVE_* lookups raced by renames
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN && again < 3:
+			// A RESOLVE_BENEATH lookup raced with a rename: retry a few times. EAGAIN is also what an
+			// O_NONBLOCK open answers while someone holds a lease on the file: that is not waited for.
+			again++
+			continue
 		}
 		return fd, err
 	}
@@ -277,7 +300,7 @@ func (v *Volume) delivered(entries []entry) []string {
 }
 
 func readlinkAt(dirfd int, name string) (string, error) {
-	buf := make([]byte, 256)
+	buf := make([]byte, 512) // "..data/" and a 255-byte name fit
 	n, err := unix.Readlinkat(dirfd, name, buf)
 	if err != nil {
 		return "", err
@@ -288,8 +311,9 @@ func readlinkAt(dirfd int, name string) (string, error) {
 	return string(buf[:n]), nil
 }
 
-// current returns the payload "..data" points to, if it is a link of the driver's shape.
-func (v *Volume) current() (string, bool) {
+// Current returns the payload directory "..data" points to, if it is a link of the driver's shape:
+// it names the set of files in force (a new name at every swap).
+func (v *Volume) Current() (string, bool) {
 	t, err := readlinkAt(v.fd, dataLink)
 	return t, err == nil && isPayloadName(t)
 }
@@ -337,12 +361,11 @@ func (v *Volume) Swap(files []File, gid int, dirMode os.FileMode) error {
 			scrubNames = append(scrubNames, n)
 		}
 	}
-	replaced, _ := v.current()
+	replaced, _ := v.Current()
+	var leftover error
 	for _, e := range before {
 		if e.typ == os.ModeDir && isPayloadName(e.name) && e.name != replaced {
-			if err := v.removePayload(e.name, scrubNames); err != nil {
-				return err
-			}
+			leftover = errors.Join(leftover, v.removePayload(e.name, scrubNames))
 		}
 	}
 
@@ -407,6 +430,9 @@ func (v *Volume) Swap(files []File, gid int, dirMode os.FileMode) error {
 			}
 		}
 	}
+	if leftover != nil {
+		return fmt.Errorf("%w: %v", ErrScrub, leftover)
+	}
 	return nil
 }
 
@@ -451,8 +477,8 @@ func SizeFor(data int64, files int) int64 {
 }
 
 // Clear removes every delivered file at once, for a revocation or an unmount: the visible links and
-// "..data" go first (readers see no file), then every payload's delivered files are overwritten
-// with zeros and removed.
+// "..data" go first (readers see no file), then every payload's files are overwritten with zeros and
+// removed. An error wrapping ErrScrub means the files are gone but one could not be overwritten.
 func (v *Volume) Clear() error {
 	entries, err := v.list()
 	if err != nil {
@@ -465,12 +491,14 @@ func (v *Volume) Clear() error {
 			first = err // a non-empty directory there is not the driver's: the unmount takes it
 		}
 	}
+	var leftover error
 	for _, e := range entries {
 		if e.typ == os.ModeDir && isPayloadName(e.name) {
-			if err := v.removePayload(e.name, names); err != nil && first == nil {
-				first = err
-			}
+			leftover = errors.Join(leftover, v.removePayload(e.name, names))
 		}
+	}
+	if first == nil && leftover != nil {
+		first = fmt.Errorf("%w: %v", ErrScrub, leftover)
 	}
 	return first
 }
@@ -488,9 +516,12 @@ func (v *Volume) unlinkAny(name string) error {
 	return nil
 }
 
-// removePayload scrubs and unlinks the named files of a payload directory, then removes the
-// directory. Anything else found in it (not the driver's) is unlinked unread; a non-empty
-// subdirectory is left and reported.
+// removePayload scrubs and unlinks the files of one of the driver's payload directories, then removes
+// it. The payload was opened without following anything, was root-only until complete and sits on a
+// volume the pod cannot write: what it holds, the driver wrote. The delivered names go first; then
+// every other regular file listed in it (names delivered before a rename or a driver restart), at
+// most MaxFiles, each opened O_NOFOLLOW and scrubbed in bounded chunks. Anything else is unlinked
+// unread; a non-empty subdirectory is left to the unmount.
 func (v *Volume) removePayload(payload string, names []string) error {
 	pfd, err := openIn(v.fd, payload, unix.O_DIRECTORY|unix.O_RDONLY, 0)
 	if err != nil {
@@ -501,20 +532,25 @@ func (v *Volume) removePayload(payload string, names []string) error {
 	}
 	defer unix.Close(pfd)
 	var first error
-	for _, name := range names {
+	scrub := func(name string) {
 		if err := scrubFile(pfd, name, v.fsSize); err != nil && first == nil {
 			first = fmt.Errorf("scrub %s: %w", name, err)
 		}
 	}
-	// What is left is not the driver's: unlink it without reading or writing it.
+	for _, name := range names {
+		scrub(name)
+	}
 	if fd, err := unix.Dup(pfd); err == nil {
 		f := os.NewFile(uintptr(fd), payload)
-		left, _ := f.ReadDir(256)
+		left, _ := f.ReadDir(MaxFiles)
 		f.Close()
 		for _, d := range left {
-			if d.IsDir() {
+			switch {
+			case d.Type().IsRegular():
+				scrub(d.Name())
+			case d.IsDir():
 				unix.Unlinkat(pfd, d.Name(), unix.AT_REMOVEDIR)
-			} else {
+			default:
 				unix.Unlinkat(pfd, d.Name(), 0)
 			}
 		}
@@ -527,16 +563,22 @@ func (v *Volume) removePayload(payload string, names []string) error {
 
 // scrubFile overwrites the data of a regular file with zeros, in fixed-size chunks and only where
 // data is allocated (a sparse file's holes hold nothing), never more than limit bytes in all; then it
-// truncates and unlinks it. A missing file is fine; anything but a regular file is unlinked unread.
+// truncates and unlinks it. A missing file is fine. A link, a FIFO or a socket (not a file the driver
+// wrote) is unlinked unread. A file someone holds a lease on is unlinked without waiting for the
+// lease (and reported): the driver never blocks on what a pod holds.
 func scrubFile(dirfd int, name string, limit int64) error {
 	fd, err := openIn(dirfd, name, unix.O_WRONLY|unix.O_NONBLOCK, 0)
 	switch {
 	case errors.Is(err, unix.ENOENT):
 		return nil
-	case err != nil:
-		// A link, a FIFO without a reader, a socket...: not a file the driver wrote. Unlinked below.
+	case errors.Is(err, unix.ELOOP), errors.Is(err, unix.ENXIO), errors.Is(err, unix.EISDIR):
 		unix.Unlinkat(dirfd, name, 0)
 		return nil
+	case errors.Is(err, unix.EAGAIN):
+		unix.Unlinkat(dirfd, name, 0)
+		return fmt.Errorf("held by a lease; unlinked without overwriting: %w", err)
+	case err != nil:
+		return err
 	}
 	defer unix.Close(fd)
 	var st unix.Stat_t
@@ -581,6 +623,9 @@ func zeroData(fd int, size, limit int64) error {
 			if err != nil {
 				return err
 			}
+			if w == 0 {
+				return io.ErrShortWrite
+			}
 			p += int64(w)
 			written += int64(w)
 		}
@@ -589,13 +634,17 @@ func zeroData(fd int, size, limit int64) error {
 	return nil
 }
 
-// Unchanged reports whether the volume already delivers exactly files: "..data" points to a payload
-// of the driver's shape, holding exactly these regular files with these modes, group and contents,
-// each visible through its link, and nothing else visible. Files are compared in bounded chunks,
-// never read whole. Any doubt (an error, something planted) answers false, so the caller swaps in a
-// fresh payload.
-func (v *Volume) Unchanged(files []File, gid int) bool {
-	payload, ok := v.current()
+// MaxFiles bounds how many entries are read from a payload directory.
+const MaxFiles = 256
+
+// Intact reports whether the volume's layout still is exactly what the driver made for files: each
+// visible name a link of the driver's shape, nothing else visible, and the payload in force holding
+// exactly these regular files, unlinked elsewhere, owned by root, with these modes, group and sizes.
+// It opens no file (metadata only, never following a link), so a lease or a FIFO planted in the
+// volume cannot stall it; contents are the caller's to compare (the driver keeps a digest of what it
+// delivered). Any doubt answers false, so the caller swaps in a fresh payload.
+func (v *Volume) Intact(files []File, gid int) bool {
+	payload, ok := v.Current()
 	if !ok {
 		return false
 	}
@@ -630,9 +679,11 @@ func (v *Volume) Unchanged(files []File, gid int) bool {
 	if n, err := countEntries(pfd); err != nil || n != len(files) {
 		return false
 	}
-	buf := make([]byte, min(chunk, v.limit+1))
 	for _, f := range files {
-		if !sameFile(pfd, f, gid, buf) {
+		var st unix.Stat_t
+		if unix.Fstatat(pfd, f.Name, &st, unix.AT_SYMLINK_NOFOLLOW) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG ||
+			st.Nlink != 1 || st.Uid != 0 || os.FileMode(st.Mode&0o7777) != f.Mode.Perm() || st.Size != int64(len(f.Data)) ||
+			(gid >= 0 && st.Gid != uint32(gid)) {
 			return false
 		}
 	}
@@ -646,9 +697,6 @@ func countEntries(dirfd int) (int, error) {
 	}
 	f := os.NewFile(uintptr(fd), "payload")
 	defer f.Close()
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		return 0, err
-	}
 	names, err := f.Readdirnames(MaxFiles + 1)
 	if err == io.EOF {
 		err = nil
@@ -656,44 +704,11 @@ func countEntries(dirfd int) (int, error) {
 	return len(names), err
 }
 
-// MaxFiles bounds how many entries Unchanged reads from a payload directory.
-const MaxFiles = 256
-
-func sameFile(dirfd int, f File, gid int, buf []byte) bool {
-	fd, err := openIn(dirfd, f.Name, unix.O_RDONLY|unix.O_NONBLOCK, 0)
-	if err != nil {
-		return false
-	}
-	defer unix.Close(fd)
-	var st unix.Stat_t
-	if unix.Fstat(fd, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Nlink != 1 || st.Uid != 0 ||
-		os.FileMode(st.Mode&0o7777) != f.Mode.Perm() || st.Size != int64(len(f.Data)) {
-		return false
-	}
-	if gid >= 0 && st.Gid != uint32(gid) {
-		return false
-	}
-	off := 0
-	for {
-		n, err := unix.Read(fd, buf)
-		if n < 0 || err != nil {
-			return false
-		}
-		if n == 0 {
-			return off == len(f.Data)
-		}
-		if off+n > len(f.Data) || string(buf[:n]) != string(f.Data[off:off+n]) {
-			return false
-		}
-		off += n
-	}
-}
-
 // Read returns the delivered files (by the driver's own links), sorted by name, each read in
 // chunks and at most the volume's limit in all. It refuses anything that is not a regular file. For
 // tests, tools and the demo; the driver itself compares with Unchanged.
 func (v *Volume) Read() ([]File, error) {
-	payload, ok := v.current()
+	payload, ok := v.Current()
 	if !ok {
 		return nil, nil // nothing delivered (or cleared)
 	}

@@ -2,6 +2,7 @@ package tmpfs
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -52,7 +53,7 @@ func TestMountIsTmpfsAndUnmountScrubs(t *testing.T) {
 	if ok, _ := IsTmpfs(filepath.Dir(dir)); ok {
 		t.Skip("the test's temp dir is itself on tmpfs; cannot tell the mount apart")
 	}
-	if !Published(dir) {
+	if ok, err := Published(dir); !ok || err != nil {
 		t.Fatal("Published = false")
 	}
 	v := openT(t, dir)
@@ -112,8 +113,8 @@ func TestSwapReplacesTheWholeSet(t *testing.T) {
 	if err != nil || len(got) != 2 || string(got[1].Data) != "one" || got[1].Mode != 0o400 || got[0].Mode != 0o440 {
 		t.Fatalf("after v1: %+v %v", got, err)
 	}
-	if !v.Unchanged(v1, 4242) || v.Unchanged(v1, -1) && false {
-		t.Fatal("Unchanged = false for the set just written")
+	if !v.Intact(v1, 4242) || v.Intact(v1, 4243) || v.Intact(v1[:1], 4242) {
+		t.Fatal("Intact does not tell the set just written from others")
 	}
 	st, err := os.Stat(filepath.Join(dir, "db-password"))
 	if err != nil {
@@ -127,9 +128,6 @@ func TestSwapReplacesTheWholeSet(t *testing.T) {
 		t.Fatalf("payload mode %v", pst.Mode().Perm())
 	}
 	v2 := []File{{Name: "db-password", Mode: 0o400, Data: []byte("two")}}
-	if v.Unchanged(v2, -1) {
-		t.Fatal("Unchanged = true for different content")
-	}
 	if err := v.Swap(v2, -1, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -309,13 +307,16 @@ func TestPlantedObjectsAreNeverFollowed(t *testing.T) {
 			if err := v.Swap(files, -1, 0o755); err != nil {
 				t.Fatal(err)
 			}
+			if !v.Intact(files, -1) {
+				t.Fatal("Intact = false before anything was planted")
+			}
 			payload, _ := os.Readlink(filepath.Join(dir, dataLink))
 			plant(t, dir, payload, vic)
 			done := make(chan struct{})
 			go func() {
 				defer close(done)
-				if v.Unchanged(files, -1) {
-					t.Errorf("Unchanged = true after %s", name)
+				if v.Intact(files, -1) {
+					t.Errorf("Intact = true after %s", name)
 				}
 				v.Read()
 				v.Swap(next, -1, 0o755) // may fail (the caller reports Internal and kubelet retries)
@@ -332,7 +333,7 @@ func TestPlantedObjectsAreNeverFollowed(t *testing.T) {
 			if scrubErr, err := Unmount(dir, 1<<20); err != nil {
 				t.Fatalf("unmount: %v (scrub: %v): planted objects must not keep a volume mounted", err, scrubErr)
 			}
-			if Published(dir) {
+			if ok, _ := Published(dir); ok {
 				t.Fatal("still mounted")
 			}
 			vic.check(t, "unmount")
@@ -373,5 +374,97 @@ func TestScrubOfASparseFileIsBounded(t *testing.T) {
 	}
 	if _, err := os.Lstat(p); !os.IsNotExist(err) {
 		t.Fatal("the scrubbed file was not removed")
+	}
+}
+
+// A file delivered under a name that a later set no longer has is still scrubbed when its payload
+// goes (it is not visible any more, but it is the driver's).
+func TestRenamedFilesAreScrubbedToo(t *testing.T) {
+	dir := mountT(t)
+	v := openT(t, dir)
+	keep := map[string]*os.File{}
+	for _, name := range []string{"a", "b", "c"} {
+		if err := v.Swap([]File{{Name: name, Mode: 0o400, Data: []byte("SECRET-" + name)}}, -1, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		payload, _ := v.Current()
+		f, err := os.Open(filepath.Join(dir, payload, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		keep[name] = f
+	}
+	if err := v.Clear(); err != nil {
+		t.Fatal(err)
+	}
+	for name, f := range keep {
+		b := make([]byte, 16)
+		n, _ := f.ReadAt(b, 0)
+		if bytes.Contains(b[:n], []byte("SECRET")) {
+			t.Fatalf("%s was not overwritten", name)
+		}
+	}
+}
+
+// Names up to 255 bytes are delivered, recognized as the driver's and cleared.
+func TestLongNames(t *testing.T) {
+	dir := mountT(t)
+	v := openT(t, dir)
+	name := strings.Repeat("n", 255)
+	if err := v.Swap([]File{{Name: name, Mode: 0o400, Data: []byte("x")}}, -1, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := v.Read(); err != nil || len(got) != 1 || got[0].Name != name {
+		t.Fatalf("read %d files, %v", len(got), err)
+	}
+	if err := v.Clear(); err != nil {
+		t.Fatal(err)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Fatalf("clear left %d entries", len(entries))
+	}
+}
+
+// A pod holding a lease on a delivered file (fcntl F_SETLEASE works on a read-only mount) cannot
+// stall the driver: swaps and clears go on at once, reporting the file they could not overwrite.
+func TestALeaseDoesNotStallTheDriver(t *testing.T) {
+	dir := mountT(t)
+	v := openT(t, dir)
+	if err := v.Swap([]File{{Name: "a", Mode: 0o400, Data: []byte("one")}}, -1, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	payload, _ := v.Current()
+	f, err := os.Open(filepath.Join(dir, payload, "a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := unix.FcntlInt(f.Fd(), unix.F_SETLEASE, unix.F_RDLCK); err != nil {
+		t.Fatalf("taking a read lease: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		// Two swaps: the second removes the leased file's payload.
+		for i := range 2 {
+			if err := v.Swap([]File{{Name: "a", Mode: 0o400, Data: []byte{byte('2' + i)}}}, -1, 0o755); err != nil && !errors.Is(err, ErrScrub) {
+				done <- err
+				return
+			}
+		}
+		err := v.Clear()
+		if err != nil && !errors.Is(err, ErrScrub) {
+			done <- err
+			return
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the driver waited for a pod's lease")
 	}
 }
