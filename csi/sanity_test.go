@@ -33,9 +33,23 @@ type discardAudit struct{}
 
 func (discardAudit) Record(context.Context, broker.Event) error { return nil }
 
+// sanityRan: Ginkgo runs a suite once per process (and refuses go test -count > 1), so under -count
+// the suite runs in the first iteration and the later ones say so.
+var sanityRan bool
+
 // TestSanity runs the kubernetes-csi sanity suite against the driver's gRPC server on a unix socket,
 // with real tmpfs mounts (as root).
 func TestSanity(t *testing.T) {
+	if sanityRan {
+		t.Skip("the Ginkgo suite already ran in this process (Ginkgo runs a suite once per process)")
+	}
+	sanityRan = true
+	if c := flag.Lookup("test.count"); c != nil && c.Value.String() != "1" {
+		// Ginkgo refuses to run under -count > 1; the suite itself runs once here.
+		old := c.Value.String()
+		flag.Set("test.count", "1")
+		defer flag.Set("test.count", old)
+	}
 	if os.Geteuid() != 0 {
 		t.Fatal("the sanity suite publishes into tmpfs and needs root")
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -38,6 +39,15 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	env.Stop()
 	os.Exit(code)
+}
+
+// runs numbers the runs of the tests that name objects in the shared env, so -count=N can repeat them.
+var runs atomic.Int32
+
+// named returns a function suffixing names with this run's number.
+func named() func(string) string {
+	id := runs.Add(1)
+	return func(s string) string { return fmt.Sprintf("%s-%d", s, id) }
 }
 
 func ctxT(t *testing.T) context.Context {
@@ -96,7 +106,7 @@ func TestEtcdPutGetWithClientCertificate(t *testing.T) {
 func TestKubeTokenRequestAndReview(t *testing.T) {
 	ctx := ctxT(t)
 	k := env.Kube
-	ns := "smoke-tokens"
+	ns := named()("smoke-tokens")
 	if _, err := k.CreateNamespace(ctx, ns, map[string]string{"keyward.dev/environment": "dev"}); err != nil {
 		t.Fatal(err)
 	}
@@ -141,23 +151,24 @@ func TestKubeTokenRequestAndReview(t *testing.T) {
 func TestVaultKVv2(t *testing.T) {
 	ctx := ctxT(t)
 	v := env.Vault
-	if err := v.EnableKVv2(ctx, "smoke-kv"); err != nil {
+	kv := named()("smoke-kv")
+	if err := v.EnableKVv2(ctx, kv); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := v.PutKV(ctx, "smoke-kv", "prod/payments/db", map[string]any{"password": "v1"}); err != nil {
+	if _, err := v.PutKV(ctx, kv, "prod/payments/db", map[string]any{"password": "v1"}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := v.PutKV(ctx, "smoke-kv", "prod/payments/db", map[string]any{"password": "v2"}); err != nil {
+	if _, err := v.PutKV(ctx, kv, "prod/payments/db", map[string]any{"password": "v2"}); err != nil {
 		t.Fatal(err)
 	}
-	s, err := v.Client.KVv2("smoke-kv").Get(ctx, "prod/payments/db")
+	s, err := v.Client.KVv2(kv).Get(ctx, "prod/payments/db")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if s.Data["password"] != "v2" || s.VersionMetadata.Version != 2 {
 		t.Fatalf("latest = %v (version %d)", s.Data, s.VersionMetadata.Version)
 	}
-	old, err := v.Client.KVv2("smoke-kv").GetVersion(ctx, "prod/payments/db", 1)
+	old, err := v.Client.KVv2(kv).GetVersion(ctx, "prod/payments/db", 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,22 +180,24 @@ func TestVaultKVv2(t *testing.T) {
 func TestVaultKubernetesAuthAsPod(t *testing.T) {
 	ctx := ctxT(t)
 	k, v := env.Kube, env.Vault
-	if err := v.EnableKVv2(ctx, "smoke-k8s"); err != nil {
+	n := named()
+	kv, auth, web, other, policy := n("smoke-k8s"), n("smoke-kubernetes"), n("smoke-web"), n("smoke-other"), n("smoke-dev-read")
+	if err := v.EnableKVv2(ctx, kv); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := v.PutKV(ctx, "smoke-k8s", "dev/web/api", map[string]any{"key": "k1"}); err != nil {
+	if _, err := v.PutKV(ctx, kv, "dev/web/api", map[string]any{"key": "k1"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := v.Client.Sys().PutPolicyWithContext(ctx, "smoke-dev-read", `path "smoke-k8s/data/dev/*" { capabilities = ["read"] }`); err != nil {
+	if err := v.Client.Sys().PutPolicyWithContext(ctx, policy, fmt.Sprintf(`path "%s/data/dev/*" { capabilities = ["read"] }`, kv)); err != nil {
 		t.Fatal(err)
 	}
-	if err := v.KubernetesAuth(ctx, "smoke-kubernetes", k); err != nil {
+	if err := v.KubernetesAuth(ctx, auth, k); err != nil {
 		t.Fatal(err)
 	}
-	if err := v.KubernetesRole(ctx, "smoke-kubernetes", "dev", []string{"smoke-web"}, []string{"web"}, []string{"smoke-dev-read"}, "keyward"); err != nil {
+	if err := v.KubernetesRole(ctx, auth, "dev", []string{web}, []string{"web"}, []string{policy}, "keyward"); err != nil {
 		t.Fatal(err)
 	}
-	for _, ns := range []string{"smoke-web", "smoke-other"} {
+	for _, ns := range []string{web, other} {
 		if _, err := k.CreateNamespace(ctx, ns, nil); err != nil {
 			t.Fatal(err)
 		}
@@ -201,13 +214,13 @@ func TestVaultKubernetesAuthAsPod(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s, err := v.Client.Logical().WriteWithContext(ctx, "auth/smoke-kubernetes/login", map[string]any{"role": "dev", "jwt": jwt})
+		s, err := v.Client.Logical().WriteWithContext(ctx, "auth/"+auth+"/login", map[string]any{"role": "dev", "jwt": jwt})
 		if err != nil {
 			return "", err
 		}
 		return s.Auth.ClientToken, nil
 	}
-	tok, err := login("smoke-web")
+	tok, err := login(web)
 	if err != nil {
 		t.Fatalf("pod login: %v", err)
 	}
@@ -216,14 +229,14 @@ func TestVaultKubernetesAuthAsPod(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.SetToken(tok)
-	s, err := c.KVv2("smoke-k8s").Get(ctx, "dev/web/api")
+	s, err := c.KVv2(kv).Get(ctx, "dev/web/api")
 	if err != nil || s.Data["key"] != "k1" {
 		t.Fatalf("read as pod: %v %v", s, err)
 	}
-	if _, err := c.KVv2("smoke-k8s").Get(ctx, "prod/web/api"); err == nil {
+	if _, err := c.KVv2(kv).Get(ctx, "prod/web/api"); err == nil {
 		t.Fatal("pod read outside its policy")
 	}
-	if _, err := login("smoke-other"); err == nil {
+	if _, err := login(other); err == nil {
 		t.Fatal("a pod of another namespace logged in to the dev role")
 	}
 }
