@@ -5,7 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 	"k8s.io/client-go/metadata"
 	"k8s.io/client-go/rest"
@@ -29,6 +30,7 @@ import (
 	"github.com/keyward/keyward/internal/grpcserver"
 	"github.com/keyward/keyward/internal/hardening"
 	"github.com/keyward/keyward/internal/logging"
+	"github.com/keyward/keyward/internal/metricsserver"
 	"github.com/keyward/keyward/internal/version"
 )
 
@@ -91,13 +93,7 @@ func (o Options) Validate() error {
 		return fmt.Errorf("--max-publish-bytes must hold at least one publish of the largest volume, %d", csi.MaxWeight)
 	}
 	if o.MetricsAddress != "" {
-		host, _, err := net.SplitHostPort(o.MetricsAddress)
-		if err != nil {
-			return fmt.Errorf("--metrics-address: %w", err)
-		}
-		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-			return fmt.Errorf("--metrics-address %s is not a loopback address", o.MetricsAddress)
-		}
+		return metricsserver.CheckLoopback("--metrics-address", o.MetricsAddress)
 	}
 	return nil
 }
@@ -260,7 +256,9 @@ func run(o Options, log *zap.Logger) error {
 		if err := registerMetrics(reg, node, svc, noswap); err != nil {
 			return err
 		}
-		srv, err := serveMetrics(o.MetricsAddress, reg)
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		srv, err := metricsserver.Serve(o.MetricsAddress, mux)
 		if err != nil {
 			return err
 		}

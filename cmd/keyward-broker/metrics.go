@@ -1,12 +1,7 @@
 package main
 
 import (
-	"net"
-	"net/http"
-	"time"
-
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/keyward/keyward/broker"
 	"github.com/keyward/keyward/csi"
@@ -43,16 +38,4 @@ func registerMetrics(reg prometheus.Registerer, node *csi.Server, svc *broker.Se
 		}
 	}
 	return nil
-}
-
-func serveMetrics(addr string, reg *prometheus.Registry) (*http.Server, error) {
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	l, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, err
-	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go srv.Serve(l)
-	return srv, nil
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -22,6 +21,7 @@ import (
 	"github.com/keyward/keyward/internal/grpcserver"
 	"github.com/keyward/keyward/internal/hardening"
 	"github.com/keyward/keyward/internal/logging"
+	"github.com/keyward/keyward/internal/metricsserver"
 	"github.com/keyward/keyward/internal/version"
 	"github.com/keyward/keyward/kms"
 	"github.com/keyward/keyward/kms/pkcs11"
@@ -63,13 +63,7 @@ func (o Options) Validate() error {
 		return errors.New("--grace must be positive")
 	}
 	if o.MetricsAddress != "" {
-		host, _, err := net.SplitHostPort(o.MetricsAddress)
-		if err != nil {
-			return fmt.Errorf("--metrics-address: %w", err)
-		}
-		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-			return fmt.Errorf("--metrics-address %s is not a loopback address", o.MetricsAddress)
-		}
+		return metricsserver.CheckLoopback("--metrics-address", o.MetricsAddress)
 	}
 	return nil
 }
@@ -199,11 +193,5 @@ func serveHTTP(addr string, reg *prometheus.Registry, svc *kms.Service) (*http.S
 	}
 	mux.Handle("/healthz", check(svc.Healthz))
 	mux.Handle("/livez", check(svc.Livez))
-	l, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, err
-	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go srv.Serve(l)
-	return srv, nil
+	return metricsserver.Serve(addr, mux)
 }

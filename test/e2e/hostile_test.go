@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -31,8 +33,8 @@ type driver struct {
 }
 
 // startDriver starts keyward-broker as node-1 against the env's apiserver and Vault, with extra
-// lines appended to its config file.
-func startDriver(t *testing.T, e *brokerEnv, extraConfig string) *driver {
+// lines appended to its config file and metrics on metrics ("": off).
+func startDriver(t *testing.T, e *brokerEnv, extraConfig, metrics string) *driver {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("the CSI e2e tests mount tmpfs and need root, as the node plugin does")
@@ -51,7 +53,7 @@ func startDriver(t *testing.T, e *brokerEnv, extraConfig string) *driver {
 	os.WriteFile(d.key, []byte(strings.Repeat("h", 40)), 0o600)
 	sock := filepath.Join(dir, "csi.sock")
 	d.proc = start(t, nil, filepath.Join(dir, "keyward-broker.log"), "keyward-broker", "--csi-socket", sock, "--node-id", "node-1",
-		"--kubelet-dir", filepath.Join(dir, "kubelet"), "--metrics-address", "", "--config", cfgPath, "--kubeconfig", kubeconfig,
+		"--kubelet-dir", filepath.Join(dir, "kubelet"), "--metrics-address", metrics, "--config", cfgPath, "--kubeconfig", kubeconfig,
 		"--audit-log", d.auditLog, "--audit-key-file", d.key, "--log-level", "debug")
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -95,7 +97,7 @@ func (d *driver) records(t *testing.T) []audit.Record {
 // apiserver rejected cleared the files of every running pod within one republish period.)
 func TestRepublishKeepsFilesThroughAmbiguousFailures(t *testing.T) {
 	e := newBrokerEnv(t)
-	d := startDriver(t, e, "refusalAuditBurst: 1000\n")
+	d := startDriver(t, e, "refusalAuditBurst: 1000\n", "")
 	ctx := context.Background()
 	pod := e.pods["payments-prod"]
 	target := d.kl.target(pod)
@@ -231,7 +233,12 @@ func revokePodTokens(t *testing.T, v *harness.Vault) {
 // node is refused, and a secret larger than its volume is refused before it is held whole.
 func TestEveryRefusalIsAudited(t *testing.T) {
 	e := newBrokerEnv(t)
-	d := startDriver(t, e, "refusalAuditBurst: 3\nrefusalAuditInterval: 1s\n")
+	port, err := harness.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics := fmt.Sprintf("127.0.0.1:%d", port)
+	d := startDriver(t, e, "refusalAuditBurst: 3\nrefusalAuditInterval: 1s\n", metrics)
 	ctx := context.Background()
 	kl := d.kl
 	if _, err := e.vault.PutKV(ctx, "kv", "prod/payments-prod/big", map[string]any{"blob": strings.Repeat("B", 2<<20)}); err != nil {
@@ -354,6 +361,19 @@ func TestEveryRefusalIsAudited(t *testing.T) {
 	}
 	if last.Suppressed < 30 {
 		t.Fatalf("the record after the flood counts %d suppressed refusals", last.Suppressed)
+	}
+	// The metrics say so too, and that volumes are kept out of swap (this kernel has noswap).
+	resp, err := http.Get("http://" + metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{"keyward_broker_tmpfs_noswap 1", "keyward_broker_swap_active ", "keyward_broker_publishes_in_flight 0",
+		"keyward_broker_refusal_records_suppressed_total "} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q", want)
+		}
 	}
 	if code, out := ctl(t, nil, "audit", "verify", d.auditLog, "--key-file", d.key); code != 0 {
 		t.Fatalf("audit verify: %s", out)
