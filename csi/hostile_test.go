@@ -229,7 +229,7 @@ func TestTargetPathMustBeKubeletsPathOfThePod(t *testing.T) {
 			t.Fatalf("unpublish through %s: %v", target, err)
 		}
 	}
-	if files, err := tmpfs.ReadDir(otherPod, 1<<20); err != nil || len(files) != 2 {
+	if files, err := tmpfs.Read(otherPod); err != nil || len(files) != 2 {
 		t.Fatalf("the other pod's volume after a refused unpublish: %v %v", files, err)
 	}
 	if n.b.refusals() < 11 {
@@ -388,7 +388,7 @@ func TestRepublishClearsOnlyOnACertainWithdrawal(t *testing.T) {
 			if err := n.publish(req); status.Code(err) != tc.code {
 				t.Fatalf("republish: %v, want %s", err, tc.code)
 			}
-			files, err := tmpfs.ReadDir(target, 1<<20)
+			files, err := tmpfs.Read(target)
 			if err != nil || (len(files) == 0) != tc.clear {
 				t.Fatalf("after the refused republish: %d files (%v), want cleared %v", len(files), err, tc.clear)
 			}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"sort"
@@ -722,7 +723,7 @@ func (v *Volume) Read() ([]File, error) {
 	}
 	defer unix.Close(pfd)
 	var out []File
-	budget := v.limit
+	budget := min(v.limit, v.fsSize)
 	for _, name := range v.delivered(entries) {
 		fd, err := openIn(pfd, name, unix.O_RDONLY|unix.O_NONBLOCK, 0)
 		if err != nil {
@@ -737,7 +738,7 @@ func (v *Volume) Read() ([]File, error) {
 		if err == nil {
 			b, err = io.ReadAll(io.LimitReader(f, budget+1))
 			if err == nil && int64(len(b)) > budget {
-				err = fmt.Errorf("%s: more than the volume's %d bytes", name, v.limit)
+				err = fmt.Errorf("%s: more than the volume's %d bytes", name, min(v.limit, v.fsSize))
 			}
 		}
 		f.Close()
@@ -751,9 +752,10 @@ func (v *Volume) Read() ([]File, error) {
 	return out, nil
 }
 
-// ReadDir opens the volume at target and reads it (see Volume.Read).
-func ReadDir(target string, limit int64) ([]File, error) {
-	v, err := Open(target, limit)
+// Read opens the volume at target and reads its delivered files (see Volume.Read), at most the
+// tmpfs's own size in all.
+func Read(target string) ([]File, error) {
+	v, err := Open(target, math.MaxInt64)
 	if err != nil {
 		return nil, err
 	}

@@ -328,7 +328,7 @@ resources:
 		}
 	})
 	onTmpfs, _ := tmpfs.IsTmpfs(target)
-	files, err := tmpfs.ReadDir(target, csi.DefaultSizeLimit)
+	files, err := tmpfs.Read(target)
 	if err != nil || len(files) != 1 || string(files[0].Data) != values["prod"] {
 		return fmt.Errorf("the volume does not hold the prod secret (%v)", err)
 	}

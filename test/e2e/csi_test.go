@@ -235,7 +235,7 @@ vault:
 	if err != nil {
 		t.Fatalf("provider Mount: %v", err)
 	}
-	onDisk, _ := tmpfs.ReadDir(target, csi.DefaultSizeLimit)
+	onDisk, _ := tmpfs.Read(target)
 	if len(resp.Files) != len(onDisk) {
 		t.Fatalf("provider returned %d files, the CSI volume has %d", len(resp.Files), len(onDisk))
 	}
@@ -401,7 +401,7 @@ vault:
 		}
 		return nil
 	})
-	if files, err := tmpfs.ReadDir(kl.target(devPod), csi.DefaultSizeLimit); err != nil || len(files) != 0 {
+	if files, err := tmpfs.Read(kl.target(devPod)); err != nil || len(files) != 0 {
 		t.Fatalf("files left for a deleted pod: %d %v", len(files), err)
 	}
 
@@ -414,7 +414,7 @@ vault:
 		}
 		return fmt.Errorf("republish: %v", err)
 	})
-	if files, err := tmpfs.ReadDir(target, csi.DefaultSizeLimit); err != nil || len(files) != 0 {
+	if files, err := tmpfs.Read(target); err != nil || len(files) != 0 {
 		t.Fatalf("files left after revocation: %d %v", len(files), err)
 	}
 	wantPodTokens(t, e.vault, 0, "revoked and deleted pods hold no Vault token")

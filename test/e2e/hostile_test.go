@@ -106,7 +106,7 @@ func TestRepublishKeepsFilesThroughAmbiguousFailures(t *testing.T) {
 	}
 	kept := func(step string) {
 		t.Helper()
-		files, err := tmpfs.ReadDir(target, csi.DefaultSizeLimit)
+		files, err := tmpfs.Read(target)
 		if err != nil || len(files) != 2 || string(files[1].Data) != prodCanary {
 			t.Fatalf("%s: the pod's files are gone or changed: %d files, %v", step, len(files), err)
 		}
