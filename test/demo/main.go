@@ -15,6 +15,7 @@ import (
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
@@ -296,7 +297,7 @@ resources:
 	}
 	show("Probe: ready")
 
-	publish := func(pod *corev1.Pod, target, secrets string) error {
+	publishRW := func(pod *corev1.Pod, target, secrets string, readOnly bool) error {
 		tok, err := k.PodToken(ctx, pod, []string{"keyward"}, 10*time.Minute)
 		if err != nil {
 			return err
@@ -306,7 +307,7 @@ resources:
 			return err
 		}
 		_, err = node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
-			VolumeId: "demo-" + string(pod.UID), TargetPath: target, Readonly: true,
+			VolumeId: "demo-" + string(pod.UID), TargetPath: target, Readonly: readOnly,
 			VolumeCapability: &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}},
 				AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY}},
 			VolumeContext: map[string]string{csi.AttrSecrets: secrets, csi.AttrTokens: string(tokens), csi.AttrPodName: pod.Name,
@@ -314,6 +315,7 @@ resources:
 		})
 		return err
 	}
+	publish := func(pod *corev1.Pod, target, secrets string) error { return publishRW(pod, target, secrets, true) }
 	step("a simulated kubelet publishes payments-prod/api-0's volume with a real TokenRequest token")
 	target := filepath.Join(d.dir, "kubelet/pods", string(pods["payments-prod"].UID), "volumes/kubernetes.io~csi/secrets/mount")
 	if err := publish(pods["payments-prod"], target, "- {ref: payments-prod/db, key: password, file: db-password}"); err != nil {
@@ -349,6 +351,13 @@ resources:
 		return fmt.Errorf("the refused publish left %s", devTarget)
 	}
 	show("nothing was mounted or written for it")
+
+	step("a pod asks for a writable volume (a root container could plant links in it): refused")
+	err = publishRW(pods["payments-dev"], devTarget, "- {ref: payments-dev/db, key: password, file: x}", false)
+	if status.Code(err) != codes.InvalidArgument {
+		return fmt.Errorf("a writable volume was not refused: %v", err)
+	}
+	show("NodePublishVolume: %s: %.110s...", status.Code(err), status.Convert(err).Message())
 
 	step("a Kubernetes Secret, as stored in etcd")
 	if _, err := k.Client.CoreV1().Secrets("payments-prod").Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "tls"},
