@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/keyward/keyward/internal/audit"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // MaxRefs bounds how many secrets one request may ask for.
@@ -17,14 +20,14 @@ type Options struct {
 	Authenticator Authenticator
 	Authorizer    Authorizer
 	Source        SecretSource
-	Auditor       Auditor
+	Auditor       audit.Auditor
 	// Audiences the pod's token must be issued for (the broker's own audience, e.g. "keyward").
 	Audiences []string
 	// Node is the node this broker serves. When set, a token bound to a pod on another node (or to
 	// no node) is refused, so a token stolen from one node cannot be replayed through another's broker.
 	Node string
 	// Pods confirms a pod's deletion when its token is rejected on a republish (Request.Published):
-	// only then is the refusal a withdrawal (ErrWithdrawn). Nil: a rejected token never withdraws.
+	// only then is the refusal a withdrawal (fault.ErrWithdrawn). Nil: a rejected token never withdraws.
 	Pods PodChecker
 	// RefusalBurst and RefusalInterval rate-limit the audit records of refused requests per pod: a
 	// burst of RefusalBurst records, then one per RefusalInterval; each record that is written counts
@@ -64,8 +67,9 @@ func NewService(o Options) (*Service, error) {
 // Request is one ask for secrets.
 type Request struct {
 	RequestID string
-	// Event is what the caller does with the answer (EventFetch, EventMount, ...), for the audit record.
-	Event EventType
+	// Event is what the caller does with the answer (audit.EventFetch, audit.EventMount, ...), for the
+	// audit record.
+	Event audit.EventType
 	Token Token
 	// Claimed is who the caller says the pod is (from kubelet's pod info). Every non-empty field must
 	// match the authenticated identity.
@@ -88,73 +92,97 @@ func AnswerBudget(maxBytes int64, refs int) int64 {
 	return maxBytes + 64<<10 + int64(refs)*4<<10
 }
 
-// maxReason bounds the reason text of an audit record (errors may quote a malformed attribute).
-const maxReason = 1024
-
 // Fetch runs the request and records exactly one audit record for it (refusals are rate-limited
 // per pod; see Options.RefusalBurst). If the record of an allowed request cannot be written, the
 // request fails (fail closed) and no secret is returned.
 func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err error) {
 	start := s.o.Now()
-	ev := Event{Time: start, RequestID: req.RequestID, Type: req.Event, Subject: subject(req.Claimed)}
+	ev := audit.Event{Time: start, RequestID: req.RequestID, Type: req.Event, Subject: subject(req.Claimed)}
 	defer func() {
-		ev.Latency = s.o.Now().Sub(start)
+		ev.Latency = audit.Millis(s.o.Now().Sub(start))
 		if aerr := s.record(ctx, ev, req.Claimed, err); aerr != nil && err == nil {
 			clearSecrets(secrets)
-			secrets, err = nil, fmt.Errorf("audit record not written, refusing: %w", ErrUnavailable)
+			secrets, err = nil, fmt.Errorf("audit record not written, refusing: %w", fault.ErrUnavailable)
 		}
 	}()
 	if len(req.Refs) == 0 || len(req.Refs) > MaxRefs {
-		ev.Type = EventAuthorize
-		return nil, fmt.Errorf("%d secrets requested (want 1..%d): %w", len(req.Refs), MaxRefs, ErrInvalid)
+		ev.Type = audit.EventAuthorize
+		return nil, fmt.Errorf("%d secrets requested (want 1..%d): %w", len(req.Refs), MaxRefs, fault.ErrInvalid)
 	}
 	ev.Object = object(req.Refs, nil)
+	id, err := s.authenticate(ctx, req)
+	if err != nil {
+		ev.Type = audit.EventAuthenticate
+		return nil, err
+	}
+	ev.Subject = subject(id)
+	resolved, err := s.authorize(ctx, id, req.Refs)
+	if err != nil {
+		ev.Type = audit.EventAuthorize
+		return nil, err
+	}
+	ev.Object = object(req.Refs, resolved)
+	ev.Reason = reasons(resolved)
+	secrets, err = s.fetch(ctx, id, req, resolved)
+	if len(secrets) == 1 {
+		ev.Object.Version = secrets[0].Version
+	}
+	return secrets, err
+}
+
+// authenticate establishes who the pod is and checks it against the claim and this node.
+func (s *Service) authenticate(ctx context.Context, req Request) (Identity, error) {
 	if req.Token.Empty() {
-		ev.Type = EventAuthenticate
-		return nil, fmt.Errorf("no service-account token: %w", ErrUnauthenticated)
+		return Identity{}, fmt.Errorf("no service-account token: %w", fault.ErrUnauthenticated)
 	}
 	id, err := s.o.Authenticator.Authenticate(ctx, req.Token, s.o.Audiences)
 	if err != nil {
-		ev.Type = EventAuthenticate
-		return nil, s.podGone(ctx, req, err)
+		return Identity{}, s.podGone(ctx, req, err)
 	}
-	ev.Subject = subject(id)
 	if err := matchClaim(id, req.Claimed); err != nil {
-		ev.Type = EventAuthenticate
-		return nil, err
+		return id, err
 	}
 	if s.o.Node != "" && id.Node != s.o.Node {
-		ev.Type = EventAuthenticate
-		return nil, fmt.Errorf("token is bound to a pod on node %q, this broker serves node %q: %w", id.Node, s.o.Node, ErrDenied)
+		return id, fmt.Errorf("token is bound to a pod on node %q, this broker serves node %q: %w", id.Node, s.o.Node, fault.ErrDenied)
 	}
-	resolved := make([]Resolved, 0, len(req.Refs))
-	var reasons []string
-	for _, ref := range req.Refs {
+	return id, nil
+}
+
+// authorize validates and resolves every ref, all or nothing: the one place refs are validated before
+// the Authorizer sees them. A denial is the broker's own policy: certain, so it withdraws access
+// (fault.Withdrawn).
+func (s *Service) authorize(ctx context.Context, id Identity, refs []SecretRef) ([]Resolved, error) {
+	resolved := make([]Resolved, 0, len(refs))
+	for _, ref := range refs {
+		if err := ref.Validate(); err != nil {
+			return nil, err
+		}
 		r, err := s.o.Authorizer.Authorize(ctx, id, ref)
 		if err != nil {
-			ev.Type = EventAuthorize
 			err = fmt.Errorf("%s: %w", ref, err)
-			if errors.Is(err, ErrDenied) {
-				err = Withdrawn(err) // the broker's own policy: certain
+			if errors.Is(err, fault.ErrDenied) {
+				err = fault.Withdrawn(err)
 			}
 			return nil, err
 		}
 		resolved = append(resolved, r)
-		reasons = append(reasons, r.Reason)
 	}
-	ev.Object = object(req.Refs, resolved)
-	ev.Reason = strings.Join(dedupe(reasons), "; ")
+	return resolved, nil
+}
+
+// fetch reads the resolved refs from the source, within the request's size bound.
+func (s *Service) fetch(ctx context.Context, id Identity, req Request, resolved []Resolved) ([]Secret, error) {
 	maxBytes := req.MaxBytes
 	if maxBytes <= 0 {
 		maxBytes = DefaultMaxBytes
 	}
-	secrets, err = s.o.Source.Fetch(ctx, id, req.Token, resolved, maxBytes)
+	secrets, err := s.o.Source.Fetch(ctx, id, req.Token, resolved, maxBytes)
 	if err != nil {
 		return nil, err
 	}
 	if len(secrets) != len(resolved) {
 		clearSecrets(secrets)
-		return nil, fmt.Errorf("source returned %d of %d secrets: %w", len(secrets), len(resolved), ErrUnavailable)
+		return nil, fmt.Errorf("source returned %d of %d secrets: %w", len(secrets), len(resolved), fault.ErrUnavailable)
 	}
 	var total int64
 	for _, sec := range secrets {
@@ -162,10 +190,7 @@ func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err
 	}
 	if total > maxBytes {
 		clearSecrets(secrets)
-		return nil, fmt.Errorf("the secrets hold %d bytes, more than the volume's %d: %w", total, maxBytes, ErrTooLarge)
-	}
-	if len(secrets) == 1 {
-		ev.Object.Version = secrets[0].Version
+		return nil, fmt.Errorf("the secrets hold %d bytes, more than the volume's %d: %w", total, maxBytes, fault.ErrTooLarge)
 	}
 	return secrets, nil
 }
@@ -173,14 +198,14 @@ func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err
 // podGone turns a rejected token on a republish into a withdrawal when the pod is confirmed gone.
 // Anything short of confirmation leaves err as it is: the pod's files stay.
 func (s *Service) podGone(ctx context.Context, req Request, err error) error {
-	if !req.Published || s.o.Pods == nil || !errors.Is(err, ErrUnauthenticated) || req.Claimed.PodUID == "" {
+	if !req.Published || s.o.Pods == nil || !errors.Is(err, fault.ErrUnauthenticated) || req.Claimed.PodUID == "" {
 		return err
 	}
 	gone, cerr := s.o.Pods.Gone(ctx, req.Claimed.Namespace, req.Claimed.PodName, req.Claimed.PodUID)
 	if cerr != nil || !gone {
 		return err
 	}
-	return Withdrawn(fmt.Errorf("%w; pod %s/%s (uid %s) is gone", err, req.Claimed.Namespace, req.Claimed.PodName, req.Claimed.PodUID))
+	return fault.Withdrawn(fmt.Errorf("%w; pod %s/%s (uid %s) is gone", err, req.Claimed.Namespace, req.Claimed.PodName, req.Claimed.PodUID))
 }
 
 // Refuse records a request an adapter refused before it could reach Fetch (a malformed request, a
@@ -188,7 +213,7 @@ func (s *Service) podGone(ctx context.Context, req Request, err error) error {
 // pod and the reason, rate-limited per pod like every refusal. The record's error, if any, is
 // returned for logging; the request is refused either way.
 func (s *Service) Refuse(ctx context.Context, req Request, err error) error {
-	ev := Event{Time: s.o.Now(), RequestID: req.RequestID, Type: req.Event, Subject: subject(req.Claimed)}
+	ev := audit.Event{Time: s.o.Now(), RequestID: req.RequestID, Type: req.Event, Subject: subject(req.Claimed)}
 	if len(req.Refs) > 0 && len(req.Refs) <= MaxRefs {
 		ev.Object = object(req.Refs, nil)
 	}
@@ -199,19 +224,11 @@ func (s *Service) Refuse(ctx context.Context, req Request, err error) error {
 func (s *Service) SuppressedRefusals() uint64 { return s.refusals.suppressed.Load() }
 
 // record completes ev from err and writes it; refusals pass the per-pod rate limit first.
-func (s *Service) record(ctx context.Context, ev Event, claimed Identity, err error) error {
-	ev.Code = CodeName(err)
+func (s *Service) record(ctx context.Context, ev audit.Event, claimed Identity, err error) error {
+	ev.Outcome(err)
 	if err == nil {
-		ev.Decision, ev.Reason = Allow, "ok: "+ev.Reason
+		ev.Reason = "ok: " + ev.Reason
 		return s.o.Auditor.Record(ctx, ev)
-	}
-	ev.Decision = Error
-	if errors.Is(err, ErrDenied) || errors.Is(err, ErrUnauthenticated) || errors.Is(err, ErrInvalid) || errors.Is(err, ErrTooLarge) {
-		ev.Decision = Deny
-	}
-	ev.Reason = err.Error()
-	if len(ev.Reason) > maxReason {
-		ev.Reason = strings.ToValidUTF8(ev.Reason[:maxReason], "") + "...(truncated)"
 	}
 	// Per pod and code: a flood of one kind (a malformed volume kubelet keeps retrying) does not hide
 	// another (the same pod probing refs it is denied).
@@ -251,23 +268,23 @@ func matchClaim(id, claimed Identity) error {
 		{"pod UID", id.PodUID, claimed.PodUID},
 	} {
 		if f.want != "" && f.got != f.want {
-			return fmt.Errorf("token is for %s %q, request claims %q: %w", f.name, f.got, f.want, ErrDenied)
+			return fmt.Errorf("token is for %s %q, request claims %q: %w", f.name, f.got, f.want, fault.ErrDenied)
 		}
 	}
 	return nil
 }
 
-func subject(id Identity) Subject {
-	return Subject{Namespace: id.Namespace, ServiceAccount: id.ServiceAccount, Pod: id.PodName, PodUID: id.PodUID, Node: id.Node}
+func subject(id Identity) audit.Subject {
+	return audit.Subject{Namespace: id.Namespace, ServiceAccount: id.ServiceAccount, Pod: id.PodName, PodUID: id.PodUID, Node: id.Node}
 }
 
-func object(refs []SecretRef, resolved []Resolved) Object {
+func object(refs []SecretRef, resolved []Resolved) audit.Object {
 	var names, keys []string
 	for _, r := range refs {
 		names = append(names, r.Ref)
 		keys = append(keys, r.Key)
 	}
-	o := Object{Ref: strings.Join(names, ","), Key: strings.Join(keys, ",")}
+	o := audit.Object{Ref: strings.Join(names, ","), Key: strings.Join(keys, ",")}
 	if len(refs) == 1 {
 		o.Version = refs[0].Version
 	}
@@ -277,41 +294,15 @@ func object(refs []SecretRef, resolved []Resolved) Object {
 	return o
 }
 
-func dedupe(ss []string) []string {
+// reasons says why the refs were allowed: each grant once.
+func reasons(resolved []Resolved) string {
 	seen := map[string]bool{}
 	var out []string
-	for _, s := range ss {
-		if !seen[s] {
-			seen[s] = true
-			out = append(out, s)
+	for _, r := range resolved {
+		if !seen[r.Reason] {
+			seen[r.Reason] = true
+			out = append(out, r.Reason)
 		}
 	}
-	return out
-}
-
-// CodeName is the gRPC code name an adapter will return for err, for audit records. The domain
-// does not import gRPC; the adapters' toStatus functions use the same mapping.
-func CodeName(err error) string {
-	switch {
-	case err == nil:
-		return "OK"
-	case errors.Is(err, ErrUnauthenticated):
-		return "Unauthenticated"
-	case errors.Is(err, ErrDenied):
-		return "PermissionDenied"
-	case errors.Is(err, ErrInvalid):
-		return "InvalidArgument"
-	case errors.Is(err, ErrNotFound):
-		return "NotFound"
-	case errors.Is(err, ErrTooLarge):
-		return "ResourceExhausted"
-	case errors.Is(err, ErrUnavailable):
-		return "Unavailable"
-	case errors.Is(err, context.DeadlineExceeded):
-		return "DeadlineExceeded"
-	case errors.Is(err, context.Canceled):
-		return "Canceled"
-	default:
-		return "Internal"
-	}
+	return strings.Join(out, "; ")
 }

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/audit"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // Fakes force the faults the real parts cannot produce on demand; the real parts are tested in
@@ -26,7 +28,7 @@ type fakeAuthz struct{ deny map[string]bool }
 
 func (f fakeAuthz) Authorize(_ context.Context, _ broker.Identity, ref broker.SecretRef) (broker.Resolved, error) {
 	if f.deny[ref.Ref] {
-		return broker.Resolved{}, fmt.Errorf("no grant: %w", broker.ErrDenied)
+		return broker.Resolved{}, fmt.Errorf("no grant: %w", fault.ErrDenied)
 	}
 	return broker.Resolved{SecretRef: ref, Environment: "prod", Mount: "kv", Path: "prod/" + ref.Ref, Reason: "grant 0"}, nil
 }
@@ -56,11 +58,11 @@ func (f *fakeSource) Fetch(_ context.Context, _ broker.Identity, _ broker.Token,
 }
 
 type fakeAudit struct {
-	evs []broker.Event
+	evs []audit.Event
 	err error
 }
 
-func (f *fakeAudit) Record(_ context.Context, ev broker.Event) error {
+func (f *fakeAudit) Record(_ context.Context, ev audit.Event) error {
 	f.evs = append(f.evs, ev)
 	return f.err
 }
@@ -77,7 +79,7 @@ func newSvc(t *testing.T, authn fakeAuthn, authz fakeAuthz, src *fakeSource, aud
 }
 
 func req(refs ...string) broker.Request {
-	r := broker.Request{RequestID: "r1", Event: broker.EventMount, Token: "tok-CANARY", Claimed: pod}
+	r := broker.Request{RequestID: "r1", Event: audit.EventMount, Token: "tok-CANARY", Claimed: pod}
 	for _, ref := range refs {
 		r.Refs = append(r.Refs, broker.SecretRef{Ref: ref, Key: "password"})
 	}
@@ -92,17 +94,17 @@ func TestServiceDecisionsAndOneAuditRecordEach(t *testing.T) {
 		srcErr    error
 		req       broker.Request
 		want      error
-		event     broker.EventType
-		decision  broker.Decision
+		event     audit.EventType
+		decision  audit.Decision
 		wantFetch bool
 	}{
-		{"allowed", fakeAuthn{id: pod}, nil, nil, req("payments/db", "payments/api"), nil, broker.EventMount, broker.Allow, true},
-		{"unauthenticated", fakeAuthn{err: broker.ErrUnauthenticated}, nil, nil, req("payments/db"), broker.ErrUnauthenticated, broker.EventAuthenticate, broker.Deny, false},
-		{"one ref denied denies all", fakeAuthn{id: pod}, map[string]bool{"payments/api": true}, nil, req("payments/db", "payments/api"), broker.ErrDenied, broker.EventAuthorize, broker.Deny, false},
-		{"claim mismatch", fakeAuthn{id: broker.Identity{Namespace: "payments", ServiceAccount: "api", PodName: "api-1", PodUID: "uid-2"}}, nil, nil, req("payments/db"), broker.ErrDenied, broker.EventAuthenticate, broker.Deny, false},
-		{"no refs", fakeAuthn{id: pod}, nil, nil, req(), broker.ErrInvalid, broker.EventAuthorize, broker.Deny, false},
-		{"no token", fakeAuthn{id: pod}, nil, nil, broker.Request{Refs: []broker.SecretRef{{Ref: "a"}}}, broker.ErrUnauthenticated, broker.EventAuthenticate, broker.Deny, false},
-		{"vault down", fakeAuthn{id: pod}, nil, fmt.Errorf("dial: %w", broker.ErrUnavailable), req("payments/db"), broker.ErrUnavailable, broker.EventMount, broker.Error, true},
+		{"allowed", fakeAuthn{id: pod}, nil, nil, req("payments/db", "payments/api"), nil, audit.EventMount, audit.Allowed, true},
+		{"unauthenticated", fakeAuthn{err: fault.ErrUnauthenticated}, nil, nil, req("payments/db"), fault.ErrUnauthenticated, audit.EventAuthenticate, audit.Denied, false},
+		{"one ref denied denies all", fakeAuthn{id: pod}, map[string]bool{"payments/api": true}, nil, req("payments/db", "payments/api"), fault.ErrDenied, audit.EventAuthorize, audit.Denied, false},
+		{"claim mismatch", fakeAuthn{id: broker.Identity{Namespace: "payments", ServiceAccount: "api", PodName: "api-1", PodUID: "uid-2"}}, nil, nil, req("payments/db"), fault.ErrDenied, audit.EventAuthenticate, audit.Denied, false},
+		{"no refs", fakeAuthn{id: pod}, nil, nil, req(), fault.ErrInvalid, audit.EventAuthorize, audit.Denied, false},
+		{"no token", fakeAuthn{id: pod}, nil, nil, broker.Request{Refs: []broker.SecretRef{{Ref: "a"}}}, fault.ErrUnauthenticated, audit.EventAuthenticate, audit.Denied, false},
+		{"vault down", fakeAuthn{id: pod}, nil, fmt.Errorf("dial: %w", fault.ErrUnavailable), req("payments/db"), fault.ErrUnavailable, audit.EventMount, audit.Failed, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			src, aud := &fakeSource{err: tc.srcErr}, &fakeAudit{}
@@ -120,7 +122,7 @@ func TestServiceDecisionsAndOneAuditRecordEach(t *testing.T) {
 				t.Fatalf("%d audit records, want exactly 1", len(aud.evs))
 			}
 			ev := aud.evs[0]
-			if ev.Type != tc.event || ev.Decision != tc.decision || ev.Code != broker.CodeName(err) || ev.Reason == "" {
+			if ev.Type != tc.event || ev.Decision != tc.decision || ev.Code != fault.ClassOf(err).String() || ev.Reason == "" {
 				t.Fatalf("audit %+v", ev)
 			}
 			if strings.Contains(fmt.Sprintf("%+v", ev), "CANARY") || (err != nil && strings.Contains(err.Error(), "CANARY")) {
@@ -131,9 +133,9 @@ func TestServiceDecisionsAndOneAuditRecordEach(t *testing.T) {
 }
 
 func TestAuditFailureFailsClosed(t *testing.T) {
-	src, aud := &fakeSource{}, &fakeAudit{err: fmt.Errorf("disk: %w", broker.ErrUnavailable)}
+	src, aud := &fakeSource{}, &fakeAudit{err: fmt.Errorf("disk: %w", fault.ErrUnavailable)}
 	secs, err := newSvc(t, fakeAuthn{id: pod}, fakeAuthz{}, src, aud).Fetch(context.Background(), req("payments/db"))
-	if !errors.Is(err, broker.ErrUnavailable) || secs != nil {
+	if !errors.Is(err, fault.ErrUnavailable) || secs != nil {
 		t.Fatalf("got %v, %v; want no secrets and ErrUnavailable", secs, err)
 	}
 }
@@ -209,13 +211,13 @@ func TestOnlyCertainRefusalsWithdrawAccess(t *testing.T) {
 		podCalls  int
 	}{
 		{"policy denies", fakeAuthn{id: pod}, map[string]bool{"payments/db": true}, nil, &fakePods{}, published(req("payments/db")), true, 0},
-		{"token rejected, pod gone", fakeAuthn{err: broker.ErrUnauthenticated}, nil, nil, &fakePods{gone: true}, published(req("payments/db")), true, 1},
-		{"token rejected, pod exists", fakeAuthn{err: broker.ErrUnauthenticated}, nil, nil, &fakePods{}, published(req("payments/db")), false, 1},
-		{"token rejected, pod lookup fails", fakeAuthn{err: broker.ErrUnauthenticated}, nil, nil, &fakePods{gone: true, err: errors.New("etcd blip")}, published(req("payments/db")), false, 1},
-		{"token rejected, first publish", fakeAuthn{err: broker.ErrUnauthenticated}, nil, nil, &fakePods{gone: true}, req("payments/db"), false, 0},
-		{"token review down", fakeAuthn{err: fmt.Errorf("token review: %w", broker.ErrUnavailable)}, nil, nil, &fakePods{gone: true}, published(req("payments/db")), false, 0},
-		{"vault denies", fakeAuthn{id: pod}, nil, fmt.Errorf("vault read: 403: %w", broker.ErrDenied), &fakePods{}, published(req("payments/db")), false, 0},
-		{"vault down", fakeAuthn{id: pod}, nil, fmt.Errorf("vault read: 503: %w", broker.ErrUnavailable), &fakePods{}, published(req("payments/db")), false, 0},
+		{"token rejected, pod gone", fakeAuthn{err: fault.ErrUnauthenticated}, nil, nil, &fakePods{gone: true}, published(req("payments/db")), true, 1},
+		{"token rejected, pod exists", fakeAuthn{err: fault.ErrUnauthenticated}, nil, nil, &fakePods{}, published(req("payments/db")), false, 1},
+		{"token rejected, pod lookup fails", fakeAuthn{err: fault.ErrUnauthenticated}, nil, nil, &fakePods{gone: true, err: errors.New("etcd blip")}, published(req("payments/db")), false, 1},
+		{"token rejected, first publish", fakeAuthn{err: fault.ErrUnauthenticated}, nil, nil, &fakePods{gone: true}, req("payments/db"), false, 0},
+		{"token review down", fakeAuthn{err: fmt.Errorf("token review: %w", fault.ErrUnavailable)}, nil, nil, &fakePods{gone: true}, published(req("payments/db")), false, 0},
+		{"vault denies", fakeAuthn{id: pod}, nil, fmt.Errorf("vault read: 403: %w", fault.ErrDenied), &fakePods{}, published(req("payments/db")), false, 0},
+		{"vault down", fakeAuthn{id: pod}, nil, fmt.Errorf("vault read: 503: %w", fault.ErrUnavailable), &fakePods{}, published(req("payments/db")), false, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, err := broker.NewService(broker.Options{Authenticator: tc.authn, Authorizer: fakeAuthz{deny: tc.deny}, Source: &fakeSource{err: tc.srcErr},
@@ -224,8 +226,8 @@ func TestOnlyCertainRefusalsWithdrawAccess(t *testing.T) {
 				t.Fatal(err)
 			}
 			_, err = s.Fetch(context.Background(), tc.req)
-			if err == nil || errors.Is(err, broker.ErrWithdrawn) != tc.withdrawn {
-				t.Fatalf("err = %v, withdrawn %v, want withdrawn %v", err, errors.Is(err, broker.ErrWithdrawn), tc.withdrawn)
+			if err == nil || errors.Is(err, fault.ErrWithdrawn) != tc.withdrawn {
+				t.Fatalf("err = %v, withdrawn %v, want withdrawn %v", err, errors.Is(err, fault.ErrWithdrawn), tc.withdrawn)
 			}
 			if tc.pods.calls != tc.podCalls {
 				t.Fatalf("pod lookups %d, want %d", tc.pods.calls, tc.podCalls)
@@ -239,7 +241,7 @@ func TestTokenOfAnotherNodeIsRefused(t *testing.T) {
 	for _, tc := range []struct {
 		tokenNode string
 		want      error
-	}{{"n1", nil}, {"n2", broker.ErrDenied}, {"", broker.ErrDenied}} {
+	}{{"n1", nil}, {"n2", fault.ErrDenied}, {"", fault.ErrDenied}} {
 		id := pod
 		id.Node = tc.tokenNode
 		src, aud := &fakeSource{}, &fakeAudit{}
@@ -249,10 +251,10 @@ func TestTokenOfAnotherNodeIsRefused(t *testing.T) {
 			t.Fatal(err)
 		}
 		_, err = s.Fetch(context.Background(), req("payments/db"))
-		if !errors.Is(err, tc.want) || (tc.want != nil && (src.calls != 0 || broker.CodeName(err) != "PermissionDenied")) {
+		if !errors.Is(err, tc.want) || (tc.want != nil && (src.calls != 0 || fault.ClassOf(err).String() != "PermissionDenied")) {
 			t.Fatalf("token of node %q: %v (source called %d times)", tc.tokenNode, err, src.calls)
 		}
-		if tc.want != nil && (len(aud.evs) != 1 || aud.evs[0].Decision != broker.Deny || !strings.Contains(aud.evs[0].Reason, "node")) {
+		if tc.want != nil && (len(aud.evs) != 1 || aud.evs[0].Decision != audit.Denied || !strings.Contains(aud.evs[0].Reason, "node")) {
 			t.Fatalf("token of node %q: audit %+v", tc.tokenNode, aud.evs)
 		}
 	}
@@ -266,13 +268,13 @@ func TestValuesLargerThanTheVolumeAreRefused(t *testing.T) {
 	r := req("payments/db", "payments/api")
 	r.MaxBytes = 1000
 	secs, err := s.Fetch(context.Background(), r)
-	if !errors.Is(err, broker.ErrTooLarge) || secs != nil || broker.CodeName(err) != "ResourceExhausted" {
+	if !errors.Is(err, fault.ErrTooLarge) || secs != nil || fault.ClassOf(err).String() != "ResourceExhausted" {
 		t.Fatalf("got %d secrets, %v", len(secs), err)
 	}
 	if src.maxBytes != 1000 {
 		t.Fatalf("the source was given a bound of %d", src.maxBytes)
 	}
-	if len(aud.evs) != 1 || aud.evs[0].Decision != broker.Deny || aud.evs[0].Code != "ResourceExhausted" {
+	if len(aud.evs) != 1 || aud.evs[0].Decision != audit.Denied || aud.evs[0].Code != "ResourceExhausted" {
 		t.Fatalf("audit %+v", aud.evs)
 	}
 	r.MaxBytes = 1200
@@ -300,7 +302,7 @@ func TestRefusalsAreAuditedAndRateLimitedPerPod(t *testing.T) {
 	ctx := context.Background()
 	other := broker.Identity{Namespace: "payments", PodName: "api-9", PodUID: "uid-9"}
 	refuse := func(claimed broker.Identity) {
-		s.Refuse(ctx, broker.Request{RequestID: "x", Event: broker.EventMount, Claimed: claimed}, fmt.Errorf("writable volume: %w", broker.ErrInvalid))
+		s.Refuse(ctx, broker.Request{RequestID: "x", Event: audit.EventMount, Claimed: claimed}, fmt.Errorf("writable volume: %w", fault.ErrInvalid))
 	}
 	for range 5 {
 		refuse(pod)
@@ -309,15 +311,15 @@ func TestRefusalsAreAuditedAndRateLimitedPerPod(t *testing.T) {
 		t.Fatalf("%d records for 5 refusals with a burst of 2", len(aud.evs))
 	}
 	ev := aud.evs[0]
-	if ev.Decision != broker.Deny || ev.Code != "InvalidArgument" || ev.Subject.PodUID != pod.PodUID || ev.Subject.Pod != pod.PodName ||
-		!strings.Contains(ev.Reason, "writable volume") || ev.Type != broker.EventMount {
+	if ev.Decision != audit.Denied || ev.Code != "InvalidArgument" || ev.Subject.PodUID != pod.PodUID || ev.Subject.Pod != pod.PodName ||
+		!strings.Contains(ev.Reason, "writable volume") || ev.Type != audit.EventMount {
 		t.Fatalf("refusal record %+v", ev)
 	}
 	refuse(other)
 	if len(aud.evs) != 3 || aud.evs[2].Subject.PodUID != "uid-9" {
 		t.Fatal("another pod's refusal was suppressed by the first pod's flood")
 	}
-	if _, err := s.Fetch(ctx, req("payments/db")); err != nil || len(aud.evs) != 4 || aud.evs[3].Decision != broker.Allow {
+	if _, err := s.Fetch(ctx, req("payments/db")); err != nil || len(aud.evs) != 4 || aud.evs[3].Decision != audit.Allowed {
 		t.Fatalf("an allowed request was not recorded: %v, %d records", err, len(aud.evs))
 	}
 	// A flood of one kind does not hide another: the pod's denied requests have their own bucket.
@@ -346,7 +348,7 @@ func TestRefusalsAreAuditedAndRateLimitedPerPod(t *testing.T) {
 func TestRefusalReasonIsBounded(t *testing.T) {
 	aud := &fakeAudit{}
 	s := newSvc(t, fakeAuthn{id: pod}, fakeAuthz{}, &fakeSource{}, aud)
-	s.Refuse(context.Background(), broker.Request{Claimed: pod}, fmt.Errorf("%s: %w", strings.Repeat("x", 100_000), broker.ErrInvalid))
+	s.Refuse(context.Background(), broker.Request{Claimed: pod}, fmt.Errorf("%s: %w", strings.Repeat("x", 100_000), fault.ErrInvalid))
 	if len(aud.evs) != 1 || len(aud.evs[0].Reason) > 1100 {
 		t.Fatalf("reason of %d bytes", len(aud.evs[0].Reason))
 	}

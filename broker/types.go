@@ -3,6 +3,10 @@ package broker
 import (
 	"context"
 	"fmt"
+	"regexp"
+	"strings"
+
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // Identity is who a request comes from: a pod, proven by its service-account token.
@@ -40,6 +44,67 @@ type SecretRef struct {
 	Version int
 }
 
+// Limits on refs and keys.
+const (
+	MaxRefLen   = 256
+	MaxSegments = 16
+	MaxKeyLen   = 128
+)
+
+var (
+	segmentRE = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
+	keyRE     = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,128}$`)
+)
+
+// Validate checks a ref before anything matches or reads it: the ref (ValidateRef), the key
+// (ValidateKey) and the version (not negative). Errors wrap fault.ErrInvalid.
+func (r SecretRef) Validate() error {
+	if err := ValidateRef(r.Ref); err != nil {
+		return err
+	}
+	if err := ValidateKey(r.Key); err != nil {
+		return err
+	}
+	if r.Version < 0 {
+		return fmt.Errorf("version %d: %w", r.Version, fault.ErrInvalid)
+	}
+	return nil
+}
+
+// ValidateRef checks a ref (or a path a policy names): relative, no empty, "." or ".." segments, a
+// restricted character set and bounded length.
+func ValidateRef(ref string) error {
+	if ref == "" || len(ref) > MaxRefLen {
+		return fmt.Errorf("ref of %d bytes (want 1..%d): %w", len(ref), MaxRefLen, fault.ErrInvalid)
+	}
+	if strings.HasPrefix(ref, "/") {
+		return fmt.Errorf("ref %q is absolute: %w", ref, fault.ErrInvalid)
+	}
+	segs := strings.Split(ref, "/")
+	if len(segs) > MaxSegments {
+		return fmt.Errorf("ref has %d segments (max %d): %w", len(segs), MaxSegments, fault.ErrInvalid)
+	}
+	for _, s := range segs {
+		switch {
+		case s == "":
+			return fmt.Errorf("ref %q has an empty segment: %w", ref, fault.ErrInvalid)
+		case s == "." || s == "..":
+			return fmt.Errorf("ref %q has a %q segment: %w", ref, s, fault.ErrInvalid)
+		case !segmentRE.MatchString(s):
+			return fmt.Errorf("ref %q has characters outside [A-Za-z0-9_.-]: %w", ref, fault.ErrInvalid)
+		}
+	}
+	return nil
+}
+
+// ValidateKey checks a key inside a secret.
+func ValidateKey(key string) error {
+	if !keyRE.MatchString(key) {
+		return fmt.Errorf("key %q: want 1..%d of [A-Za-z0-9_.-]: %w", key, MaxKeyLen, fault.ErrInvalid)
+	}
+	return nil
+}
+
 func (r SecretRef) String() string {
 	s := r.Ref + "#" + r.Key
 	if r.Version > 0 {
@@ -55,6 +120,9 @@ type Resolved struct {
 	// Mount is the KV v2 mount, Path the secret's path under it (environment prefix + Ref).
 	Mount string
 	Path  string
+	// Role is the Vault role pods of the environment log in with (pod mode), as the policy that
+	// allowed the ref says: the source never reads the policy again.
+	Role string
 	// Reason says why it was allowed (which grant).
 	Reason string
 }
@@ -81,13 +149,13 @@ type Authenticator interface {
 }
 
 // Authorizer decides whether id may read ref and where ref lives. Deny by default: an error wrapping
-// ErrDenied (with the reason) or ErrInvalid (a malformed ref).
+// fault.ErrDenied (with the reason) or fault.ErrInvalid (a malformed ref).
 type Authorizer interface {
 	Authorize(ctx context.Context, id Identity, ref SecretRef) (Resolved, error)
 }
 
 // SecretSource fetches allowed secrets. token is the pod's own token, for sources that act as the pod.
-// maxBytes bounds the values returned, together: a source refuses (ErrTooLarge) before it holds much
+// maxBytes bounds the values returned, together: a source refuses (fault.ErrTooLarge) before it holds much
 // more than that, so a tenant who can write a huge value into its own Vault path cannot exhaust the
 // broker's memory.
 type SecretSource interface {

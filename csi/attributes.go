@@ -3,6 +3,7 @@ package csi
 import (
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -12,8 +13,8 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/keyward/keyward/broker"
-	"github.com/keyward/keyward/broker/policy"
 	"github.com/keyward/keyward/csi/tmpfs"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // Volume attributes kubelet passes (podInfoOnMount, tokenRequests) and the ones users write.
@@ -46,16 +47,25 @@ type Entry struct {
 	Version int    `json:"version,omitempty"`
 }
 
+// FileSpec is one file of a volume, parsed and validated: which secret goes into which file, with
+// which mode.
+type FileSpec struct {
+	Ref  broker.SecretRef
+	Name string
+	// Mode is the file's mode; Default says the user gave none (then the pod's fsGroup may read it).
+	Mode    os.FileMode
+	Default bool
+}
+
 // Volume is a parsed, validated publish request.
 type Volume struct {
-	Entries   []Entry
-	Modes     []os.FileMode
+	Files     []FileSpec
 	Claimed   broker.Identity
 	Token     broker.Token
 	SizeLimit int64
 }
 
-// ParseVolume validates volume attributes strictly. Errors wrap broker.ErrInvalid (or
+// ParseVolume validates volume attributes strictly. Errors wrap fault.ErrInvalid (or
 // ErrUnauthenticated for a missing token) and name the entry at fault; they never hold the token.
 func ParseVolume(attrs map[string]string, audience string) (Volume, error) {
 	v := Volume{SizeLimit: DefaultSizeLimit}
@@ -63,45 +73,45 @@ func ParseVolume(attrs map[string]string, audience string) (Volume, error) {
 		switch k {
 		case AttrSecrets, AttrSizeLimit, AttrTokens, AttrPodName, AttrPodNamespace, AttrPodUID, AttrSAName, AttrEphemeral:
 		default:
-			return Volume{}, fmt.Errorf("unknown volume attribute %.64q: %w", k, broker.ErrInvalid)
+			return Volume{}, fmt.Errorf("unknown volume attribute %.64q: %w", k, fault.ErrInvalid)
 		}
 		if len(val) > MaxAttributeBytes {
-			return Volume{}, fmt.Errorf("volume attribute %q is %d bytes (max %d): %w", k, len(val), MaxAttributeBytes, broker.ErrInvalid)
+			return Volume{}, fmt.Errorf("volume attribute %q is %d bytes (max %d): %w", k, len(val), MaxAttributeBytes, fault.ErrInvalid)
 		}
 	}
 	if s, ok := attrs[AttrSizeLimit]; ok {
 		n, err := strconv.ParseInt(s, 10, 64)
 		if err != nil || n < 4096 || n > MaxSizeLimit {
-			return Volume{}, fmt.Errorf("sizeLimit %q: want bytes between 4096 and %d: %w", s, MaxSizeLimit, broker.ErrInvalid)
+			return Volume{}, fmt.Errorf("sizeLimit %q: want bytes between 4096 and %d: %w", s, MaxSizeLimit, fault.ErrInvalid)
 		}
 		v.SizeLimit = n
 	}
 	raw, ok := attrs[AttrSecrets]
 	if !ok || strings.TrimSpace(raw) == "" {
-		return Volume{}, fmt.Errorf("volume attribute %q is required: %w", AttrSecrets, broker.ErrInvalid)
+		return Volume{}, fmt.Errorf("volume attribute %q is required: %w", AttrSecrets, fault.ErrInvalid)
 	}
-	entries, modes, err := parseSecrets(raw)
+	files, err := parseSecrets(raw)
 	if err != nil {
 		return Volume{}, err
 	}
-	v.Entries, v.Modes = entries, modes
+	v.Files = files
 	v.Claimed = broker.Identity{Namespace: attrs[AttrPodNamespace], PodName: attrs[AttrPodName], PodUID: attrs[AttrPodUID], ServiceAccount: attrs[AttrSAName]}
 	if v.Claimed.Namespace == "" || v.Claimed.PodName == "" || v.Claimed.PodUID == "" {
-		return Volume{}, fmt.Errorf("pod information missing (the CSIDriver needs podInfoOnMount: true): %w", broker.ErrInvalid)
+		return Volume{}, fmt.Errorf("pod information missing (the CSIDriver needs podInfoOnMount: true): %w", fault.ErrInvalid)
 	}
 	tokens, ok := attrs[AttrTokens]
 	if !ok || tokens == "" {
-		return Volume{}, fmt.Errorf("no service-account token (the CSIDriver needs tokenRequests with audience %q): %w", audience, broker.ErrUnauthenticated)
+		return Volume{}, fmt.Errorf("no service-account token (the CSIDriver needs tokenRequests with audience %q): %w", audience, fault.ErrUnauthenticated)
 	}
 	var byAudience map[string]struct {
 		Token string `json:"token"`
 	}
 	if err := json.Unmarshal([]byte(tokens), &byAudience); err != nil {
-		return Volume{}, fmt.Errorf("attribute %s is not the JSON kubelet writes: %w", AttrTokens, broker.ErrInvalid)
+		return Volume{}, fmt.Errorf("attribute %s is not the JSON kubelet writes: %w", AttrTokens, fault.ErrInvalid)
 	}
 	t, ok := byAudience[audience]
 	if !ok || t.Token == "" {
-		return Volume{}, fmt.Errorf("no token for audience %q (the CSIDriver's tokenRequests must name it): %w", audience, broker.ErrUnauthenticated)
+		return Volume{}, fmt.Errorf("no token for audience %q (the CSIDriver's tokenRequests must name it): %w", audience, fault.ErrUnauthenticated)
 	}
 	v.Token = broker.Token(t.Token)
 	return v, nil
@@ -112,95 +122,105 @@ func ParseVolume(attrs map[string]string, audience string) (Volume, error) {
 // Keyed by the text's SHA-256, so padded attributes cost no memory here. Bounded: cleared when full.
 var parsedSecrets = struct {
 	sync.Mutex
-	m map[[32]byte]parsed
-}{m: map[[32]byte]parsed{}}
+	m map[[32]byte][]FileSpec
+}{m: map[[32]byte][]FileSpec{}}
 
 const maxParsedSecrets = 256
 
-type parsed struct {
-	entries []Entry
-	modes   []os.FileMode
-}
-
-// parseSecrets parses and validates the "secrets" attribute. The slices returned are shared: callers
-// must not modify them.
-func parseSecrets(raw string) ([]Entry, []os.FileMode, error) {
+// parseSecrets parses and validates the "secrets" attribute. The slice returned is shared: callers
+// must not modify it.
+func parseSecrets(raw string) ([]FileSpec, error) {
 	key := sha256.Sum256([]byte(raw))
 	parsedSecrets.Lock()
-	p, ok := parsedSecrets.m[key]
+	files, ok := parsedSecrets.m[key]
 	parsedSecrets.Unlock()
 	if ok {
-		return p.entries, p.modes, nil
+		return files, nil
 	}
-	entries, modes, err := parseSecretsUncached(raw)
+	files, err := parseSecretsUncached(raw)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	parsedSecrets.Lock()
 	if len(parsedSecrets.m) >= maxParsedSecrets {
 		clear(parsedSecrets.m)
 	}
-	parsedSecrets.m[key] = parsed{entries, modes}
+	parsedSecrets.m[key] = files
 	parsedSecrets.Unlock()
-	return entries, modes, nil
+	return files, nil
 }
 
-func parseSecretsUncached(raw string) ([]Entry, []os.FileMode, error) {
+func parseSecretsUncached(raw string) ([]FileSpec, error) {
 	var entries []Entry
 	if err := yaml.UnmarshalStrict([]byte(raw), &entries); err != nil {
-		return nil, nil, fmt.Errorf("volume attribute %q: %v: %w", AttrSecrets, err, broker.ErrInvalid)
+		return nil, fmt.Errorf("volume attribute %q: %v: %w", AttrSecrets, err, fault.ErrInvalid)
 	}
 	if len(entries) == 0 || len(entries) > MaxEntries {
-		return nil, nil, fmt.Errorf("%d secrets (want 1..%d): %w", len(entries), MaxEntries, broker.ErrInvalid)
+		return nil, fmt.Errorf("%d secrets (want 1..%d): %w", len(entries), MaxEntries, fault.ErrInvalid)
 	}
-	files := map[string]bool{}
-	modes := make([]os.FileMode, 0, len(entries))
+	names := map[string]bool{}
+	files := make([]FileSpec, 0, len(entries))
 	for i, e := range entries {
-		bad := func(format string, args ...any) error {
-			return fmt.Errorf("secrets[%d] (file %q): %s: %w", i, e.File, fmt.Sprintf(format, args...), broker.ErrInvalid)
+		f, err := e.spec()
+		if err == nil && names[e.File] {
+			err = errors.New("file name used twice")
 		}
-		if err := policy.ValidateRef(e.Ref); err != nil {
-			return nil, nil, bad("ref %q is not valid", e.Ref)
+		if err != nil {
+			return nil, fmt.Errorf("secrets[%d] (file %q): %v: %w", i, e.File, err, fault.ErrInvalid)
 		}
-		if err := policy.ValidateKey(e.Key); err != nil {
-			return nil, nil, bad("key %q is not valid", e.Key)
-		}
-		if !tmpfs.ValidName(e.File) {
-			return nil, nil, bad("file name must be non-empty, without '/', and not start with '..'")
-		}
-		if files[e.File] {
-			return nil, nil, bad("file name used twice")
-		}
-		files[e.File] = true
-		if e.Version < 0 {
-			return nil, nil, bad("version %d", e.Version)
-		}
-		mode := os.FileMode(0o400)
-		if e.Mode != "" {
-			m, err := strconv.ParseUint(e.Mode, 8, 32)
-			if err != nil || m&^0o444 != 0 {
-				return nil, nil, bad("mode %q: files are read-only, want read bits only: \"0400\", \"0440\" or \"0444\"", e.Mode)
-			}
-			mode = os.FileMode(m)
-		}
-		modes = append(modes, mode)
+		names[e.File] = true
+		files = append(files, f)
 	}
-	return entries, modes, nil
+	return files, nil
+}
+
+// spec validates one entry (the ref with the domain's own rules) and turns it into a FileSpec.
+func (e Entry) spec() (FileSpec, error) {
+	ref := broker.SecretRef{Ref: e.Ref, Key: e.Key, Version: e.Version}
+	if err := ref.Validate(); err != nil {
+		return FileSpec{}, fmt.Errorf("ref %q, key %q, version %d is not valid", e.Ref, e.Key, e.Version)
+	}
+	if !tmpfs.ValidName(e.File) {
+		return FileSpec{}, errors.New("file name must be non-empty, without '/', and not start with '..'")
+	}
+	f := FileSpec{Ref: ref, Name: e.File, Mode: 0o400, Default: e.Mode == ""}
+	if e.Mode != "" {
+		m, err := strconv.ParseUint(e.Mode, 8, 32)
+		if err != nil || m&^0o444 != 0 {
+			return FileSpec{}, fmt.Errorf("mode %q: files are read-only, want read bits only: \"0400\", \"0440\" or \"0444\"", e.Mode)
+		}
+		f.Mode = os.FileMode(m)
+	}
+	return f, nil
+}
+
+// files zips the volume's file specs with the secrets fetched for them (one per ref, in order): the
+// pod's fsGroup (gid >= 0) also reads the files whose mode the user did not set.
+func (v Volume) files(secrets []broker.Secret, gid int) []tmpfs.File {
+	out := make([]tmpfs.File, len(v.Files))
+	for i, f := range v.Files {
+		mode := f.Mode
+		if gid >= 0 && f.Default {
+			mode |= 0o040
+		}
+		out[i] = tmpfs.File{Name: f.Name, Mode: mode, Data: secrets[i].Value}
+	}
+	return out
 }
 
 // Weight is what a publish of the volume counts against the publish bound (Options.MaxPublishBytes):
 // the most bytes of Vault's answers its fetch may hold (broker.AnswerBudget). The fetch holds at most
 // about twice that at its peak.
-func (v Volume) Weight() int64 { return broker.AnswerBudget(v.SizeLimit, len(v.Entries)) }
+func (v Volume) Weight() int64 { return broker.AnswerBudget(v.SizeLimit, len(v.Files)) }
 
 // MaxWeight is the weight of the largest volume: the publish bound must hold at least one.
 var MaxWeight = broker.AnswerBudget(MaxSizeLimit, MaxEntries)
 
-// Refs returns the refs of the volume's entries, in order.
+// Refs returns the refs of the volume's files, in order.
 func (v Volume) Refs() []broker.SecretRef {
-	refs := make([]broker.SecretRef, len(v.Entries))
-	for i, e := range v.Entries {
-		refs[i] = broker.SecretRef{Ref: e.Ref, Key: e.Key, Version: e.Version}
+	refs := make([]broker.SecretRef, len(v.Files))
+	for i, f := range v.Files {
+		refs[i] = f.Ref
 	}
 	return refs
 }

@@ -9,7 +9,7 @@ import (
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 const canaryToken = "eyJCANARY.token.value"
@@ -30,7 +30,8 @@ func TestParseVolume(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(v.Entries) != 2 || v.Modes[0] != 0o440 || v.Modes[1] != 0o400 || v.Token.Reveal() != canaryToken ||
+	if len(v.Files) != 2 || v.Files[0].Mode != 0o440 || v.Files[0].Default || v.Files[1].Mode != 0o400 || !v.Files[1].Default ||
+		v.Files[0].Name != "db" || v.Token.Reveal() != canaryToken ||
 		v.Claimed.PodUID != "uid-1" || v.Refs()[0].Version != 3 || v.SizeLimit != DefaultSizeLimit {
 		t.Fatalf("parsed %+v", v)
 	}
@@ -39,25 +40,25 @@ func TestParseVolume(t *testing.T) {
 		want error
 		msg  string
 	}{
-		"unknown attribute":  {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m["owner"] = "x" }), broker.ErrInvalid, `"owner"`},
-		"no secrets":         {attrs(""), broker.ErrInvalid, "required"},
-		"not a list":         {attrs("ref: a"), broker.ErrInvalid, "secrets"},
-		"unknown entry key":  {attrs("- {ref: a/b, key: k, file: f, path: /etc}"), broker.ErrInvalid, "unknown field"},
-		"slash in file":      {attrs("- {ref: a/b, key: k, file: x/y}"), broker.ErrInvalid, "secrets[0]"},
-		"dotdot file":        {attrs("- {ref: a/b, key: k, file: ..data}"), broker.ErrInvalid, "secrets[0]"},
-		"second entry bad":   {attrs("- {ref: a/b, key: k, file: f}\n- {ref: ../b, key: k, file: g}"), broker.ErrInvalid, `secrets[1] (file "g")`},
-		"duplicate file":     {attrs("- {ref: a/b, key: k, file: f}\n- {ref: a/c, key: k, file: f}"), broker.ErrInvalid, "used twice"},
-		"exec mode":          {attrs("- {ref: a/b, key: k, file: f, mode: \"0755\"}"), broker.ErrInvalid, "read-only"},
-		"writable mode":      {attrs("- {ref: a/b, key: k, file: f, mode: \"0600\"}"), broker.ErrInvalid, "read-only"},
-		"group writable":     {attrs("- {ref: a/b, key: k, file: f, mode: \"0460\"}"), broker.ErrInvalid, "read-only"},
-		"world writable":     {attrs("- {ref: a/b, key: k, file: f, mode: \"0446\"}"), broker.ErrInvalid, "read-only"},
-		"bad key":            {attrs("- {ref: a/b, key: \"k/1\", file: f}"), broker.ErrInvalid, "key"},
-		"no pod info":        {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { delete(m, AttrPodUID) }), broker.ErrInvalid, "podInfoOnMount"},
-		"no token":           {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { delete(m, AttrTokens) }), broker.ErrUnauthenticated, "tokenRequests"},
-		"other audience":     {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrTokens] = `{"vault":{"token":"` + canaryToken + `"}}` }), broker.ErrUnauthenticated, "audience"},
-		"garbled tokens":     {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrTokens] = canaryToken }), broker.ErrInvalid, "JSON"},
-		"oversized secrets":  {attrs("- {ref: a/b, key: k, file: f}\n#" + strings.Repeat("x", MaxAttributeBytes)), broker.ErrInvalid, "max 65536"},
-		"size limit too big": {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrSizeLimit] = "999999999" }), broker.ErrInvalid, "sizeLimit"},
+		"unknown attribute":  {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m["owner"] = "x" }), fault.ErrInvalid, `"owner"`},
+		"no secrets":         {attrs(""), fault.ErrInvalid, "required"},
+		"not a list":         {attrs("ref: a"), fault.ErrInvalid, "secrets"},
+		"unknown entry key":  {attrs("- {ref: a/b, key: k, file: f, path: /etc}"), fault.ErrInvalid, "unknown field"},
+		"slash in file":      {attrs("- {ref: a/b, key: k, file: x/y}"), fault.ErrInvalid, "secrets[0]"},
+		"dotdot file":        {attrs("- {ref: a/b, key: k, file: ..data}"), fault.ErrInvalid, "secrets[0]"},
+		"second entry bad":   {attrs("- {ref: a/b, key: k, file: f}\n- {ref: ../b, key: k, file: g}"), fault.ErrInvalid, `secrets[1] (file "g")`},
+		"duplicate file":     {attrs("- {ref: a/b, key: k, file: f}\n- {ref: a/c, key: k, file: f}"), fault.ErrInvalid, "used twice"},
+		"exec mode":          {attrs("- {ref: a/b, key: k, file: f, mode: \"0755\"}"), fault.ErrInvalid, "read-only"},
+		"writable mode":      {attrs("- {ref: a/b, key: k, file: f, mode: \"0600\"}"), fault.ErrInvalid, "read-only"},
+		"group writable":     {attrs("- {ref: a/b, key: k, file: f, mode: \"0460\"}"), fault.ErrInvalid, "read-only"},
+		"world writable":     {attrs("- {ref: a/b, key: k, file: f, mode: \"0446\"}"), fault.ErrInvalid, "read-only"},
+		"bad key":            {attrs("- {ref: a/b, key: \"k/1\", file: f}"), fault.ErrInvalid, "key"},
+		"no pod info":        {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { delete(m, AttrPodUID) }), fault.ErrInvalid, "podInfoOnMount"},
+		"no token":           {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { delete(m, AttrTokens) }), fault.ErrUnauthenticated, "tokenRequests"},
+		"other audience":     {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrTokens] = `{"vault":{"token":"` + canaryToken + `"}}` }), fault.ErrUnauthenticated, "audience"},
+		"garbled tokens":     {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrTokens] = canaryToken }), fault.ErrInvalid, "JSON"},
+		"oversized secrets":  {attrs("- {ref: a/b, key: k, file: f}\n#" + strings.Repeat("x", MaxAttributeBytes)), fault.ErrInvalid, "max 65536"},
+		"size limit too big": {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrSizeLimit] = "999999999" }), fault.ErrInvalid, "sizeLimit"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, err := ParseVolume(tc.a, "keyward")
@@ -97,10 +98,10 @@ func TestParsedSecretsAreMemoizedAndBounded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if &a.Entries[0] != &b.Entries[0] {
+	if &a.Files[0] != &b.Files[0] {
 		t.Fatal("the second parse of the same list did not come from the cache")
 	}
-	if _, err := ParseVolume(attrs(good+"\n- {ref: payments/db, key: password, file: db}"), "keyward"); !errors.Is(err, broker.ErrInvalid) {
+	if _, err := ParseVolume(attrs(good+"\n- {ref: payments/db, key: password, file: db}"), "keyward"); !errors.Is(err, fault.ErrInvalid) {
 		t.Fatalf("a duplicate-file list after a cached valid one: %v", err)
 	}
 	for i := range 2 * maxParsedSecrets {

@@ -26,7 +26,7 @@ type PodCredentials struct {
 }
 
 // NewPodCredentials returns a tracker releasing through b.
-func NewPodCredentials(b Fetcher, log *zap.Logger) *PodCredentials {
+func NewPodCredentials(b Broker, log *zap.Logger) *PodCredentials {
 	return &PodCredentials{broker: b, log: log, pods: map[string]string{}, inflight: map[string]int{}}
 }
 

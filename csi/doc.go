@@ -3,6 +3,7 @@
 // strict attributes), bounds the publishes in flight, turns the request into a broker.Service call
 // and files in a tmpfs, audits refusals through the broker, and maps errors to gRPC codes in one place.
 //
-// It may import the standard library, package broker (and broker/policy for ref checks), csi/tmpfs,
-// internal/..., gRPC, golang.org/x/sync and the CSI spec.
+// It may import the standard library, package broker, csi/tmpfs, internal/audit, internal/fault,
+// internal/grpcserver, gRPC, the CSI spec, the Secrets Store CSI Driver provider API, zap,
+// golang.org/x/sync and a YAML decoder.
 package csi

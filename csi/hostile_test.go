@@ -20,6 +20,7 @@ import (
 
 	"github.com/keyward/keyward/broker"
 	"github.com/keyward/keyward/csi/tmpfs"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // These tests play a hostile pod (and a confused kubelet) against the node server with real tmpfs
@@ -370,12 +371,12 @@ func TestRepublishClearsOnlyOnACertainWithdrawal(t *testing.T) {
 		clear bool
 		code  codes.Code
 	}{
-		{"vault down", fmt.Errorf("vault read: 503: %w", broker.ErrUnavailable), false, codes.Unavailable},
-		{"vault refuses the read", fmt.Errorf("vault read: 403: %w", broker.ErrDenied), false, codes.PermissionDenied},
-		{"token rejected, pod still there", fmt.Errorf("token rejected: %w", broker.ErrUnauthenticated), false, codes.Unauthenticated},
+		{"vault down", fmt.Errorf("vault read: 503: %w", fault.ErrUnavailable), false, codes.Unavailable},
+		{"vault refuses the read", fmt.Errorf("vault read: 403: %w", fault.ErrDenied), false, codes.PermissionDenied},
+		{"token rejected, pod still there", fmt.Errorf("token rejected: %w", fault.ErrUnauthenticated), false, codes.Unauthenticated},
 		{"deadline", context.DeadlineExceeded, false, codes.DeadlineExceeded},
-		{"grant removed", broker.Withdrawn(fmt.Errorf("no grant: %w", broker.ErrDenied)), true, codes.PermissionDenied},
-		{"pod deleted", broker.Withdrawn(fmt.Errorf("token rejected; pod gone: %w", broker.ErrUnauthenticated)), true, codes.Unauthenticated},
+		{"grant removed", fault.Withdrawn(fmt.Errorf("no grant: %w", fault.ErrDenied)), true, codes.PermissionDenied},
+		{"pod deleted", fault.Withdrawn(fmt.Errorf("token rejected; pod gone: %w", fault.ErrUnauthenticated)), true, codes.Unauthenticated},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := newNode(t)

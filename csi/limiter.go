@@ -7,7 +7,7 @@ import (
 
 	"golang.org/x/sync/semaphore"
 
-	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // PublishLimiter bounds the publishes (and provider mounts) handled at once, by count and by the sum of their volumes'
@@ -31,14 +31,14 @@ func (l *PublishLimiter) acquire(ctx context.Context, size int64) (func(), error
 	if !l.count.TryAcquire(1) {
 		l.waits.Add(1)
 		if err := l.count.Acquire(ctx, 1); err != nil {
-			return nil, fmt.Errorf("too many publishes at once, none finished before the deadline (%v): %w", err, broker.ErrTooLarge)
+			return nil, fmt.Errorf("too many publishes at once, none finished before the deadline (%v): %w", err, fault.ErrTooLarge)
 		}
 	}
 	if !l.bytes.TryAcquire(size) {
 		l.waits.Add(1)
 		if err := l.bytes.Acquire(ctx, size); err != nil {
 			l.count.Release(1)
-			return nil, fmt.Errorf("publishes of too many bytes at once, none finished before the deadline (%v): %w", err, broker.ErrTooLarge)
+			return nil, fmt.Errorf("publishes of too many bytes at once, none finished before the deadline (%v): %w", err, fault.ErrTooLarge)
 		}
 	}
 	l.inFlight.Add(1)

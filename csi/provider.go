@@ -12,6 +12,9 @@ import (
 	provider "sigs.k8s.io/secrets-store-csi-driver/provider/v1alpha1"
 
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/audit"
+	"github.com/keyward/keyward/internal/fault"
+	"github.com/keyward/keyward/internal/grpcserver"
 )
 
 // Attributes the Secrets Store CSI Driver adds to a provider's MountRequest besides the
@@ -55,10 +58,10 @@ func (p *ProviderServer) Version(context.Context, *provider.VersionRequest) (*pr
 // Mount authenticates the pod, authorizes and fetches its secrets, and returns them as files. Every
 // refusal is audited, whatever stage refused it.
 func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) (*provider.MountResponse, error) {
-	breq := broker.Request{RequestID: "provider/" + nonce(), Event: broker.EventMount}
+	breq := broker.Request{RequestID: "provider/" + nonce(), Event: audit.EventMount}
 	var attrs map[string]string
 	if err := json.Unmarshal([]byte(req.GetAttributes()), &attrs); err != nil {
-		return nil, p.refuse(ctx, breq, fmt.Errorf("attributes are not a JSON object of strings: %w", broker.ErrInvalid))
+		return nil, p.refuse(ctx, breq, fmt.Errorf("attributes are not a JSON object of strings: %w", fault.ErrInvalid))
 	}
 	delete(attrs, attrSecretProviderClass)
 	breq.Claimed = claimedPod(attrs)
@@ -77,13 +80,12 @@ func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) 
 	defer p.o.Credentials.end("", vol.Claimed.PodUID, false)
 	secrets, err := p.o.Broker.Fetch(ctx, breq)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, grpcserver.Status(err)
 	}
 	resp := &provider.MountResponse{}
-	for i, sec := range secrets {
-		e := vol.Entries[i]
-		resp.Files = append(resp.Files, &provider.File{Path: e.File, Mode: int32(vol.Modes[i].Perm()), Contents: sec.Value})
-		resp.ObjectVersion = append(resp.ObjectVersion, &provider.ObjectVersion{Id: e.Ref + "#" + e.Key, Version: strconv.Itoa(sec.Version)})
+	for i, f := range vol.Files {
+		resp.Files = append(resp.Files, &provider.File{Path: f.Name, Mode: int32(f.Mode.Perm()), Contents: secrets[i].Value})
+		resp.ObjectVersion = append(resp.ObjectVersion, &provider.ObjectVersion{Id: f.Ref.Ref + "#" + f.Ref.Key, Version: strconv.Itoa(secrets[i].Version)})
 	}
 	return resp, nil
 }
@@ -92,7 +94,7 @@ func (p *ProviderServer) refuse(ctx context.Context, req broker.Request, err err
 	if aerr := p.o.Broker.Refuse(ctx, req, err); aerr != nil {
 		p.o.Log.Error("audit record for a refused request not written", zap.Error(aerr))
 	}
-	return toStatus(err)
+	return grpcserver.Status(err)
 }
 
 // DescribeProvider is the provider API's grpcserver.Describer: the pod, never the token or contents.

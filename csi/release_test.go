@@ -92,5 +92,5 @@ func TestReleaseFollowsThePodsVolumes(t *testing.T) {
 	want("an unknown volume", "")
 }
 
-var _ Fetcher = (*releaseRecorder)(nil)
-var _ Fetcher = (*broker.Service)(nil)
+var _ Broker = (*releaseRecorder)(nil)
+var _ Broker = (*broker.Service)(nil)

@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/grpcserver"
 )
 
@@ -31,7 +32,7 @@ func (sanityBroker) Fetch(_ context.Context, req broker.Request) ([]broker.Secre
 
 type discardAudit struct{}
 
-func (discardAudit) Record(context.Context, broker.Event) error { return nil }
+func (discardAudit) Record(context.Context, audit.Event) error { return nil }
 
 // sanityRan: Ginkgo runs a suite once per process (and refuses go test -count > 1), so under -count
 // the suite runs in the first iteration and the later ones say so.

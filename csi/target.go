@@ -7,7 +7,7 @@ import (
 	"regexp"
 	"strings"
 
-	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 var (
@@ -18,11 +18,11 @@ var (
 // CheckTarget checks that target is kubelet's path of a CSI volume,
 // <kubeletDir>/pods/<uid>/volumes/kubernetes.io~csi/<name>/mount, absolute and clean, with <uid>
 // equal to podUID (any pod when podUID is ""), and that no component below kubeletDir is a symlink
-// or anything but a directory (the target itself may not exist yet). Errors wrap broker.ErrInvalid.
+// or anything but a directory (the target itself may not exist yet). Errors wrap fault.ErrInvalid.
 // Only a path of this shape is ever mounted on, scrubbed, unmounted or removed.
 func CheckTarget(kubeletDir, target, podUID string) error {
 	bad := func(format string, args ...any) error {
-		return fmt.Errorf("target_path %q: %s: %w", target, fmt.Sprintf(format, args...), broker.ErrInvalid)
+		return fmt.Errorf("target_path %q: %s: %w", target, fmt.Sprintf(format, args...), fault.ErrInvalid)
 	}
 	if !filepath.IsAbs(target) || filepath.Clean(target) != target {
 		return bad("must be absolute and clean")

@@ -1,6 +1,6 @@
-// Package kms is keyward-kms's core: the KeyWrapper interface over plain Go types and the thin
-// adapter that serves it as the Kubernetes KMS v2 gRPC API, mapping errors to codes in one place.
+// Package kms is keyward-kms's core contract: the KeyWrapper interface over plain Go types, the limits
+// kube-apiserver puts on KMS v2 values, and PoolReporter. Implementations (kms/pkcs11) and the KMS v2
+// plugin (kms/plugin) depend on it, never the other way round.
 //
-// It may import the standard library, internal/..., broker/audit, gRPC and k8s.io/kms. It never
-// imports cgo: the HSM lives behind KeyWrapper in kms/pkcs11.
+// It may import the standard library only (errors are internal/fault's, named in the docs).
 package kms

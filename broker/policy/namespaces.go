@@ -12,7 +12,7 @@ import (
 	"k8s.io/client-go/metadata"
 	"k8s.io/client-go/tools/cache"
 
-	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // NamespaceWatcher keeps namespaces' environment labels in an informer cache (list+watch), so
@@ -55,18 +55,18 @@ func (w *NamespaceWatcher) WaitForSync(ctx context.Context) bool {
 // EnvironmentOf returns the namespace's keyward.dev/environment label.
 func (w *NamespaceWatcher) EnvironmentOf(namespace string) (string, bool, error) {
 	if !w.informer.HasSynced() {
-		return "", false, fmt.Errorf("namespace cache not synced yet: %w", broker.ErrUnavailable)
+		return "", false, fmt.Errorf("namespace cache not synced yet: %w", fault.ErrUnavailable)
 	}
 	obj, exists, err := w.informer.GetStore().GetByKey(namespace)
 	if err != nil {
-		return "", false, fmt.Errorf("namespace %q: %v: %w", namespace, err, broker.ErrUnavailable)
+		return "", false, fmt.Errorf("namespace %q: %v: %w", namespace, err, fault.ErrUnavailable)
 	}
 	if !exists {
-		return "", false, fmt.Errorf("namespace %q not found: %w", namespace, broker.ErrDenied)
+		return "", false, fmt.Errorf("namespace %q not found: %w", namespace, fault.ErrDenied)
 	}
 	m, ok := obj.(*metav1.PartialObjectMetadata)
 	if !ok {
-		return "", false, fmt.Errorf("namespace %q: unexpected cache object %T: %w", namespace, obj, broker.ErrUnavailable)
+		return "", false, fmt.Errorf("namespace %q: unexpected cache object %T: %w", namespace, obj, fault.ErrUnavailable)
 	}
 	env, ok := m.Labels[EnvironmentLabel]
 	return env, ok && env != "", nil

@@ -15,18 +15,13 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/audit"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // EnvironmentLabel is the namespace label that places a namespace in an environment. Cluster admins
 // set it; a namespace without it gets nothing.
 const EnvironmentLabel = "keyward.dev/environment"
-
-// Limits on refs.
-const (
-	MaxRefLen   = 256
-	MaxSegments = 16
-	MaxKeyLen   = 128
-)
 
 // Environment maps an environment to its part of Vault.
 type Environment struct {
@@ -56,44 +51,9 @@ type Policy struct {
 
 var (
 	segmentRE = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
-	keyRE     = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,128}$`)
 	dnsLabel  = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
 	saName    = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$`)
 )
-
-// ValidateRef checks a ref before any matching: relative, no empty, "." or ".." segments, a
-// restricted character set and bounded length.
-func ValidateRef(ref string) error {
-	if ref == "" || len(ref) > MaxRefLen {
-		return fmt.Errorf("ref of %d bytes (want 1..%d): %w", len(ref), MaxRefLen, broker.ErrInvalid)
-	}
-	if strings.HasPrefix(ref, "/") {
-		return fmt.Errorf("ref %q is absolute: %w", ref, broker.ErrInvalid)
-	}
-	segs := strings.Split(ref, "/")
-	if len(segs) > MaxSegments {
-		return fmt.Errorf("ref has %d segments (max %d): %w", len(segs), MaxSegments, broker.ErrInvalid)
-	}
-	for _, s := range segs {
-		switch {
-		case s == "":
-			return fmt.Errorf("ref %q has an empty segment: %w", ref, broker.ErrInvalid)
-		case s == "." || s == "..":
-			return fmt.Errorf("ref %q has a %q segment: %w", ref, s, broker.ErrInvalid)
-		case !segmentRE.MatchString(s):
-			return fmt.Errorf("ref %q has characters outside [A-Za-z0-9_.-]: %w", ref, broker.ErrInvalid)
-		}
-	}
-	return nil
-}
-
-// ValidateKey checks a key inside a secret.
-func ValidateKey(key string) error {
-	if !keyRE.MatchString(key) {
-		return fmt.Errorf("key %q: want 1..%d of [A-Za-z0-9_.-]: %w", key, MaxKeyLen, broker.ErrInvalid)
-	}
-	return nil
-}
 
 // Parse decodes a policy strictly (unknown keys are an error) and validates it, including the
 // invariants that hold whatever the policy says.
@@ -138,7 +98,7 @@ func (p *Policy) validate() error {
 		if !segmentRE.MatchString(e.VaultMount) {
 			return fmt.Errorf("%s: vaultMount %q must be one path segment", where, e.VaultMount)
 		}
-		if err := ValidateRef(e.VaultPrefix); err != nil {
+		if err := broker.ValidateRef(e.VaultPrefix); err != nil {
 			return fmt.Errorf("%s: vaultPrefix: %v", where, err)
 		}
 		for _, o := range p.Environments[:i] {
@@ -162,7 +122,7 @@ func (p *Policy) validate() error {
 		}
 		for _, path := range g.Paths {
 			base := strings.TrimSuffix(path, "/*")
-			if err := ValidateRef(base); err != nil {
+			if err := broker.ValidateRef(base); err != nil {
 				return fmt.Errorf("%s: path %q: %v", where, path, err)
 			}
 			first, _, _ := strings.Cut(base, "/")
@@ -190,7 +150,7 @@ func matches(pattern, ref string) bool {
 // Namespaces tells the environment label of a namespace (from an informer's cache, not per request).
 type Namespaces interface {
 	// EnvironmentOf returns the namespace's environment label; ok is false without the label. An
-	// error wraps broker.ErrUnavailable (cache not synced) or broker.ErrDenied (no such namespace).
+	// error wraps fault.ErrUnavailable (cache not synced) or fault.ErrDenied (no such namespace).
 	EnvironmentOf(namespace string) (env string, ok bool, err error)
 }
 
@@ -217,16 +177,8 @@ func (a *Authorizer) Set(p *Policy) { a.pol.Store(p) }
 
 // Authorize allows ref for id only if a grant of id's namespace and service account covers it, and
 // places it under id's namespace's environment: a pod never reaches another environment's secrets.
+// ref has been validated (broker.Service validates every ref once, before authorizing).
 func (a *Authorizer) Authorize(_ context.Context, id broker.Identity, ref broker.SecretRef) (broker.Resolved, error) {
-	if err := ValidateRef(ref.Ref); err != nil {
-		return broker.Resolved{}, err
-	}
-	if err := ValidateKey(ref.Key); err != nil {
-		return broker.Resolved{}, err
-	}
-	if ref.Version < 0 {
-		return broker.Resolved{}, fmt.Errorf("version %d: %w", ref.Version, broker.ErrInvalid)
-	}
 	return a.pol.Load().decide(a.ns, id, ref)
 }
 
@@ -236,11 +188,11 @@ func (p *Policy) decide(ns Namespaces, id broker.Identity, ref broker.SecretRef)
 		return broker.Resolved{}, err
 	}
 	if !ok {
-		return broker.Resolved{}, fmt.Errorf("namespace %q has no %s label: %w", id.Namespace, EnvironmentLabel, broker.ErrDenied)
+		return broker.Resolved{}, fmt.Errorf("namespace %q has no %s label: %w", id.Namespace, EnvironmentLabel, fault.ErrDenied)
 	}
 	env, known := p.envs[envName]
 	if !known {
-		return broker.Resolved{}, fmt.Errorf("namespace %q is in environment %q, which the policy does not define: %w", id.Namespace, envName, broker.ErrDenied)
+		return broker.Resolved{}, fmt.Errorf("namespace %q is in environment %q, which the policy does not define: %w", id.Namespace, envName, fault.ErrDenied)
 	}
 	for i, g := range p.Grants {
 		if g.Namespace != id.Namespace || (g.ServiceAccount != "*" && g.ServiceAccount != id.ServiceAccount) {
@@ -249,13 +201,13 @@ func (p *Policy) decide(ns Namespaces, id broker.Identity, ref broker.SecretRef)
 		for _, pat := range g.Paths {
 			if matches(pat, ref.Ref) {
 				return broker.Resolved{
-					SecretRef: ref, Environment: env.Name, Mount: env.VaultMount, Path: env.VaultPrefix + "/" + ref.Ref,
+					SecretRef: ref, Environment: env.Name, Mount: env.VaultMount, Path: env.VaultPrefix + "/" + ref.Ref, Role: env.VaultRole,
 					Reason: fmt.Sprintf("grant %d (%s/%s) path %s in environment %s", i, g.Namespace, g.ServiceAccount, pat, env.Name),
 				}, nil
 			}
 		}
 	}
-	return broker.Resolved{}, fmt.Errorf("no grant lets %s/%s read %s: %w", id.Namespace, id.ServiceAccount, ref.Ref, broker.ErrDenied)
+	return broker.Resolved{}, fmt.Errorf("no grant lets %s/%s read %s: %w", id.Namespace, id.ServiceAccount, ref.Ref, fault.ErrDenied)
 }
 
 // Environment returns an environment of the policy in force.
@@ -269,14 +221,14 @@ func (a *Authorizer) Environment(name string) (Environment, bool) {
 // that truncates and rewrites it) is never taken for a bad policy; ConfigMap updates swap the whole
 // file at once. A new policy is validated first; a bad one keeps the last good policy, logs an error
 // and leaves an audit record.
-func Watch(ctx context.Context, path string, interval time.Duration, a *Authorizer, log *zap.Logger, auditor broker.Auditor) {
+func Watch(ctx context.Context, path string, interval time.Duration, a *Authorizer, log *zap.Logger, auditor audit.Auditor) {
 	watchFile(ctx, path, interval, a, log, auditor, os.ReadFile)
 }
 
 // maxSettleReads bounds how often a changing file is re-read before the next tick tries again.
 const maxSettleReads = 5
 
-func watchFile(ctx context.Context, path string, interval time.Duration, a *Authorizer, log *zap.Logger, auditor broker.Auditor,
+func watchFile(ctx context.Context, path string, interval time.Duration, a *Authorizer, log *zap.Logger, auditor audit.Auditor,
 	readFile func(string) ([]byte, error)) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -323,17 +275,18 @@ func watchFile(ctx context.Context, path string, interval time.Duration, a *Auth
 			continue
 		}
 		p, err := Parse(b)
-		ev := broker.Event{Type: broker.EventPolicyReload, RequestID: "policy-" + h}
+		ev := audit.Event{Type: audit.EventPolicyReload, RequestID: "policy-" + h}
 		if err != nil {
 			lastBad = h
 			log.Error("policy reload refused; keeping the last good policy", zap.String("path", path),
 				zap.String("kept", last), zap.Error(err))
-			ev.Decision, ev.Reason, ev.Code = broker.Error, "refused, kept "+last+": "+err.Error(), "InvalidArgument"
+			ev.Outcome(fmt.Errorf("refused, kept %s: %v: %w", last, err, fault.ErrInvalid))
 		} else {
 			a.Set(p)
 			log.Info("policy reloaded", zap.String("path", path), zap.String("hash", h), zap.String("previous", last))
 			last, lastBad = h, ""
-			ev.Decision, ev.Reason, ev.Code = broker.Allow, "loaded "+h, "OK"
+			ev.Outcome(nil)
+			ev.Reason = "loaded " + h
 		}
 		if err := auditor.Record(ctx, ev); err != nil {
 			log.Error("audit record for the policy reload not written", zap.Error(err))

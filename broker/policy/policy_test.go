@@ -14,6 +14,8 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/audit"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 const good = `
@@ -72,32 +74,23 @@ func TestAuthorize(t *testing.T) {
 		{"granted", id("payments", "api"), "payments/db", nil, "prod/payments/db"},
 		{"granted deep", id("payments", "api"), "payments/a/b/c", nil, "prod/payments/a/b/c"},
 		{"shared", id("payments", "api"), "shared/tls/ca", nil, "prod/shared/tls/ca"},
-		{"prefix itself is not below it", id("payments", "api"), "payments", broker.ErrDenied, ""},
-		{"other service account", id("payments", "worker"), "payments/db", broker.ErrDenied, ""},
-		{"other namespace's pod", id("billing", "api"), "payments/db", broker.ErrDenied, ""},
+		{"prefix itself is not below it", id("payments", "api"), "payments", fault.ErrDenied, ""},
+		{"other service account", id("payments", "worker"), "payments/db", fault.ErrDenied, ""},
+		{"other namespace's pod", id("billing", "api"), "payments/db", fault.ErrDenied, ""},
 		{"wildcard service account, exact path", id("web", "anyone"), "web/config", nil, "dev/web/config"},
-		{"exact path does not cover children", id("web", "anyone"), "web/config/x", broker.ErrDenied, ""},
-		{"no environment label", id("nolabel", "api"), "nolabel/x", broker.ErrDenied, ""},
-		{"unknown environment", id("odd", "api"), "odd/x", broker.ErrDenied, ""},
-		{"traversal", id("payments", "api"), "payments/../billing/db", broker.ErrInvalid, ""},
-		{"absolute", id("payments", "api"), "/payments/db", broker.ErrInvalid, ""},
-		{"double slash", id("payments", "api"), "payments//db", broker.ErrInvalid, ""},
-		{"trailing slash", id("payments", "api"), "payments/db/", broker.ErrInvalid, ""},
-		{"odd characters", id("payments", "api"), "payments/d b", broker.ErrInvalid, ""},
-		{"too long", id("payments", "api"), "payments/" + strings.Repeat("a", MaxRefLen), broker.ErrInvalid, ""},
+		{"exact path does not cover children", id("web", "anyone"), "web/config/x", fault.ErrDenied, ""},
+		{"no environment label", id("nolabel", "api"), "nolabel/x", fault.ErrDenied, ""},
+		{"unknown environment", id("odd", "api"), "odd/x", fault.ErrDenied, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, err := a.Authorize(context.Background(), tc.id, broker.SecretRef{Ref: tc.ref, Key: "password"})
 			if !errors.Is(err, tc.want) && !(tc.want == nil && err == nil) {
 				t.Fatalf("err = %v, want %v", err, tc.want)
 			}
-			if tc.want == nil && (r.Path != tc.wantPath || r.Mount != "kv" || r.Reason == "") {
+			if tc.want == nil && (r.Path != tc.wantPath || r.Mount != "kv" || r.Reason == "" || r.Role != r.Environment) {
 				t.Fatalf("resolved %+v, want path %s", r, tc.wantPath)
 			}
 		})
-	}
-	if _, err := a.Authorize(context.Background(), id("payments", "api"), broker.SecretRef{Ref: "payments/db", Key: "a/b"}); !errors.Is(err, broker.ErrInvalid) {
-		t.Fatalf("bad key: %v", err)
 	}
 }
 
@@ -117,20 +110,20 @@ func TestEnvironmentIsolationInvariant(t *testing.T) {
 
 type recorder struct {
 	mu  sync.Mutex
-	evs []broker.Event
+	evs []audit.Event
 }
 
-func (r *recorder) Record(_ context.Context, ev broker.Event) error {
+func (r *recorder) Record(_ context.Context, ev audit.Event) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.evs = append(r.evs, ev)
 	return nil
 }
 
-func (r *recorder) events() []broker.Event {
+func (r *recorder) events() []audit.Event {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return append([]broker.Event(nil), r.evs...)
+	return append([]audit.Event(nil), r.evs...)
 }
 
 func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
@@ -148,13 +141,13 @@ func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
 	go Watch(ctx, path, 10*time.Millisecond, a, zap.New(core), rec)
 	billing := broker.Identity{Namespace: "billing", ServiceAccount: "api"}
 	ref := broker.SecretRef{Ref: "billing/db", Key: "k"}
-	if _, err := a.Authorize(ctx, billing, ref); !errors.Is(err, broker.ErrDenied) {
+	if _, err := a.Authorize(ctx, billing, ref); !errors.Is(err, fault.ErrDenied) {
 		t.Fatalf("before reload: %v", err)
 	}
 	// A bad file: refused, logged, audited; the old policy stays.
 	writeAtomic(t, path, good+"  - {namespace: billing, serviceAccount: api, paths: [\"payments/*\"]}\n")
 	waitFor(t, func() bool { return len(rec.events()) == 1 })
-	if ev := rec.events()[0]; ev.Type != broker.EventPolicyReload || ev.Decision != broker.Error {
+	if ev := rec.events()[0]; ev.Type != audit.EventPolicyReload || ev.Decision != audit.Denied || ev.Code != "InvalidArgument" {
 		t.Fatalf("audit event %+v", ev)
 	}
 	if logs.FilterMessage("policy reload refused; keeping the last good policy").Len() != 1 {
@@ -166,7 +159,7 @@ func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
 	// A good file: swapped in.
 	writeAtomic(t, path, good+"  - {namespace: billing, serviceAccount: api, paths: [\"billing/*\"]}\n")
 	waitFor(t, func() bool { return len(rec.events()) == 2 })
-	if ev := rec.events()[1]; ev.Decision != broker.Allow {
+	if ev := rec.events()[1]; ev.Decision != audit.Allowed {
 		t.Fatalf("audit event %+v", ev)
 	}
 	if _, err := a.Authorize(ctx, billing, ref); err != nil {
@@ -228,7 +221,7 @@ func TestWatchWaitsOutAFileCaughtMidWrite(t *testing.T) {
 	cancel()
 	<-done
 	evs := rec.events()
-	if len(evs) != 1 || evs[0].Decision != broker.Allow {
+	if len(evs) != 1 || evs[0].Decision != audit.Allowed {
 		t.Fatalf("recorded %+v, want exactly one allowed reload", evs)
 	}
 	if _, err := a.Authorize(ctx, broker.Identity{Namespace: "billing", ServiceAccount: "api"}, broker.SecretRef{Ref: "billing/db", Key: "k"}); err != nil {
@@ -249,7 +242,7 @@ func TestWatchWaitsOutAFileCaughtMidWrite(t *testing.T) {
 	waitFor(t, func() bool { return f2.count() > 10 })
 	cancel2()
 	<-done2
-	if evs := rec2.events(); len(evs) != 1 || evs[0].Decision != broker.Error {
+	if evs := rec2.events(); len(evs) != 1 || evs[0].Decision != audit.Denied {
 		t.Fatalf("a file that stays empty: recorded %+v, want one refused reload", evs)
 	}
 }
@@ -263,26 +256,6 @@ func waitFor(t *testing.T, f func() bool) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-}
-
-func FuzzValidateRef(f *testing.F) {
-	for _, s := range []string{"payments/db", "../x", "a//b", "/a", "a/./b", "", "a/b/", "ü/x"} {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, ref string) {
-		if ValidateRef(ref) != nil {
-			return
-		}
-		// Accepted refs can never climb out of the environment prefix they are joined to.
-		for _, seg := range strings.Split(ref, "/") {
-			if seg == "" || seg == "." || seg == ".." {
-				t.Fatalf("accepted %q", ref)
-			}
-		}
-		if strings.HasPrefix(ref, "/") || len(ref) > MaxRefLen || strings.ContainsAny(ref, "\\%?#* \x00") {
-			t.Fatalf("accepted %q", ref)
-		}
-	})
 }
 
 func FuzzParse(f *testing.F) {

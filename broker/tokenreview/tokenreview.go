@@ -17,6 +17,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // Extra keys kube-apiserver sets in a TokenReview of a pod-bound service-account token.
@@ -126,7 +127,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, token broker.Token, au
 		Spec: authenticationv1.TokenReviewSpec{Token: token.Reveal(), Audiences: audiences},
 	})
 	if err != nil {
-		return broker.Identity{}, fmt.Errorf("token review: %v: %w", err, broker.ErrUnavailable)
+		return broker.Identity{}, fmt.Errorf("token review: %v: %w", err, fault.ErrUnavailable)
 	}
 	st := tr.Status
 	if !st.Authenticated {
@@ -134,10 +135,10 @@ func (a *Authenticator) Authenticate(ctx context.Context, token broker.Token, au
 		if reason == "" {
 			reason = "not authenticated"
 		}
-		return broker.Identity{}, fmt.Errorf("token rejected by the apiserver (%s): %w", reason, broker.ErrUnauthenticated)
+		return broker.Identity{}, fmt.Errorf("token rejected by the apiserver (%s): %w", reason, fault.ErrUnauthenticated)
 	}
 	if !intersects(st.Audiences, audiences) {
-		return broker.Identity{}, fmt.Errorf("token audiences %v do not include %v: %w", st.Audiences, audiences, broker.ErrUnauthenticated)
+		return broker.Identity{}, fmt.Errorf("token audiences %v do not include %v: %w", st.Audiences, audiences, fault.ErrUnauthenticated)
 	}
 	id, err := identity(st.User)
 	if err != nil {
@@ -156,7 +157,7 @@ func identity(u authenticationv1.UserInfo) (broker.Identity, error) {
 	rest, ok := strings.CutPrefix(u.Username, "system:serviceaccount:")
 	ns, sa, ok2 := strings.Cut(rest, ":")
 	if !ok || !ok2 || ns == "" || sa == "" {
-		return broker.Identity{}, fmt.Errorf("user %q is not a service account: %w", u.Username, broker.ErrUnauthenticated)
+		return broker.Identity{}, fmt.Errorf("user %q is not a service account: %w", u.Username, fault.ErrUnauthenticated)
 	}
 	one := func(k string) string {
 		if v := u.Extra[k]; len(v) == 1 {
@@ -166,7 +167,7 @@ func identity(u authenticationv1.UserInfo) (broker.Identity, error) {
 	}
 	id := broker.Identity{Namespace: ns, ServiceAccount: sa, PodName: one(ExtraPodName), PodUID: one(ExtraPodUID), Node: one(ExtraNodeName)}
 	if id.PodName == "" || id.PodUID == "" {
-		return broker.Identity{}, fmt.Errorf("token of %s/%s is not bound to a pod (legacy or unbound tokens are refused): %w", ns, sa, broker.ErrUnauthenticated)
+		return broker.Identity{}, fmt.Errorf("token of %s/%s is not bound to a pod (legacy or unbound tokens are refused): %w", ns, sa, fault.ErrUnauthenticated)
 	}
 	return id, nil
 }

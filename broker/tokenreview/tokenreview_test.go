@@ -13,6 +13,7 @@ import (
 	authenticationv1 "k8s.io/api/authentication/v1"
 
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // The real TokenReview path (NewReviewer) is covered in test/e2e against kube-apiserver; a fake here
@@ -84,7 +85,7 @@ func TestRejections(t *testing.T) {
 			a := New(Options{Client: fakeClient(&calls, func(string) authenticationv1.TokenReviewStatus { return st })})
 			for range 2 {
 				_, err := a.Authenticate(context.Background(), "CANARY-token", []string{"keyward"})
-				if !errors.Is(err, broker.ErrUnauthenticated) || strings.Contains(err.Error(), "CANARY") {
+				if !errors.Is(err, fault.ErrUnauthenticated) || strings.Contains(err.Error(), "CANARY") {
 					t.Fatalf("err = %v", err)
 				}
 			}
@@ -112,7 +113,7 @@ func TestApiserverDownIsUnavailable(t *testing.T) {
 	c := ReviewerFunc(func(context.Context, *authenticationv1.TokenReview) (*authenticationv1.TokenReview, error) {
 		return nil, errors.New("connection refused")
 	})
-	if _, err := New(Options{Client: c}).Authenticate(context.Background(), "t", []string{"k"}); !errors.Is(err, broker.ErrUnavailable) {
+	if _, err := New(Options{Client: c}).Authenticate(context.Background(), "t", []string{"k"}); !errors.Is(err, fault.ErrUnavailable) {
 		t.Fatalf("err = %v", err)
 	}
 }

@@ -21,12 +21,12 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/keyward/keyward/broker"
-	"github.com/keyward/keyward/broker/audit"
 	"github.com/keyward/keyward/broker/policy"
 	"github.com/keyward/keyward/broker/tokenreview"
 	"github.com/keyward/keyward/broker/vault"
 	"github.com/keyward/keyward/csi"
 	"github.com/keyward/keyward/csi/tmpfs"
+	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/grpcserver"
 	"github.com/keyward/keyward/internal/hardening"
 	"github.com/keyward/keyward/internal/logging"
@@ -214,8 +214,7 @@ func run(o Options, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	vo := vault.Options{Client: vc, Mode: vault.Mode(cfg.Vault.Mode), AuthMount: cfg.Vault.AuthMount, Log: log.Named("vault"),
-		Role: func(env string) (string, bool) { e, ok := authz.Environment(env); return e.VaultRole, ok }}
+	vo := vault.Options{Client: vc, Mode: vault.Mode(cfg.Vault.Mode), AuthMount: cfg.Vault.AuthMount, Log: log.Named("vault")}
 	if vo.Mode == vault.ModeBroker {
 		b, err := os.ReadFile(cfg.Vault.TokenFile)
 		if err != nil {

@@ -17,14 +17,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 
-	"github.com/keyward/keyward/broker/audit"
+	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/grpcserver"
 	"github.com/keyward/keyward/internal/hardening"
 	"github.com/keyward/keyward/internal/logging"
 	"github.com/keyward/keyward/internal/metricsserver"
 	"github.com/keyward/keyward/internal/version"
-	"github.com/keyward/keyward/kms"
 	"github.com/keyward/keyward/kms/pkcs11"
+	"github.com/keyward/keyward/kms/plugin"
 )
 
 // Options are the process wiring; HSM settings live in the config file, the PIN in its own file.
@@ -102,7 +102,7 @@ func run(o Options, log *zap.Logger) error {
 	if err := hardening.DisableCoreDumps(); err != nil {
 		return err
 	}
-	cfg, err := kms.LoadConfig(o.Config)
+	cfg, err := loadConfig(o.Config)
 	if err != nil {
 		return err
 	}
@@ -129,11 +129,11 @@ func run(o Options, log *zap.Logger) error {
 	defer auditLog.Close()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	metrics, err := kms.NewMetrics(reg, wrapper)
+	metrics, err := plugin.NewMetrics(reg, wrapper)
 	if err != nil {
 		return err
 	}
-	svc, err := kms.NewService(kms.ServiceOptions{Wrapper: wrapper, Auditor: auditLog, Logger: log.Named("kms"),
+	svc, err := plugin.NewService(plugin.ServiceOptions{Wrapper: wrapper, Auditor: auditLog, Logger: log.Named("kms"),
 		HealthInterval: cfg.HealthInterval.Duration, Metrics: metrics})
 	if err != nil {
 		return err
@@ -151,7 +151,7 @@ func run(o Options, log *zap.Logger) error {
 		defer srv.Close()
 	}
 	gs := grpcserver.NewServer(log.Named("grpc"), nil)
-	kms.NewGRPCServer(svc).Register(gs)
+	plugin.NewGRPCServer(svc).Register(gs)
 	kid, _ := wrapper.KeyID(ctx)
 	log.Info("serving KMS v2", zap.String("socket", o.Socket), zap.String("key_id", kid), zap.String("version", version.Version))
 	err = grpcserver.Serve(ctx, gs, lis, o.Grace)
@@ -160,7 +160,7 @@ func run(o Options, log *zap.Logger) error {
 }
 
 // reloadOnHUP looks for new key generations on SIGHUP and re-checks health at once.
-func reloadOnHUP(ctx context.Context, log *zap.Logger, w *pkcs11.Wrapper, svc *kms.Service) {
+func reloadOnHUP(ctx context.Context, log *zap.Logger, w *pkcs11.Wrapper, svc *plugin.Service) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -179,7 +179,7 @@ func reloadOnHUP(ctx context.Context, log *zap.Logger, w *pkcs11.Wrapper, svc *k
 	}
 }
 
-func serveHTTP(addr string, reg *prometheus.Registry, svc *kms.Service) (*http.Server, error) {
+func serveHTTP(addr string, reg *prometheus.Registry, svc *plugin.Service) (*http.Server, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	check := func(f func() error) http.HandlerFunc {

@@ -7,10 +7,10 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/keyward/keyward/broker/audit"
+	"github.com/keyward/keyward/internal/audit"
 )
 
-func auditCommand(e env, args []string) error {
+func auditCommand(e streams, args []string) error {
 	if len(args) == 0 {
 		return fmt.Errorf("audit: want verify or query: %w", errUsage)
 	}
@@ -74,7 +74,7 @@ func auditCommand(e env, args []string) error {
 			if who == "/" {
 				who = "-"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Time.Format(time.RFC3339), r.Event, r.Decision, r.Code, who, r.Object.Ref, r.Reason)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Time.Format(time.RFC3339), r.Type, r.Decision, r.Code, who, r.Object.Ref, r.Reason)
 		}
 		return tw.Flush()
 	default:

@@ -13,12 +13,12 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
-	"github.com/keyward/keyward/kms"
+	"github.com/keyward/keyward/internal/config"
 	"github.com/keyward/keyward/kms/coverage"
 	"github.com/keyward/keyward/kms/pkcs11"
 )
 
-func kmsCommand(e env, args []string) error {
+func kmsCommand(e streams, args []string) error {
 	if len(args) == 0 {
 		return fmt.Errorf("kms: want keys or coverage: %w", errUsage)
 	}
@@ -62,13 +62,13 @@ func (f etcdFlags) scan(ctx context.Context, prefix string) (coverage.Report, er
 	return coverage.Scan(ctx, c, prefix)
 }
 
-func keysCommand(e env, args []string) error {
+func keysCommand(e streams, args []string) error {
 	if len(args) == 0 {
 		return fmt.Errorf("kms keys: want list, create, rotate or retire: %w", errUsage)
 	}
 	verb := args[0]
 	fs := newFlags("kms keys "+verb, e)
-	config := fs.String("config", "/etc/keyward/kms.yaml", "keyward-kms config file (PKCS#11 module, token, key label, PIN file)")
+	configFile := fs.String("config", "/etc/keyward/kms.yaml", "keyward-kms config file (PKCS#11 module, token, key label, PIN file)")
 	output := fs.String("o", "table", "output: table or json")
 	keyID := fs.String("key-id", "", "retire: the key ID to destroy")
 	force := fs.Bool("force", false, "retire: destroy even without proof that no data uses the key")
@@ -77,16 +77,7 @@ func keysCommand(e env, args []string) error {
 	if _, err := parse(fs, args[1:]); err != nil {
 		return err
 	}
-	cfg, err := kms.LoadConfig(*config)
-	if err != nil {
-		return err
-	}
-	pin, err := os.ReadFile(cfg.PKCS11.PINFile)
-	if err != nil {
-		return fmt.Errorf("PIN file: %w", err)
-	}
-	a, err := pkcs11.OpenAdmin(cfg.PKCS11, strings.TrimRight(string(pin), "\r\n"))
-	clear(pin)
+	a, err := openAdmin(*configFile)
 	if err != nil {
 		return err
 	}
@@ -99,48 +90,77 @@ func keysCommand(e env, args []string) error {
 		}
 		return printGenerations(e, gens, *output)
 	case "create", "rotate":
-		create := a.Create
-		if verb == "rotate" {
-			create = a.Rotate
-		}
-		g, err := create()
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(e.stdout, "created generation %d: key ID %s\n", g.Generation, g.KeyID)
-		if verb == "rotate" {
-			fmt.Fprintln(e.stdout, "keyward-kms encrypts with it after its next key refresh (or SIGHUP); kube-apiserver then starts a new DEK seed.")
-		}
-		return nil
+		return createGeneration(e, a, verb == "rotate")
 	case "retire":
-		if *keyID == "" {
-			return fmt.Errorf("retire needs --key-id: %w", errUsage)
-		}
-		if !*force {
-			if !ef.set() {
-				return fmt.Errorf("refusing to retire %s without proof that etcd holds no data under it: pass --etcd-endpoint/--etcd-ca/--etcd-cert/--etcd-key, or --force", *keyID)
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-			defer cancel()
-			rep, err := ef.scan(ctx, "/registry/")
-			if err != nil {
-				return err
-			}
-			if n := rep.CountKeyID(*keyID); n > 0 {
-				return fmt.Errorf("refusing to retire %s: %d object(s) in etcd are still encrypted under it; re-encrypt them first (kubectl get secrets -A -o json | kubectl replace -f -), or pass --force", *keyID, n)
-			}
-		}
-		if err := a.Retire(*keyID); err != nil {
-			return err
-		}
-		fmt.Fprintf(e.stdout, "retired %s: it can no longer decrypt\n", *keyID)
-		return nil
+		return retireGeneration(e, a, *keyID, *force, ef)
 	default:
 		return fmt.Errorf("kms keys: unknown command %q: %w", verb, errUsage)
 	}
 }
 
-func printGenerations(e env, gens []pkcs11.Generation, output string) error {
+// openAdmin reads the pkcs11 section of keyward-kms's config file and the PIN file it names, and
+// opens the HSM for key administration.
+func openAdmin(configFile string) (*pkcs11.Admin, error) {
+	var cfg pkcs11.Config
+	if err := config.LoadSection(configFile, "pkcs11", &cfg); err != nil {
+		return nil, err
+	}
+	cfg.Default()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("config %s: %w", configFile, err)
+	}
+	pin, err := os.ReadFile(cfg.PINFile)
+	if err != nil {
+		return nil, fmt.Errorf("PIN file: %w", err)
+	}
+	defer clear(pin)
+	return pkcs11.OpenAdmin(cfg, strings.TrimRight(string(pin), "\r\n"))
+}
+
+func createGeneration(e streams, a *pkcs11.Admin, rotate bool) error {
+	create := a.Create
+	if rotate {
+		create = a.Rotate
+	}
+	g, err := create()
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "created generation %d: key ID %s\n", g.Generation, g.KeyID)
+	if rotate {
+		fmt.Fprintln(e.stdout, "keyward-kms encrypts with it after its next key refresh (or SIGHUP); kube-apiserver then starts a new DEK seed.")
+	}
+	return nil
+}
+
+// retireGeneration destroys a generation, only with proof from etcd that nothing is encrypted under
+// it (or --force).
+func retireGeneration(e streams, a *pkcs11.Admin, keyID string, force bool, ef etcdFlags) error {
+	if keyID == "" {
+		return fmt.Errorf("retire needs --key-id: %w", errUsage)
+	}
+	if !force {
+		if !ef.set() {
+			return fmt.Errorf("refusing to retire %s without proof that etcd holds no data under it: pass --etcd-endpoint/--etcd-ca/--etcd-cert/--etcd-key, or --force", keyID)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		rep, err := ef.scan(ctx, "/registry/")
+		if err != nil {
+			return err
+		}
+		if n := rep.CountKeyID(keyID); n > 0 {
+			return fmt.Errorf("refusing to retire %s: %d object(s) in etcd are still encrypted under it; re-encrypt them first (kubectl get secrets -A -o json | kubectl replace -f -), or pass --force", keyID, n)
+		}
+	}
+	if err := a.Retire(keyID); err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "retired %s: it can no longer decrypt\n", keyID)
+	return nil
+}
+
+func printGenerations(e streams, gens []pkcs11.Generation, output string) error {
 	type row struct {
 		Generation int    `json:"generation"`
 		KeyID      string `json:"keyID"`
@@ -163,7 +183,7 @@ func printGenerations(e env, gens []pkcs11.Generation, output string) error {
 	return tw.Flush()
 }
 
-func coverageCommand(e env, args []string) error {
+func coverageCommand(e streams, args []string) error {
 	fs := newFlags("kms coverage", e)
 	var ef etcdFlags
 	ef.bind(fs)

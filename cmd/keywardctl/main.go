@@ -38,14 +38,14 @@ Exit codes: 0 success, 1 the operation failed or found a problem, 2 bad usage.
 // errUsage marks a usage error (exit 2).
 var errUsage = errors.New("usage")
 
-type env struct {
+type streams struct {
 	stdout, stderr io.Writer
 }
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 
 func run(args []string, stdout, stderr io.Writer) int {
-	e := env{stdout: stdout, stderr: stderr}
+	e := streams{stdout: stdout, stderr: stderr}
 	err := dispatch(e, args)
 	switch {
 	case err == nil:
@@ -63,7 +63,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-func dispatch(e env, args []string) error {
+func dispatch(e streams, args []string) error {
 	if len(args) == 0 {
 		fmt.Fprint(e.stderr, usage)
 		return fmt.Errorf("no command: %w", errUsage)
@@ -86,7 +86,7 @@ func dispatch(e env, args []string) error {
 	}
 }
 
-func newFlags(name string, e env) *flag.FlagSet {
+func newFlags(name string, e streams) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(e.stderr)
 	return fs

@@ -17,7 +17,7 @@ import (
 // re-encrypts objects whose stored form is stale (another key ID, or another provider) under the
 // current key. It pages through Secrets in name order and records the last one done in a state file,
 // so an interrupted run resumes where it stopped.
-func migrateCommand(e env, args []string) error {
+func migrateCommand(e streams, args []string) error {
 	fs := newFlags("kms migrate", e)
 	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig of a user that may get, list and update Secrets")
 	stateFile := fs.String("state", "keyward-migrate.state", "progress file: the last Secret rewritten (namespace/name)")

@@ -12,7 +12,7 @@ import (
 // errDenied is a policy decision of deny (exit 1, like any finding).
 var errDenied = errors.New("denied")
 
-func policyCommand(e env, args []string) error {
+func policyCommand(e streams, args []string) error {
 	if len(args) == 0 {
 		return fmt.Errorf("policy: want check or lint: %w", errUsage)
 	}

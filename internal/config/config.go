@@ -1,6 +1,7 @@
 package config
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -40,6 +41,34 @@ func LoadStrict(path string, v any) error {
 	}
 	if err := yaml.UnmarshalStrict(b, v); err != nil {
 		return fmt.Errorf("config %s: %w", path, err)
+	}
+	return nil
+}
+
+// LoadSection reads the YAML file at path and decodes only its top-level key section into v,
+// refusing unknown keys inside it: for tools that share a daemon's config file and need one part of
+// it (keywardctl reads keyward-kms's pkcs11 section).
+func LoadSection(path, section string, v any) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	j, err := yaml.YAMLToJSON(b)
+	if err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	var top map[string]json.RawMessage
+	if err := json.Unmarshal(j, &top); err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	raw, ok := top[section]
+	if !ok {
+		return fmt.Errorf("config %s: no %q section", path, section)
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("config %s: %s: %w", path, section, err)
 	}
 	return nil
 }

@@ -24,3 +24,20 @@ func TestLoadStrict(t *testing.T) {
 		}
 	}
 }
+
+func TestLoadSection(t *testing.T) {
+	var v struct {
+		Module string `json:"module"`
+	}
+	p := filepath.Join(t.TempDir(), "c.yaml")
+	os.WriteFile(p, []byte("pkcs11:\n  module: /lib/x.so\nhealthInterval: 10s\n"), 0o600)
+	if err := LoadSection(p, "pkcs11", &v); err != nil || v.Module != "/lib/x.so" {
+		t.Fatalf("%+v %v", v, err)
+	}
+	for body, want := range map[string]string{"pkcs11:\n  module: x\n  modul: y\n": "unknown field", "other: {}\n": "no \"pkcs11\" section", "pkcs11: [\n": "config"} {
+		os.WriteFile(p, []byte(body), 0o600)
+		if err := LoadSection(p, "pkcs11", &v); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v, want %q", body, err, want)
+		}
+	}
+}

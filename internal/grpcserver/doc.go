@@ -3,5 +3,5 @@
 // one log line per RPC from an interceptor that never logs request or response payloads, and a
 // graceful stop that lets in-flight calls finish and removes the socket.
 //
-// It may import the standard library, zap and gRPC.
+// It may import the standard library, internal/fault, zap and gRPC.
 package grpcserver

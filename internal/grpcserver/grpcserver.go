@@ -15,6 +15,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // ErrInUse means another process is serving the socket.
@@ -139,20 +141,37 @@ func stop(s *grpc.Server, grace, cut time.Duration) error {
 	}
 }
 
-var codeByName = func() map[string]codes.Code {
-	m := map[string]codes.Code{}
-	for c := codes.OK; c <= codes.Unauthenticated; c++ {
-		m[c.String()] = c
+// Code is the gRPC code of an error class: the one map from Keyward's error vocabulary to gRPC.
+func Code(c fault.Class) codes.Code {
+	switch c {
+	case fault.OK:
+		return codes.OK
+	case fault.Unauthenticated:
+		return codes.Unauthenticated
+	case fault.Denied:
+		return codes.PermissionDenied
+	case fault.Invalid:
+		return codes.InvalidArgument
+	case fault.NotFound:
+		return codes.NotFound
+	case fault.TooLarge:
+		return codes.ResourceExhausted
+	case fault.Unavailable:
+		return codes.Unavailable
+	case fault.DeadlineExceeded:
+		return codes.DeadlineExceeded
+	case fault.Canceled:
+		return codes.Canceled
+	default:
+		return codes.Internal
 	}
-	return m
-}()
+}
 
-// CodeFromName turns a gRPC code name ("PermissionDenied") into its code; unknown names are Internal.
-// Adapters use it with broker.CodeName, so the code returned to a caller and the code in its audit
-// record come from one mapping.
-func CodeFromName(name string) codes.Code {
-	if c, ok := codeByName[name]; ok {
-		return c
+// Status is the gRPC status a handler returns for err (nil for nil): the code of its class, and its
+// message, which Keyward's errors keep free of tokens, secrets and PINs.
+func Status(err error) error {
+	if err == nil {
+		return nil
 	}
-	return codes.Internal
+	return status.Error(Code(fault.ClassOf(err)), err.Error())
 }

@@ -19,6 +19,8 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
+
+	"github.com/keyward/keyward/internal/fault"
 )
 
 func shortDir(t *testing.T) string {
@@ -115,14 +117,20 @@ func TestServeGracefulStopRemovesSocketAndLogsOnce(t *testing.T) {
 	}
 }
 
-func TestCodeFromName(t *testing.T) {
-	for c := codes.OK; c <= codes.Unauthenticated; c++ {
-		if got := CodeFromName(c.String()); got != c {
-			t.Errorf("%s -> %s", c, got)
+// Every class maps to the gRPC code of the same name (audit records carry the name), and Status
+// keeps the message.
+func TestStatusAndCode(t *testing.T) {
+	for c := fault.OK; c <= fault.Internal; c++ {
+		if got := Code(c); got.String() != c.String() {
+			t.Errorf("class %s -> code %s", c, got)
 		}
 	}
-	if CodeFromName("Bogus") != codes.Internal {
-		t.Error("unknown name is not Internal")
+	err := Status(fmt.Errorf("vault read x: %w", fault.ErrUnavailable))
+	if st := status.Convert(err); st.Code() != codes.Unavailable || st.Message() != "vault read x: unavailable" {
+		t.Fatalf("%v", st)
+	}
+	if Status(nil) != nil {
+		t.Fatal("Status(nil) is not nil")
 	}
 }
 

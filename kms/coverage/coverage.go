@@ -9,7 +9,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/keyward/keyward/kms"
+	"github.com/keyward/keyward/kms/envelope"
 )
 
 // Report is the coverage of one etcd prefix.
@@ -39,9 +39,9 @@ func Scan(ctx context.Context, c *clientv3.Client, prefix string) (Report, error
 		}
 		for _, kv := range resp.Kvs {
 			r.Total++
-			env, err := kms.ParseStored(kv.Value)
+			env, err := envelope.ParseStored(kv.Value)
 			switch {
-			case errors.Is(err, kms.ErrNotKMSv2):
+			case errors.Is(err, envelope.ErrNotKMSv2):
 				r.Unencrypted = append(r.Unencrypted, string(kv.Key))
 			case err != nil:
 				r.Malformed = append(r.Malformed, string(kv.Key))

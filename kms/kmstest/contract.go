@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyward/keyward/internal/fault"
 	"github.com/keyward/keyward/kms"
 )
 
@@ -106,12 +107,12 @@ func Run(t *testing.T, newSubject func(t *testing.T) Subject) {
 			"garbage same len": {bytes.Repeat([]byte{1}, len(ct)), id},
 		}
 		for name, tc := range cases {
-			if _, err := s.Wrapper.Unwrap(c, tc.ct, tc.id); !errors.Is(err, kms.ErrInvalid) {
+			if _, err := s.Wrapper.Unwrap(c, tc.ct, tc.id); !errors.Is(err, fault.ErrInvalid) {
 				t.Errorf("%s: err = %v, want ErrInvalid", name, err)
 			}
 		}
 		for _, pt := range [][]byte{nil, {}, make([]byte, kms.MaxPlaintext+1)} {
-			if _, _, err := s.Wrapper.Wrap(c, pt); !errors.Is(err, kms.ErrInvalid) {
+			if _, _, err := s.Wrapper.Wrap(c, pt); !errors.Is(err, fault.ErrInvalid) {
 				t.Errorf("Wrap(%d bytes): err = %v, want ErrInvalid", len(pt), err)
 			}
 		}
@@ -146,14 +147,14 @@ func Run(t *testing.T, newSubject func(t *testing.T) Subject) {
 			t.Fatalf("new ciphertext: %v", err)
 		}
 		// A ciphertext replayed under another existing key ID must fail authentication.
-		if _, err := s.Wrapper.Unwrap(c, oldCT, newID); !errors.Is(err, kms.ErrInvalid) {
+		if _, err := s.Wrapper.Unwrap(c, oldCT, newID); !errors.Is(err, fault.ErrInvalid) {
 			t.Fatalf("old ciphertext replayed under the new key ID: %v", err)
 		}
-		if _, err := s.Wrapper.Unwrap(c, newCT, oldID); !errors.Is(err, kms.ErrInvalid) {
+		if _, err := s.Wrapper.Unwrap(c, newCT, oldID); !errors.Is(err, fault.ErrInvalid) {
 			t.Fatalf("new ciphertext replayed under the old key ID: %v", err)
 		}
 		s.Retire(t, oldID)
-		if _, err := s.Wrapper.Unwrap(c, oldCT, oldID); !errors.Is(err, kms.ErrInvalid) {
+		if _, err := s.Wrapper.Unwrap(c, oldCT, oldID); !errors.Is(err, fault.ErrInvalid) {
 			t.Fatalf("retired key still decrypts: %v", err)
 		}
 		if _, err := s.Wrapper.Unwrap(c, newCT, newID); err != nil {

@@ -2,5 +2,5 @@
 // in-memory KeyWrapper (Go's AES-GCM) used to force faults a real HSM cannot produce on demand and as
 // the no-HSM reference in benchmarks. Memory is never used in production wiring.
 //
-// It may import the standard library, package kms and testing.
+// It may import the standard library, package kms and internal/fault.
 package kmstest

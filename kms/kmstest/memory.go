@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/keyward/keyward/internal/fault"
 	"github.com/keyward/keyward/kms"
 )
 
@@ -62,7 +63,7 @@ func (m *Memory) Retire(keyID string) {
 	}
 }
 
-// SetUnavailable makes every call fail with kms.ErrUnavailable (an HSM outage) until reset.
+// SetUnavailable makes every call fail with fault.ErrUnavailable (an HSM outage) until reset.
 func (m *Memory) SetUnavailable(down bool) { m.down.Store(down) }
 
 func (m *Memory) aad(keyID string) []byte { return append([]byte{m.version}, keyID...) }
@@ -70,10 +71,10 @@ func (m *Memory) aad(keyID string) []byte { return append([]byte{m.version}, key
 // Wrap encrypts under the newest generation.
 func (m *Memory) Wrap(_ context.Context, plaintext []byte) ([]byte, string, error) {
 	if m.down.Load() {
-		return nil, "", fmt.Errorf("memory: injected outage: %w", kms.ErrUnavailable)
+		return nil, "", fmt.Errorf("memory: injected outage: %w", fault.ErrUnavailable)
 	}
 	if len(plaintext) == 0 || len(plaintext) > kms.MaxPlaintext {
-		return nil, "", fmt.Errorf("plaintext of %d bytes: %w", len(plaintext), kms.ErrInvalid)
+		return nil, "", fmt.Errorf("plaintext of %d bytes: %w", len(plaintext), fault.ErrInvalid)
 	}
 	m.mu.RLock()
 	k := m.gens[len(m.gens)-1]
@@ -87,10 +88,10 @@ func (m *Memory) Wrap(_ context.Context, plaintext []byte) ([]byte, string, erro
 // Unwrap decrypts.
 func (m *Memory) Unwrap(_ context.Context, ciphertext []byte, keyID string) ([]byte, error) {
 	if m.down.Load() {
-		return nil, fmt.Errorf("memory: injected outage: %w", kms.ErrUnavailable)
+		return nil, fmt.Errorf("memory: injected outage: %w", fault.ErrUnavailable)
 	}
 	if len(ciphertext) < 1+12+16+1 || ciphertext[0] != m.version {
-		return nil, fmt.Errorf("malformed ciphertext: %w", kms.ErrInvalid)
+		return nil, fmt.Errorf("malformed ciphertext: %w", fault.ErrInvalid)
 	}
 	m.mu.RLock()
 	var k *memKey
@@ -101,11 +102,11 @@ func (m *Memory) Unwrap(_ context.Context, ciphertext []byte, keyID string) ([]b
 	}
 	m.mu.RUnlock()
 	if k == nil {
-		return nil, fmt.Errorf("unknown key ID %q: %w", keyID, kms.ErrInvalid)
+		return nil, fmt.Errorf("unknown key ID %q: %w", keyID, fault.ErrInvalid)
 	}
 	pt, err := k.aead.Open(nil, ciphertext[1:13], ciphertext[13:], m.aad(keyID))
 	if err != nil {
-		return nil, fmt.Errorf("ciphertext does not authenticate: %w", kms.ErrInvalid)
+		return nil, fmt.Errorf("ciphertext does not authenticate: %w", fault.ErrInvalid)
 	}
 	return pt, nil
 }
@@ -113,7 +114,7 @@ func (m *Memory) Unwrap(_ context.Context, ciphertext []byte, keyID string) ([]b
 // KeyID returns the newest generation's ID.
 func (m *Memory) KeyID(context.Context) (string, error) {
 	if m.down.Load() {
-		return "", fmt.Errorf("memory: injected outage: %w", kms.ErrUnavailable)
+		return "", fmt.Errorf("memory: injected outage: %w", fault.ErrUnavailable)
 	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()

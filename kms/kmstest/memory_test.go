@@ -5,6 +5,7 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/keyward/keyward/internal/fault"
 	"github.com/keyward/keyward/kms"
 )
 
@@ -23,7 +24,7 @@ func TestMemoryContract(t *testing.T) {
 func TestMemoryOutage(t *testing.T) {
 	m := NewMemory()
 	m.SetUnavailable(true)
-	if _, _, err := m.Wrap(context.Background(), []byte("x")); !errors.Is(err, kms.ErrUnavailable) {
+	if _, _, err := m.Wrap(context.Background(), []byte("x")); !errors.Is(err, fault.ErrUnavailable) {
 		t.Fatalf("Wrap during outage: %v", err)
 	}
 	m.SetUnavailable(false)

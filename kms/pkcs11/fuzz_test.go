@@ -4,7 +4,7 @@ import (
 	"errors"
 	"testing"
 
-	"github.com/keyward/keyward/kms"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // FuzzParseCiphertext: any input gives a parsed envelope or ErrInvalid, never a panic, and a parsed
@@ -17,7 +17,7 @@ func FuzzParseCiphertext(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		p, err := parseCiphertext(b)
 		if err != nil {
-			if !errors.Is(err, kms.ErrInvalid) {
+			if !errors.Is(err, fault.ErrInvalid) {
 				t.Fatalf("error not ErrInvalid: %v", err)
 			}
 			return

@@ -1,12 +1,21 @@
 package pkcs11
 
 import (
+	"context"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"regexp"
 	"sort"
+	"strconv"
+	"time"
 
 	p11 "github.com/miekg/pkcs11"
+	"go.uber.org/zap"
+
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // Generation is one key-encryption key generation on the token.
@@ -126,131 +135,114 @@ func bytesToUint(v []byte) (uint64, error) {
 	return n, nil
 }
 
-// Admin manages key generations for keywardctl: it talks PKCS#11 directly, without the plugin.
-type Admin struct {
-	p     *p11.Ctx
-	s     p11.SessionHandle
-	base  string
-	owner bool // this Admin initialized the module and finalizes it on Close
-}
-
-// OpenAdmin loads the module, opens a session on the configured token and logs in.
-func OpenAdmin(cfg Config, pin string) (*Admin, error) {
-	p := p11.New(cfg.Module)
-	if p == nil {
-		return nil, fmt.Errorf("cannot load PKCS#11 module %s", cfg.Module)
+// reloadKeys lists the generations and swaps in a new key set. Callers hold refreshMu.
+func (w *Wrapper) reloadKeys(inc *incarnation) error {
+	p, s := inc.p, inc.keySession
+	// Copies of keys that vanished in the previous round: no call can still hold them now.
+	for _, h := range inc.graveyard {
+		p.DestroyObject(s, h)
 	}
-	owner := true
-	if err := p.Initialize(); err != nil {
-		if !isCode(err, p11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
-			p.Destroy()
-			return nil, fmt.Errorf("C_Initialize: %w", err)
-		}
-		owner = false
-	}
-	a := &Admin{p: p, base: cfg.KeyLabel, owner: owner}
-	slot, err := findSlot(p, cfg)
-	if err == nil {
-		a.s, err = p.OpenSession(slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
-	}
-	if err == nil {
-		err = login(p, a.s, pin)
-	}
-	if err != nil {
-		a.Close()
-		return nil, err
-	}
-	return a, nil
-}
-
-// List returns the key generations, oldest first.
-func (a *Admin) List() ([]Generation, error) { return listGenerations(a.p, a.s, a.base) }
-
-// Create creates the first generation; it refuses when generations exist (use Rotate).
-func (a *Admin) Create() (Generation, error) {
-	gens, err := a.List()
-	if err != nil {
-		return Generation{}, err
-	}
-	if len(gens) > 0 {
-		return Generation{}, fmt.Errorf("%s already has %d generation(s); use rotate to add one", a.base, len(gens))
-	}
-	return createGeneration(a.p, a.s, a.base)
-}
-
-// Rotate creates the next generation, which becomes the encrypting key once the plugin sees it.
-func (a *Admin) Rotate() (Generation, error) {
-	gens, err := a.List()
-	if err != nil {
-		return Generation{}, err
-	}
-	if len(gens) == 0 {
-		return Generation{}, fmt.Errorf("%s has no generation yet; use create", a.base)
-	}
-	return createGeneration(a.p, a.s, a.base)
-}
-
-// Retire destroys a generation so it can no longer decrypt. The newest generation (the encrypting
-// one) cannot be retired. Checking that no data is still encrypted under it is the caller's job.
-func (a *Admin) Retire(keyID string) error {
-	gens, err := a.List()
+	inc.graveyard = nil
+	gens, err := listGenerations(p, s, w.cfg.KeyLabel)
 	if err != nil {
 		return err
 	}
-	for i, g := range gens {
-		if g.KeyID != keyID {
+	old := inc.keys.Load()
+	next := &keySet{byID: map[string]*key{}}
+	for _, g := range gens {
+		if !g.Usable {
+			w.log.Warn("ignoring a key object that is extractable, not sensitive or not AES-256", zap.String("label", g.Label))
 			continue
 		}
-		if i == len(gens)-1 {
-			return fmt.Errorf("%s is the newest generation and encrypts new data; rotate first", keyID)
+		k, ok := old.byID[g.KeyID]
+		if !ok {
+			k = &key{id: g.KeyID, gen: g.Generation, obj: g.handle, work: g.handle}
+			if *w.cfg.SessionKeyCopies {
+				// A session object inside the HSM, still sensitive and non-extractable: operations on it
+				// avoid the token-object overhead (about 2.5x in SoftHSM).
+				c, err := p.CopyObject(s, g.handle, []*p11.Attribute{p11.NewAttribute(p11.CKA_TOKEN, false)})
+				if err != nil {
+					return fmt.Errorf("C_CopyObject %s: %w", g.Label, err)
+				}
+				k.work = c
+			}
+			if old.current != nil {
+				w.log.Info("key generation found", zap.String("key_id", k.id), zap.Int("generation", k.gen))
+			}
 		}
-		return a.p.DestroyObject(a.s, g.handle)
-	}
-	return fmt.Errorf("no generation with key ID %q", keyID)
-}
-
-// Close logs nothing out (the login is shared by the application) and closes the session.
-func (a *Admin) Close() {
-	if a.s != 0 {
-		a.p.CloseSession(a.s)
-	}
-	if a.owner {
-		a.p.Finalize()
-	}
-	a.p.Destroy()
-}
-
-func isCode(err error, code uint) bool {
-	var pe p11.Error
-	return errors.As(err, &pe) && uint(pe) == code
-}
-
-func findSlot(p *p11.Ctx, cfg Config) (uint, error) {
-	if cfg.Slot != nil {
-		return *cfg.Slot, nil
-	}
-	slots, err := p.GetSlotList(true)
-	if err != nil {
-		return 0, fmt.Errorf("C_GetSlotList: %w", err)
-	}
-	for _, s := range slots {
-		ti, err := p.GetTokenInfo(s)
-		if err == nil && ti.Label == cfg.TokenLabel {
-			return s, nil
+		next.byID[k.id] = k
+		if next.current == nil || k.gen > next.current.gen {
+			next.current = k
 		}
 	}
-	return 0, fmt.Errorf("no token labelled %q: %w", cfg.TokenLabel, p11.Error(p11.CKR_TOKEN_NOT_PRESENT))
+	for id, k := range old.byID {
+		if _, ok := next.byID[id]; !ok {
+			w.log.Info("key generation retired", zap.String("key_id", id))
+			if k.work != k.obj {
+				inc.graveyard = append(inc.graveyard, k.work)
+			}
+		}
+	}
+	inc.keys.Store(next)
+	return nil
 }
 
-// login logs the user in; the PIN never appears in an error.
-func login(p *p11.Ctx, s p11.SessionHandle, pin string) error {
-	err := p.Login(s, p11.CKU_USER, pin)
-	if err == nil || isCode(err, p11.CKR_USER_ALREADY_LOGGED_IN) {
-		return nil
+// Refresh looks for new or retired key generations now (the plugin calls it on SIGHUP).
+func (w *Wrapper) Refresh(ctx context.Context) error {
+	return w.withIncarnation("refresh", func(inc *incarnation) error {
+		w.refreshMu.Lock()
+		defer w.refreshMu.Unlock()
+		return w.reloadKeys(inc)
+	})
+}
+
+func (w *Wrapper) refreshLoop() {
+	defer w.wg.Done()
+	t := time.NewTicker(w.cfg.KeyRefreshInterval.Duration)
+	defer t.Stop()
+	for {
+		select {
+		case <-w.stop:
+			return
+		case <-t.C:
+			if err := w.Refresh(context.Background()); err != nil && w.cur.Load() != nil {
+				w.log.Warn("key refresh failed", zap.Error(err))
+			}
+		}
 	}
-	var pe p11.Error
-	if errors.As(err, &pe) {
-		return fmt.Errorf("C_Login: %w", pe)
+}
+
+// KeyID returns the newest generation's key ID.
+func (w *Wrapper) KeyID(context.Context) (string, error) {
+	inc := w.cur.Load()
+	if inc == nil {
+		return "", fmt.Errorf("HSM unavailable (%s): %w", w.Reason(), fault.ErrUnavailable)
 	}
-	return errors.New("C_Login failed")
+	if k := inc.keys.Load().current; k != nil {
+		return k.id, nil
+	}
+	return "", fmt.Errorf("no key generation labelled %s.N on the token: %w", w.cfg.KeyLabel, fault.ErrUnavailable)
+}
+
+// KeyID derives a key generation's ID from the HSM object's identity: the base label, the generation
+// and a fingerprint of the object's CKA_ID (random per object), so an ID is never reused, even when a
+// retired generation number is created again, and it is the same after a restart.
+func KeyID(label string, generation int, ckaID []byte) string {
+	sum := sha256.Sum256(ckaID)
+	return label + "." + strconv.Itoa(generation) + "." + hex.EncodeToString(sum[:8])
+}
+
+// generationLabel is the CKA_LABEL of one key generation.
+func generationLabel(label string, generation int) string {
+	return label + "." + strconv.Itoa(generation)
+}
+
+// parseGeneration returns the generation of an object labelled label.N, or false.
+func parseGeneration(base, objLabel string) (int, bool) {
+	m := regexp.MustCompile(`^` + regexp.QuoteMeta(base) + `\.([1-9][0-9]{0,8})$`).FindStringSubmatch(objLabel)
+	if m == nil {
+		return 0, false
+	}
+	n, err := strconv.Atoi(m[1])
+	return n, err == nil
 }

@@ -10,6 +10,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/keyward/keyward/internal/config"
+	"github.com/keyward/keyward/internal/fault"
 	"github.com/keyward/keyward/kms"
 	"github.com/keyward/keyward/kms/kmstest"
 	"github.com/keyward/keyward/test/harness"
@@ -26,7 +28,7 @@ func newToken(t *testing.T, mutate ...func(*Config)) *token {
 	t.Helper()
 	h := harness.SoftHSMT(t, "keyward")
 	cfg := Config{Module: h.Module, TokenLabel: h.TokenLabel, PINFile: h.PINFile, KeyLabel: "kek",
-		KeyRefreshInterval: kms.Duration{Duration: time.Hour}}
+		KeyRefreshInterval: config.Duration{Duration: time.Hour}}
 	for _, m := range mutate {
 		m(&cfg)
 	}
@@ -144,13 +146,13 @@ func TestOutageAndRecovery(t *testing.T) {
 			if err := tk.hsm.HideToken(); err != nil {
 				t.Fatal(err)
 			}
-			if err := tk.w.Health(ctx); !errors.Is(err, kms.ErrUnavailable) {
+			if err := tk.w.Health(ctx); !errors.Is(err, fault.ErrUnavailable) {
 				t.Fatalf("Health with the token gone: %v, want ErrUnavailable", err)
 			}
-			if _, _, err := tk.w.Wrap(ctx, pt); !errors.Is(err, kms.ErrUnavailable) {
+			if _, _, err := tk.w.Wrap(ctx, pt); !errors.Is(err, fault.ErrUnavailable) {
 				t.Fatalf("Wrap with the token gone: %v, want ErrUnavailable", err)
 			}
-			if _, err := tk.w.Unwrap(ctx, ct, id); !errors.Is(err, kms.ErrUnavailable) {
+			if _, err := tk.w.Unwrap(ctx, ct, id); !errors.Is(err, fault.ErrUnavailable) {
 				t.Fatalf("Unwrap with the token gone: %v, want ErrUnavailable", err)
 			}
 			if tk.w.Reason() == "" {
@@ -201,7 +203,7 @@ func TestKeyWithoutGenerationIsUnavailable(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer w.Close()
-	if _, _, err := w.Wrap(context.Background(), []byte("x")); !errors.Is(err, kms.ErrUnavailable) || !strings.Contains(err.Error(), "keywardctl kms keys create") {
+	if _, _, err := w.Wrap(context.Background(), []byte("x")); !errors.Is(err, fault.ErrUnavailable) || !strings.Contains(err.Error(), "keywardctl kms keys create") {
 		t.Fatalf("no key: %v", err)
 	}
 }

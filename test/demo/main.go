@@ -24,7 +24,7 @@ import (
 
 	"github.com/keyward/keyward/csi"
 	"github.com/keyward/keyward/csi/tmpfs"
-	"github.com/keyward/keyward/kms"
+	"github.com/keyward/keyward/kms/envelope"
 	"github.com/keyward/keyward/test/harness"
 )
 
@@ -369,7 +369,7 @@ resources:
 		return fmt.Errorf("etcd get: %v", err)
 	}
 	raw := resp.Kvs[0].Value
-	envl, err := kms.ParseStored(raw)
+	envl, err := envelope.ParseStored(raw)
 	if err != nil || bytes.Contains(raw, []byte("demo-plaintext")) {
 		return fmt.Errorf("the Secret is not KMS v2 encrypted in etcd (%v)", err)
 	}

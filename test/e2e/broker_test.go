@@ -18,10 +18,11 @@ import (
 	"k8s.io/client-go/metadata"
 
 	"github.com/keyward/keyward/broker"
-	"github.com/keyward/keyward/broker/audit"
 	"github.com/keyward/keyward/broker/policy"
 	"github.com/keyward/keyward/broker/tokenreview"
 	"github.com/keyward/keyward/broker/vault"
+	"github.com/keyward/keyward/internal/audit"
+	"github.com/keyward/keyward/internal/fault"
 	"github.com/keyward/keyward/test/harness"
 )
 
@@ -148,8 +149,7 @@ func newBrokerEnv(t *testing.T) *brokerEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	src, err := vault.New(vault.Options{Client: vc, Mode: vault.ModePod, Log: zap.New(core),
-		Role: func(env string) (string, bool) { e, ok := authz.Environment(env); return e.VaultRole, ok }})
+	src, err := vault.New(vault.Options{Client: vc, Mode: vault.ModePod, Log: zap.New(core)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,7 +185,7 @@ func (e *brokerEnv) fetch(t *testing.T, tok broker.Token, claim broker.Identity,
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	return e.svc.Fetch(ctx, broker.Request{RequestID: fmt.Sprintf("req-%d", time.Now().UnixNano()), Event: broker.EventFetch,
+	return e.svc.Fetch(ctx, broker.Request{RequestID: fmt.Sprintf("req-%d", time.Now().UnixNano()), Event: audit.EventFetch,
 		Token: tok, Claimed: claim, Refs: []broker.SecretRef{{Ref: ref, Key: "password"}}})
 }
 
@@ -213,30 +213,30 @@ func TestBrokerAgainstKubeAndVault(t *testing.T) {
 	expect("allowed", prodTok, claimOf(prodPod), "payments-prod/db", nil, prodCanary)
 	expect("shared grant", prodTok, claimOf(prodPod), "shared/tls/ca", nil, "ca-pem")
 	expect("dev pod reads its own dev secret", devTok, claimOf(devPod), "payments-dev/db", nil, devValue)
-	expect("another namespace's pod", e.token(t, "other-prod"), claimOf(e.pods["other-prod"]), "payments-prod/db", broker.ErrDenied, "")
-	expect("dev pod, ref that exists only in prod, even with a grant", devTok, claimOf(devPod), "payments-dev/only-in-prod", broker.ErrNotFound, "")
-	expect("dev pod, a prod namespace's ref", devTok, claimOf(devPod), "payments-prod/db", broker.ErrDenied, "")
-	expect("namespace without environment label", e.token(t, "nolabel"), claimOf(e.pods["nolabel"]), "nolabel/x", broker.ErrDenied, "")
+	expect("another namespace's pod", e.token(t, "other-prod"), claimOf(e.pods["other-prod"]), "payments-prod/db", fault.ErrDenied, "")
+	expect("dev pod, ref that exists only in prod, even with a grant", devTok, claimOf(devPod), "payments-dev/only-in-prod", fault.ErrNotFound, "")
+	expect("dev pod, a prod namespace's ref", devTok, claimOf(devPod), "payments-prod/db", fault.ErrDenied, "")
+	expect("namespace without environment label", e.token(t, "nolabel"), claimOf(e.pods["nolabel"]), "nolabel/x", fault.ErrDenied, "")
 	for _, ref := range []string{"../prod/payments-prod/db", "/prod/payments-prod/db", "payments-prod//db", "payments-prod/./db", "payments-prod/db%2f..", ""} {
-		expect("traversal "+ref, prodTok, claimOf(prodPod), ref, broker.ErrInvalid, "")
+		expect("traversal "+ref, prodTok, claimOf(prodPod), ref, fault.ErrInvalid, "")
 	}
 	otherClaim := claimOf(prodPod)
 	otherClaim.PodName = "api-1"
-	expect("claimed pod differs from the token's", prodTok, otherClaim, "payments-prod/db", broker.ErrDenied, "")
+	expect("claimed pod differs from the token's", prodTok, otherClaim, "payments-prod/db", fault.ErrDenied, "")
 	otherClaim = claimOf(prodPod)
 	otherClaim.PodUID = "00000000-0000-0000-0000-000000000000"
-	expect("claimed pod UID differs", prodTok, otherClaim, "payments-prod/db", broker.ErrDenied, "")
+	expect("claimed pod UID differs", prodTok, otherClaim, "payments-prod/db", fault.ErrDenied, "")
 
 	wrongAud, err := e.kube.PodToken(ctx, prodPod, []string{"someone-else"}, 10*time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
-	expect("wrong audience", broker.Token(wrongAud), claimOf(prodPod), "payments-prod/db", broker.ErrUnauthenticated, "")
+	expect("wrong audience", broker.Token(wrongAud), claimOf(prodPod), "payments-prod/db", fault.ErrUnauthenticated, "")
 	unbound, err := e.kube.ServiceAccountToken(ctx, "payments-prod", "api", []string{audience}, 10*time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
-	expect("token not bound to a pod", broker.Token(unbound), claimOf(prodPod), "payments-prod/db", broker.ErrUnauthenticated, "")
+	expect("token not bound to a pod", broker.Token(unbound), claimOf(prodPod), "payments-prod/db", fault.ErrUnauthenticated, "")
 	sa, err := e.kube.Client.CoreV1().ServiceAccounts("payments-prod").Get(ctx, "api", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -247,7 +247,7 @@ func TestBrokerAgainstKubeAndVault(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	expect("forged token", broker.Token(forged), claimOf(prodPod), "payments-prod/db", broker.ErrUnauthenticated, "")
+	expect("forged token", broker.Token(forged), claimOf(prodPod), "payments-prod/db", fault.ErrUnauthenticated, "")
 	// Control: the same claims signed with the apiserver's key are accepted, so the forged and
 	// expired cases fail for the signature and the expiry alone.
 	genuine, err := e.kube.SignToken(claims, false)
@@ -260,8 +260,8 @@ func TestBrokerAgainstKubeAndVault(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	expect("expired token", broker.Token(expired), claimOf(prodPod), "payments-prod/db", broker.ErrUnauthenticated, "")
-	expect("no token", "", claimOf(prodPod), "payments-prod/db", broker.ErrUnauthenticated, "")
+	expect("expired token", broker.Token(expired), claimOf(prodPod), "payments-prod/db", fault.ErrUnauthenticated, "")
+	expect("no token", "", claimOf(prodPod), "payments-prod/db", fault.ErrUnauthenticated, "")
 
 	// A deleted pod's token stops working within seconds (the apiserver invalidates it; the positive
 	// review cache holds for at most CacheTTL).
@@ -283,7 +283,7 @@ func TestBrokerAgainstKubeAndVault(t *testing.T) {
 	eventually(t, 60*time.Second, "deleted pod's token refused", func() error {
 		requests++
 		_, err := e.fetch(t, broker.Token(victimTok), claimOf(victim), "payments-prod/db")
-		if errors.Is(err, broker.ErrUnauthenticated) {
+		if errors.Is(err, fault.ErrUnauthenticated) {
 			return nil
 		}
 		return fmt.Errorf("still %v", err)
@@ -293,7 +293,7 @@ func TestBrokerAgainstKubeAndVault(t *testing.T) {
 	// Vault down: Unavailable. Vault back (a new dev server, provisioned again): the broker recovers,
 	// logging in afresh since its cached Vault tokens died with the old server.
 	e.vault.Stop()
-	expect("vault stopped", prodTok, claimOf(prodPod), "payments-prod/db", broker.ErrUnavailable, "")
+	expect("vault stopped", prodTok, claimOf(prodPod), "payments-prod/db", fault.ErrUnavailable, "")
 	rctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	if err := e.vault.Restart(rctx); err != nil {

@@ -24,10 +24,11 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/keyward/keyward/broker"
-	"github.com/keyward/keyward/broker/audit"
 	"github.com/keyward/keyward/broker/policy"
 	"github.com/keyward/keyward/broker/tokenreview"
 	"github.com/keyward/keyward/broker/vault"
+	"github.com/keyward/keyward/internal/audit"
+	"github.com/keyward/keyward/internal/fault"
 	"github.com/keyward/keyward/test/harness"
 )
 
@@ -236,8 +237,7 @@ func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 	if err := e.vault.KubernetesRole(context.Background(), "kubernetes", "prod", []string{"payments-prod", "other-prod", ns}, []string{"*"}, []string{"prod-read"}, audience); err != nil {
 		t.Fatal(err)
 	}
-	src, err := vault.New(vault.Options{Client: vc, Mode: vault.ModePod, Log: zap.NewNop(),
-		Role: func(env string) (string, bool) { e, ok := authz.Environment(env); return e.VaultRole, ok }})
+	src, err := vault.New(vault.Options{Client: vc, Mode: vault.ModePod, Log: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -253,7 +253,7 @@ func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 	if err != nil {
 		t.Fatal(err)
 	}
-	req := broker.Request{RequestID: "rbac", Event: broker.EventFetch, Token: broker.Token(tok),
+	req := broker.Request{RequestID: "rbac", Event: audit.EventFetch, Token: broker.Token(tok),
 		Claimed: claimOf(pod), Refs: []broker.SecretRef{{Ref: ns + "/db", Key: "password"}}}
 	var last error
 	for ctx.Err() == nil {
@@ -272,7 +272,7 @@ func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 	req.Published = true
 	for ctx.Err() == nil {
 		_, last = svc.Fetch(ctx, req)
-		if errors.Is(last, broker.ErrWithdrawn) {
+		if errors.Is(last, fault.ErrWithdrawn) {
 			return nil
 		}
 		time.Sleep(100 * time.Millisecond)

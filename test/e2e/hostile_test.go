@@ -19,9 +19,9 @@ import (
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 
-	"github.com/keyward/keyward/broker/audit"
 	"github.com/keyward/keyward/csi"
 	"github.com/keyward/keyward/csi/tmpfs"
+	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/test/harness"
 )
 
@@ -197,7 +197,7 @@ func TestRepublishKeepsFilesThroughAmbiguousFailures(t *testing.T) {
 	}
 	if byCode["Unavailable"] < 3 || byCode["PermissionDenied"] < 1 {
 		for _, r := range d.records(t) {
-			t.Logf("%s %s %s %s %s", r.Event, r.Decision, r.Code, r.Subject.PodUID, r.Reason)
+			t.Logf("%s %s %s %s %s", r.Type, r.Decision, r.Code, r.Subject.PodUID, r.Reason)
 		}
 		t.Fatalf("refused republishes audited by code: %v", byCode)
 	}
@@ -321,7 +321,7 @@ func TestEveryRefusalIsAudited(t *testing.T) {
 		found := false
 		for _, r := range recs {
 			found = found || (r.Subject.PodUID == string(tc.pod.UID) && r.Decision == "deny" && r.Code == tc.code.String() &&
-				strings.Contains(r.Reason, tc.reason) && r.Event != "")
+				strings.Contains(r.Reason, tc.reason) && r.Type != "")
 		}
 		if !found {
 			t.Errorf("%s: no audit record with the pod and the reason", tc.name)

@@ -22,7 +22,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kmsapi "k8s.io/kms/apis/v2"
 
-	"github.com/keyward/keyward/kms"
+	"github.com/keyward/keyward/kms/envelope"
+	"github.com/keyward/keyward/kms/plugin"
 	"github.com/keyward/keyward/test/harness"
 )
 
@@ -157,7 +158,7 @@ func rawKeyID(t *testing.T, e *harness.Etcd, ns, name string) string {
 	if bytes.Contains(raw, []byte(secretCanary)) {
 		t.Fatalf("%s/%s: plaintext in etcd", ns, name)
 	}
-	env, err := kms.ParseStored(raw)
+	env, err := envelope.ParseStored(raw)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -345,7 +346,7 @@ func TestKMSWithKubeAPIServer(t *testing.T) {
 		}
 		resp.Body.Close()
 	}
-	if m := p.metric(t, "keyward_kms_key_id_hash_info"); !strings.Contains(m, kms.KeyIDHash(key2)) {
+	if m := p.metric(t, "keyward_kms_key_id_hash_info"); !strings.Contains(m, plugin.KeyIDHash(key2)) {
 		t.Fatalf("key ID hash metric %q", m)
 	}
 

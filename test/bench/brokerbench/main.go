@@ -16,10 +16,10 @@ import (
 	"k8s.io/client-go/metadata"
 
 	"github.com/keyward/keyward/broker"
-	"github.com/keyward/keyward/broker/audit"
 	"github.com/keyward/keyward/broker/policy"
 	"github.com/keyward/keyward/broker/tokenreview"
 	"github.com/keyward/keyward/broker/vault"
+	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/test/harness"
 )
 
@@ -99,8 +99,7 @@ func run(n int) error {
 		return err
 	}
 	newSvc := func() (*broker.Service, error) {
-		src, err := vault.New(vault.Options{Client: vc, Mode: vault.ModePod, Log: zap.NewNop(),
-			Role: func(env string) (string, bool) { e, ok := authz.Environment(env); return e.VaultRole, ok }})
+		src, err := vault.New(vault.Options{Client: vc, Mode: vault.ModePod, Log: zap.NewNop()})
 		if err != nil {
 			return nil, err
 		}
@@ -115,7 +114,7 @@ func run(n int) error {
 	if err != nil {
 		return err
 	}
-	req := broker.Request{RequestID: "bench", Event: broker.EventFetch, Token: broker.Token(jwt), Claimed: broker.Identity{Namespace: "payments", PodName: "api-0"}, Refs: refs}
+	req := broker.Request{RequestID: "bench", Event: audit.EventFetch, Token: broker.Token(jwt), Claimed: broker.Identity{Namespace: "payments", PodName: "api-0"}, Refs: refs}
 	direct := func() error {
 		tr, err := k.Client.AuthenticationV1().TokenReviews().Create(ctx, &authenticationv1.TokenReview{
 			Spec: authenticationv1.TokenReviewSpec{Token: jwt, Audiences: []string{"keyward"}}}, metav1.CreateOptions{})

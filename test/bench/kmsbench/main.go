@@ -25,12 +25,11 @@ import (
 	kmsapi "k8s.io/kms/apis/v2"
 	"k8s.io/kms/pkg/service"
 
-	"github.com/keyward/keyward/broker"
-	"github.com/keyward/keyward/broker/audit"
+	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/grpcserver"
-	"github.com/keyward/keyward/kms"
 	"github.com/keyward/keyward/kms/kmstest"
 	"github.com/keyward/keyward/kms/pkcs11"
+	"github.com/keyward/keyward/kms/plugin"
 	"github.com/keyward/keyward/test/harness"
 )
 
@@ -56,7 +55,7 @@ var discardAudit = flag.Bool("discard-audit", false, "diagnosis: keyward without
 
 type nopAuditor struct{}
 
-func (nopAuditor) Record(context.Context, broker.Event) error { return nil }
+func (nopAuditor) Record(context.Context, audit.Event) error { return nil }
 
 var only = flag.String("only", "", "measure only this contender (for profiling)")
 
@@ -96,7 +95,7 @@ func run(dur time.Duration, rounds int) error {
 		return err
 	}
 	os.Setenv("SOFTHSM2_CONF", hsm.ConfPath)
-	cfg := kms.PKCS11Config{Module: hsm.Module, TokenLabel: hsm.TokenLabel, PINFile: hsm.PINFile, KeyLabel: "kek", MaxSessions: *sessions}
+	cfg := pkcs11.Config{Module: hsm.Module, TokenLabel: hsm.TokenLabel, PINFile: hsm.PINFile, KeyLabel: "kek", MaxSessions: *sessions}
 	a, err := pkcs11.OpenAdmin(cfg, hsm.UserPIN)
 	if err != nil {
 		return err
@@ -120,15 +119,15 @@ func run(dur time.Duration, rounds int) error {
 		return err
 	}
 	defer auditLog.Close()
-	metrics, err := kms.NewMetrics(prometheus.NewRegistry(), wrapper)
+	metrics, err := plugin.NewMetrics(prometheus.NewRegistry(), wrapper)
 	if err != nil {
 		return err
 	}
-	var auditor broker.Auditor = auditLog
+	var auditor audit.Auditor = auditLog
 	if *discardAudit {
 		auditor = nopAuditor{}
 	}
-	svc, err := kms.NewService(kms.ServiceOptions{Wrapper: wrapper, Auditor: auditor, Logger: log, HealthInterval: 10 * time.Second, Metrics: metrics})
+	svc, err := plugin.NewService(plugin.ServiceOptions{Wrapper: wrapper, Auditor: auditor, Logger: log, HealthInterval: 10 * time.Second, Metrics: metrics})
 	if err != nil {
 		return err
 	}
@@ -326,7 +325,7 @@ func serve(ctx context.Context, path string, svc service.Service) (string, error
 		return "", err
 	}
 	gs := grpcserver.NewServer(zap.NewNop(), nil)
-	kms.NewGRPCServer(svc).Register(gs)
+	plugin.NewGRPCServer(svc).Register(gs)
 	go grpcserver.Serve(ctx, gs, l, time.Second)
 	return path, nil
 }
@@ -400,7 +399,7 @@ type rawHSM struct {
 	own  p11.SessionHandle
 }
 
-func newRaw(h *harness.SoftHSM, cfg kms.PKCS11Config) (*rawHSM, error) {
+func newRaw(h *harness.SoftHSM, cfg pkcs11.Config) (*rawHSM, error) {
 	p := p11.New(h.Module)
 	if err := p.Initialize(); err != nil && !strings.Contains(err.Error(), "ALREADY_INITIALIZED") {
 		return nil, err

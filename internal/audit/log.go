@@ -1,27 +1,21 @@
 package audit
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"hash"
 	"io"
 	"os"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
-	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
-
-	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // macField is always the last field of a record; the MAC covers every byte before it.
@@ -43,8 +37,8 @@ type Options struct {
 	SyncInterval time.Duration
 }
 
-// Log is a broker.Auditor writing hash-chained JSON records through its own zap encoder: never
-// sampled, never leveled, a fixed schema.
+// Log is an Auditor writing hash-chained JSON records, one line each, in Event's schema: never
+// sampled, never leveled.
 //
 // Records are group-committed: each caller encodes and chains its record under the lock, and whoever
 // finds no write in progress writes every queued record in one write(2) while the others wait for
@@ -53,8 +47,7 @@ type Options struct {
 type Log struct {
 	mu     sync.Mutex
 	cond   *sync.Cond // signalled when a write completes
-	enc    zapcore.Encoder
-	mac    hash.Hash // HMAC-SHA256 with the key, reused under mu
+	mac    hash.Hash  // HMAC-SHA256 with the key, reused under mu
 	file   *os.File
 	out    appender  // the file; tests substitute a faulty one
 	stdout io.Writer // optional copy of every record (best effort; the file is the record)
@@ -96,7 +89,7 @@ type batch struct {
 	err     error
 }
 
-var _ broker.Auditor = (*Log)(nil)
+var _ Auditor = (*Log)(nil)
 
 // ReadKey reads an HMAC key file.
 func ReadKey(path string) ([]byte, error) {
@@ -132,13 +125,6 @@ func Open(opts Options) (*Log, error) {
 	if opts.Stdout {
 		l.stdout = os.Stdout
 	}
-	l.enc = zapcore.NewJSONEncoder(zapcore.EncoderConfig{
-		TimeKey:        "time",
-		MessageKey:     "event",
-		EncodeTime:     zapcore.RFC3339NanoTimeEncoder,
-		EncodeDuration: zapcore.MillisDurationEncoder,
-		LineEnding:     "\n",
-	})
 	if opts.SyncInterval > 0 {
 		go l.syncLoop(opts.SyncInterval)
 	} else {
@@ -170,27 +156,29 @@ func (l *Log) resume(key []byte) error {
 	return nil
 }
 
-// Record writes one record. It returns an error wrapping broker.ErrUnavailable when the record
+// Record writes one record. It returns an error wrapping fault.ErrUnavailable when the record
 // could not be written; the caller must then refuse the request.
-func (l *Log) Record(_ context.Context, ev broker.Event) error {
+func (l *Log) Record(_ context.Context, ev Event) error {
 	if ev.Time.IsZero() {
 		ev.Time = time.Now()
 	}
+	ev.Time = ev.Time.UTC()
 	// Encoding needs no lock; only the sequence number and the MAC depend on the chain.
-	buf, err := l.enc.EncodeEntry(zapcore.Entry{Time: ev.Time.UTC(), Message: string(ev.Type)}, fields(ev))
-	if err != nil {
-		return fmt.Errorf("audit encode: %w", broker.ErrUnavailable)
+	buf := encoders.Get().(*encoder)
+	defer encoders.Put(buf)
+	buf.b.Reset()
+	if err := buf.enc.Encode(ev); err != nil {
+		return fmt.Errorf("audit encode: %w", fault.ErrUnavailable)
 	}
-	defer buf.Free()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.broken != nil {
-		return fmt.Errorf("audit log unusable until restarted and repaired: %v: %w", l.broken, broker.ErrUnavailable)
+		return fmt.Errorf("audit log unusable until restarted and repaired: %v: %w", l.broken, fault.ErrUnavailable)
 	}
 	if !l.syncEachTime && l.syncErr != nil {
-		return fmt.Errorf("audit sync: %v: %w", l.syncErr, broker.ErrUnavailable)
+		return fmt.Errorf("audit sync: %v: %w", l.syncErr, fault.ErrUnavailable)
 	}
-	body := bytes.TrimSuffix(buf.Bytes(), []byte("}\n"))
+	body := bytes.TrimSuffix(buf.b.Bytes(), []byte("}\n"))
 	body = append(body, `,"seq":`...)
 	body = strconv.AppendUint(body, l.seq+1, 10)
 	l.mac.Reset()
@@ -214,7 +202,7 @@ func (l *Log) Record(_ context.Context, ev broker.Event) error {
 		l.flushLocked()
 	}
 	if bt.err != nil {
-		return fmt.Errorf("audit write: %v: %w", bt.err, broker.ErrUnavailable)
+		return fmt.Errorf("audit write: %v: %w", bt.err, fault.ErrUnavailable)
 	}
 	return nil
 }
@@ -318,183 +306,15 @@ func chainMAC(key, prev, body []byte) []byte {
 	return m.Sum(nil)
 }
 
-// fields are a record's fields after time and event; seq and mac follow them.
-func fields(ev broker.Event) []zapcore.Field {
-	fs := []zapcore.Field{
-		zap.String("request_id", ev.RequestID),
-		zap.String("decision", string(ev.Decision)),
-		zap.String("reason", ev.Reason),
-		zap.Object("subject", subject(ev.Subject)),
-		zap.Object("object", object(ev.Object)),
-		zap.String("code", ev.Code),
-		zap.Float64("latency_ms", float64(ev.Latency.Microseconds())/1000),
-	}
-	if ev.Suppressed > 0 {
-		fs = append(fs, zap.Int("suppressed", ev.Suppressed))
-	}
-	return fs
+// encoder is a pooled JSON encoder of Events (HTML characters are written as they are).
+type encoder struct {
+	b   bytes.Buffer
+	enc *json.Encoder
 }
 
-type subject broker.Subject
-
-func (s subject) MarshalLogObject(e zapcore.ObjectEncoder) error {
-	e.AddString("namespace", s.Namespace)
-	e.AddString("service_account", s.ServiceAccount)
-	e.AddString("pod", s.Pod)
-	e.AddString("pod_uid", s.PodUID)
-	e.AddString("node", s.Node)
-	return nil
-}
-
-type object broker.Object
-
-func (o object) MarshalLogObject(e zapcore.ObjectEncoder) error {
-	e.AddString("environment", o.Environment)
-	e.AddString("ref", o.Ref)
-	e.AddString("key", o.Key)
-	e.AddInt("version", o.Version)
-	e.AddString("key_id", o.KeyID)
-	return nil
-}
-
-// Report is the result of Verify.
-type Report struct {
-	// Records is the number of records that verified, in order.
-	Records uint64
-	// Line is the 1-based line of the first problem (0 if none).
-	Line int
-	// Problem describes the first broken, reordered or missing record ("" if none).
-	Problem string
-	head    []byte
-}
-
-// OK reports whether every record verified.
-func (r Report) OK() bool { return r.Problem == "" }
-
-// Verify reads a whole audit file and checks the sequence and hash chain of every record. It stops
-// at the first problem. The error is for I/O failures only; a tampered file gives a Report with a
-// Problem.
-func Verify(r io.Reader, key []byte) (Report, error) {
-	var rep Report
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64*1024), 1<<20)
-	line := 0
-	for sc.Scan() {
-		line++
-		raw := sc.Bytes()
-		fail := func(format string, args ...any) (Report, error) {
-			rep.Line, rep.Problem = line, fmt.Sprintf("line %d: ", line)+fmt.Sprintf(format, args...)
-			return rep, nil
-		}
-		i := bytes.LastIndex(raw, []byte(macField))
-		if i < 0 || !bytes.HasSuffix(raw, []byte(`"}`)) {
-			return fail("not an audit record (no mac)")
-		}
-		body := raw[:i]
-		got, err := hex.DecodeString(string(raw[i+len(macField) : len(raw)-2]))
-		if err != nil {
-			return fail("malformed mac")
-		}
-		var head struct {
-			Seq *uint64 `json:"seq"`
-		}
-		if err := json.Unmarshal(append(append([]byte{}, body...), '}'), &head); err != nil || head.Seq == nil {
-			return fail("malformed record")
-		}
-		switch want := rep.Records + 1; {
-		case *head.Seq > want:
-			return fail("records %d..%d are missing", want, *head.Seq-1)
-		case *head.Seq < want:
-			return fail("record %d is out of order or repeated (expected %d)", *head.Seq, want)
-		}
-		if !hmac.Equal(got, chainMAC(key, rep.head, body)) {
-			return fail("record %d was modified (mac does not match the chain)", *head.Seq)
-		}
-		rep.Records++
-		rep.head = got
-	}
-	if err := sc.Err(); err != nil {
-		return rep, err
-	}
-	return rep, nil
-}
-
-// ErrTampered is returned by VerifyFile when the chain is broken.
-var ErrTampered = errors.New("audit log does not verify")
-
-// VerifyFile verifies the file at path with the key in keyFile.
-func VerifyFile(path, keyFile string) (Report, error) {
-	key, err := ReadKey(keyFile)
-	if err != nil {
-		return Report{}, err
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return Report{}, err
-	}
-	defer f.Close()
-	rep, err := Verify(f, key)
-	if err != nil {
-		return rep, err
-	}
-	if !rep.OK() {
-		return rep, fmt.Errorf("%w: %s", ErrTampered, strings.TrimSpace(rep.Problem))
-	}
-	return rep, nil
-}
-
-// Record is an audit record as read back from the file.
-type Record struct {
-	Time      time.Time `json:"time"`
-	Event     string    `json:"event"`
-	Seq       uint64    `json:"seq"`
-	RequestID string    `json:"request_id"`
-	Decision  string    `json:"decision"`
-	Reason    string    `json:"reason"`
-	Subject   struct {
-		Namespace      string `json:"namespace"`
-		ServiceAccount string `json:"service_account"`
-		Pod            string `json:"pod"`
-		PodUID         string `json:"pod_uid"`
-		Node           string `json:"node"`
-	} `json:"subject"`
-	Object struct {
-		Environment string `json:"environment"`
-		Ref         string `json:"ref"`
-		Key         string `json:"key"`
-		Version     int    `json:"version"`
-		KeyID       string `json:"key_id"`
-	} `json:"object"`
-	Code      string  `json:"code"`
-	LatencyMS float64 `json:"latency_ms"`
-	// Suppressed counts the same pod's refusals not recorded (rate limit) before this one.
-	Suppressed int `json:"suppressed,omitempty"`
-}
-
-// Filter selects records; zero fields match everything.
-type Filter struct {
-	Decision, Namespace, Event string
-	Since                      time.Time
-}
-
-// Query reads records from r and returns those matching f, in file order. It does not verify the
-// chain (run Verify for that).
-func Query(r io.Reader, f Filter) ([]Record, error) {
-	var out []Record
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64*1024), 1<<20)
-	line := 0
-	for sc.Scan() {
-		line++
-		var rec Record
-		if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
-			return nil, fmt.Errorf("line %d: %w", line, err)
-		}
-		if (f.Decision != "" && rec.Decision != f.Decision) || (f.Namespace != "" && rec.Subject.Namespace != f.Namespace) ||
-			(f.Event != "" && rec.Event != f.Event) || (!f.Since.IsZero() && rec.Time.Before(f.Since)) {
-			continue
-		}
-		out = append(out, rec)
-	}
-	return out, sc.Err()
-}
+var encoders = sync.Pool{New: func() any {
+	e := &encoder{}
+	e.enc = json.NewEncoder(&e.b)
+	e.enc.SetEscapeHTML(false)
+	return e
+}}

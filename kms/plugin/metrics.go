@@ -1,4 +1,4 @@
-package kms
+package plugin
 
 import (
 	"context"
@@ -8,13 +8,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
-)
 
-// PoolReporter is implemented by wrappers with a session pool (kms/pkcs11).
-type PoolReporter interface {
-	PoolStats() (inUse, idle int)
-	Recoveries() uint64
-}
+	"github.com/keyward/keyward/kms"
+)
 
 // Metrics are keyward-kms's Prometheus metrics.
 type Metrics struct {
@@ -24,7 +20,7 @@ type Metrics struct {
 }
 
 // NewMetrics registers the metrics on reg. The key ID is exposed only as a hash, as kube-apiserver does.
-func NewMetrics(reg prometheus.Registerer, w KeyWrapper) (*Metrics, error) {
+func NewMetrics(reg prometheus.Registerer, w kms.KeyWrapper) (*Metrics, error) {
 	m := &Metrics{
 		ops: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "keyward", Subsystem: "kms", Name: "operations_total",
@@ -41,7 +37,7 @@ func NewMetrics(reg prometheus.Registerer, w KeyWrapper) (*Metrics, error) {
 		}),
 	}
 	cs := []prometheus.Collector{m.ops, m.latency, m.healthy, keyIDCollector{w: w}}
-	if p, ok := w.(PoolReporter); ok {
+	if p, ok := w.(kms.PoolReporter); ok {
 		cs = append(cs,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "keyward", Subsystem: "kms", Name: "hsm_sessions_in_use",
 				Help: "PKCS#11 sessions in use."}, func() float64 { u, _ := p.PoolStats(); return float64(u) }),
@@ -73,7 +69,7 @@ func (m *Metrics) setHealthy(ok bool) {
 }
 
 // keyIDCollector exposes keyward_kms_key_id_hash_info{key_id_hash="..."} 1 for the current key.
-type keyIDCollector struct{ w KeyWrapper }
+type keyIDCollector struct{ w kms.KeyWrapper }
 
 var keyIDDesc = prometheus.NewDesc("keyward_kms_key_id_hash_info",
 	"The SHA-256 (first 16 hex digits) of the key ID that encrypts now.", []string{"key_id_hash"}, nil)

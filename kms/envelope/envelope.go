@@ -1,4 +1,4 @@
-package kms
+package envelope
 
 import (
 	"bytes"
@@ -6,6 +6,8 @@ import (
 	"fmt"
 
 	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/keyward/keyward/internal/fault"
 )
 
 // StoredPrefix starts every value kube-apiserver writes to etcd through a KMS v2 provider:
@@ -35,27 +37,27 @@ func ParseStored(raw []byte) (Envelope, error) {
 	rest := raw[len(StoredPrefix):]
 	i := bytes.IndexByte(rest, ':')
 	if i <= 0 {
-		return Envelope{}, fmt.Errorf("KMS v2 value without a provider name: %w", ErrInvalid)
+		return Envelope{}, fmt.Errorf("KMS v2 value without a provider name: %w", fault.ErrInvalid)
 	}
 	env := Envelope{Provider: string(rest[:i]), Annotations: map[string][]byte{}}
 	b := rest[i+1:]
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
 		if n < 0 {
-			return Envelope{}, fmt.Errorf("EncryptedObject: %v: %w", protowire.ParseError(n), ErrInvalid)
+			return Envelope{}, fmt.Errorf("EncryptedObject: %v: %w", protowire.ParseError(n), fault.ErrInvalid)
 		}
 		b = b[n:]
 		if typ != protowire.BytesType {
 			n = protowire.ConsumeFieldValue(num, typ, b)
 			if n < 0 {
-				return Envelope{}, fmt.Errorf("EncryptedObject: %v: %w", protowire.ParseError(n), ErrInvalid)
+				return Envelope{}, fmt.Errorf("EncryptedObject: %v: %w", protowire.ParseError(n), fault.ErrInvalid)
 			}
 			b = b[n:]
 			continue
 		}
 		v, n := protowire.ConsumeBytes(b)
 		if n < 0 {
-			return Envelope{}, fmt.Errorf("EncryptedObject: %v: %w", protowire.ParseError(n), ErrInvalid)
+			return Envelope{}, fmt.Errorf("EncryptedObject: %v: %w", protowire.ParseError(n), fault.ErrInvalid)
 		}
 		b = b[n:]
 		switch num {
@@ -72,7 +74,7 @@ func ParseStored(raw []byte) (Envelope, error) {
 		}
 	}
 	if env.KeyID == "" {
-		return Envelope{}, fmt.Errorf("EncryptedObject without a key ID: %w", ErrInvalid)
+		return Envelope{}, fmt.Errorf("EncryptedObject without a key ID: %w", fault.ErrInvalid)
 	}
 	return env, nil
 }
@@ -83,12 +85,12 @@ func mapEntry(b []byte) (string, []byte, error) {
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
 		if n < 0 || typ != protowire.BytesType {
-			return "", nil, fmt.Errorf("EncryptedObject annotation: %w", ErrInvalid)
+			return "", nil, fmt.Errorf("EncryptedObject annotation: %w", fault.ErrInvalid)
 		}
 		b = b[n:]
 		val, n := protowire.ConsumeBytes(b)
 		if n < 0 {
-			return "", nil, fmt.Errorf("EncryptedObject annotation: %w", ErrInvalid)
+			return "", nil, fmt.Errorf("EncryptedObject annotation: %w", fault.ErrInvalid)
 		}
 		b = b[n:]
 		switch num {

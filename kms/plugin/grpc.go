@@ -1,16 +1,18 @@
-package kms
+package plugin
 
 import (
 	"context"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/status"
 	kmsapi "k8s.io/kms/apis/v2"
 	"k8s.io/kms/pkg/service"
+
+	"github.com/keyward/keyward/internal/grpcserver"
 )
 
 // GRPCServer adapts a KMS v2 service.Service to the KMS v2 gRPC API. It only translates types and
-// errors; it holds no logic.
+// errors (internal/grpcserver.Status: the one map from error classes to codes); it holds no logic.
+// Error texts never hold a plaintext, key material or a PIN (the wrappers' messages are written so).
 type GRPCServer struct {
 	kmsapi.UnsafeKeyManagementServiceServer
 	svc service.Service
@@ -28,7 +30,7 @@ func (g *GRPCServer) Register(s *grpc.Server) { kmsapi.RegisterKeyManagementServ
 func (g *GRPCServer) Status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsapi.StatusResponse, error) {
 	r, err := g.svc.Status(ctx)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, grpcserver.Status(err)
 	}
 	return &kmsapi.StatusResponse{Version: r.Version, Healthz: r.Healthz, KeyId: r.KeyID}, nil
 }
@@ -37,7 +39,7 @@ func (g *GRPCServer) Status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsa
 func (g *GRPCServer) Encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kmsapi.EncryptResponse, error) {
 	r, err := g.svc.Encrypt(ctx, req.Uid, req.Plaintext)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, grpcserver.Status(err)
 	}
 	return &kmsapi.EncryptResponse{Ciphertext: r.Ciphertext, KeyId: r.KeyID, Annotations: r.Annotations}, nil
 }
@@ -46,11 +48,7 @@ func (g *GRPCServer) Encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*
 func (g *GRPCServer) Decrypt(ctx context.Context, req *kmsapi.DecryptRequest) (*kmsapi.DecryptResponse, error) {
 	pt, err := g.svc.Decrypt(ctx, req.Uid, &service.DecryptRequest{Ciphertext: req.Ciphertext, KeyID: req.KeyId, Annotations: req.Annotations})
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, grpcserver.Status(err)
 	}
 	return &kmsapi.DecryptResponse{Plaintext: pt}, nil
 }
-
-// toStatus turns a service error into a gRPC status with the code from Code. Error texts never hold a
-// plaintext, key material or a PIN (the wrappers' messages are written for this).
-func toStatus(err error) error { return status.Error(Code(err), err.Error()) }

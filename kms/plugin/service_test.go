@@ -1,4 +1,4 @@
-package kms_test
+package plugin_test
 
 import (
 	"bytes"
@@ -21,38 +21,39 @@ import (
 	"k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2"
 	kmsservice "k8s.io/kms/pkg/service"
 
-	"github.com/keyward/keyward/broker"
-	"github.com/keyward/keyward/broker/audit"
+	"github.com/keyward/keyward/internal/audit"
+	"github.com/keyward/keyward/internal/fault"
 	"github.com/keyward/keyward/internal/grpcserver"
-	"github.com/keyward/keyward/kms"
+	"github.com/keyward/keyward/kms/envelope"
 	"github.com/keyward/keyward/kms/kmstest"
+	"github.com/keyward/keyward/kms/plugin"
 )
 
 // canary is a DEK seed that must never show up in a log line or an audit record.
 var canary = []byte("CANARY-dek-seed-0123456789abcdef")
 
-type plugin struct {
+type testPlugin struct {
 	socket   string
-	svc      *kms.Service
+	svc      *plugin.Service
 	mem      *kmstest.Memory
 	logs     *observer.ObservedLogs
 	auditLog string
 	auditKey string
 }
 
-func startPlugin(t *testing.T, auditor func(path, key string) broker.Auditor) *plugin {
+func startPlugin(t *testing.T, auditor func(path, key string) audit.Auditor) *testPlugin {
 	t.Helper()
 	dir, err := os.MkdirTemp("/tmp", "kw-kms-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	p := &plugin{socket: filepath.Join(dir, "kms.sock"), mem: kmstest.NewMemory(),
+	p := &testPlugin{socket: filepath.Join(dir, "kms.sock"), mem: kmstest.NewMemory(),
 		auditLog: filepath.Join(dir, "audit.log"), auditKey: filepath.Join(dir, "audit.key")}
 	os.WriteFile(p.auditKey, bytes.Repeat([]byte("a"), 32), 0o600)
 	core, logs := observer.New(zap.DebugLevel)
 	p.logs = logs
-	var aud broker.Auditor
+	var aud audit.Auditor
 	if auditor != nil {
 		aud = auditor(p.auditLog, p.auditKey)
 	} else {
@@ -63,7 +64,7 @@ func startPlugin(t *testing.T, auditor func(path, key string) broker.Auditor) *p
 		t.Cleanup(func() { l.Close() })
 		aud = l
 	}
-	p.svc, err = kms.NewService(kms.ServiceOptions{Wrapper: p.mem, Auditor: aud, Logger: zap.New(core), HealthInterval: 50 * time.Millisecond})
+	p.svc, err = plugin.NewService(plugin.ServiceOptions{Wrapper: p.mem, Auditor: aud, Logger: zap.New(core), HealthInterval: 50 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +74,7 @@ func startPlugin(t *testing.T, auditor func(path, key string) broker.Auditor) *p
 		t.Fatal(err)
 	}
 	gs := grpcserver.NewServer(zap.New(core), nil)
-	kms.NewGRPCServer(p.svc).Register(gs)
+	plugin.NewGRPCServer(p.svc).Register(gs)
 	done := make(chan struct{})
 	go func() { grpcserver.Serve(ctx, gs, lis, time.Second); close(done) }()
 	go p.svc.Run(ctx)
@@ -82,7 +83,7 @@ func startPlugin(t *testing.T, auditor func(path, key string) broker.Auditor) *p
 }
 
 // apiserverClient is kube-apiserver's own KMS v2 client.
-func apiserverClient(t *testing.T, p *plugin) kmsservice.Service {
+func apiserverClient(t *testing.T, p *testPlugin) kmsservice.Service {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -121,7 +122,7 @@ func TestServiceThroughApiserverClient(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if enc.KeyID != cur || string(enc.Annotations[kms.AnnotationKey]) == "" {
+	if enc.KeyID != cur || string(enc.Annotations[plugin.AnnotationKey]) == "" {
 		t.Fatalf("encrypt = key %q annotations %v", enc.KeyID, enc.Annotations)
 	}
 	pt, err := c.Decrypt(ctx, "uid-2", &kmsservice.DecryptRequest{Ciphertext: enc.Ciphertext, KeyID: enc.KeyID, Annotations: enc.Annotations})
@@ -135,7 +136,7 @@ func TestServiceThroughApiserverClient(t *testing.T) {
 		"tampered":       {Ciphertext: tampered, KeyID: enc.KeyID},
 		"unknown key ID": {Ciphertext: enc.Ciphertext, KeyID: "memory.99.x"},
 		"empty key ID":   {Ciphertext: enc.Ciphertext},
-		"bad annotation": {Ciphertext: enc.Ciphertext, KeyID: enc.KeyID, Annotations: map[string][]byte{kms.AnnotationKey: []byte("rot13")}},
+		"bad annotation": {Ciphertext: enc.Ciphertext, KeyID: enc.KeyID, Annotations: map[string][]byte{plugin.AnnotationKey: []byte("rot13")}},
 	} {
 		_, err := c.Decrypt(ctx, "uid-bad", req)
 		if status.Code(err) != codes.InvalidArgument {
@@ -196,12 +197,12 @@ func assertNoCanary(t *testing.T, where string, b []byte) {
 
 type failingAuditor struct{}
 
-func (failingAuditor) Record(context.Context, broker.Event) error {
-	return fmt.Errorf("disk full: %w", broker.ErrUnavailable)
+func (failingAuditor) Record(context.Context, audit.Event) error {
+	return fmt.Errorf("disk full: %w", fault.ErrUnavailable)
 }
 
 func TestAuditFailureFailsClosed(t *testing.T) {
-	p := startPlugin(t, func(string, string) broker.Auditor { return failingAuditor{} })
+	p := startPlugin(t, func(string, string) audit.Auditor { return failingAuditor{} })
 	c := apiserverClient(t, p)
 	waitHealthy(t, c)
 	resp, err := c.Encrypt(context.Background(), "uid", canary)
@@ -249,9 +250,9 @@ resources:
 	if !bytes.HasPrefix(stored, []byte("k8s:enc:kms:v2:keyward:")) || bytes.Contains(stored, canary) {
 		t.Fatalf("stored value %q", stored[:min(40, len(stored))])
 	}
-	env, err := kms.ParseStored(stored)
+	env, err := envelope.ParseStored(stored)
 	cur, _ := p.mem.KeyID(ctx)
-	if err != nil || env.Provider != "keyward" || env.KeyID != cur || string(env.Annotations[kms.AnnotationKey]) != "aes-256-gcm;v1" {
+	if err != nil || env.Provider != "keyward" || env.KeyID != cur || string(env.Annotations[plugin.AnnotationKey]) != "aes-256-gcm;v1" {
 		t.Fatalf("envelope = %+v, %v", env, err)
 	}
 	back, _, err := tr.TransformFromStorage(ctx, stored, dataCtx)
@@ -267,7 +268,7 @@ resources:
 	if _, _, err := tr.TransformFromStorage(ctx, bad, dataCtx); err == nil {
 		t.Fatal("tampered value decrypted")
 	}
-	if _, err := kms.ParseStored([]byte("k8s:enc:aescbc:v1:key1:xxxx")); !errors.Is(err, kms.ErrNotKMSv2) {
+	if _, err := envelope.ParseStored([]byte("k8s:enc:aescbc:v1:key1:xxxx")); !errors.Is(err, envelope.ErrNotKMSv2) {
 		t.Fatalf("aescbc value: %v", err)
 	}
 }

@@ -1,4 +1,4 @@
-package kms
+package envelope
 
 import (
 	"errors"
@@ -6,7 +6,12 @@ import (
 
 	"google.golang.org/protobuf/proto"
 	kmstypes "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
+
+	"github.com/keyward/keyward/internal/fault"
 )
+
+// annotationKey is keyward-kms's annotation (kms/plugin); any key does for the codec.
+const annotationKey = "kms.keyward.dev"
 
 func stored(t testing.TB, o *kmstypes.EncryptedObject) []byte {
 	b, err := proto.Marshal(o)
@@ -18,10 +23,10 @@ func stored(t testing.TB, o *kmstypes.EncryptedObject) []byte {
 
 func TestParseStoredMatchesApiserverTypes(t *testing.T) {
 	raw := stored(t, &kmstypes.EncryptedObject{EncryptedData: []byte("data"), KeyID: "kek.1.ab",
-		EncryptedDEKSource: []byte("wrapped"), Annotations: map[string][]byte{AnnotationKey: []byte("v")}})
+		EncryptedDEKSource: []byte("wrapped"), Annotations: map[string][]byte{annotationKey: []byte("v")}})
 	env, err := ParseStored(raw)
 	if err != nil || env.Provider != "keyward" || env.KeyID != "kek.1.ab" || string(env.WrappedDEK) != "wrapped" ||
-		string(env.Annotations[AnnotationKey]) != "v" {
+		string(env.Annotations[annotationKey]) != "v" {
 		t.Fatalf("ParseStored = %+v, %v", env, err)
 	}
 	for _, bad := range [][]byte{[]byte("plain"), []byte("k8s:enc:kms:v1:x:yy"), []byte("k8s:enc:identity")} {
@@ -29,7 +34,7 @@ func TestParseStoredMatchesApiserverTypes(t *testing.T) {
 			t.Errorf("%q: %v", bad, err)
 		}
 	}
-	if _, err := ParseStored([]byte("k8s:enc:kms:v2:keyward:\xff\xff")); !errors.Is(err, ErrInvalid) {
+	if _, err := ParseStored([]byte("k8s:enc:kms:v2:keyward:\xff\xff")); !errors.Is(err, fault.ErrInvalid) {
 		t.Errorf("garbage protobuf: %v", err)
 	}
 }

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/fault"
 )
 
 func newKeyB(b *testing.B, dir string) string {
@@ -32,16 +32,16 @@ func newKey(t *testing.T, dir string) string {
 	return p
 }
 
-func event(i int) broker.Event {
-	return broker.Event{
+func event(i int) Event {
+	return Event{
 		RequestID: fmt.Sprintf("req-%d", i),
-		Type:      broker.EventKMSEncrypt,
-		Decision:  broker.Allow,
+		Type:      EventKMSEncrypt,
+		Decision:  Allowed,
 		Reason:    "ok",
-		Subject:   broker.Subject{Namespace: "payments", ServiceAccount: "api", Pod: "api-0", PodUID: "u1", Node: "n1"},
-		Object:    broker.Object{Environment: "prod", Ref: "payments/db", Key: "password", Version: 3, KeyID: "kek.1.abcd"},
+		Subject:   Subject{Namespace: "payments", ServiceAccount: "api", Pod: "api-0", PodUID: "u1", Node: "n1"},
+		Object:    Object{Environment: "prod", Ref: "payments/db", Key: "password", Version: 3, KeyID: "kek.1.abcd"},
 		Code:      "OK",
-		Latency:   1500 * time.Microsecond,
+		Latency:   Millis(1500 * time.Microsecond),
 	}
 }
 
@@ -139,7 +139,7 @@ func TestFailsClosedWhenTheRecordCannotBeWritten(t *testing.T) {
 		t.Fatal(err)
 	}
 	l.file.Close() // the disk went away under the log
-	if err := l.Record(context.Background(), event(1)); !errors.Is(err, broker.ErrUnavailable) {
+	if err := l.Record(context.Background(), event(1)); !errors.Is(err, fault.ErrUnavailable) {
 		t.Fatalf("Record on a dead file: %v, want ErrUnavailable", err)
 	}
 }
@@ -172,8 +172,8 @@ func TestQuery(t *testing.T) {
 	old := event(1)
 	old.Time = time.Now().Add(-2 * time.Hour)
 	deny := event(2)
-	deny.Decision, deny.Type, deny.Subject.Namespace = broker.Deny, broker.EventMount, "billing"
-	for _, ev := range []broker.Event{old, deny, event(3)} {
+	deny.Decision, deny.Type, deny.Subject.Namespace = Denied, EventMount, "billing"
+	for _, ev := range []Event{old, deny, event(3)} {
 		if err := l.Record(context.Background(), ev); err != nil {
 			t.Fatal(err)
 		}
@@ -244,7 +244,7 @@ func TestFailedWriteLeavesNoPartialRecordAndTheChainContinues(t *testing.T) {
 				}
 			}
 			w.fail = true
-			if err := l.Record(context.Background(), event(3)); !errors.Is(err, broker.ErrUnavailable) {
+			if err := l.Record(context.Background(), event(3)); !errors.Is(err, fault.ErrUnavailable) {
 				t.Fatalf("Record on a full disk: %v, want ErrUnavailable", err)
 			}
 			w.fail = false
@@ -347,12 +347,12 @@ func TestUncutPartialRecordStopsTheLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.fail, w.truncateFail = true, true
-	if err := l.Record(context.Background(), event(1)); !errors.Is(err, broker.ErrUnavailable) {
+	if err := l.Record(context.Background(), event(1)); !errors.Is(err, fault.ErrUnavailable) {
 		t.Fatalf("failed write: %v", err)
 	}
 	w.fail, w.truncateFail = false, false
 	for i := range 3 {
-		if err := l.Record(context.Background(), event(2+i)); !errors.Is(err, broker.ErrUnavailable) {
+		if err := l.Record(context.Background(), event(2+i)); !errors.Is(err, fault.ErrUnavailable) {
 			t.Fatalf("record after an uncut partial write: %v, want ErrUnavailable", err)
 		}
 	}

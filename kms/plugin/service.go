@@ -1,4 +1,4 @@
-package kms
+package plugin
 
 import (
 	"context"
@@ -8,11 +8,12 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"google.golang.org/grpc/codes"
 	"k8s.io/kms/pkg/service"
 
-	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/internal/audit"
+	"github.com/keyward/keyward/internal/fault"
 	"github.com/keyward/keyward/internal/grpcserver"
+	"github.com/keyward/keyward/kms"
 )
 
 // AnnotationKey is the one annotation keyward-kms attaches to every ciphertext. kube-apiserver only
@@ -24,9 +25,9 @@ var annotationValue = []byte("aes-256-gcm;v1")
 
 // ServiceOptions configure NewService.
 type ServiceOptions struct {
-	Wrapper KeyWrapper
+	Wrapper kms.KeyWrapper
 	// Auditor receives one record per Encrypt and Decrypt. Required: audit is not optional.
-	Auditor broker.Auditor
+	Auditor audit.Auditor
 	Logger  *zap.Logger
 	// HealthInterval between background round trips (default 10s). Status reports "ok" only if the
 	// last round trip succeeded and is at most 3 intervals old.
@@ -36,10 +37,10 @@ type ServiceOptions struct {
 }
 
 // Service is keyward-kms's core: the KMS v2 operations over a KeyWrapper, with cached health and
-// audit. It returns errors wrapping the kms sentinels; the gRPC adapter turns them into codes.
+// audit. It returns errors wrapping internal/fault's sentinels; the gRPC adapter turns them into codes.
 type Service struct {
-	w        KeyWrapper
-	audit    broker.Auditor
+	w        kms.KeyWrapper
+	audit    audit.Auditor
 	log      *zap.Logger
 	interval time.Duration
 	metrics  *Metrics
@@ -95,7 +96,7 @@ func (s *Service) CheckHealth(ctx context.Context) error {
 	prev := s.health.Load()
 	st := &healthState{ok: err == nil, at: time.Now()}
 	if err != nil {
-		st.reason = short(err)
+		st.reason = fault.Truncate(err.Error(), maxReason)
 	}
 	s.health.Store(st)
 	if prev.ok != st.ok {
@@ -137,7 +138,7 @@ func (s *Service) Status(ctx context.Context) (*service.StatusResponse, error) {
 	id, err := s.w.KeyID(ctx)
 	healthz := "ok"
 	if err != nil {
-		healthz = short(err)
+		healthz = fault.Truncate(err.Error(), maxReason)
 	} else if herr := s.Healthz(); herr != nil {
 		healthz = herr.Error()
 	}
@@ -149,7 +150,7 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (re
 	start := time.Now()
 	var keyID string
 	defer func() {
-		err = s.finish(ctx, broker.EventKMSEncrypt, uid, keyID, start, err)
+		err = s.finish(ctx, audit.EventKMSEncrypt, uid, keyID, start, err)
 		if err != nil {
 			resp = nil
 		}
@@ -158,8 +159,8 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (re
 	if err != nil {
 		return nil, err
 	}
-	if len(ct) > MaxCiphertext || len(keyID) > MaxKeyID || keyID == "" {
-		return nil, fmt.Errorf("wrapper returned %d-byte ciphertext, %d-byte key ID: %w", len(ct), len(keyID), ErrUnavailable)
+	if len(ct) > kms.MaxCiphertext || len(keyID) > kms.MaxKeyID || keyID == "" {
+		return nil, fmt.Errorf("wrapper returned %d-byte ciphertext, %d-byte key ID: %w", len(ct), len(keyID), fault.ErrUnavailable)
 	}
 	return &service.EncryptResponse{Ciphertext: ct, KeyID: keyID,
 		Annotations: map[string][]byte{AnnotationKey: annotationValue}}, nil
@@ -169,47 +170,43 @@ func (s *Service) Encrypt(ctx context.Context, uid string, plaintext []byte) (re
 func (s *Service) Decrypt(ctx context.Context, uid string, req *service.DecryptRequest) (pt []byte, err error) {
 	start := time.Now()
 	defer func() {
-		err = s.finish(ctx, broker.EventKMSDecrypt, uid, req.KeyID, start, err)
+		err = s.finish(ctx, audit.EventKMSDecrypt, uid, req.KeyID, start, err)
 		if err != nil {
 			pt = nil
 		}
 	}()
-	if req.KeyID == "" || len(req.KeyID) > MaxKeyID {
-		return nil, fmt.Errorf("key ID of %d bytes: %w", len(req.KeyID), ErrInvalid)
+	if req.KeyID == "" || len(req.KeyID) > kms.MaxKeyID {
+		return nil, fmt.Errorf("key ID of %d bytes: %w", len(req.KeyID), fault.ErrInvalid)
 	}
 	if v, ok := req.Annotations[AnnotationKey]; ok && string(v) != string(annotationValue) {
-		return nil, fmt.Errorf("unknown ciphertext format %q: %w", short(errors.New(string(v))), ErrInvalid)
+		return nil, fmt.Errorf("unknown ciphertext format %q: %w", fault.Truncate(string(v), maxReason), fault.ErrInvalid)
 	}
 	return s.w.Unwrap(ctx, req.Ciphertext, req.KeyID)
 }
 
 // finish records metrics and the audit record for one operation. If the record cannot be written the
 // operation fails (fail closed) and its result is discarded by the caller.
-func (s *Service) finish(ctx context.Context, ev broker.EventType, uid, keyID string, start time.Time, err error) error {
-	if errors.Is(err, ErrUnavailable) {
+func (s *Service) finish(ctx context.Context, typ audit.EventType, uid, keyID string, start time.Time, err error) error {
+	if errors.Is(err, fault.ErrUnavailable) {
 		s.markUnhealthy(err)
 	}
 	latency := time.Since(start)
-	decision := broker.Allow
-	reason := "ok"
-	if err != nil {
-		decision, reason = broker.Error, short(err)
+	ev := audit.Event{Time: start, RequestID: uid, Type: typ, Object: audit.Object{KeyID: keyID}, Latency: audit.Millis(latency)}
+	ev.Outcome(err)
+	if err == nil {
+		ev.Reason = "ok"
 	}
-	aerr := s.audit.Record(ctx, broker.Event{
-		Time: start, RequestID: uid, Type: ev, Decision: decision, Reason: reason,
-		Object: broker.Object{KeyID: keyID}, Code: Code(err).String(), Latency: latency,
-	})
-	if aerr != nil && err == nil {
-		err = fmt.Errorf("audit record not written, refusing the result: %w", ErrUnavailable)
+	if aerr := s.audit.Record(ctx, ev); aerr != nil && err == nil {
+		err = fmt.Errorf("audit record not written, refusing the result: %w", fault.ErrUnavailable)
 	}
 	if s.metrics != nil {
-		s.metrics.observe(string(ev), Code(err), latency)
+		s.metrics.observe(string(typ), grpcserver.Code(fault.ClassOf(err)), latency)
 	}
 	return err
 }
 
 func (s *Service) markUnhealthy(err error) {
-	s.health.Store(&healthState{reason: short(err), at: time.Now()})
+	s.health.Store(&healthState{reason: fault.Truncate(err.Error(), maxReason), at: time.Now()})
 	if s.metrics != nil {
 		s.metrics.setHealthy(false)
 	}
@@ -219,17 +216,5 @@ func (s *Service) markUnhealthy(err error) {
 	}
 }
 
-// Code maps an error to its gRPC code. The gRPC adapter and the audit records use it; it is the
-// broker's one mapping (broker.CodeName), since the kms sentinels are the broker's.
-func Code(err error) codes.Code {
-	return grpcserver.CodeFromName(broker.CodeName(err))
-}
-
-// short bounds an error text for Status and audit reasons.
-func short(err error) string {
-	s := err.Error()
-	if len(s) > 240 {
-		s = s[:240] + "..."
-	}
-	return s
-}
+// maxReason bounds an error text in Status and audit reasons.
+const maxReason = 240

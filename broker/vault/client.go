@@ -1,0 +1,145 @@
+package vault
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	vaultapi "github.com/hashicorp/vault/api"
+	"go.uber.org/zap"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/keyward/keyward/broker"
+)
+
+// Mode is how the source authenticates to Vault.
+type Mode string
+
+const (
+	// ModePod logs in with Vault's kubernetes auth method as the pod, with the pod's own token, so
+	// Vault's policies are a second check and Vault's audit log names the pod. The default.
+	ModePod Mode = "pod"
+	// ModeBroker uses the broker's own Vault token (from a file) for every pod; the broker's policy
+	// scoping is then the only check.
+	ModeBroker Mode = "broker"
+)
+
+// ClientOptions build a vault/api client.
+type ClientOptions struct {
+	Address string
+	// CACertFile verifies Vault's TLS certificate.
+	CACertFile string
+	// AllowHTTP permits an http:// address (development only).
+	AllowHTTP bool
+	// Timeout per HTTP request (default 10s). Retries: up to 2 on connection errors and 5xx.
+	Timeout time.Duration
+}
+
+// NewClient returns a vault/api client with no token set.
+func NewClient(o ClientOptions) (*vaultapi.Client, error) {
+	switch {
+	case strings.HasPrefix(o.Address, "https://"):
+	case strings.HasPrefix(o.Address, "http://"):
+		if !o.AllowHTTP {
+			return nil, fmt.Errorf("vault address %s is plain HTTP: use https with a CA file (plain HTTP only with the explicit development flag)", o.Address)
+		}
+	default:
+		return nil, fmt.Errorf("vault address %q: want https://host:port", o.Address)
+	}
+	cfg := vaultapi.DefaultConfig()
+	if cfg.Error != nil {
+		return nil, cfg.Error
+	}
+	cfg.Address = o.Address
+	cfg.MaxRetries = 2
+	cfg.MinRetryWait = 50 * time.Millisecond
+	cfg.MaxRetryWait = 400 * time.Millisecond
+	cfg.Timeout = o.Timeout
+	if cfg.Timeout == 0 {
+		cfg.Timeout = 10 * time.Second
+	}
+	if o.CACertFile != "" {
+		if err := cfg.ConfigureTLS(&vaultapi.TLSConfig{CACert: o.CACertFile}); err != nil {
+			return nil, err
+		}
+	}
+	// The broker talks to one Vault address with many concurrent reads; vault/api's pool keeps only
+	// GOMAXPROCS+1 idle connections per host, so over HTTP/1.1 a burst of publishes would open and
+	// close connections on every read.
+	if t, ok := cfg.HttpClient.Transport.(*http.Transport); ok {
+		t.MaxIdleConnsPerHost = 64
+	}
+	c, err := vaultapi.NewClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	c.ClearToken()
+	c.SetCloneToken(false)
+	return c, nil
+}
+
+// Options configure New.
+type Options struct {
+	Client *vaultapi.Client
+	Mode   Mode
+	// AuthMount is the kubernetes auth method's mount (default "kubernetes"), for ModePod.
+	AuthMount string
+	// BrokerToken is the broker's own Vault token, for ModeBroker.
+	BrokerToken broker.Token
+	Log         *zap.Logger
+	Now         func() time.Time
+}
+
+// Source is broker.SecretSource over Vault KV v2.
+type Source struct {
+	o      Options
+	mu     sync.Mutex
+	tokens map[tokenKey]*vaultToken
+	flight singleflight.Group
+}
+
+// tokenKey names a cached Vault token: the pod's login with a role.
+type tokenKey struct{ podUID, role string }
+
+func (k tokenKey) String() string { return k.podUID + "|" + k.role }
+
+type vaultToken struct {
+	token     string
+	issued    time.Time
+	ttl       time.Duration
+	renewable bool
+}
+
+var _ broker.SecretSource = (*Source)(nil)
+
+// New checks the options.
+func New(o Options) (*Source, error) {
+	if o.Client == nil || o.Log == nil {
+		return nil, errors.New("vault: Client and Log are required")
+	}
+	if o.AuthMount == "" {
+		o.AuthMount = "kubernetes"
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	switch o.Mode {
+	case ModePod:
+	case ModeBroker:
+		if o.BrokerToken.Empty() {
+			return nil, errors.New("vault: broker mode needs the broker's token")
+		}
+	default:
+		return nil, fmt.Errorf("vault: unknown mode %q (want pod or broker)", o.Mode)
+	}
+	return &Source{o: o, tokens: map[tokenKey]*vaultToken{}}, nil
+}
+
+// client is the shared client with token set on every request by a callback: a shallow copy, not a
+// Clone (which builds a whole new client, environment lookups included, per call).
+func (s *Source) client(token string) *vaultapi.Client {
+	return s.o.Client.WithRequestCallbacks(func(req *vaultapi.Request) { req.ClientToken = token })
+}

@@ -1,0 +1,138 @@
+package csi
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"os"
+	"strconv"
+
+	"go.uber.org/zap"
+
+	"github.com/keyward/keyward/csi/tmpfs"
+)
+
+// Mounter is what the node server needs of the node's mounts: tmpfs volumes in production
+// (nodeMounter); tests substitute faults to reach the cleanup paths without root.
+type Mounter interface {
+	// Mount mounts a size-bounded tmpfs at target (an existing directory).
+	Mount(target string, o tmpfs.MountOptions) error
+	// Unmount scrubs and unmounts the volume at target (idempotent); scrubErr reports files it could
+	// not overwrite first, err a volume it could not unmount.
+	Unmount(target string, limit int64) (scrubErr, err error)
+	// Published reports whether a volume is mounted at target.
+	Published(target string) (bool, error)
+	// Open opens the volume mounted at target.
+	Open(target string, limit int64) (Mounted, error)
+}
+
+// Mounted is a mounted volume's files (tmpfs.Volume).
+type Mounted interface {
+	Swap(files []tmpfs.File, gid int, dirMode os.FileMode) error
+	Clear() error
+	Current() (payload string, ok bool)
+	Intact(files []tmpfs.File, gid int) bool
+	Close() error
+}
+
+var _ Mounted = (*tmpfs.Volume)(nil)
+
+// nodeMounter is Mounter over csi/tmpfs.
+type nodeMounter struct{}
+
+func (nodeMounter) Mount(target string, o tmpfs.MountOptions) error {
+	_, err := tmpfs.Mount(target, o)
+	return err
+}
+
+func (nodeMounter) Unmount(target string, limit int64) (error, error) {
+	return tmpfs.Unmount(target, limit)
+}
+
+func (nodeMounter) Published(target string) (bool, error) { return tmpfs.Published(target) }
+
+func (nodeMounter) Open(target string, limit int64) (Mounted, error) {
+	v, err := tmpfs.Open(target, limit)
+	if err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// digest is a keyed hash of a set of files (names, modes, group, contents): equal digests, equal
+// sets. The key is random per process, so the digest says nothing about the values.
+func (s *Server) digest(files []tmpfs.File, gid int) [32]byte {
+	h := hmac.New(sha256.New, s.digestKey[:])
+	var n [8]byte
+	put := func(b []byte) {
+		binary.BigEndian.PutUint64(n[:], uint64(len(b)))
+		h.Write(n[:])
+		h.Write(b)
+	}
+	put([]byte(strconv.Itoa(gid)))
+	for _, f := range files {
+		put([]byte(f.Name))
+		put([]byte(strconv.FormatUint(uint64(f.Mode), 8)))
+		put(f.Data)
+	}
+	var out [32]byte
+	copy(out[:], h.Sum(nil))
+	return out
+}
+
+// swapped records what a volume delivers after a swap.
+func (s *Server) swapped(volumeID string, v Mounted, sum [32]byte) {
+	payload, _ := v.Current()
+	s.deliveredMu.Lock()
+	s.delivered[volumeID] = delivery{payload: payload, digest: sum}
+	s.deliveredMu.Unlock()
+}
+
+func (s *Server) forget(volumeID string) {
+	s.deliveredMu.Lock()
+	delete(s.delivered, volumeID)
+	s.deliveredMu.Unlock()
+}
+
+// update swaps new files into a published volume, unless it already delivers exactly them: the
+// payload in force is the one this process swapped in, with the same digest, and its layout is
+// intact (metadata only: nothing in the volume is opened).
+func (s *Server) update(volumeID, target string, limit int64, files []tmpfs.File, gid int) error {
+	v, err := s.o.Mounter.Open(target, limit)
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	sum := s.digest(files, gid)
+	s.deliveredMu.Lock()
+	d, known := s.delivered[volumeID]
+	s.deliveredMu.Unlock()
+	if cur, ok := v.Current(); known && ok && cur == d.payload && d.digest == sum && v.Intact(files, gid) {
+		return nil
+	}
+	if err := v.Swap(files, gid, dirMode(gid)); errors.Is(err, tmpfs.ErrScrub) {
+		s.o.Log.Warn("republish: the new files are in force; an old file could not be overwritten first", zap.String("volume_id", volumeID), zap.Error(err))
+	} else if err != nil {
+		s.forget(volumeID)
+		return err
+	}
+	s.swapped(volumeID, v, sum)
+	return nil
+}
+
+// clear removes a published volume's files.
+func (s *Server) clear(volumeID, target string, limit int64) error {
+	s.forget(volumeID)
+	v, err := s.o.Mounter.Open(target, limit)
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	if err := v.Clear(); errors.Is(err, tmpfs.ErrScrub) {
+		s.o.Log.Warn("clearing: the files are gone; an old file could not be overwritten first", zap.String("volume_id", volumeID), zap.Error(err))
+	} else if err != nil {
+		return err
+	}
+	return nil
+}

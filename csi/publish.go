@@ -1,0 +1,162 @@
+package csi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"go.uber.org/zap"
+
+	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/csi/tmpfs"
+	"github.com/keyward/keyward/internal/audit"
+	"github.com/keyward/keyward/internal/fault"
+	"github.com/keyward/keyward/internal/grpcserver"
+)
+
+// NodePublishVolume mounts a tmpfs at the target path and writes the pod's secrets into it. Called
+// again for a published volume (requiresRepublish, with a fresh token), it authenticates and
+// authorizes again: if access is withdrawn for certain (the policy denies it, or the pod is gone) it
+// clears the files; any other failure keeps them, and kubelet retries; allowed, it swaps the files
+// in only if they changed. Every refusal is audited, whatever stage refused it.
+func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
+	breq := broker.Request{RequestID: req.GetVolumeId() + "/" + nonce(), Event: audit.EventMount, Claimed: claimedPod(req.GetVolumeContext())}
+	vol, gid, err := s.checkPublish(req)
+	if err != nil {
+		return nil, s.refuse(ctx, breq, err)
+	}
+	breq.Claimed, breq.Token, breq.Refs, breq.MaxBytes = vol.Claimed, vol.Token, vol.Refs(), vol.SizeLimit
+	unlock := s.lock(req.GetVolumeId())
+	defer unlock()
+	release, err := s.o.Limiter.acquire(ctx, vol.Weight())
+	if err != nil {
+		return nil, s.refuse(ctx, breq, err)
+	}
+	defer release()
+	published, err := s.o.Mounter.Published(req.GetTargetPath())
+	if err != nil {
+		return nil, s.refuse(ctx, breq, fmt.Errorf("inspecting the target: %v: %w", err, fault.ErrUnavailable))
+	}
+	breq.Published = published
+	podUID := vol.Claimed.PodUID
+	s.o.Credentials.begin(podUID)
+	holdsFiles := published // whether the volume holds the pod's files when this call ends
+	defer func() { s.o.Credentials.end(req.GetVolumeId(), podUID, holdsFiles) }()
+	holdsFiles, err = s.serve(ctx, req.GetVolumeId(), req.GetTargetPath(), breq, vol, gid)
+	if err != nil {
+		return nil, grpcserver.Status(err)
+	}
+	return &csipb.NodePublishVolumeResponse{}, nil
+}
+
+// serve fetches the pod's secrets and delivers them, or clears a published volume whose access was
+// withdrawn. It reports whether the volume holds the pod's files when it returns.
+func (s *Server) serve(ctx context.Context, volumeID, target string, breq broker.Request, vol Volume, gid int) (bool, error) {
+	secrets, err := s.o.Broker.Fetch(ctx, breq)
+	if err != nil {
+		if !breq.Published || !errors.Is(err, fault.ErrWithdrawn) {
+			return breq.Published, err // anything short of a certain withdrawal keeps the files
+		}
+		if cerr := s.clear(volumeID, target, vol.SizeLimit); cerr != nil {
+			s.o.Log.Error("clearing a withdrawn volume failed", zap.String("volume_id", volumeID), zap.Error(cerr))
+			return true, err
+		}
+		return false, err
+	}
+	files := vol.files(secrets, gid)
+	defer func() {
+		for _, f := range files {
+			clear(f.Data) // the bytes, not just the slices: nothing of the values is left for the GC
+		}
+	}()
+	if breq.Published {
+		if err := s.update(volumeID, target, vol.SizeLimit, files, gid); err != nil {
+			return true, fmt.Errorf("updating the files: %w", err)
+		}
+		return true, nil
+	}
+	if err := s.publish(volumeID, target, vol.SizeLimit, files, gid); err != nil {
+		return false, fmt.Errorf("publishing: %w", err)
+	}
+	return true, nil
+}
+
+// checkPublish validates a publish request before anything is fetched or mounted.
+func (s *Server) checkPublish(req *csipb.NodePublishVolumeRequest) (Volume, int, error) {
+	switch {
+	case req.GetVolumeId() == "":
+		return Volume{}, 0, fmt.Errorf("volume_id is required: %w", fault.ErrInvalid)
+	case req.GetTargetPath() == "":
+		return Volume{}, 0, fmt.Errorf("target_path is required: %w", fault.ErrInvalid)
+	case req.GetVolumeCapability() == nil:
+		return Volume{}, 0, fmt.Errorf("volume_capability is required: %w", fault.ErrInvalid)
+	case req.GetVolumeCapability().GetBlock() != nil:
+		return Volume{}, 0, fmt.Errorf("block volumes are not supported: %w", fault.ErrInvalid)
+	case !req.GetReadonly():
+		return Volume{}, 0, fmt.Errorf("the volume must be read-only: set readOnly: true on the CSI volume in the pod spec (a writable volume would let the pod change what the driver reads back): %w", fault.ErrInvalid)
+	}
+	vol, err := ParseVolume(req.GetVolumeContext(), s.o.Audience)
+	if err != nil {
+		return Volume{}, 0, err
+	}
+	if err := CheckTarget(s.o.KubeletDir, req.GetTargetPath(), vol.Claimed.PodUID); err != nil {
+		return Volume{}, 0, err
+	}
+	gid := -1
+	if g := req.GetVolumeCapability().GetMount().GetVolumeMountGroup(); g != "" {
+		n, err := strconv.Atoi(g)
+		if err != nil || n < 0 {
+			return Volume{}, 0, fmt.Errorf("volume_mount_group %q is not a group ID: %w", g, fault.ErrInvalid)
+		}
+		gid = n
+	}
+	return vol, gid, nil
+}
+
+func dirMode(gid int) os.FileMode {
+	if gid >= 0 {
+		return 0o750
+	}
+	return 0o755
+}
+
+// publish mounts and writes; on any failure it leaves no mount and no file behind.
+func (s *Server) publish(volumeID, target string, size int64, files []tmpfs.File, gid int) (err error) {
+	created := false
+	if err := os.Mkdir(target, 0o750); err == nil {
+		created = true
+	} else if !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	mounted := false
+	defer func() {
+		if err == nil {
+			return
+		}
+		if mounted {
+			if _, uerr := s.o.Mounter.Unmount(target, size); uerr != nil {
+				s.o.Log.Error("cleanup after a failed publish: unmount", zap.String("target", target), zap.Error(uerr))
+			}
+		}
+		if created {
+			os.Remove(target)
+		}
+	}()
+	if err := s.o.Mounter.Mount(target, tmpfs.MountOptions{Size: tmpfs.SizeFor(size, len(files)), Mode: dirMode(gid), GID: gid, AllowSwap: s.o.AllowSwap}); err != nil {
+		return err
+	}
+	mounted = true
+	v, err := s.o.Mounter.Open(target, size)
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	if err := v.Swap(files, gid, dirMode(gid)); err != nil {
+		return err
+	}
+	s.swapped(volumeID, v, s.digest(files, gid))
+	return nil
+}

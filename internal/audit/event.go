@@ -1,0 +1,121 @@
+package audit
+
+import (
+	"context"
+	"strconv"
+	"time"
+
+	"github.com/keyward/keyward/internal/fault"
+)
+
+// EventType names what a record is about.
+type EventType string
+
+// The event types of Keyward's one audit stream.
+const (
+	EventAuthenticate EventType = "authenticate"
+	EventAuthorize    EventType = "authorize"
+	EventFetch        EventType = "fetch"
+	EventMount        EventType = "mount"
+	EventUnmount      EventType = "unmount"
+	EventKMSEncrypt   EventType = "kms_encrypt"
+	EventKMSDecrypt   EventType = "kms_decrypt"
+	EventPolicyReload EventType = "policy_reload"
+)
+
+// Decision is the outcome a record states.
+type Decision string
+
+// Decisions: the request was served, refused as such (who asked, what for, how much), or failed.
+const (
+	Allowed Decision = "allow"
+	Denied  Decision = "deny"
+	Failed  Decision = "error"
+)
+
+// Subject is who asked.
+type Subject struct {
+	Namespace      string `json:"namespace"`
+	ServiceAccount string `json:"service_account"`
+	Pod            string `json:"pod"`
+	PodUID         string `json:"pod_uid"`
+	Node           string `json:"node"`
+}
+
+// Object is what was asked for. KeyID is set for KMS operations.
+type Object struct {
+	Environment string `json:"environment"`
+	Ref         string `json:"ref"`
+	Key         string `json:"key"`
+	Version     int    `json:"version"`
+	KeyID       string `json:"key_id"`
+}
+
+// Event is one audit record; its JSON tags are the file's schema (Log appends "seq" and "mac"). It
+// never carries a secret value or a token.
+type Event struct {
+	Time      time.Time `json:"time"`
+	Type      EventType `json:"event"`
+	RequestID string    `json:"request_id"`
+	Decision  Decision  `json:"decision"`
+	Reason    string    `json:"reason"`
+	Subject   Subject   `json:"subject"`
+	Object    Object    `json:"object"`
+	// Code is the status code returned to the caller (the gRPC code name of the error's class).
+	Code    string `json:"code"`
+	Latency Millis `json:"latency_ms"`
+	// Suppressed counts the refusals of the same pod that were not recorded (rate limit) since its
+	// previous record.
+	Suppressed int `json:"suppressed,omitempty"`
+}
+
+// MaxReason bounds a record's reason (errors may quote a malformed attribute).
+const MaxReason = 1024
+
+// Outcome sets the record's decision and code from the request's error (nil: allowed), and for an
+// error its reason, bounded. Every component fills records this way.
+func (e *Event) Outcome(err error) {
+	c := fault.ClassOf(err)
+	e.Code = c.String()
+	switch {
+	case err == nil:
+		e.Decision = Allowed
+		return
+	case c.Refusal():
+		e.Decision = Denied
+	default:
+		e.Decision = Failed
+	}
+	e.Reason = fault.Truncate(err.Error(), MaxReason)
+}
+
+// Millis is a duration written in the file as milliseconds (a number with microsecond resolution).
+type Millis time.Duration
+
+// MarshalJSON writes the milliseconds.
+func (m Millis) MarshalJSON() ([]byte, error) {
+	return strconv.AppendFloat(nil, float64(time.Duration(m).Microseconds())/1000, 'f', -1, 64), nil
+}
+
+// UnmarshalJSON reads the milliseconds.
+func (m *Millis) UnmarshalJSON(b []byte) error {
+	f, err := strconv.ParseFloat(string(b), 64)
+	if err != nil {
+		return err
+	}
+	*m = Millis(time.Duration(f * float64(time.Millisecond)))
+	return nil
+}
+
+// Auditor records events. An error means the record was not durably accepted and the request it
+// describes must be refused (fail closed).
+type Auditor interface {
+	Record(ctx context.Context, ev Event) error
+}
+
+// Record is a record as read back from the file: the event and its place in the chain.
+type Record struct {
+	Event
+	Seq uint64 `json:"seq"`
+	MAC string `json:"mac"`
+}

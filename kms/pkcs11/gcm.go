@@ -1,0 +1,91 @@
+package pkcs11
+
+import (
+	"crypto/rand"
+	"fmt"
+
+	p11 "github.com/miekg/pkcs11"
+
+	"github.com/keyward/keyward/internal/fault"
+	"github.com/keyward/keyward/kms"
+)
+
+// Ciphertext format, version 1:
+//
+//	byte 0      format version (1)
+//	bytes 1..12 the 96-bit GCM IV, fresh per call
+//	bytes 13..  AES-256-GCM ciphertext with its 128-bit tag
+//
+// The additional authenticated data is "keyward-kms" || 0x00 || version || key ID, so a ciphertext
+// replayed under another key ID, or relabelled with another version, fails authentication.
+const (
+	formatV1 = 1
+	ivLen    = 12
+	tagLen   = 16
+	header   = 1 + ivLen
+)
+
+func aad(version byte, keyID string) []byte {
+	b := make([]byte, 0, 13+len(keyID))
+	b = append(b, "keyward-kms"...)
+	b = append(b, 0, version)
+	return append(b, keyID...)
+}
+
+// parsed is a ciphertext split into its parts.
+type parsed struct {
+	version byte
+	iv      []byte
+	sealed  []byte
+}
+
+// parseCiphertext checks the envelope before anything reaches the HSM.
+func parseCiphertext(ct []byte) (parsed, error) {
+	if len(ct) == 0 {
+		return parsed{}, fmt.Errorf("empty ciphertext: %w", fault.ErrInvalid)
+	}
+	if len(ct) > kms.MaxCiphertext {
+		return parsed{}, fmt.Errorf("ciphertext of %d bytes exceeds %d: %w", len(ct), kms.MaxCiphertext, fault.ErrInvalid)
+	}
+	if ct[0] != formatV1 {
+		return parsed{}, fmt.Errorf("unknown ciphertext format version %d: %w", ct[0], fault.ErrInvalid)
+	}
+	if len(ct) < header+tagLen+1 {
+		return parsed{}, fmt.Errorf("ciphertext of %d bytes is too short: %w", len(ct), fault.ErrInvalid)
+	}
+	return parsed{version: ct[0], iv: ct[1:header], sealed: ct[header:]}, nil
+}
+
+// mechanism is the one AES-GCM mechanism builder: the IV and the additional data of one operation
+// under keyID. Free the parameters after the operation.
+func mechanism(version byte, keyID string, iv []byte) (*p11.GCMParams, []*p11.Mechanism) {
+	params := p11.NewGCMParams(iv, aad(version, keyID), tagLen*8)
+	return params, []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, params)}
+}
+
+// seal encrypts plaintext inside the HSM under the key object obj (key ID keyID), format v1.
+func seal(p *p11.Ctx, s p11.SessionHandle, obj p11.ObjectHandle, keyID string, iv, plaintext []byte) ([]byte, error) {
+	params, mech := mechanism(formatV1, keyID, iv)
+	defer params.Free()
+	if err := p.EncryptInit(s, mech, obj); err != nil {
+		return nil, err
+	}
+	return p.Encrypt(s, plaintext)
+}
+
+// open decrypts a parsed ciphertext inside the HSM under the key object obj (key ID keyID).
+func open(p *p11.Ctx, s p11.SessionHandle, obj p11.ObjectHandle, keyID string, c parsed) ([]byte, error) {
+	params, mech := mechanism(c.version, keyID, c.iv)
+	defer params.Free()
+	if err := p.DecryptInit(s, mech, obj); err != nil {
+		return nil, err
+	}
+	return p.Decrypt(s, c.sealed)
+}
+
+// newIV is a fresh 96-bit GCM IV.
+func newIV() ([]byte, error) {
+	iv := make([]byte, ivLen)
+	_, err := rand.Read(iv)
+	return iv, err
+}
