@@ -99,7 +99,7 @@ func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err
 	start := s.o.Now()
 	ev := audit.Event{Time: start, RequestID: req.RequestID, Type: req.Event, Subject: subject(req.Claimed)}
 	defer func() {
-		ev.Latency = audit.Millis(s.o.Now().Sub(start))
+		ev.LatencyMS = audit.Millis(s.o.Now().Sub(start))
 		if aerr := s.record(ctx, ev, req.Claimed, err); aerr != nil && err == nil {
 			clearSecrets(secrets)
 			secrets, err = nil, fmt.Errorf("audit record not written, refusing: %w", fault.ErrUnavailable)

@@ -40,7 +40,7 @@ func (s *Server) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpubli
 		}
 	}
 	ev := audit.Event{Time: start, RequestID: req.GetVolumeId(), Type: audit.EventUnmount, Reason: "unpublished " + req.GetTargetPath(),
-		Latency: audit.Millis(time.Since(start))}
+		LatencyMS: audit.Millis(time.Since(start))}
 	ev.Outcome(err)
 	if aerr := s.o.Auditor.Record(ctx, ev); aerr != nil {
 		s.o.Log.Error("audit record for an unpublish not written", zap.Error(aerr))

@@ -228,6 +228,27 @@ func Watch(ctx context.Context, path string, interval time.Duration, a *Authoriz
 // maxSettleReads bounds how often a changing file is re-read before the next tick tries again.
 const maxSettleReads = 5
 
+// readStable reads path again, settle apart, until two reads agree (starting from b, the first); ok
+// is false if the file kept changing (or could not be read, or ctx ended).
+func readStable(ctx context.Context, path string, b []byte, settle time.Duration, readFile func(string) ([]byte, error)) ([]byte, bool) {
+	for range maxSettleReads {
+		select {
+		case <-ctx.Done():
+			return nil, false
+		case <-time.After(settle):
+		}
+		again, err := readFile(path)
+		if err != nil {
+			return nil, false
+		}
+		if bytes.Equal(again, b) {
+			return b, true
+		}
+		b = again
+	}
+	return nil, false
+}
+
 func watchFile(ctx context.Context, path string, interval time.Duration, a *Authorizer, log *zap.Logger, auditor audit.Auditor,
 	readFile func(string) ([]byte, error)) {
 	t := time.NewTicker(interval)
@@ -250,25 +271,9 @@ func watchFile(ctx context.Context, path string, interval time.Duration, a *Auth
 		if h == last || h == lastBad {
 			continue
 		}
-		stable := false
-		for range maxSettleReads {
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(settle):
-			}
-			again, err := readFile(path)
-			if err != nil {
-				break
-			}
-			if bytes.Equal(again, b) {
-				stable = true
-				break
-			}
-			b = again
-		}
-		if !stable {
-			continue // still being written: the next tick looks again
+		b, ok := readStable(ctx, path, b, settle, readFile)
+		if !ok {
+			continue // still being written (or ctx ended): the next tick looks again
 		}
 		h = hash(b)
 		if h == last || h == lastBad {

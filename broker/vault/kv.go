@@ -110,13 +110,12 @@ func (r *rawView) UnmarshalJSON(b []byte) error { *r = b; return nil }
 
 func (s *Source) read(ctx context.Context, token string, rd *read, refs []broker.Resolved, out []broker.Secret, b *budget) error {
 	r := rd.ref
-	path := r.Mount + "/data/" + r.Path
 	var q map[string][]string
 	if r.Version > 0 {
 		q = map[string][]string{"version": {strconv.Itoa(r.Version)}}
 	}
 	// The client's configured timeout applies (RawRequestWithContext sets it).
-	resp, err := s.client(token).Logical().ReadRawWithDataWithContext(ctx, path, q)
+	resp, err := s.client(token).Logical().ReadRawWithDataWithContext(ctx, r.Mount+"/data/"+r.Path, q)
 	if resp != nil {
 		defer resp.Body.Close()
 	}
@@ -130,19 +129,25 @@ func (s *Source) read(ctx context.Context, token string, rd *read, refs []broker
 		}
 		return fmt.Errorf("secret %s: reading Vault's answer: %v: %w", r.Ref, err, fault.ErrUnavailable)
 	}
-	// The values are decoded in place: they stay in body, the rest of which is zeroed when this
-	// returns (all of it on failure), so the answer is never held twice.
-	var keep [][2]int
-	done := false
-	defer func() {
-		if done {
-			clearExcept(body, keep)
-		} else {
-			clear(body)
-		}
-	}()
+	a := answer{body: body}
+	err = a.extract(rd, refs, out, b)
+	a.done(err == nil)
+	return err
+}
+
+// answer is one KV v2 answer whose values are decoded in place: they stay in body, the rest of which
+// is zeroed when the answer is done (all of it on failure), so the answer is never held twice.
+type answer struct {
+	body []byte
+	keep [][2]int // the values' ranges in body
+}
+
+// extract decodes the answer and sets out[i] for each ref rd answers; refs reading the same key share
+// one value.
+func (a *answer) extract(rd *read, refs []broker.Resolved, out []broker.Secret, b *budget) error {
+	r := rd.ref
 	var kv kvResponse
-	if err := json.Unmarshal(body, &kv); err != nil {
+	if err := json.Unmarshal(a.body, &kv); err != nil {
 		return fmt.Errorf("secret %s: undecodable answer from Vault: %w", r.Ref, fault.ErrUnavailable)
 	}
 	if kv.Data == nil || kv.Data.Data == nil {
@@ -157,26 +162,44 @@ func (s *Source) read(ctx context.Context, token string, rd *read, refs []broker
 			if !ok {
 				return fmt.Errorf("secret %s has no key %q: %w", r.Ref, key, fault.ErrNotFound)
 			}
-			if v, ok = decodeInPlace(raw); !ok {
-				return fmt.Errorf("secret %s key %q: undecodable value: %w", r.Ref, key, fault.ErrUnavailable)
+			var err error
+			if v, err = a.value(raw, b); err != nil {
+				return fmt.Errorf("secret %s key %q: %w", r.Ref, key, err)
 			}
-			if b.values.Add(-int64(len(v))) < 0 {
-				return fmt.Errorf("secret %s key %q: the values are larger than the volume: %w", r.Ref, key, fault.ErrTooLarge)
-			}
-			// v is a prefix of raw, a view of body that encoding/json hands out up to body's end;
-			// checked, so that a decoder handing out capped views cannot make the zeroing below
-			// hit the value instead of the rest.
-			off := cap(body) - cap(v)
-			if len(v) > 0 && (off < 0 || off+len(v) > len(body) || &body[off] != &v[0]) {
-				return fmt.Errorf("secret %s key %q: the value is not where it was read: %w", r.Ref, key, fault.ErrUnavailable)
-			}
-			keep = append(keep, [2]int{off, off + len(v)})
 			decoded[key] = v
 		}
 		out[i] = broker.Secret{Ref: refs[i].SecretRef, Version: kv.Data.Metadata.Version, Value: v}
 	}
-	done = true
 	return nil
+}
+
+// value decodes one value in place, within the values' budget, and keeps its range.
+func (a *answer) value(raw []byte, b *budget) ([]byte, error) {
+	v, ok := decodeInPlace(raw)
+	if !ok {
+		return nil, fmt.Errorf("undecodable value: %w", fault.ErrUnavailable)
+	}
+	if b.values.Add(-int64(len(v))) < 0 {
+		return nil, fmt.Errorf("the values are larger than the volume: %w", fault.ErrTooLarge)
+	}
+	// v is a prefix of raw, a view of body that encoding/json hands out up to body's end; checked,
+	// so that a decoder handing out capped views cannot make the zeroing hit the value instead of
+	// the rest.
+	off := cap(a.body) - cap(v)
+	if len(v) > 0 && (off < 0 || off+len(v) > len(a.body) || &a.body[off] != &v[0]) {
+		return nil, fmt.Errorf("the value is not where it was read: %w", fault.ErrUnavailable)
+	}
+	a.keep = append(a.keep, [2]int{off, off + len(v)})
+	return v, nil
+}
+
+// done zeroes what the answer holds besides its values (everything, if it failed).
+func (a *answer) done(ok bool) {
+	if ok {
+		clearExcept(a.body, a.keep)
+	} else {
+		clear(a.body)
+	}
 }
 
 // clearExcept zeroes b outside the kept ranges.
@@ -267,59 +290,64 @@ func unquote(dst, s []byte) ([]byte, bool) {
 		switch {
 		case c == '"' || c < 0x20:
 			return nil, false
-		case c != '\\':
-			if c < utf8.RuneSelf {
-				out = append(out, c)
-				i++
-				continue
+		case c == '\\':
+			var ok bool
+			if out, i, ok = unescape(out, s, i); !ok {
+				return nil, false
 			}
+		case c < utf8.RuneSelf:
+			out = append(out, c)
+			i++
+		default:
 			r, size := utf8.DecodeRune(s[i:])
 			out = utf8.AppendRune(out, r) // invalid UTF-8 becomes U+FFFD, as encoding/json does
 			i += size
-			continue
 		}
-		if i+1 >= len(s) {
-			return nil, false
-		}
-		switch e := s[i+1]; e {
-		case '"', '\\', '/':
-			out = append(out, e)
-		case 'b':
-			out = append(out, '\b')
-		case 'f':
-			out = append(out, '\f')
-		case 'n':
-			out = append(out, '\n')
-		case 'r':
-			out = append(out, '\r')
-		case 't':
-			out = append(out, '\t')
-		case 'u':
-			r := hex4(s[i+2:])
-			if r < 0 {
-				return nil, false
-			}
-			i += 6
-			if utf16.IsSurrogate(r) {
-				r2 := rune(-1)
-				if i+1 < len(s) && s[i] == '\\' && s[i+1] == 'u' {
-					r2 = hex4(s[i+2:])
-				}
-				if dec := utf16.DecodeRune(r, r2); dec != unicode.ReplacementChar {
-					i += 6
-					r = dec
-				} else {
-					r = unicode.ReplacementChar
-				}
-			}
-			out = utf8.AppendRune(out, r)
-			continue
-		default:
-			return nil, false
-		}
-		i += 2
 	}
 	return out, true
+}
+
+// unescape decodes the escape sequence at s[i] (a backslash), appends it to out and returns the
+// index after it. Everything it appends is read first.
+func unescape(out, s []byte, i int) ([]byte, int, bool) {
+	if i+1 >= len(s) {
+		return nil, 0, false
+	}
+	switch e := s[i+1]; e {
+	case '"', '\\', '/':
+		return append(out, e), i + 2, true
+	case 'b':
+		return append(out, '\b'), i + 2, true
+	case 'f':
+		return append(out, '\f'), i + 2, true
+	case 'n':
+		return append(out, '\n'), i + 2, true
+	case 'r':
+		return append(out, '\r'), i + 2, true
+	case 't':
+		return append(out, '\t'), i + 2, true
+	case 'u':
+		r := hex4(s[i+2:])
+		if r < 0 {
+			return nil, 0, false
+		}
+		i += 6
+		if utf16.IsSurrogate(r) {
+			r2 := rune(-1)
+			if i+1 < len(s) && s[i] == '\\' && s[i+1] == 'u' {
+				r2 = hex4(s[i+2:])
+			}
+			if dec := utf16.DecodeRune(r, r2); dec != unicode.ReplacementChar {
+				i += 6
+				r = dec
+			} else {
+				r = unicode.ReplacementChar
+			}
+		}
+		return utf8.AppendRune(out, r), i, true
+	default:
+		return nil, 0, false
+	}
 }
 
 // hex4 decodes the four hex digits at the start of s, or returns -1.

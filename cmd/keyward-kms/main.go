@@ -106,18 +106,13 @@ func run(o Options, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	pin, err := os.ReadFile(cfg.PKCS11.PINFile)
-	if err != nil {
-		return fmt.Errorf("PIN file: %w", err)
-	}
 	// Claim the socket before touching the HSM: a second instance must not disturb the first.
 	lis, err := grpcserver.Listen(o.Socket)
 	if err != nil {
 		return err
 	}
 	defer lis.Close()
-	wrapper, err := pkcs11.New(cfg.PKCS11, strings.TrimRight(string(pin), "\r\n"), log)
-	clear(pin)
+	wrapper, err := openHSM(cfg.PKCS11, log)
 	if err != nil {
 		return err
 	}
@@ -157,6 +152,16 @@ func run(o Options, log *zap.Logger) error {
 	err = grpcserver.Serve(ctx, gs, lis, o.Grace)
 	log.Info("stopped")
 	return err
+}
+
+// openHSM reads the PIN from its file (and forgets it after the login) and opens the HSM.
+func openHSM(cfg pkcs11.Config, log *zap.Logger) (*pkcs11.Wrapper, error) {
+	pin, err := os.ReadFile(cfg.PINFile)
+	if err != nil {
+		return nil, fmt.Errorf("PIN file: %w", err)
+	}
+	defer clear(pin)
+	return pkcs11.New(cfg, strings.TrimRight(string(pin), "\r\n"), log)
 }
 
 // reloadOnHUP looks for new key generations on SIGHUP and re-checks health at once.

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -37,45 +38,65 @@ func migrateCommand(e streams, args []string) error {
 	if err != nil {
 		return err
 	}
-	after := ""
+	m := migration{e: e, client: client, stateFile: *stateFile, pageSize: *pageSize}
 	if b, err := os.ReadFile(*stateFile); err == nil {
-		after = strings.TrimSpace(string(b))
-		fmt.Fprintf(e.stdout, "resuming after %s\n", after)
+		m.after = strings.TrimSpace(string(b))
+		fmt.Fprintf(e.stdout, "resuming after %s\n", m.after)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Hour)
 	defer cancel()
-	done, skipped, cont := 0, 0, ""
+	if err := m.run(ctx); err != nil {
+		return err
+	}
+	os.Remove(*stateFile)
+	fmt.Fprintf(e.stdout, "done: %d Secret(s) rewritten, %d already done in an earlier run; check with keywardctl kms coverage\n", m.done, m.skipped)
+	return nil
+}
+
+// migration rewrites Secrets page by page, after the one named in its state file.
+type migration struct {
+	e             streams
+	client        kubernetes.Interface
+	stateFile     string
+	pageSize      int64
+	after         string
+	done, skipped int
+}
+
+func (m *migration) run(ctx context.Context) error {
+	cont := ""
 	start := time.Now()
 	for {
-		list, err := client.CoreV1().Secrets("").List(ctx, metav1.ListOptions{Limit: *pageSize, Continue: cont})
+		list, err := m.client.CoreV1().Secrets("").List(ctx, metav1.ListOptions{Limit: m.pageSize, Continue: cont})
 		if err != nil {
 			return fmt.Errorf("listing Secrets: %w", err)
 		}
 		for i := range list.Items {
-			s := &list.Items[i]
-			key := s.Namespace + "/" + s.Name
-			if after != "" && key <= after {
-				skipped++
-				continue
-			}
-			_, err := client.CoreV1().Secrets(s.Namespace).Update(ctx, s, metav1.UpdateOptions{})
-			if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
-				err = nil // changed or deleted since listed: the new write is already under the current key
-			}
-			if err != nil {
-				return fmt.Errorf("rewriting %s (progress saved in %s; run again to resume): %w", key, *stateFile, err)
-			}
-			done++
-			if err := os.WriteFile(*stateFile, []byte(key+"\n"), 0o600); err != nil {
+			if err := m.rewrite(ctx, &list.Items[i]); err != nil {
 				return err
 			}
 		}
-		fmt.Fprintf(e.stdout, "rewrote %d Secret(s) so far (%s)\n", done, time.Since(start).Round(time.Millisecond))
+		fmt.Fprintf(m.e.stdout, "rewrote %d Secret(s) so far (%s)\n", m.done, time.Since(start).Round(time.Millisecond))
 		if cont = list.Continue; cont == "" {
-			break
+			return nil
 		}
 	}
-	os.Remove(*stateFile)
-	fmt.Fprintf(e.stdout, "done: %d Secret(s) rewritten, %d already done in an earlier run; check with keywardctl kms coverage\n", done, skipped)
-	return nil
+}
+
+// rewrite updates one Secret unchanged (kube-apiserver re-encrypts it) and records the progress.
+func (m *migration) rewrite(ctx context.Context, s *corev1.Secret) error {
+	key := s.Namespace + "/" + s.Name
+	if m.after != "" && key <= m.after {
+		m.skipped++
+		return nil
+	}
+	_, err := m.client.CoreV1().Secrets(s.Namespace).Update(ctx, s, metav1.UpdateOptions{})
+	if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+		err = nil // changed or deleted since listed: the new write is already under the current key
+	}
+	if err != nil {
+		return fmt.Errorf("rewriting %s (progress saved in %s; run again to resume): %w", key, m.stateFile, err)
+	}
+	m.done++
+	return os.WriteFile(m.stateFile, []byte(key+"\n"), 0o600)
 }

@@ -336,20 +336,9 @@ func newPayloadName() string {
 // so a volume never holds more than two sets (see SizeFor). gid, if >= 0, owns the files (the pod's
 // fsGroup) and dirMode is the payload directory's final mode.
 func (v *Volume) Swap(files []File, gid int, dirMode os.FileMode) error {
-	names := map[string]bool{}
-	var total int64
-	for _, f := range files {
-		if !ValidName(f.Name) || names[f.Name] {
-			return fmt.Errorf("file name %q: must be unique, non-empty, without '/' and not start with '..'", f.Name)
-		}
-		if f.Mode.Perm()&0o222 != 0 || f.Mode&^os.ModePerm != 0 {
-			return fmt.Errorf("file %s: mode %v is writable or not a plain permission", f.Name, f.Mode)
-		}
-		names[f.Name] = true
-		total += int64(len(f.Data))
-	}
-	if total > v.limit {
-		return fmt.Errorf("%d bytes do not fit the volume's %d: %w", total, v.limit, unix.ENOSPC)
+	names, err := v.check(files)
+	if err != nil {
+		return err
 	}
 	before, err := v.list()
 	if err != nil {
@@ -369,38 +358,86 @@ func (v *Volume) Swap(files []File, gid int, dirMode os.FileMode) error {
 			leftover = errors.Join(leftover, v.removePayload(e.name, scrubNames))
 		}
 	}
+	payload, err := v.writePayload(files, gid, dirMode)
+	if err != nil {
+		return err
+	}
+	if err := v.swapTo(payload); err != nil {
+		v.removePayload(payload, sortedKeys(names))
+		return err
+	}
+	if err := v.link(files, prevNames, names); err != nil {
+		return err
+	}
+	if leftover != nil {
+		return fmt.Errorf("%w: %v", ErrScrub, leftover)
+	}
+	return nil
+}
 
-	payload := newPayloadName()
+// check validates a set of files for Swap and returns their names.
+func (v *Volume) check(files []File) (map[string]bool, error) {
+	names := map[string]bool{}
+	var total int64
+	for _, f := range files {
+		if !ValidName(f.Name) || names[f.Name] {
+			return nil, fmt.Errorf("file name %q: must be unique, non-empty, without '/' and not start with '..'", f.Name)
+		}
+		if f.Mode.Perm()&0o222 != 0 || f.Mode&^os.ModePerm != 0 {
+			return nil, fmt.Errorf("file %s: mode %v is writable or not a plain permission", f.Name, f.Mode)
+		}
+		names[f.Name] = true
+		total += int64(len(f.Data))
+	}
+	if total > v.limit {
+		return nil, fmt.Errorf("%d bytes do not fit the volume's %d: %w", total, v.limit, unix.ENOSPC)
+	}
+	return names, nil
+}
+
+// writePayload writes files into a new payload directory: random name, mode 0700 until every file
+// is written (each O_EXCL, through the directory's descriptor), then dirMode and the group. On
+// failure nothing of it is left.
+func (v *Volume) writePayload(files []File, gid int, dirMode os.FileMode) (payload string, err error) {
+	payload = newPayloadName()
 	if err := unix.Mkdirat(v.fd, payload, 0o700); err != nil {
-		return fmt.Errorf("create payload: %w", err)
+		return "", fmt.Errorf("create payload: %w", err)
 	}
 	if testHookPayloadCreated != nil {
 		testHookPayloadCreated(v.path, payload)
 	}
-	ok := false
 	defer func() {
-		if !ok {
-			v.removePayload(payload, sortedKeys(names))
+		if err != nil {
+			names := make([]string, len(files))
+			for i, f := range files {
+				names[i] = f.Name
+			}
+			v.removePayload(payload, names)
 		}
 	}()
 	pfd, err := openIn(v.fd, payload, unix.O_DIRECTORY|unix.O_RDONLY, 0)
 	if err != nil {
-		return fmt.Errorf("open payload: %w", err)
+		return "", fmt.Errorf("open payload: %w", err)
 	}
 	defer unix.Close(pfd)
 	for _, f := range files {
 		if err := writeNew(pfd, f, gid); err != nil {
-			return err
+			return "", err
 		}
 	}
 	if gid >= 0 {
 		if err := unix.Fchown(pfd, -1, gid); err != nil {
-			return fmt.Errorf("payload group: %w", err)
+			return "", fmt.Errorf("payload group: %w", err)
 		}
 	}
 	if err := unix.Fchmod(pfd, uint32(dirMode.Perm())); err != nil {
-		return fmt.Errorf("payload mode: %w", err)
+		return "", fmt.Errorf("payload mode: %w", err)
 	}
+	return payload, nil
+}
+
+// swapTo points "..data" at payload with one rename.
+func (v *Volume) swapTo(payload string) error {
 	if err := v.unlinkAny(dataTmpLink); err != nil {
 		return err
 	}
@@ -411,7 +448,11 @@ func (v *Volume) Swap(files []File, gid int, dirMode os.FileMode) error {
 		unix.Unlinkat(v.fd, dataTmpLink, 0)
 		return fmt.Errorf("swap payload: %w", err)
 	}
-	ok = true
+	return nil
+}
+
+// link makes each delivered name a link through "..data" and removes the names no longer delivered.
+func (v *Volume) link(files []File, prevNames []string, names map[string]bool) error {
 	for _, f := range files {
 		want := dataLink + "/" + f.Name
 		if t, err := readlinkAt(v.fd, f.Name); err == nil && t == want {
@@ -430,9 +471,6 @@ func (v *Volume) Swap(files []File, gid int, dirMode os.FileMode) error {
 				return fmt.Errorf("remove %s: %w", name, err)
 			}
 		}
-	}
-	if leftover != nil {
-		return fmt.Errorf("%w: %v", ErrScrub, leftover)
 	}
 	return nil
 }

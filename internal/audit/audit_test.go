@@ -41,7 +41,7 @@ func event(i int) Event {
 		Subject:   Subject{Namespace: "payments", ServiceAccount: "api", Pod: "api-0", PodUID: "u1", Node: "n1"},
 		Object:    Object{Environment: "prod", Ref: "payments/db", Key: "password", Version: 3, KeyID: "kek.1.abcd"},
 		Code:      "OK",
-		Latency:   Millis(1500 * time.Microsecond),
+		LatencyMS: Millis(1500 * time.Microsecond),
 	}
 }
 

@@ -2,7 +2,6 @@ package audit
 
 import (
 	"context"
-	"strconv"
 	"time"
 
 	"github.com/keyward/keyward/internal/fault"
@@ -63,7 +62,8 @@ type Event struct {
 	Object    Object    `json:"object"`
 	// Code is the status code returned to the caller (the gRPC code name of the error's class).
 	Code    string `json:"code"`
-	Latency Millis `json:"latency_ms"`
+	// LatencyMS is how long the request took, in milliseconds (see Millis).
+	LatencyMS float64 `json:"latency_ms"`
 	// Suppressed counts the refusals of the same pod that were not recorded (rate limit) since its
 	// previous record.
 	Suppressed int `json:"suppressed,omitempty"`
@@ -89,23 +89,8 @@ func (e *Event) Outcome(err error) {
 	e.Reason = fault.Truncate(err.Error(), MaxReason)
 }
 
-// Millis is a duration written in the file as milliseconds (a number with microsecond resolution).
-type Millis time.Duration
-
-// MarshalJSON writes the milliseconds.
-func (m Millis) MarshalJSON() ([]byte, error) {
-	return strconv.AppendFloat(nil, float64(time.Duration(m).Microseconds())/1000, 'f', -1, 64), nil
-}
-
-// UnmarshalJSON reads the milliseconds.
-func (m *Millis) UnmarshalJSON(b []byte) error {
-	f, err := strconv.ParseFloat(string(b), 64)
-	if err != nil {
-		return err
-	}
-	*m = Millis(time.Duration(f * float64(time.Millisecond)))
-	return nil
-}
+// Millis is a duration as records write it: milliseconds, with microsecond resolution.
+func Millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // Auditor records events. An error means the record was not durably accepted and the request it
 // describes must be refused (fail closed).

@@ -191,7 +191,7 @@ func (s *Service) finish(ctx context.Context, typ audit.EventType, uid, keyID st
 		s.markUnhealthy(err)
 	}
 	latency := time.Since(start)
-	ev := audit.Event{Time: start, RequestID: uid, Type: typ, Object: audit.Object{KeyID: keyID}, Latency: audit.Millis(latency)}
+	ev := audit.Event{Time: start, RequestID: uid, Type: typ, Object: audit.Object{KeyID: keyID}, LatencyMS: audit.Millis(latency)}
 	ev.Outcome(err)
 	if err == nil {
 		ev.Reason = "ok"
