@@ -109,9 +109,13 @@ func TestVaultAnswersMapToFaults(t *testing.T) {
 	}{
 		{"value", nil, kv(map[string]any{"password": "s3cr3t"}), nil},
 		{"missing key", nil, kv(map[string]any{"other": "x"}), fault.ErrNotFound},
-		{"deleted secret", nil, func(w http.ResponseWriter, _, _ string) { w.Write([]byte(`{"data":{"data":null,"metadata":{"version":3}}}`)) }, fault.ErrNotFound},
+		{"deleted secret", nil, func(w http.ResponseWriter, _, _ string) {
+			w.Write([]byte(`{"data":{"data":null,"metadata":{"version":3}}}`))
+		}, fault.ErrNotFound},
 		{"404", nil, func(w http.ResponseWriter, _, _ string) { http.Error(w, `{"errors":[]}`, http.StatusNotFound) }, fault.ErrNotFound},
-		{"500", nil, func(w http.ResponseWriter, _, _ string) { http.Error(w, `{"errors":["boom"]}`, http.StatusInternalServerError) }, fault.ErrUnavailable},
+		{"500", nil, func(w http.ResponseWriter, _, _ string) {
+			http.Error(w, `{"errors":["boom"]}`, http.StatusInternalServerError)
+		}, fault.ErrUnavailable},
 		{"garbage", nil, func(w http.ResponseWriter, _, _ string) { w.Write([]byte(`{"data":`)) }, fault.ErrUnavailable},
 		{"read refused after a fresh login too", nil, func(w http.ResponseWriter, _, _ string) {
 			http.Error(w, `{"errors":["permission denied"]}`, http.StatusForbidden)

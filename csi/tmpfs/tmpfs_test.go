@@ -102,6 +102,7 @@ func TestMountIsTmpfsAndUnmountScrubs(t *testing.T) {
 	}
 }
 
+// (Over 60 lines: one volume through a sequence of swaps, each checked.)
 func TestSwapReplacesTheWholeSet(t *testing.T) {
 	dir := mountT(t)
 	v := openT(t, dir)
@@ -251,6 +252,7 @@ func TestSwapRacedByAPlantedLink(t *testing.T) {
 
 // Links, FIFOs and huge sparse files planted at every name the driver touches: nothing outside the
 // volume is read, written or chmodded, nothing blocks, and memory stays bounded.
+// (Over 60 lines: most of it is the table of planted objects.)
 func TestPlantedObjectsAreNeverFollowed(t *testing.T) {
 	files := []File{{Name: "db-password", Mode: 0o400, Data: []byte("SECRET-1")}, {Name: "ca.crt", Mode: 0o444, Data: []byte("CA")}}
 	next := []File{{Name: "db-password", Mode: 0o400, Data: []byte("SECRET-2")}, {Name: "ca.crt", Mode: 0o444, Data: []byte("CA")}}

@@ -61,7 +61,7 @@ type Event struct {
 	Subject   Subject   `json:"subject"`
 	Object    Object    `json:"object"`
 	// Code is the status code returned to the caller (the gRPC code name of the error's class).
-	Code    string `json:"code"`
+	Code string `json:"code"`
 	// LatencyMS is how long the request took, in milliseconds (see Millis).
 	LatencyMS float64 `json:"latency_ms"`
 	// Suppressed counts the refusals of the same pod that were not recorded (rate limit) since its

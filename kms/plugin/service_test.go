@@ -109,6 +109,7 @@ func waitHealthy(t *testing.T, c kmsservice.Service) *kmsservice.StatusResponse 
 	}
 }
 
+// (Over 60 lines: one conversation with the apiserver's own KMS v2 client, step after step.)
 func TestServiceThroughApiserverClient(t *testing.T) {
 	p := startPlugin(t, nil)
 	c := apiserverClient(t, p)

@@ -142,6 +142,7 @@ grants:
   - {namespace: payments-dev, serviceAccount: api, paths: ["payments-dev/*"]}
 `
 
+// (Over 60 lines: a narrated script, one printed step after another; split, the story would scatter across functions.)
 func (d *demo) run() error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("the demo mounts tmpfs volumes as the CSI driver does: run it as root")

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -66,23 +67,45 @@ func readObject(t *testing.T, path string) *unstructured.Unstructured {
 // (schema, defaulting, validation, admission) on a real kube-apiserver.
 func TestDeployManifestsServerSideDryRun(t *testing.T) {
 	kube := harness.KubeT(t, harness.KubeOptions{})
-	ctx := context.Background()
-	dyn, err := dynamic.NewForConfig(kube.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(kube.Client.Discovery()))
 	// Namespaced objects need their namespace to exist: keyward-system is created for real from its
-	// manifest below, and kube-system gets the default service account a controller-manager would make.
-	if _, err := kube.CreateServiceAccount(ctx, "kube-system", "default"); err != nil {
+	// manifest, and kube-system gets the default service account a controller-manager would make.
+	if _, err := kube.CreateServiceAccount(context.Background(), "kube-system", "default"); err != nil {
 		t.Fatal(err)
 	}
-	nsCreated := false
 	objects := map[string][]*unstructured.Unstructured{
 		"overlays/dev":  render(t, "../../deploy/overlays/dev"),
 		"overlays/prod": render(t, "../../deploy/overlays/prod"),
 		"control-plane": {readObject(t, "../../deploy/control-plane/keyward-kms.yaml")},
 	}
+	kinds := dryRun(t, kube, objects)
+	for _, k := range []string{"Namespace", "CSIDriver", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "NetworkPolicy", "Pod"} {
+		if !kinds[k] {
+			t.Errorf("no %s among the manifests", k)
+		}
+	}
+	// The policy shipped in the ConfigMaps is valid for the binary.
+	for _, o := range objects["overlays/prod"] {
+		if o.GetKind() != "ConfigMap" {
+			continue
+		}
+		data, _, _ := unstructured.NestedStringMap(o.Object, "data")
+		if p, ok := data["policy.yaml"]; ok {
+			if _, err := policy.Parse([]byte(p)); err != nil {
+				t.Errorf("shipped policy: %v", err)
+			}
+		}
+	}
+}
+
+// dryRun creates every object with a server-side dry run (the first Namespace for real) and returns
+// the kinds it saw.
+func dryRun(t *testing.T, kube *harness.KubeAPIServer, objects map[string][]*unstructured.Unstructured) map[string]bool {
+	dyn, err := dynamic.NewForConfig(kube.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(kube.Client.Discovery()))
+	nsCreated := false
 	kinds := map[string]bool{}
 	for where, objs := range objects {
 		for _, o := range objs {
@@ -102,29 +125,13 @@ func TestDeployManifestsServerSideDryRun(t *testing.T) {
 				}
 				opts.DryRun, nsCreated = nil, true
 			}
-			if _, err := ri.Create(ctx, o, opts); err != nil {
+			if _, err := ri.Create(context.Background(), o, opts); err != nil {
 				t.Errorf("%s: %s %s/%s: %v", where, gvk.Kind, o.GetNamespace(), o.GetName(), err)
 			}
 			kinds[gvk.Kind] = true
 		}
 	}
-	for _, k := range []string{"Namespace", "CSIDriver", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "NetworkPolicy", "Pod"} {
-		if !kinds[k] {
-			t.Errorf("no %s among the manifests", k)
-		}
-	}
-	// The broker config and policy shipped in the ConfigMaps are valid for the binaries.
-	for _, o := range objects["overlays/prod"] {
-		if o.GetKind() != "ConfigMap" {
-			continue
-		}
-		data, _, _ := unstructured.NestedStringMap(o.Object, "data")
-		if p, ok := data["policy.yaml"]; ok {
-			if _, err := policy.Parse([]byte(p)); err != nil {
-				t.Errorf("shipped policy: %v", err)
-			}
-		}
-	}
+	return kinds
 }
 
 // The broker works with a token of exactly the shipped ServiceAccount and RBAC, and fails without
@@ -195,10 +202,6 @@ func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reviewer, err := tokenreview.NewReviewer(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
 	nsw := policy.NewNamespaceWatcher(meta, 0)
 	nsw.Start(ctx)
 	syncCtx, syncCancel := context.WithTimeout(ctx, 5*time.Second)
@@ -208,53 +211,8 @@ func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 		return errors.New("namespace informer never synced (cannot list namespaces)")
 	}
 	ns := fmt.Sprintf("late-%d", i)
-	if _, err := e.kube.CreateNamespace(context.Background(), ns, map[string]string{policy.EnvironmentLabel: "prod"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.kube.CreateServiceAccount(context.Background(), ns, "api"); err != nil {
-		t.Fatal(err)
-	}
-	pod, err := e.kube.CreatePod(context.Background(), ns, "api-0", "api", "node-1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.vault.PutKV(context.Background(), "kv", "prod/"+ns+"/db", map[string]any{"password": "p"}); err != nil {
-		t.Fatal(err)
-	}
-	tok, err := e.kube.PodToken(context.Background(), pod, []string{audience}, 10*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := policy.Parse([]byte(strings.Replace(brokerPolicy, "grants:\n", fmt.Sprintf("grants:\n  - {namespace: %s, serviceAccount: api, paths: [\"%s/*\"]}\n", ns, ns), 1)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	authz := policy.NewAuthorizer(p, nsw)
-	vc, err := vault.NewClient(vault.ClientOptions{Address: e.vault.Addr, AllowHTTP: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := e.vault.KubernetesRole(context.Background(), "kubernetes", "prod", []string{"payments-prod", "other-prod", ns}, []string{"*"}, []string{"prod-read"}, audience); err != nil {
-		t.Fatal(err)
-	}
-	src, err := vault.New(vault.Options{Client: vc, Mode: vault.ModePod, Log: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := harness.Dir(t)
-	os.WriteFile(dir+"/k", []byte(strings.Repeat("k", 32)), 0o600)
-	aud, err := audit.Open(audit.Options{Path: dir + "/a.log", KeyFile: dir + "/k"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer aud.Close()
-	svc, err := broker.NewService(broker.Options{Authenticator: tokenreview.New(tokenreview.Options{Client: reviewer, CacheTTL: 100 * time.Millisecond}),
-		Authorizer: authz, Source: src, Auditor: aud, Audiences: []string{audience}, Pods: tokenreview.PodLookup{Client: meta}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	req := broker.Request{RequestID: "rbac", Event: audit.EventFetch, Token: broker.Token(tok),
-		Claimed: claimOf(pod), Refs: []broker.SecretRef{{Ref: ns + "/db", Key: "password"}}}
+	pod, req := lateNamespace(t, e, ns)
+	svc := rbacService(t, e, cfg, meta, nsw, ns)
 	var last error
 	for ctx.Err() == nil {
 		if _, last = svc.Fetch(ctx, req); last == nil {
@@ -278,4 +236,61 @@ func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 		time.Sleep(100 * time.Millisecond)
 	}
 	return fmt.Errorf("a deleted pod's republish was not recognized as a withdrawal: %v", last)
+}
+
+// lateNamespace creates a namespace with a pod, its secret in Vault and a Vault role covering it,
+// and returns the pod and its request.
+func lateNamespace(t *testing.T, e *brokerEnv, ns string) (*corev1.Pod, broker.Request) {
+	if _, err := e.kube.CreateNamespace(context.Background(), ns, map[string]string{policy.EnvironmentLabel: "prod"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.kube.CreateServiceAccount(context.Background(), ns, "api"); err != nil {
+		t.Fatal(err)
+	}
+	pod := e.newPod(t, ns, "api-0")
+	if _, err := e.vault.PutKV(context.Background(), "kv", "prod/"+ns+"/db", map[string]any{"password": "p"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.vault.KubernetesRole(context.Background(), "kubernetes", "prod", []string{"payments-prod", "other-prod", ns}, []string{"*"}, []string{"prod-read"}, audience); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := e.kube.PodToken(context.Background(), pod, []string{audience}, 10*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pod, broker.Request{RequestID: "rbac", Event: audit.EventFetch, Token: broker.Token(tok),
+		Claimed: claimOf(pod), Refs: []broker.SecretRef{{Ref: ns + "/db", Key: "password"}}}
+}
+
+// rbacService is the broker core built from cfg's clients, with a grant for ns.
+func rbacService(t *testing.T, e *brokerEnv, cfg *rest.Config, meta metadata.Interface, nsw *policy.NamespaceWatcher, ns string) *broker.Service {
+	reviewer, err := tokenreview.NewReviewer(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := policy.Parse([]byte(strings.Replace(brokerPolicy, "grants:\n", fmt.Sprintf("grants:\n  - {namespace: %s, serviceAccount: api, paths: [\"%s/*\"]}\n", ns, ns), 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	vc, err := vault.NewClient(vault.ClientOptions{Address: e.vault.Addr, AllowHTTP: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := vault.New(vault.Options{Client: vc, Mode: vault.ModePod, Log: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := harness.Dir(t)
+	os.WriteFile(dir+"/k", []byte(strings.Repeat("k", 32)), 0o600)
+	aud, err := audit.Open(audit.Options{Path: dir + "/a.log", KeyFile: dir + "/k"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { aud.Close() })
+	svc, err := broker.NewService(broker.Options{Authenticator: tokenreview.New(tokenreview.Options{Client: reviewer, CacheTTL: 100 * time.Millisecond}),
+		Authorizer: policy.NewAuthorizer(p, nsw), Source: src, Auditor: aud, Audiences: []string{audience}, Pods: tokenreview.PodLookup{Client: meta}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return svc
 }

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
 	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/keyward/keyward/kms/envelope"
@@ -31,6 +32,7 @@ const secretCanary = "CANARY-etcd-plaintext-7f3a9c"
 
 // kmsPlugin is keyward-kms running as a process against a SoftHSM token.
 type kmsPlugin struct {
+	owner                                            *testing.T // the test the plugin lives as long as
 	dir, socket, config, auditLog, auditKey, metrics string
 	env                                              []string
 	hsm                                              *harness.SoftHSM
@@ -47,7 +49,7 @@ func newKMSPlugin(t *testing.T) *kmsPlugin {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &kmsPlugin{dir: dir, socket: filepath.Join(dir, "kms.sock"), config: filepath.Join(dir, "kms.yaml"),
+	p := &kmsPlugin{owner: t, dir: dir, socket: filepath.Join(dir, "kms.sock"), config: filepath.Join(dir, "kms.yaml"),
 		auditLog: filepath.Join(dir, "kms-audit.log"), auditKey: filepath.Join(dir, "audit.key"),
 		metrics: fmt.Sprintf("127.0.0.1:%d", port), env: hsm.Env(), hsm: hsm}
 	os.WriteFile(p.auditKey, []byte(strings.Repeat("k", 48)), 0o600)
@@ -75,7 +77,7 @@ healthInterval: 300ms
 
 func (p *kmsPlugin) start(t *testing.T) {
 	t.Helper()
-	p.proc = start(t, p.env, filepath.Join(p.dir, "keyward-kms.log"), "keyward-kms",
+	p.proc = startFor(t, p.owner, p.env, filepath.Join(p.dir, "keyward-kms.log"), "keyward-kms",
 		"--socket", p.socket, "--config", p.config, "--metrics-address", p.metrics,
 		"--audit-log", p.auditLog, "--audit-key-file", p.auditKey, "--log-level", "debug", "--grace", "5s")
 	p.waitHealthz(t, "ok", 30*time.Second)
@@ -165,14 +167,58 @@ func rawKeyID(t *testing.T, e *harness.Etcd, ns, name string) string {
 	return env.KeyID
 }
 
+// kmsScenario is keyward-kms as kube-apiserver's KMS v2 provider, step by step.
+type kmsScenario struct {
+	p          *kmsPlugin
+	etcd       *harness.Etcd
+	kube       *harness.KubeAPIServer
+	key1, key2 string
+	etcdFlags  []string
+}
+
+const kmsNamespace = "payments"
+
 func TestKMSWithKubeAPIServer(t *testing.T) {
-	p := newKMSPlugin(t)
+	s := &kmsScenario{p: newKMSPlugin(t)}
+	// Started here, not in a step: they serve every step.
+	s.etcd = harness.EtcdT(t)
+	s.kube = harness.KubeT(t, harness.KubeOptions{Etcd: s.etcd, EncryptionConfig: encryptionConfig(t, s.p.dir, s.p.socket)})
+	runSteps(t,
+		step{"status, and the socket is not taken over", s.statusAndSocket},
+		step{"Secrets are encrypted under the HSM's key", s.encrypted},
+		step{"a plugin and an apiserver restart keep everything readable", s.restarts},
+		step{"rotation: the apiserver moves to the new key", s.rotate},
+		step{"migrate, then retire the old key", s.migrateAndRetire},
+		step{"an HSM outage, then recovery by itself", s.hsmOutage},
+		step{"the audit verifies and holds no secret", s.audit},
+	)
+}
+
+func (s *kmsScenario) secrets() corev1client.SecretInterface {
+	return s.kube.Client.CoreV1().Secrets(kmsNamespace)
+}
+
+// readAll reads the first five Secrets back.
+func (s *kmsScenario) readAll(t *testing.T) {
+	t.Helper()
+	for i := range 5 {
+		sec, err := s.secrets().Get(context.Background(), fmt.Sprintf("db-%d", i), metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := string(sec.Data["password"]); got != fmt.Sprintf("%s-%d", secretCanary, i) {
+			t.Fatalf("db-%d reads back %q", i, got)
+		}
+	}
+}
+
+func (s *kmsScenario) statusAndSocket(t *testing.T) {
+	p := s.p
 	st, _ := p.status(t)
-	key1 := st.KeyId
-	if st.Version != "v2" || !strings.HasPrefix(key1, "kek.1.") {
+	s.key1 = st.KeyId
+	if st.Version != "v2" || !strings.HasPrefix(s.key1, "kek.1.") {
 		t.Fatalf("status %+v", st)
 	}
-
 	// A second instance must not take over the served socket.
 	second := start(t, p.env, filepath.Join(p.dir, "second.log"), "keyward-kms", "--socket", p.socket, "--config", p.config,
 		"--metrics-address", "", "--audit-log", p.auditLog+".2", "--audit-key-file", p.auditKey)
@@ -183,51 +229,39 @@ func TestKMSWithKubeAPIServer(t *testing.T) {
 	if _, err := p.status(t); err != nil {
 		t.Fatalf("first instance disturbed: %v", err)
 	}
+}
 
-	etcd := harness.EtcdT(t)
-	kube := harness.KubeT(t, harness.KubeOptions{Etcd: etcd, EncryptionConfig: encryptionConfig(t, p.dir, p.socket)})
+func (s *kmsScenario) encrypted(t *testing.T) {
 	ctx := context.Background()
-	ns := "payments"
-	if _, err := kube.CreateNamespace(ctx, ns, nil); err != nil {
+	if _, err := s.kube.CreateNamespace(ctx, kmsNamespace, nil); err != nil {
 		t.Fatal(err)
 	}
-	secrets := kube.Client.CoreV1().Secrets(ns)
 	for i := range 5 {
-		_, err := secrets.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("db-%d", i)},
+		_, err := s.secrets().Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("db-%d", i)},
 			StringData: map[string]string{"password": fmt.Sprintf("%s-%d", secretCanary, i)}}, metav1.CreateOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if id := rawKeyID(t, etcd, ns, fmt.Sprintf("db-%d", i)); id != key1 {
-			t.Fatalf("db-%d under %s, want %s", i, id, key1)
+		if id := rawKeyID(t, s.etcd, kmsNamespace, fmt.Sprintf("db-%d", i)); id != s.key1 {
+			t.Fatalf("db-%d under %s, want %s", i, id, s.key1)
 		}
 	}
-	etcdFlags := []string{"--etcd-endpoint", etcd.Endpoint, "--etcd-ca", etcd.CA.CertFile,
-		"--etcd-cert", etcd.ClientCert.CertFile, "--etcd-key", etcd.ClientCert.KeyFile}
-	code, out := ctl(t, nil, append([]string{"kms", "coverage", "-o", "json"}, etcdFlags...)...)
+	s.etcdFlags = []string{"--etcd-endpoint", s.etcd.Endpoint, "--etcd-ca", s.etcd.CA.CertFile,
+		"--etcd-cert", s.etcd.ClientCert.CertFile, "--etcd-key", s.etcd.ClientCert.KeyFile}
+	code, out := ctl(t, nil, append([]string{"kms", "coverage", "-o", "json"}, s.etcdFlags...)...)
 	var cov struct {
 		Total       int
 		ByKeyID     map[string]int
 		Unencrypted []string
 	}
-	if err := json.Unmarshal([]byte(out), &cov); code != 0 || err != nil || cov.ByKeyID["keyward/"+key1] != 5 || len(cov.Unencrypted) != 0 {
+	if err := json.Unmarshal([]byte(out), &cov); code != 0 || err != nil || cov.ByKeyID["keyward/"+s.key1] != 5 || len(cov.Unencrypted) != 0 {
 		t.Fatalf("coverage: exit %d %v: %s", code, err, out)
 	}
+}
 
-	readAll := func() {
-		t.Helper()
-		for i := range 5 {
-			s, err := secrets.Get(ctx, fmt.Sprintf("db-%d", i), metav1.GetOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got := string(s.Data["password"]); got != fmt.Sprintf("%s-%d", secretCanary, i) {
-				t.Fatalf("db-%d reads back %q", i, got)
-			}
-		}
-	}
-
-	// Restart the plugin (socket removed on SIGTERM), then the apiserver: everything still reads.
+// Restart the plugin (socket removed on SIGTERM), then the apiserver: everything still reads.
+func (s *kmsScenario) restarts(t *testing.T) {
+	p := s.p
 	p.proc.stop(t)
 	if code := p.proc.cmd.ProcessState.ExitCode(); code != 0 {
 		t.Fatalf("keyward-kms exit code %d after SIGTERM", code)
@@ -236,94 +270,100 @@ func TestKMSWithKubeAPIServer(t *testing.T) {
 		t.Fatalf("socket left after SIGTERM: %v", err)
 	}
 	p.start(t)
-	if st, _ := p.status(t); st.KeyId != key1 {
-		t.Fatalf("key ID changed across restart: %s -> %s", key1, st.KeyId)
+	if st, _ := p.status(t); st.KeyId != s.key1 {
+		t.Fatalf("key ID changed across restart: %s -> %s", s.key1, st.KeyId)
 	}
-	startCtx, cancel := context.WithTimeout(ctx, time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := kube.Restart(startCtx); err != nil {
+	if err := s.kube.Restart(ctx); err != nil {
 		t.Fatal(err)
 	}
-	readAll()
+	s.readAll(t)
+}
 
-	// Rotate: the plugin sees the new generation on SIGHUP; the apiserver notices the new key ID on
-	// its next Status poll (about a minute) and starts a new DEK seed. Old Secrets still read.
+// Rotate: the plugin sees the new generation on SIGHUP; the apiserver notices the new key ID on its
+// next Status poll (about a minute) and starts a new DEK seed. Old Secrets still read.
+func (s *kmsScenario) rotate(t *testing.T) {
+	p := s.p
 	if code, out := ctl(t, p.env, "kms", "keys", "rotate", "--config", p.config); code != 0 {
 		t.Fatalf("rotate: %s", out)
 	}
 	p.proc.cmd.Process.Signal(syscall.SIGHUP)
-	var key2 string
 	eventually(t, 10*time.Second, "plugin reports the new key", func() error {
 		st, err := p.status(t)
-		if err != nil || st.KeyId == key1 {
+		if err != nil || st.KeyId == s.key1 {
 			return fmt.Errorf("key %v %v", st, err)
 		}
-		key2 = st.KeyId
+		s.key2 = st.KeyId
 		return nil
 	})
-	if !strings.HasPrefix(key2, "kek.2.") {
-		t.Fatalf("new key ID %q", key2)
+	if !strings.HasPrefix(s.key2, "kek.2.") {
+		t.Fatalf("new key ID %q", s.key2)
 	}
 	i := 0
 	eventually(t, 150*time.Second, "apiserver writes under the new key", func() error {
 		i++
 		name := fmt.Sprintf("rotated-%d", i)
-		if _, err := secrets.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name},
+		if _, err := s.secrets().Create(context.Background(), &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name},
 			StringData: map[string]string{"password": secretCanary}}, metav1.CreateOptions{}); err != nil {
 			return err
 		}
-		if id := rawKeyID(t, etcd, ns, name); id != key2 {
+		if id := rawKeyID(t, s.etcd, kmsNamespace, name); id != s.key2 {
 			time.Sleep(2 * time.Second)
 			return fmt.Errorf("written under %s", id)
 		}
 		return nil
 	})
-	readAll()
-	if id := rawKeyID(t, etcd, ns, "db-0"); id != key1 {
+	s.readAll(t)
+	if id := rawKeyID(t, s.etcd, kmsNamespace, "db-0"); id != s.key1 {
 		t.Fatalf("db-0 moved to %s without a rewrite", id)
 	}
-	// Retiring the old key is refused while etcd holds data under it.
-	code, out = ctl(t, p.env, append([]string{"kms", "keys", "retire", "--config", p.config, "--key-id", key1}, etcdFlags...)...)
-	if code != 1 || !strings.Contains(out, "still encrypted under it") {
+}
+
+// Retiring the old key is refused while etcd holds data under it; after a migration (resumed from
+// an interrupted run) it is allowed.
+func (s *kmsScenario) migrateAndRetire(t *testing.T) {
+	p := s.p
+	retire := append([]string{"kms", "keys", "retire", "--config", p.config, "--key-id", s.key1}, s.etcdFlags...)
+	if code, out := ctl(t, p.env, retire...); code != 1 || !strings.Contains(out, "still encrypted under it") {
 		t.Fatalf("retire with data left: exit %d: %s", code, out)
 	}
-
-	// Re-encrypt everything under the new key, then retiring the old key is allowed.
-	kubeconfig, err := kube.WriteKubeconfig(filepath.Join(p.dir, "kubeconfig"), "")
+	kubeconfig, err := s.kube.WriteKubeconfig(filepath.Join(p.dir, "kubeconfig"), "")
 	if err != nil {
 		t.Fatal(err)
 	}
 	state := filepath.Join(p.dir, "migrate.state")
-	os.WriteFile(state, []byte(ns+"/db-1\n"), 0o600) // an interrupted earlier run got as far as db-1
-	code, out = ctl(t, nil, "kms", "migrate", "--kubeconfig", kubeconfig, "--state", state, "--page", "2")
+	os.WriteFile(state, []byte(kmsNamespace+"/db-1\n"), 0o600) // an interrupted earlier run got as far as db-1
+	code, out := ctl(t, nil, "kms", "migrate", "--kubeconfig", kubeconfig, "--state", state, "--page", "2")
 	if code != 0 || !strings.Contains(out, "resuming after payments/db-1") {
 		t.Fatalf("migrate: exit %d: %s", code, out)
 	}
-	code, out = ctl(t, nil, "kms", "migrate", "--kubeconfig", kubeconfig, "--state", state)
-	if code != 0 {
+	if code, out := ctl(t, nil, "kms", "migrate", "--kubeconfig", kubeconfig, "--state", state); code != 0 {
 		t.Fatalf("migrate: exit %d: %s", code, out)
 	}
 	for i := range 5 {
-		if id := rawKeyID(t, etcd, ns, fmt.Sprintf("db-%d", i)); id != key2 {
+		if id := rawKeyID(t, s.etcd, kmsNamespace, fmt.Sprintf("db-%d", i)); id != s.key2 {
 			t.Fatalf("db-%d still under %s after migrate", i, id)
 		}
 	}
-	readAll()
-	code, out = ctl(t, p.env, append([]string{"kms", "keys", "retire", "--config", p.config, "--key-id", key1}, etcdFlags...)...)
-	if code != 0 {
+	s.readAll(t)
+	if code, out := ctl(t, p.env, retire...); code != 0 {
 		t.Fatalf("retire after migrate: exit %d: %s", code, out)
 	}
 	p.proc.cmd.Process.Signal(syscall.SIGHUP)
-	readAll() // the apiserver has the DEKs; nothing needs the retired key any more
+	s.readAll(t) // the apiserver has the DEKs; nothing needs the retired key any more
+}
 
-	// HSM outage under the running plugin: unhealthy, Unavailable, then recovery by itself.
+// HSM outage under the running plugin: unhealthy, Unavailable, then recovery by itself.
+func (s *kmsScenario) hsmOutage(t *testing.T) {
+	p := s.p
 	if err := p.hsm.HideToken(); err != nil {
 		t.Fatal(err)
 	}
 	p.waitHealthz(t, "", 15*time.Second)
-	cctx, ccancel := context.WithTimeout(ctx, 3*time.Second)
-	_, err = p.client.Encrypt(cctx, &kmsapi.EncryptRequest{Uid: "e2e", Plaintext: make([]byte, 32)})
-	ccancel()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	_, err := p.client.Encrypt(ctx, &kmsapi.EncryptRequest{Uid: "e2e", Plaintext: make([]byte, 32)})
+	cancel()
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("Encrypt during outage: %v, want Unavailable", err)
 	}
@@ -334,11 +374,11 @@ func TestKMSWithKubeAPIServer(t *testing.T) {
 	if m := p.metric(t, "keyward_kms_hsm_recoveries_total"); !strings.HasSuffix(m, " 1") {
 		t.Fatalf("recoveries metric: %q", m)
 	}
-	if _, err := secrets.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "after-outage"},
+	if _, err := s.secrets().Create(context.Background(), &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "after-outage"},
 		StringData: map[string]string{"password": secretCanary}}, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("write after recovery: %v", err)
 	}
-	readAll()
+	s.readAll(t)
 	for _, path := range []string{"/healthz", "/livez"} {
 		resp, err := http.Get("http://" + p.metrics + path)
 		if err != nil || resp.StatusCode != 200 {
@@ -346,11 +386,14 @@ func TestKMSWithKubeAPIServer(t *testing.T) {
 		}
 		resp.Body.Close()
 	}
-	if m := p.metric(t, "keyward_kms_key_id_hash_info"); !strings.Contains(m, plugin.KeyIDHash(key2)) {
+	if m := p.metric(t, "keyward_kms_key_id_hash_info"); !strings.Contains(m, plugin.KeyIDHash(s.key2)) {
 		t.Fatalf("key ID hash metric %q", m)
 	}
+}
 
-	// The audit stream verifies; neither it nor the plugin's log holds a secret or the PIN.
+// The audit stream verifies; neither it nor the plugin's log holds a secret or the PIN.
+func (s *kmsScenario) audit(t *testing.T) {
+	p := s.p
 	p.proc.stop(t)
 	if code, out := ctl(t, nil, "audit", "verify", p.auditLog, "--key-file", p.auditKey); code != 0 {
 		t.Fatalf("audit verify: %s", out)

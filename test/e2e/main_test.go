@@ -40,7 +40,15 @@ type proc struct {
 	done chan struct{}
 }
 
+// start starts a Keyward binary that t stops when it ends.
 func start(t *testing.T, env []string, logPath, name string, args ...string) *proc {
+	t.Helper()
+	return startFor(t, t, env, logPath, name, args...)
+}
+
+// startFor starts a Keyward binary from within t (a step of a scenario) that owner (the scenario's
+// test) stops when it ends: a process started in one step serves the next ones.
+func startFor(t, owner *testing.T, env []string, logPath, name string, args ...string) *proc {
 	t.Helper()
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
@@ -55,7 +63,7 @@ func start(t *testing.T, env []string, logPath, name string, args ...string) *pr
 	}
 	p := &proc{cmd: cmd, log: logPath, done: make(chan struct{})}
 	go func() { cmd.Wait(); f.Close(); close(p.done) }()
-	t.Cleanup(func() { p.stop(t) })
+	owner.Cleanup(func() { p.stop(owner) })
 	return p
 }
 
@@ -117,5 +125,22 @@ func eventually(t *testing.T, timeout time.Duration, what string, f func() error
 			t.Fatalf("%s: still failing after %s: %v", what, timeout, err)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// step is one named step of an end-to-end scenario.
+type step struct {
+	name string
+	run  func(t *testing.T)
+}
+
+// runSteps runs a scenario's steps in order as subtests, stopping at the first that fails (the next
+// ones build on it).
+func runSteps(t *testing.T, steps ...step) {
+	t.Helper()
+	for _, s := range steps {
+		if !t.Run(s.name, s.run) {
+			t.FailNow()
+		}
 	}
 }

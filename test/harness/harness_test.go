@@ -177,6 +177,7 @@ func TestVaultKVv2(t *testing.T) {
 	}
 }
 
+// (Over 60 lines: one login flow against the real Vault and apiserver, step after step.)
 func TestVaultKubernetesAuthAsPod(t *testing.T) {
 	ctx := ctxT(t)
 	k, v := env.Kube, env.Vault
@@ -241,6 +242,7 @@ func TestVaultKubernetesAuthAsPod(t *testing.T) {
 	}
 }
 
+// (Over 60 lines: one PKCS#11 session from login to the key's attributes and a round trip.)
 func TestSoftHSMNonExtractableAESGCM(t *testing.T) {
 	h := harness.SoftHSMT(t, "smoke")
 	p := pkcs11.New(h.Module)

@@ -59,6 +59,7 @@ type KubeAPIServer struct {
 }
 
 // StartKubeAPIServer starts kube-apiserver in dir (which must exist) and waits until /readyz is ok.
+// (Over 60 lines: most of it is the apiserver's flag list, which reads best in one place.)
 func StartKubeAPIServer(ctx context.Context, dir string, opts KubeOptions) (*KubeAPIServer, error) {
 	if opts.Etcd == nil {
 		return nil, fmt.Errorf("harness: kube-apiserver needs an etcd")

@@ -37,6 +37,7 @@ func main() {
 	}
 }
 
+// (Over 60 lines: a measurement script: set-up, the alternating rounds and the report, read top to bottom.)
 func run(n int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()

@@ -63,6 +63,7 @@ func main() {
 	}
 }
 
+// (Over 60 lines: a measurement script: set-up, the alternating rounds and the report, read top to bottom.)
 func run(ops, rounds, volumes int) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root (tmpfs mounts)")

@@ -23,6 +23,7 @@ import (
 // DaemonSet sets, a fresh driver per round, contenders alternating.
 var gomemlimit = flag.String("gomemlimit", "100MiB", "GOMEMLIMIT of the driver in the memory benchmark (both contenders), as the DaemonSet sets it")
 
+// (Over 60 lines: a measurement script: each round starts a driver, fires the burst and reads its memory.)
 func (b *bench) memory(ctx context.Context) error {
 	const volumes = 64
 	if err := b.provision(ctx, volumes); err != nil {

@@ -84,6 +84,7 @@ func main() {
 	}
 }
 
+// (Over 60 lines: a measurement script: set-up, the alternating rounds and the report, read top to bottom.)
 func run(dur time.Duration, rounds int) error {
 	dir, err := harness.ShortTempDir("kw-bench-")
 	if err != nil {
