@@ -156,6 +156,17 @@ func (n *node) unpublish(volumeID, target string) error {
 	return err
 }
 
+// published publishes podA's volume of twoSecrets and returns its target and request.
+func (n *node) published(t *testing.T) (string, *csipb.NodePublishVolumeRequest) {
+	t.Helper()
+	target := n.target(podA, "secrets")
+	req := n.publishReq(podA, target, twoSecrets)
+	if err := n.publish(req); err != nil {
+		t.Fatal(err)
+	}
+	return target, req
+}
+
 const twoSecrets = "- {ref: payments/db, key: password, file: db-password}\n- {ref: shared/ca, key: crt, file: ca.crt, mode: \"0444\"}"
 
 // A writable volume is refused before anything is fetched or mounted (Secrets Store CSI Driver does
@@ -281,11 +292,7 @@ func TestPlantedSparseFileAndFIFODoNotStopTheDriver(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			n := newNode(t)
-			target := n.target(podA, "secrets")
-			req := n.publishReq(podA, target, twoSecrets)
-			if err := n.publish(req); err != nil {
-				t.Fatal(err)
-			}
+			target, req := n.published(t)
 			payload, _ := os.Readlink(filepath.Join(target, "..data"))
 			if err := plant(filepath.Join(target, payload)); err != nil {
 				t.Fatal(err)
@@ -313,11 +320,7 @@ func TestPlantedSparseFileAndFIFODoNotStopTheDriver(t *testing.T) {
 // leased file's payload go on at once.
 func TestALeaseOnADeliveredFileDoesNotStallTheDriver(t *testing.T) {
 	n := newNode(t)
-	target := n.target(podA, "secrets")
-	req := n.publishReq(podA, target, twoSecrets)
-	if err := n.publish(req); err != nil {
-		t.Fatal(err)
-	}
+	target, req := n.published(t)
 	payload, _ := os.Readlink(filepath.Join(target, "..data"))
 	f, err := os.Open(filepath.Join(target, payload, "db-password"))
 	if err != nil {
@@ -380,11 +383,7 @@ func TestRepublishClearsOnlyOnACertainWithdrawal(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := newNode(t)
-			target := n.target(podA, "secrets")
-			req := n.publishReq(podA, target, twoSecrets)
-			if err := n.publish(req); err != nil {
-				t.Fatal(err)
-			}
+			target, req := n.published(t)
 			n.b.set("CANARY", tc.err)
 			if err := n.publish(req); status.Code(err) != tc.code {
 				t.Fatalf("republish: %v, want %s", err, tc.code)

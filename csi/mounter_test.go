@@ -104,24 +104,11 @@ func (v *fakeVolume) Intact([]tmpfs.File, int) bool { return true }
 
 func (v *fakeVolume) Close() error { return nil }
 
-// auditRecorder keeps the records the server writes itself (unpublishes).
-type auditRecorder struct {
-	mu  sync.Mutex
-	evs []audit.Event
-}
-
-func (a *auditRecorder) Record(_ context.Context, ev audit.Event) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.evs = append(a.evs, ev)
-	return nil
-}
-
 type seamNode struct {
 	*node
 	m   *fakeMounter
 	rec *releaseRecorder
-	aud *auditRecorder
+	aud *audit.Memory
 }
 
 // newSeamNode is a node server over fakeMounter: no root, no tmpfs.
@@ -129,7 +116,7 @@ func newSeamNode(t *testing.T) *seamNode {
 	t.Helper()
 	m := &fakeMounter{mounted: map[string]*fakeVolume{}}
 	rec := &releaseRecorder{}
-	aud := &auditRecorder{}
+	aud := &audit.Memory{}
 	dir := t.TempDir()
 	n := &node{t: t, b: &hostileBroker{value: "CANARY"}, kubeletDir: filepath.Join(dir, "kubelet")}
 	s, err := NewServer(Options{NodeID: "node-1", Broker: seamBroker{n.b, rec}, Auditor: aud, Audience: "keyward",
@@ -223,11 +210,7 @@ func TestRepublishSwapsOnlyChangesAndClearsOnlyWithdrawals(t *testing.T) {
 // credentials; one that can is audited as allowed and releases them.
 func TestUnpublishFailureIsAuditedAndKeepsCredentials(t *testing.T) {
 	n := newSeamNode(t)
-	target := n.target(podA, "secrets")
-	req := n.publishReq(podA, target, twoSecrets)
-	if err := n.publish(req); err != nil {
-		t.Fatal(err)
-	}
+	target, req := n.published(t)
 	n.m.failUnmount = errors.New("EBUSY")
 	if err := n.unpublish(req.VolumeId, target); status.Code(err) != codes.Internal {
 		t.Fatalf("unpublish: %v", err)
@@ -244,9 +227,9 @@ func TestUnpublishFailureIsAuditedAndKeepsCredentials(t *testing.T) {
 	if released, _ := n.rec.take(); released != podA {
 		t.Fatalf("released %q after the unpublish", released)
 	}
-	if len(n.aud.evs) != 2 || n.aud.evs[0].Decision != audit.Failed || n.aud.evs[0].Code != "Internal" ||
-		n.aud.evs[1].Decision != audit.Allowed || n.aud.evs[1].Type != audit.EventUnmount {
-		t.Fatalf("audit %+v", n.aud.evs)
+	if len(n.aud.Events()) != 2 || n.aud.Events()[0].Decision != audit.Failed || n.aud.Events()[0].Code != "Internal" ||
+		n.aud.Events()[1].Decision != audit.Allowed || n.aud.Events()[1].Type != audit.EventUnmount {
+		t.Fatalf("audit %+v", n.aud.Events())
 	}
 }
 

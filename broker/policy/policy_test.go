@@ -108,24 +108,6 @@ func TestEnvironmentIsolationInvariant(t *testing.T) {
 	}
 }
 
-type recorder struct {
-	mu  sync.Mutex
-	evs []audit.Event
-}
-
-func (r *recorder) Record(_ context.Context, ev audit.Event) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.evs = append(r.evs, ev)
-	return nil
-}
-
-func (r *recorder) events() []audit.Event {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return append([]audit.Event(nil), r.evs...)
-}
-
 func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "policy.yaml")
 	os.WriteFile(path, []byte(good), 0o600)
@@ -135,7 +117,7 @@ func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
 	}
 	a := NewAuthorizer(p, StaticNamespaces{"payments": "prod", "billing": "prod"})
 	core, logs := observer.New(zap.DebugLevel)
-	rec := &recorder{}
+	rec := &audit.Memory{}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go Watch(ctx, path, 10*time.Millisecond, a, zap.New(core), rec)
@@ -146,8 +128,8 @@ func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
 	}
 	// A bad file: refused, logged, audited; the old policy stays.
 	writeAtomic(t, path, good+"  - {namespace: billing, serviceAccount: api, paths: [\"payments/*\"]}\n")
-	waitFor(t, func() bool { return len(rec.events()) == 1 })
-	if ev := rec.events()[0]; ev.Type != audit.EventPolicyReload || ev.Decision != audit.Denied || ev.Code != "InvalidArgument" {
+	waitFor(t, func() bool { return len(rec.Events()) == 1 })
+	if ev := rec.Events()[0]; ev.Type != audit.EventPolicyReload || ev.Decision != audit.Denied || ev.Code != "InvalidArgument" {
 		t.Fatalf("audit event %+v", ev)
 	}
 	if logs.FilterMessage("policy reload refused; keeping the last good policy").Len() != 1 {
@@ -158,8 +140,8 @@ func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
 	}
 	// A good file: swapped in.
 	writeAtomic(t, path, good+"  - {namespace: billing, serviceAccount: api, paths: [\"billing/*\"]}\n")
-	waitFor(t, func() bool { return len(rec.events()) == 2 })
-	if ev := rec.events()[1]; ev.Decision != audit.Allowed {
+	waitFor(t, func() bool { return len(rec.Events()) == 2 })
+	if ev := rec.Events()[1]; ev.Decision != audit.Allowed {
 		t.Fatalf("audit event %+v", ev)
 	}
 	if _, err := a.Authorize(ctx, billing, ref); err != nil {
@@ -212,15 +194,15 @@ func TestWatchWaitsOutAFileCaughtMidWrite(t *testing.T) {
 	a := NewAuthorizer(p, StaticNamespaces{"payments": "prod", "billing": "prod"})
 	next := good + "  - {namespace: billing, serviceAccount: api, paths: [\"billing/*\"]}\n"
 	f := &scriptedFile{reads: []string{good, "", next[:len(next)/2], next}}
-	rec := &recorder{}
+	rec := &audit.Memory{}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { watchFile(ctx, "policy.yaml", 4*time.Millisecond, a, zap.NewNop(), rec, f.read); close(done) }()
-	waitFor(t, func() bool { return len(rec.events()) >= 1 })
+	waitFor(t, func() bool { return len(rec.Events()) >= 1 })
 	waitFor(t, func() bool { return f.count() > 10 }) // more ticks: nothing else is recorded
 	cancel()
 	<-done
-	evs := rec.events()
+	evs := rec.Events()
 	if len(evs) != 1 || evs[0].Decision != audit.Allowed {
 		t.Fatalf("recorded %+v, want exactly one allowed reload", evs)
 	}
@@ -230,7 +212,7 @@ func TestWatchWaitsOutAFileCaughtMidWrite(t *testing.T) {
 
 	// A file that stays bad (two reads agree) is refused, once.
 	f2 := &scriptedFile{reads: []string{good, ""}}
-	rec2 := &recorder{}
+	rec2 := &audit.Memory{}
 	ctx2, cancel2 := context.WithCancel(context.Background())
 	done2 := make(chan struct{})
 	a2 := NewAuthorizer(p, StaticNamespaces{})
@@ -238,11 +220,11 @@ func TestWatchWaitsOutAFileCaughtMidWrite(t *testing.T) {
 		watchFile(ctx2, "policy.yaml", 4*time.Millisecond, a2, zap.NewNop(), rec2, f2.read)
 		close(done2)
 	}()
-	waitFor(t, func() bool { return len(rec2.events()) >= 1 })
+	waitFor(t, func() bool { return len(rec2.Events()) >= 1 })
 	waitFor(t, func() bool { return f2.count() > 10 })
 	cancel2()
 	<-done2
-	if evs := rec2.events(); len(evs) != 1 || evs[0].Decision != audit.Denied {
+	if evs := rec2.Events(); len(evs) != 1 || evs[0].Decision != audit.Denied {
 		t.Fatalf("a file that stays empty: recorded %+v, want one refused reload", evs)
 	}
 }

@@ -10,9 +10,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/keyward/keyward/csi"
-	"github.com/keyward/keyward/internal/logging"
+	"github.com/keyward/keyward/internal/daemon"
 	"github.com/keyward/keyward/internal/metricsserver"
-	"github.com/keyward/keyward/internal/version"
 )
 
 // Options are the process wiring.
@@ -97,29 +96,6 @@ func swapPolicy(swapActive, noswap, allow bool) (allowSwapMounts bool, warning s
 
 func main() {
 	var o Options
-	fs := flag.NewFlagSet("keyward-broker", flag.ContinueOnError)
-	o.bind(fs)
-	showVersion := fs.Bool("version", false, "print the version and exit")
-	if err := fs.Parse(os.Args[1:]); err != nil {
-		os.Exit(2)
-	}
-	if *showVersion {
-		fmt.Println("keyward-broker", version.Version)
-		return
-	}
-	if err := o.Validate(); err != nil {
-		fmt.Fprintln(os.Stderr, "keyward-broker:", err)
-		os.Exit(2)
-	}
-	log, err := logging.New(o.LogLevel)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "keyward-broker:", err)
-		os.Exit(2)
-	}
-	if err := run(o, log); err != nil {
-		log.Error("keyward-broker stopped", zap.Error(err))
-		log.Sync()
-		os.Exit(1)
-	}
-	log.Sync()
+	daemon.Main(daemon.Spec{Name: "keyward-broker", Bind: o.bind, LogLevel: &o.LogLevel,
+		Validate: func() error { return o.Validate() }, Run: func(log *zap.Logger) error { return run(o, log) }})
 }

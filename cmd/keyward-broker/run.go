@@ -33,8 +33,8 @@ import (
 	"github.com/keyward/keyward/internal/version"
 )
 
-// daemon is keyward-broker's wiring: what run builds, in the order it builds it.
-type daemon struct {
+// wiring is keyward-broker's wiring: what run builds, in the order it builds it.
+type wiring struct {
 	o   Options
 	log *zap.Logger
 
@@ -55,7 +55,7 @@ type daemon struct {
 }
 
 func run(o Options, log *zap.Logger) error {
-	d := &daemon{o: o, log: log}
+	d := &wiring{o: o, log: log}
 	if err := d.checkHost(); err != nil {
 		return err
 	}
@@ -88,7 +88,7 @@ func run(o Options, log *zap.Logger) error {
 }
 
 // checkHost turns core dumps off and decides whether volumes may be mounted without noswap.
-func (d *daemon) checkHost() error {
+func (d *wiring) checkHost() error {
 	if err := hardening.DisableCoreDumps(); err != nil {
 		return err
 	}
@@ -114,7 +114,7 @@ func (d *daemon) checkHost() error {
 }
 
 // load reads the config and the policy and builds the two narrow apiserver clients.
-func (d *daemon) load() error {
+func (d *wiring) load() error {
 	var err error
 	if d.cfg, err = loadConfig(d.o.Config); err != nil {
 		return err
@@ -140,7 +140,7 @@ func (d *daemon) load() error {
 }
 
 // wire builds the policy, the Vault source, the broker service and the CSI node server.
-func (d *daemon) wire(ctx context.Context) error {
+func (d *wiring) wire(ctx context.Context) error {
 	d.namespaces = policy.NewNamespaceWatcher(d.meta, 10*time.Minute)
 	d.namespaces.Start(ctx)
 	authz := policy.NewAuthorizer(d.pol, d.namespaces)
@@ -173,7 +173,7 @@ func (d *daemon) wire(ctx context.Context) error {
 	return err
 }
 
-func (d *daemon) vaultSource() (*vault.Source, error) {
+func (d *wiring) vaultSource() (*vault.Source, error) {
 	v := d.cfg.Vault
 	vc, err := vault.NewClient(vault.ClientOptions{Address: v.Address, CACertFile: v.CAFile, AllowHTTP: v.AllowHTTP})
 	if err != nil {
@@ -190,7 +190,7 @@ func (d *daemon) vaultSource() (*vault.Source, error) {
 	return vault.New(vo)
 }
 
-func (d *daemon) serveMetrics() (*http.Server, error) {
+func (d *wiring) serveMetrics() (*http.Server, error) {
 	reg := prometheus.NewRegistry()
 	if err := registerMetrics(reg, d.node, d.svc, d.noswap); err != nil {
 		return nil, err
@@ -202,7 +202,7 @@ func (d *daemon) serveMetrics() (*http.Server, error) {
 
 // serve serves CSI (and the provider API) until ctx ends, then shuts down: both servers stop, their
 // handlers return, and only then are the pods' Vault tokens revoked.
-func (d *daemon) serve(ctx context.Context, stop func(), lis net.Listener) error {
+func (d *wiring) serve(ctx context.Context, stop func(), lis net.Listener) error {
 	gs := grpcserver.NewServer(d.log.Named("grpc"), csi.Describe)
 	d.node.Register(gs)
 	providerDone := make(chan error, 1)
@@ -227,7 +227,7 @@ func (d *daemon) serve(ctx context.Context, stop func(), lis net.Listener) error
 
 // serveProvider serves the Secrets Store CSI Driver provider API until ctx ends; done receives how
 // it ended.
-func (d *daemon) serveProvider(ctx context.Context, done chan<- error) error {
+func (d *wiring) serveProvider(ctx context.Context, done chan<- error) error {
 	plis, err := grpcserver.Listen(d.o.ProviderSock)
 	if err != nil {
 		return err
@@ -255,7 +255,7 @@ func (d *daemon) serveProvider(ctx context.Context, done chan<- error) error {
 // shutdown revokes the pods' Vault tokens once both servers have stopped and their handlers
 // returned (no publish can log in any more): they do not outlive the process holding them; a
 // restarted broker logs in again at the next republish (kubelet sends a fresh token each time).
-func (d *daemon) shutdown() {
+func (d *wiring) shutdown() {
 	d.node.WaitReleases()
 	rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -18,9 +18,9 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/keyward/keyward/internal/audit"
+	"github.com/keyward/keyward/internal/daemon"
 	"github.com/keyward/keyward/internal/grpcserver"
 	"github.com/keyward/keyward/internal/hardening"
-	"github.com/keyward/keyward/internal/logging"
 	"github.com/keyward/keyward/internal/metricsserver"
 	"github.com/keyward/keyward/internal/version"
 	"github.com/keyward/keyward/kms/pkcs11"
@@ -70,31 +70,8 @@ func (o Options) Validate() error {
 
 func main() {
 	var o Options
-	fs := flag.NewFlagSet("keyward-kms", flag.ContinueOnError)
-	o.bind(fs)
-	showVersion := fs.Bool("version", false, "print the version and exit")
-	if err := fs.Parse(os.Args[1:]); err != nil {
-		os.Exit(2)
-	}
-	if *showVersion {
-		fmt.Println("keyward-kms", version.Version)
-		return
-	}
-	if err := o.Validate(); err != nil {
-		fmt.Fprintln(os.Stderr, "keyward-kms:", err)
-		os.Exit(2)
-	}
-	log, err := logging.New(o.LogLevel)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "keyward-kms:", err)
-		os.Exit(2)
-	}
-	if err := run(o, log); err != nil {
-		log.Error("keyward-kms stopped", zap.Error(err))
-		log.Sync()
-		os.Exit(1)
-	}
-	log.Sync()
+	daemon.Main(daemon.Spec{Name: "keyward-kms", Bind: o.bind, LogLevel: &o.LogLevel,
+		Validate: func() error { return o.Validate() }, Run: func(log *zap.Logger) error { return run(o, log) }})
 }
 
 func run(o Options, log *zap.Logger) error {

@@ -153,14 +153,8 @@ func TestShortKeyRefused(t *testing.T) {
 	}
 }
 
-func readFile(t *testing.T, p string) string {
-	t.Helper()
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
-}
+// readFile is the file's content ("" if it cannot be read: the assertions then fail).
+func readFile(_ *testing.T, p string) string { b, _ := os.ReadFile(p); return string(b) }
 
 func TestQuery(t *testing.T) {
 	dir := t.TempDir()

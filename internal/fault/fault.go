@@ -71,31 +71,27 @@ func (c Class) String() string {
 	return names[c]
 }
 
+// classes are the sentinels in the order ClassOf tries them.
+var classes = []struct {
+	err   error
+	class Class
+}{
+	{ErrUnauthenticated, Unauthenticated}, {ErrDenied, Denied}, {ErrInvalid, Invalid}, {ErrNotFound, NotFound},
+	{ErrTooLarge, TooLarge}, {ErrUnavailable, Unavailable}, {context.DeadlineExceeded, DeadlineExceeded}, {context.Canceled, Canceled},
+}
+
 // ClassOf is the class of err: the first sentinel it wraps, in this order; nil is OK; anything else
 // is Internal.
 func ClassOf(err error) Class {
-	switch {
-	case err == nil:
+	if err == nil {
 		return OK
-	case errors.Is(err, ErrUnauthenticated):
-		return Unauthenticated
-	case errors.Is(err, ErrDenied):
-		return Denied
-	case errors.Is(err, ErrInvalid):
-		return Invalid
-	case errors.Is(err, ErrNotFound):
-		return NotFound
-	case errors.Is(err, ErrTooLarge):
-		return TooLarge
-	case errors.Is(err, ErrUnavailable):
-		return Unavailable
-	case errors.Is(err, context.DeadlineExceeded):
-		return DeadlineExceeded
-	case errors.Is(err, context.Canceled):
-		return Canceled
-	default:
-		return Internal
 	}
+	for _, c := range classes {
+		if errors.Is(err, c.err) {
+			return c.class
+		}
+	}
+	return Internal
 }
 
 // Refusal reports whether an error refuses the request as such (who asks, what is asked for, how

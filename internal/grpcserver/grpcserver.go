@@ -141,30 +141,18 @@ func stop(s *grpc.Server, grace, cut time.Duration) error {
 	}
 }
 
-// Code is the gRPC code of an error class: the one map from Keyward's error vocabulary to gRPC.
+// codes by class: the one map from Keyward's error vocabulary to gRPC.
+var codeOf = [...]codes.Code{fault.OK: codes.OK, fault.Unauthenticated: codes.Unauthenticated, fault.Denied: codes.PermissionDenied,
+	fault.Invalid: codes.InvalidArgument, fault.NotFound: codes.NotFound, fault.TooLarge: codes.ResourceExhausted,
+	fault.Unavailable: codes.Unavailable, fault.DeadlineExceeded: codes.DeadlineExceeded, fault.Canceled: codes.Canceled,
+	fault.Internal: codes.Internal}
+
+// Code is the gRPC code of an error class.
 func Code(c fault.Class) codes.Code {
-	switch c {
-	case fault.OK:
-		return codes.OK
-	case fault.Unauthenticated:
-		return codes.Unauthenticated
-	case fault.Denied:
-		return codes.PermissionDenied
-	case fault.Invalid:
-		return codes.InvalidArgument
-	case fault.NotFound:
-		return codes.NotFound
-	case fault.TooLarge:
-		return codes.ResourceExhausted
-	case fault.Unavailable:
-		return codes.Unavailable
-	case fault.DeadlineExceeded:
-		return codes.DeadlineExceeded
-	case fault.Canceled:
-		return codes.Canceled
-	default:
+	if c < 0 || int(c) >= len(codeOf) {
 		return codes.Internal
 	}
+	return codeOf[c]
 }
 
 // Status is the gRPC status a handler returns for err (nil for nil): the code of its class, and its

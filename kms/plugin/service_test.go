@@ -27,6 +27,7 @@ import (
 	"github.com/keyward/keyward/kms/envelope"
 	"github.com/keyward/keyward/kms/kmstest"
 	"github.com/keyward/keyward/kms/plugin"
+	"github.com/keyward/keyward/test/harness"
 )
 
 // canary is a DEK seed that must never show up in a log line or an audit record.
@@ -216,18 +217,9 @@ func TestAuditFailureFailsClosed(t *testing.T) {
 func TestEncryptionConfigTransformer(t *testing.T) {
 	p := startPlugin(t, nil)
 	cfgPath := filepath.Join(t.TempDir(), "encryption.yaml")
-	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`apiVersion: apiserver.config.k8s.io/v1
-kind: EncryptionConfiguration
-resources:
-  - resources: [secrets]
-    providers:
-      - kms:
-          apiVersion: v2
-          name: keyward
-          endpoint: unix://%s
-          timeout: 5s
-      - identity: {}
-`, p.socket)), 0o600)
+	if err := harness.WriteEncryptionConfig(cfgPath, p.socket, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	ec, err := encryptionconfig.LoadEncryptionConfig(ctx, cfgPath, false, "test-apiserver")

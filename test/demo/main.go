@@ -205,14 +205,9 @@ func (d *demo) run() error {
 	step("etcd %s and kube-apiserver %s with keyward-kms as the encryption provider for Secrets",
 		harness.Versions()["ETCD_VERSION"], harness.Versions()["KUBE_VERSION"])
 	encCfg := filepath.Join(d.dir, "encryption.yaml")
-	os.WriteFile(encCfg, []byte(fmt.Sprintf(`apiVersion: apiserver.config.k8s.io/v1
-kind: EncryptionConfiguration
-resources:
-  - resources: [secrets]
-    providers:
-      - kms: {apiVersion: v2, name: keyward, endpoint: "unix://%s", timeout: 3s}
-      - identity: {}
-`, kmsSock)), 0o600)
+	if err := harness.WriteEncryptionConfig(encCfg, kmsSock, 3*time.Second); err != nil {
+		return err
+	}
 	env, err := harness.StartEnv(ctx, harness.EnvOptions{Kube: true, Vault: true, KubeOptions: harness.KubeOptions{EncryptionConfig: encCfg}})
 	if err != nil {
 		return err

@@ -71,18 +71,13 @@ func provisionVault(t *testing.T, v *harness.Vault, k *harness.KubeAPIServer) {
 			t.Fatal(err)
 		}
 	}
-	for env := range map[string]bool{"prod": true, "dev": true} {
-		if err := v.Client.Sys().PutPolicyWithContext(ctx, env+"-read", fmt.Sprintf(`path "kv/data/%s/*" { capabilities = ["read"] }`, env)); err != nil {
-			t.Fatal(err)
-		}
-	}
 	if err := v.KubernetesAuth(ctx, "kubernetes", k); err != nil {
 		t.Fatal(err)
 	}
-	if err := v.KubernetesRole(ctx, "kubernetes", "prod", []string{"payments-prod", "other-prod"}, []string{"*"}, []string{"prod-read"}, audience); err != nil {
+	if err := v.GrantEnvironment(ctx, "kubernetes", "kv", "prod", []string{"payments-prod", "other-prod"}, []string{"*"}, audience); err != nil {
 		t.Fatal(err)
 	}
-	if err := v.KubernetesRole(ctx, "kubernetes", "dev", []string{"payments-dev"}, []string{"*"}, []string{"dev-read"}, audience); err != nil {
+	if err := v.GrantEnvironment(ctx, "kubernetes", "kv", "dev", []string{"payments-dev"}, []string{"*"}, audience); err != nil {
 		t.Fatal(err)
 	}
 }

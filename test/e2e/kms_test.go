@@ -130,18 +130,9 @@ func (p *kmsPlugin) metric(t *testing.T, name string) string {
 
 func encryptionConfig(t *testing.T, dir, socket string) string {
 	path := filepath.Join(dir, "encryption.yaml")
-	os.WriteFile(path, []byte(fmt.Sprintf(`apiVersion: apiserver.config.k8s.io/v1
-kind: EncryptionConfiguration
-resources:
-  - resources: [secrets]
-    providers:
-      - kms:
-          apiVersion: v2
-          name: keyward
-          endpoint: unix://%s
-          timeout: 3s
-      - identity: {}
-`, socket)), 0o600)
+	if err := harness.WriteEncryptionConfig(path, socket, 3*time.Second); err != nil {
+		t.Fatal(err)
+	}
 	return path
 }
 

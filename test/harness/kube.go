@@ -353,3 +353,16 @@ current-context: harness
 
 // Pid is kube-apiserver's process ID (benchmarks read its CPU time).
 func (k *KubeAPIServer) Pid() int { return k.proc.pid() }
+
+// WriteEncryptionConfig writes to path an EncryptionConfiguration that envelope-encrypts Secrets with
+// the KMS v2 plugin named keyward on socket (identity as the fallback for reading old values).
+func WriteEncryptionConfig(path, socket string, timeout time.Duration) error {
+	return os.WriteFile(path, []byte(fmt.Sprintf(`apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+  - resources: [secrets]
+    providers:
+      - kms: {apiVersion: v2, name: keyward, endpoint: "unix://%s", timeout: %s}
+      - identity: {}
+`, socket, timeout)), 0o600)
+}

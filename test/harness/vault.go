@@ -154,6 +154,17 @@ func (v *Vault) KubernetesAuthReviewer(ctx context.Context, mount string, kube *
 	return err
 }
 
+// GrantEnvironment lets the kubernetes-auth role env (at authMount) read the KV v2 secrets under
+// kvMount/<env>/, for pods of namespaces running as serviceAccounts with tokens for audience: the
+// layout Keyward's policy expects, one policy and one role per environment.
+func (v *Vault) GrantEnvironment(ctx context.Context, authMount, kvMount, env string, namespaces, serviceAccounts []string, audience string) error {
+	policy := env + "-read"
+	if err := v.Client.Sys().PutPolicyWithContext(ctx, policy, fmt.Sprintf(`path "%s/data/%s/*" { capabilities = ["read"] }`, kvMount, env)); err != nil {
+		return err
+	}
+	return v.KubernetesRole(ctx, authMount, env, namespaces, serviceAccounts, []string{policy}, audience)
+}
+
 // KubernetesRole creates a role in the kubernetes auth method at mount.
 func (v *Vault) KubernetesRole(ctx context.Context, mount, role string, namespaces, serviceAccounts, policies []string, audience string) error {
 	_, err := v.Client.Logical().WriteWithContext(ctx, "auth/"+mount+"/role/"+role, map[string]any{

@@ -71,13 +71,10 @@ func run(n int) error {
 		}
 		refs = append(refs, broker.SecretRef{Ref: fmt.Sprintf("payments/s%d", i), Key: "v"})
 	}
-	if err := v.Client.Sys().PutPolicyWithContext(ctx, "prod-read", `path "kv/data/prod/*" { capabilities = ["read"] }`); err != nil {
-		return err
-	}
 	if err := v.KubernetesAuth(ctx, "kubernetes", k); err != nil {
 		return err
 	}
-	if err := v.KubernetesRole(ctx, "kubernetes", "prod", []string{"payments"}, []string{"api"}, []string{"prod-read"}, "keyward"); err != nil {
+	if err := v.GrantEnvironment(ctx, "kubernetes", "kv", "prod", []string{"payments"}, []string{"api"}, "keyward"); err != nil {
 		return err
 	}
 	p, err := policy.Parse([]byte(pol))

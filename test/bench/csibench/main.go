@@ -273,13 +273,10 @@ func (b *bench) provision(ctx context.Context, pods int) error {
 			return err
 		}
 	}
-	if err := v.Client.Sys().PutPolicyWithContext(ctx, "prod-read", `path "kv/data/prod/*" { capabilities = ["read"] }`); err != nil {
-		return err
-	}
 	if err := v.KubernetesAuth(ctx, "kubernetes", k); err != nil {
 		return err
 	}
-	if err := v.KubernetesRole(ctx, "kubernetes", "prod", []string{"payments"}, []string{"api"}, []string{"prod-read"}, "keyward"); err != nil {
+	if err := v.GrantEnvironment(ctx, "kubernetes", "kv", "prod", []string{"payments"}, []string{"api"}, "keyward"); err != nil {
 		return err
 	}
 	cfg := vaultapi.DefaultConfig()
