@@ -149,7 +149,8 @@ type Authenticator interface {
 }
 
 // Authorizer decides whether id may read ref and where ref lives. Deny by default: an error wrapping
-// fault.ErrDenied (with the reason) or fault.ErrInvalid (a malformed ref).
+// fault.ErrDenied (with the reason). Refs reach it validated (SecretRef.Validate, in Service): an
+// Authorizer matches, it does not parse.
 type Authorizer interface {
 	Authorize(ctx context.Context, id Identity, ref SecretRef) (Resolved, error)
 }

@@ -48,6 +48,9 @@ func TestPolicyCheckAndLint(t *testing.T) {
 		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "worker", "--ref", "payments/db"}, 1, "deny: no grant"},
 		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--service-account", "api", "--ref", "payments/db"}, 1, "no keyward.dev/environment label"},
 		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "api", "--ref", "../x"}, 1, "deny"},
+		// Refs the broker refuses before its policy sees them: the dry run refuses them too.
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "api", "--ref", "payments/.."}, 1, `deny: ref "payments/.." has a ".." segment`},
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "api", "--ref", "payments/db", "--key", "a/b"}, 1, `deny: key "a/b"`},
 		{[]string{"policy", "check", "--policy", good}, 2, "required"},
 	} {
 		var out, errb bytes.Buffer

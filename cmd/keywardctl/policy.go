@@ -49,8 +49,15 @@ func policyCommand(e streams, args []string) error {
 		if err != nil {
 			return err
 		}
+		sref := broker.SecretRef{Ref: *ref, Key: *key}
+		// The broker validates every ref before its Authorizer sees one (Service.authorize); the dry
+		// run does the same, or it would allow what the broker refuses.
+		if err := sref.Validate(); err != nil {
+			fmt.Fprintf(e.stdout, "deny: %v\n", err)
+			return errDenied
+		}
 		a := policy.NewAuthorizer(p, policy.StaticNamespaces{*ns: *envName})
-		r, err := a.Authorize(context.Background(), broker.Identity{Namespace: *ns, ServiceAccount: *sa}, broker.SecretRef{Ref: *ref, Key: *key})
+		r, err := a.Authorize(context.Background(), broker.Identity{Namespace: *ns, ServiceAccount: *sa}, sref)
 		if err != nil {
 			fmt.Fprintf(e.stdout, "deny: %v\n", err)
 			return errDenied

@@ -61,6 +61,38 @@ func writeN(t *testing.T, opts Options, n int) {
 	}
 }
 
+// Outcome is the one place decision, code and reason are filled from an error: refusals are "deny",
+// failures "error", and a reason quoting a caller's input is bounded.
+func TestOutcome(t *testing.T) {
+	for _, tc := range []struct {
+		err      error
+		decision Decision
+		code     string
+	}{
+		{nil, Allowed, "OK"},
+		{fmt.Errorf("no grant: %w", fault.ErrDenied), Denied, "PermissionDenied"},
+		{fmt.Errorf("bad token: %w", fault.ErrUnauthenticated), Denied, "Unauthenticated"},
+		{fmt.Errorf("bad ref: %w", fault.ErrInvalid), Denied, "InvalidArgument"},
+		{fmt.Errorf("too big: %w", fault.ErrTooLarge), Denied, "ResourceExhausted"},
+		{fmt.Errorf("vault down: %w", fault.ErrUnavailable), Failed, "Unavailable"},
+		{errors.New("unclassified"), Failed, "Internal"},
+	} {
+		var ev Event
+		ev.Outcome(tc.err)
+		if ev.Decision != tc.decision || ev.Code != tc.code {
+			t.Errorf("Outcome(%v) = %s/%s, want %s/%s", tc.err, ev.Decision, ev.Code, tc.decision, tc.code)
+		}
+		if tc.err != nil && ev.Reason != tc.err.Error() {
+			t.Errorf("Outcome(%v) reason %q", tc.err, ev.Reason)
+		}
+	}
+	var ev Event
+	ev.Outcome(fmt.Errorf("ref %q: %w", strings.Repeat("x", 10000), fault.ErrInvalid))
+	if len(ev.Reason) != MaxReason+len("...") || !strings.HasSuffix(ev.Reason, "...") {
+		t.Errorf("reason of %d bytes, want %d ending in ...", len(ev.Reason), MaxReason+3)
+	}
+}
+
 func TestRecordsVerifyAndChainAcrossRestarts(t *testing.T) {
 	dir := t.TempDir()
 	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir)}

@@ -53,7 +53,8 @@ func LoadSection(path, section string, v any) error {
 	if err != nil {
 		return fmt.Errorf("config: %w", err)
 	}
-	j, err := yaml.YAMLToJSON(b)
+	// Strict: a key written twice is refused, as the daemon's own strict load refuses it.
+	j, err := yaml.YAMLToJSONStrict(b)
 	if err != nil {
 		return fmt.Errorf("config %s: %w", path, err)
 	}

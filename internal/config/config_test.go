@@ -34,7 +34,7 @@ func TestLoadSection(t *testing.T) {
 	if err := LoadSection(p, "pkcs11", &v); err != nil || v.Module != "/lib/x.so" {
 		t.Fatalf("%+v %v", v, err)
 	}
-	for body, want := range map[string]string{"pkcs11:\n  module: x\n  modul: y\n": "unknown field", "other: {}\n": "no \"pkcs11\" section", "pkcs11: [\n": "config"} {
+	for body, want := range map[string]string{"pkcs11:\n  module: x\n  modul: y\n": "unknown field", "other: {}\n": "no \"pkcs11\" section", "pkcs11: [\n": "config", "pkcs11:\n  module: x\n  module: y\n": "already set"} {
 		os.WriteFile(p, []byte(body), 0o600)
 		if err := LoadSection(p, "pkcs11", &v); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%q: %v, want %q", body, err, want)

@@ -78,10 +78,16 @@ func open(p *p11.Ctx, s p11.SessionHandle, obj p11.ObjectHandle, keyID string, c
 	params, mech := mechanism(c.version, keyID, c.iv)
 	defer params.Free()
 	if err := p.DecryptInit(s, mech, obj); err != nil {
-		return nil, err
+		return nil, initError{err}
 	}
 	return p.Decrypt(s, c.sealed)
 }
+
+// initError is a failure to start a decryption: the key or the session failed, never the ciphertext
+// (its IV length was checked when it was parsed), so it is not read as a tag mismatch.
+type initError struct{ error }
+
+func (e initError) Unwrap() error { return e.error }
 
 // newIV is a fresh 96-bit GCM IV.
 func newIV() ([]byte, error) {

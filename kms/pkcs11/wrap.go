@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 
 	p11 "github.com/miekg/pkcs11"
@@ -54,6 +55,10 @@ func (w *Wrapper) Unwrap(ctx context.Context, ciphertext []byte, keyID string) (
 			return fmt.Errorf("unknown key ID %q (retired, or never created on this token): %w", fault.Truncate(keyID, 128), fault.ErrInvalid)
 		}
 		pt, err := open(inc.p, s, k.work, k.id, c)
+		var ie initError
+		if errors.As(err, &ie) {
+			return ie.error
+		}
 		if err != nil {
 			return inc.decryptFailure(s, keyID, err)
 		}

@@ -196,6 +196,9 @@ func (s *Service) finish(ctx context.Context, typ audit.EventType, uid, keyID st
 	if err == nil {
 		ev.Reason = "ok"
 	}
+	// The plugin's reasons are bounded tighter than the schema's (kube-apiserver asks thousands of
+	// times a second; a record quotes at most maxReason bytes of a caller's input).
+	ev.Reason = fault.Truncate(ev.Reason, maxReason)
 	if aerr := s.audit.Record(ctx, ev); aerr != nil && err == nil {
 		err = fmt.Errorf("audit record not written, refusing the result: %w", fault.ErrUnavailable)
 	}

@@ -213,6 +213,42 @@ func TestAuditFailureFailsClosed(t *testing.T) {
 	}
 }
 
+// A caller's input quoted in a refusal is bounded in the audit record: a 64 KiB annotation leaves at
+// most a few hundred bytes of reason, and the record says who refused and why.
+func TestRefusalReasonBounded(t *testing.T) {
+	mem := &audit.Memory{}
+	p := startPlugin(t, func(string, string) audit.Auditor { return mem })
+	c := apiserverClient(t, p)
+	waitHealthy(t, c)
+	ctx := context.Background()
+	enc, err := c.Encrypt(ctx, "uid-enc", canary)
+	if err != nil {
+		t.Fatal(err)
+	}
+	huge := bytes.Repeat([]byte("x"), 64<<10)
+	_, err = c.Decrypt(ctx, "uid-huge", &kmsservice.DecryptRequest{Ciphertext: enc.Ciphertext, KeyID: enc.KeyID,
+		Annotations: map[string][]byte{plugin.AnnotationKey: huge}})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("decrypt with a 64 KiB annotation: %v, want InvalidArgument", err)
+	}
+	var found bool
+	for _, ev := range mem.Events() {
+		if ev.RequestID != "uid-huge" {
+			continue
+		}
+		found = true
+		if ev.Decision != audit.Denied || ev.Code != "InvalidArgument" {
+			t.Errorf("record = %s/%s, want deny/InvalidArgument", ev.Decision, ev.Code)
+		}
+		if len(ev.Reason) > 256 || !strings.HasPrefix(ev.Reason, "unknown ciphertext format") || !strings.HasSuffix(ev.Reason, "...") {
+			t.Errorf("reason of %d bytes: %.80q", len(ev.Reason), ev.Reason)
+		}
+	}
+	if !found {
+		t.Fatal("no audit record for the refused decrypt")
+	}
+}
+
 // The Secrets transformer kube-apiserver builds from an EncryptionConfiguration, talking to the plugin.
 func TestEncryptionConfigTransformer(t *testing.T) {
 	p := startPlugin(t, nil)

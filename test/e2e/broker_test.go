@@ -365,7 +365,8 @@ func (s *brokerScenario) audit(t *testing.T) {
 func (s *brokerScenario) auditTools(t *testing.T) {
 	code, out := ctl(t, nil, "audit", "query", s.e.auditLog, "--decision", "deny", "--namespace", "payments-prod", "--since", "1h", "-o", "json")
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if code != 0 || len(lines) < 5 || strings.Contains(out, `"decision":"allow"`) || !strings.Contains(out, `"namespace":"payments-prod"`) {
+	if code != 0 || len(lines) < 5 || strings.Contains(out, `"decision":"allow"`) || !strings.Contains(out, `"namespace":"payments-prod"`) ||
+		!strings.Contains(out, `"seq":`) || !strings.Contains(out, `"mac":"`) {
 		t.Fatalf("audit query: exit %d, %d lines: %s", code, len(lines), out)
 	}
 	raw, _ := os.ReadFile(s.e.auditLog)
