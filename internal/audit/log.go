@@ -170,6 +170,8 @@ func (l *Log) Record(_ context.Context, ev Event) error {
 	if err := buf.enc.Encode(ev); err != nil {
 		return fmt.Errorf("audit encode: %w", fault.ErrUnavailable)
 	}
+	// Room for the seq field in the pooled buffer, so appending it below does not allocate.
+	buf.b.Grow(len(`,"seq":`) + 20)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.broken != nil {

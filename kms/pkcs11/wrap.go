@@ -55,11 +55,11 @@ func (w *Wrapper) Unwrap(ctx context.Context, ciphertext []byte, keyID string) (
 			return fmt.Errorf("unknown key ID %q (retired, or never created on this token): %w", fault.Truncate(keyID, 128), fault.ErrInvalid)
 		}
 		pt, err := open(inc.p, s, k.work, k.id, c)
-		var ie initError
-		if errors.As(err, &ie) {
-			return ie.error
-		}
 		if err != nil {
+			var ie initError // declared here: it escapes, so only a failure pays for it
+			if errors.As(err, &ie) {
+				return ie.error // the key or session failed, not the ciphertext
+			}
 			return inc.decryptFailure(s, keyID, err)
 		}
 		out = pt

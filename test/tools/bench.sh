@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 echo "== Go benchmarks"
-go test -run '^$' -bench "${BENCH:-.}" -benchmem -count "${BENCH_COUNT:-1}" ./broker/... ./kms/...
+go test -run '^$' -bench "${BENCH:-.}" -benchmem -count "${BENCH_COUNT:-1}" ./broker/... ./kms/... ./internal/... ./csi/...
 echo
 echo "== KMS v2 plugin: keyward-kms vs raw PKCS#11 vs a no-op plugin vs the ceiling (one SoftHSM token, one run)"
 go run ./test/bench/kmsbench ${KMSBENCH_ARGS:-}
