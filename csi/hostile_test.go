@@ -21,6 +21,7 @@ import (
 	"github.com/keyward/keyward/broker"
 	"github.com/keyward/keyward/csi/tmpfs"
 	"github.com/keyward/keyward/internal/fault"
+	"github.com/keyward/keyward/test/harness"
 )
 
 // These tests play a hostile pod (and a confused kubelet) against the node server with real tmpfs
@@ -329,33 +330,21 @@ func TestALeaseOnADeliveredFileDoesNotStallTheDriver(t *testing.T) {
 	if _, err := unix.FcntlInt(f.Fd(), unix.F_SETLEASE, unix.F_WRLCK); err != nil {
 		t.Fatalf("taking a lease: %v", err)
 	}
-	done := make(chan error, 1)
-	go func() {
+	harness.Within(t, 15*time.Second, "the driver waited for a pod's lease", func() error {
 		if err := n.publish(req); err != nil {
-			done <- fmt.Errorf("unchanged republish: %w", err)
-			return
+			return fmt.Errorf("unchanged republish: %w", err)
 		}
 		if again, _ := os.Readlink(filepath.Join(target, "..data")); again != payload {
-			done <- fmt.Errorf("an unchanged republish swapped the files")
-			return
+			return fmt.Errorf("an unchanged republish swapped the files")
 		}
 		for i := range 2 {
 			n.b.set(fmt.Sprintf("ROTATED-%d", i), nil)
 			if err := n.publish(req); err != nil {
-				done <- fmt.Errorf("republish %d: %w", i, err)
-				return
+				return fmt.Errorf("republish %d: %w", i, err)
 			}
 		}
-		done <- nil
-	}()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatal("the driver waited for a pod's lease")
-	}
+		return nil
+	})
 	f.Close()
 	if got, _ := os.ReadFile(filepath.Join(target, "db-password")); string(got) != "ROTATED-1-payments/db" {
 		t.Fatalf("after the rotations the file holds %q", got)

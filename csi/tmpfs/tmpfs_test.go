@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/keyward/keyward/test/harness"
 )
 
 // These tests mount real tmpfs file systems: they need root (the CI machine runs as root, as a CSI
@@ -445,28 +447,16 @@ func TestALeaseDoesNotStallTheDriver(t *testing.T) {
 	if _, err := unix.FcntlInt(f.Fd(), unix.F_SETLEASE, unix.F_RDLCK); err != nil {
 		t.Fatalf("taking a read lease: %v", err)
 	}
-	done := make(chan error, 1)
-	go func() {
+	harness.Within(t, 10*time.Second, "the driver waited for a pod's lease", func() error {
 		// Two swaps: the second removes the leased file's payload.
 		for i := range 2 {
 			if err := v.Swap([]File{{Name: "a", Mode: 0o400, Data: []byte{byte('2' + i)}}}, -1, 0o755); err != nil && !errors.Is(err, ErrScrub) {
-				done <- err
-				return
+				return err
 			}
 		}
-		err := v.Clear()
-		if err != nil && !errors.Is(err, ErrScrub) {
-			done <- err
-			return
+		if err := v.Clear(); err != nil && !errors.Is(err, ErrScrub) {
+			return err
 		}
-		done <- nil
-	}()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the driver waited for a pod's lease")
-	}
+		return nil
+	})
 }

@@ -62,12 +62,7 @@ func SoftHSMT(t *testing.T, label string) *SoftHSM {
 // EtcdT starts etcd for this test.
 func EtcdT(tb testing.TB) *Etcd {
 	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), StartTimeout)
-	defer cancel()
-	e, err := StartEtcd(ctx, sub(tb, "etcd"))
-	Check(tb, err)
-	tb.Cleanup(e.Stop)
-	return e
+	return startT(tb, "etcd", StartEtcd)
 }
 
 // KubeT starts etcd and kube-apiserver for this test.
@@ -76,21 +71,40 @@ func KubeT(tb testing.TB, opts KubeOptions) *KubeAPIServer {
 	if opts.Etcd == nil {
 		opts.Etcd = EtcdT(tb)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), StartTimeout)
-	defer cancel()
-	k, err := StartKubeAPIServer(ctx, sub(tb, "kube"), opts)
-	Check(tb, err)
-	tb.Cleanup(k.Stop)
-	return k
+	return startT(tb, "kube", func(ctx context.Context, dir string) (*KubeAPIServer, error) {
+		return StartKubeAPIServer(ctx, dir, opts)
+	})
 }
 
 // VaultT starts a Vault dev server for this test.
 func VaultT(tb testing.TB) *Vault {
 	tb.Helper()
+	return startT(tb, "vault", StartVault)
+}
+
+// startT starts one component in its own directory within StartTimeout and stops it when the test
+// ends.
+func startT[C interface{ Stop() }](tb testing.TB, name string, start func(context.Context, string) (C, error)) C {
+	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), StartTimeout)
 	defer cancel()
-	v, err := StartVault(ctx, sub(tb, "vault"))
+	c, err := start(ctx, sub(tb, name))
 	Check(tb, err)
-	tb.Cleanup(v.Stop)
-	return v
+	tb.Cleanup(c.Stop)
+	return c
+}
+
+// Within runs fn and fails the test if fn fails or has not returned after d, saying stalled: for
+// proving that something a hostile pod holds (a lease, a lock) cannot stall the driver. On a
+// timeout fn's goroutine is left behind; the test has failed.
+func Within(tb testing.TB, d time.Duration, stalled string, fn func() error) {
+	tb.Helper()
+	done := make(chan error, 1)
+	go func() { done <- fn() }()
+	select {
+	case err := <-done:
+		Check(tb, err)
+	case <-time.After(d):
+		tb.Fatal(stalled)
+	}
 }
