@@ -1,11 +1,14 @@
 package main
 
 import (
+	"flag"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keyward/keyward/internal/audit"
 )
 
 func TestLoadConfig(t *testing.T) {
@@ -31,17 +34,19 @@ func TestLoadConfig(t *testing.T) {
 }
 
 func TestOptionsValidate(t *testing.T) {
-	good := Options{CSISocket: "/s", NodeID: "n", Config: "/c", AuditLog: "/a", AuditKeyFile: "/k", MaxPublishes: 16, MaxPublishBytes: 64 << 20,
+	good := Options{CSISocket: "/s", NodeID: "n", Config: "/c", Audit: validAudit(), MaxPublishes: 16, MaxPublishBytes: 64 << 20,
 		MetricsAddress: "127.0.0.1:9465"}
 	if err := good.Validate(); err != nil {
 		t.Fatal(err)
 	}
 	for name, mutate := range map[string]func(*Options){
-		"no audit log":            func(o *Options) { o.AuditLog = "" },
-		"no publishes":            func(o *Options) { o.MaxPublishes = 0 },
-		"bytes below one volume":  func(o *Options) { o.MaxPublishBytes = 1 << 20 },
-		"metrics off loopback":    func(o *Options) { o.MetricsAddress = "0.0.0.0:9465" },
-		"metrics address garbled": func(o *Options) { o.MetricsAddress = "9465" },
+		"no audit dir":             func(o *Options) { o.Audit.Dir = "" },
+		"audit segments too small": func(o *Options) { o.Audit.MaxSize = 1024 },
+		"no audit segments kept":   func(o *Options) { o.Audit.MaxSegments = 0 },
+		"no publishes":             func(o *Options) { o.MaxPublishes = 0 },
+		"bytes below one volume":   func(o *Options) { o.MaxPublishBytes = 1 << 20 },
+		"metrics off loopback":     func(o *Options) { o.MetricsAddress = "0.0.0.0:9465" },
+		"metrics address garbled":  func(o *Options) { o.MetricsAddress = "9465" },
 	} {
 		o := good
 		mutate(&o)
@@ -49,6 +54,13 @@ func TestOptionsValidate(t *testing.T) {
 			t.Errorf("%s: accepted", name)
 		}
 	}
+}
+
+// validAudit is the audit flags' defaults.
+func validAudit() audit.Flags {
+	var f audit.Flags
+	f.Bind(flag.NewFlagSet("t", flag.ContinueOnError), "/var/log/keyward/broker-audit")
+	return f
 }
 
 // With swap on and no noswap support, the broker refuses to start unless told to accept the risk;

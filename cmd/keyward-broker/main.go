@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/daemon"
 	"github.com/keyward/keyward/internal/metricsserver"
 )
@@ -21,9 +22,7 @@ type Options struct {
 	NodeID       string
 	Config       string
 	Kubeconfig   string
-	AuditLog     string
-	AuditKeyFile string
-	AuditStdout  bool
+	Audit        audit.Flags
 	LogLevel     string
 	Grace        time.Duration
 	KubeQPS      float64
@@ -42,9 +41,7 @@ func (o *Options) bind(fs *flag.FlagSet) {
 	fs.StringVar(&o.NodeID, "node-id", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)")
 	fs.StringVar(&o.Config, "config", "/etc/keyward/broker.yaml", "YAML config: policy file, Vault settings")
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file (empty: in-cluster service account)")
-	fs.StringVar(&o.AuditLog, "audit-log", "/var/log/keyward/broker-audit.log", "audit log file (JSON lines, hash-chained)")
-	fs.StringVar(&o.AuditKeyFile, "audit-key-file", "/etc/keyward/audit.key", "file holding the audit HMAC key")
-	fs.BoolVar(&o.AuditStdout, "audit-stdout", false, "also write audit records to stdout")
+	o.Audit.Bind(fs, "/var/log/keyward/broker-audit")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Float64Var(&o.KubeQPS, "kube-api-qps", 1000, "client-side limit on apiserver requests per second (one TokenReview per uncached publish); a runaway guard, the apiserver's priority and fairness is the flow control")
 	fs.IntVar(&o.KubeBurst, "kube-api-burst", 2000, "client-side burst of apiserver requests")
@@ -65,8 +62,8 @@ func (o Options) Validate() error {
 		return errors.New("--node-id (or $NODE_NAME) is required")
 	case o.Config == "":
 		return errors.New("--config is required")
-	case o.AuditLog == "" || o.AuditKeyFile == "":
-		return errors.New("--audit-log and --audit-key-file are required: every access is audited")
+	case o.Audit.Validate() != nil:
+		return o.Audit.Validate()
 	case o.MaxPublishes <= 0:
 		return errors.New("--max-concurrent-publishes must be positive")
 	case o.MaxPublishBytes < csi.MaxWeight:

@@ -9,7 +9,7 @@ import (
 )
 
 // registerMetrics registers keyward-broker's metrics on reg.
-func registerMetrics(reg prometheus.Registerer, node *csi.Server, svc *broker.Service, noswap bool) error {
+func registerMetrics(reg prometheus.Registerer, node *csi.Server, svc *broker.Service, noswap bool, auditHealth func() error) error {
 	b2f := func(b bool) float64 {
 		if b {
 			return 1
@@ -17,6 +17,9 @@ func registerMetrics(reg prometheus.Registerer, node *csi.Server, svc *broker.Se
 		return 0
 	}
 	for _, c := range []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "keyward", Subsystem: "audit", Name: "healthy",
+			Help: "1 while audit records are written and synced, 0 while they cannot be (every publish then fails; see the CSI Probe)."},
+			func() float64 { return b2f(auditHealth() == nil) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "keyward", Subsystem: "broker", Name: "tmpfs_noswap",
 			Help: "1 if volumes are mounted with noswap (their pages never reach a swap device), 0 if the kernel lacks it."},
 			func() float64 { return b2f(noswap) }),

@@ -67,7 +67,7 @@ func run(o Options, log *zap.Logger) error {
 		return err
 	}
 	defer lis.Close()
-	if d.audit, err = audit.Open(audit.Options{Path: o.AuditLog, KeyFile: o.AuditKeyFile, Stdout: o.AuditStdout, SyncInterval: time.Second}); err != nil {
+	if d.audit, err = audit.Open(o.Audit.Options(o.NodeID, "broker")); err != nil {
 		return err
 	}
 	defer d.audit.Close()
@@ -168,7 +168,7 @@ func (d *wiring) wire(ctx context.Context) error {
 			if !d.namespaces.HasSynced() {
 				return errors.New("namespace informer not synced")
 			}
-			return nil
+			return d.audit.Health() // every publish needs its record written
 		}})
 	return err
 }
@@ -192,7 +192,7 @@ func (d *wiring) vaultSource() (*vault.Source, error) {
 
 func (d *wiring) serveMetrics() (*http.Server, error) {
 	reg := prometheus.NewRegistry()
-	if err := registerMetrics(reg, d.node, d.svc, d.noswap); err != nil {
+	if err := registerMetrics(reg, d.node, d.svc, d.noswap, d.audit.Health); err != nil {
 		return nil, err
 	}
 	mux := http.NewServeMux()

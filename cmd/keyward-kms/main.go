@@ -32,9 +32,8 @@ type Options struct {
 	Socket         string
 	Config         string
 	MetricsAddress string
-	AuditLog       string
-	AuditKeyFile   string
-	AuditStdout    bool
+	NodeName       string
+	Audit          audit.Flags
 	LogLevel       string
 	Grace          time.Duration
 }
@@ -43,9 +42,8 @@ func (o *Options) bind(fs *flag.FlagSet) {
 	fs.StringVar(&o.Socket, "socket", "/var/run/keyward/kms.sock", "unix socket kube-apiserver connects to")
 	fs.StringVar(&o.Config, "config", "/etc/keyward/kms.yaml", "YAML config: PKCS#11 module, token, key label, PIN file")
 	fs.StringVar(&o.MetricsAddress, "metrics-address", "127.0.0.1:9464", "loopback address for /metrics, /healthz and /livez (empty: off)")
-	fs.StringVar(&o.AuditLog, "audit-log", "/var/log/keyward/kms-audit.log", "audit log file (JSON lines, hash-chained)")
-	fs.StringVar(&o.AuditKeyFile, "audit-key-file", "/etc/keyward/audit.key", "file holding the audit HMAC key")
-	fs.BoolVar(&o.AuditStdout, "audit-stdout", false, "also write audit records to stdout")
+	fs.StringVar(&o.NodeName, "node-name", nodeName(), "this node's name, bound into the audit stream (default $NODE_NAME, else the host name)")
+	o.Audit.Bind(fs, "/var/log/keyward/kms-audit")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.DurationVar(&o.Grace, "grace", 10*time.Second, "how long in-flight calls may take to finish on SIGTERM")
 }
@@ -57,8 +55,10 @@ func (o Options) Validate() error {
 		return errors.New("--socket is required")
 	case o.Config == "":
 		return errors.New("--config is required")
-	case o.AuditLog == "" || o.AuditKeyFile == "":
-		return errors.New("--audit-log and --audit-key-file are required: every operation is audited")
+	case o.NodeName == "":
+		return errors.New("--node-name is required")
+	case o.Audit.Validate() != nil:
+		return o.Audit.Validate()
 	case o.Grace <= 0:
 		return errors.New("--grace must be positive")
 	}
@@ -66,6 +66,15 @@ func (o Options) Validate() error {
 		return metricsserver.CheckLoopback("--metrics-address", o.MetricsAddress)
 	}
 	return nil
+}
+
+// nodeName is $NODE_NAME, else the host name.
+func nodeName() string {
+	if n := os.Getenv("NODE_NAME"); n != "" {
+		return n
+	}
+	n, _ := os.Hostname()
+	return n
 }
 
 func main() {
@@ -94,7 +103,7 @@ func run(o Options, log *zap.Logger) error {
 		return err
 	}
 	defer wrapper.Close()
-	auditLog, err := audit.Open(audit.Options{Path: o.AuditLog, KeyFile: o.AuditKeyFile, Stdout: o.AuditStdout, SyncInterval: time.Second})
+	auditLog, err := audit.Open(o.Audit.Options(o.NodeName, "kms"))
 	if err != nil {
 		return err
 	}
@@ -105,7 +114,15 @@ func run(o Options, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	svc, err := plugin.NewService(plugin.ServiceOptions{Wrapper: wrapper, Auditor: auditLog, Logger: log.Named("kms"),
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "keyward", Subsystem: "audit", Name: "healthy",
+		Help: "1 while audit records are written and synced, 0 while they cannot be (every operation then fails; Status healthz says why)."},
+		func() float64 {
+			if auditLog.Health() != nil {
+				return 0
+			}
+			return 1
+		}))
+	svc, err := plugin.NewService(plugin.ServiceOptions{Wrapper: wrapper, Auditor: auditLog, AuditHealth: auditLog.Health, Logger: log.Named("kms"),
 		HealthInterval: cfg.HealthInterval.Duration, Metrics: metrics})
 	if err != nil {
 		return err

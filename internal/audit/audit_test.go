@@ -45,6 +45,44 @@ func event(i int) Event {
 	}
 }
 
+// newOptions is a stream of node-a's KMS in a fresh directory.
+func newOptions(t *testing.T) Options {
+	t.Helper()
+	dir := t.TempDir()
+	return Options{Dir: filepath.Join(dir, "kms-audit"), KeyFile: newKey(t, dir), Node: "node-a", Stream: "kms"}
+}
+
+func verifyOpts(t *testing.T, o Options) VerifyOptions {
+	t.Helper()
+	key, err := ReadKey(o.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return VerifyOptions{Key: key, Node: o.Node, Stream: o.Stream}
+}
+
+// segmentPaths are the stream's segment files, oldest first.
+func segmentPaths(t *testing.T, dir string) []string {
+	t.Helper()
+	names, err := listSegments(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range names {
+		names[i] = filepath.Join(dir, n)
+	}
+	return names
+}
+
+// streamText is every segment's content, in order.
+func streamText(t *testing.T, dir string) string {
+	var b strings.Builder
+	for _, p := range segmentPaths(t, dir) {
+		b.WriteString(readFile(t, p))
+	}
+	return b.String()
+}
+
 func writeN(t *testing.T, opts Options, n int) {
 	t.Helper()
 	l, err := Open(opts)
@@ -94,93 +132,94 @@ func TestOutcome(t *testing.T) {
 }
 
 func TestRecordsVerifyAndChainAcrossRestarts(t *testing.T) {
-	dir := t.TempDir()
-	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir)}
+	opts := newOptions(t)
 	writeN(t, opts, 3)
 	opts.SyncInterval = 10 * time.Millisecond
 	writeN(t, opts, 2) // a restarted process continues the same chain
-	rep, err := VerifyFile(opts.Path, opts.KeyFile)
-	if err != nil || rep.Records != 5 {
-		t.Fatalf("verify: %+v, %v", rep, err)
+	rep, err := VerifyDir(opts.Dir, verifyOpts(t, opts))
+	if err != nil || rep.Records != 7 || rep.Node != "node-a" || rep.Stream != "kms" {
+		t.Fatalf("verify: %+v, %v (want genesis, 3 records, a start record, 2 records)", rep, err)
 	}
-	st, err := os.Stat(opts.Path)
-	if err != nil {
-		t.Fatal(err)
+	paths := segmentPaths(t, opts.Dir)
+	for p, want := range map[string]os.FileMode{paths[0]: 0o600, opts.Dir: 0o700} {
+		if st, err := os.Stat(p); err != nil || st.Mode().Perm() != want {
+			t.Fatalf("%s: %v, %v; want mode %v", p, st, err, want)
+		}
 	}
-	if st.Mode().Perm() != 0o600 {
-		t.Fatalf("mode %v, want 0600", st.Mode().Perm())
+	lines := strings.Split(strings.TrimSpace(streamText(t, opts.Dir)), "\n")
+	for i, want := range []string{`"event":"audit_genesis"`, `"event":"kms_encrypt"`, "", "", `"event":"audit_start"`} {
+		if !strings.Contains(lines[i], want) {
+			t.Errorf("line %d lacks %s: %s", i+1, want, lines[i])
+		}
 	}
-	lines := strings.Split(strings.TrimSpace(readFile(t, opts.Path)), "\n")
-	for _, want := range []string{`"event":"kms_encrypt"`, `"seq":5`, `"decision":"allow"`, `"namespace":"payments"`,
-		`"key_id":"kek.1.abcd"`, `"latency_ms":1.5`, `"request_id":"req-1"`, `"code":"OK"`} {
-		if !strings.Contains(lines[4], want) && !strings.Contains(strings.Join(lines, ""), want) {
-			t.Errorf("records lack %s: %s", want, lines[4])
+	for _, want := range []string{`"seq":6`, `"decision":"allow"`, `"namespace":"payments"`,
+		`"key_id":"kek.1.abcd"`, `"latency_ms":1.5`, `"request_id":"req-0"`, `"code":"OK"`} {
+		if !strings.Contains(lines[5], want) {
+			t.Errorf("record lacks %s: %s", want, lines[5])
 		}
 	}
 }
 
 func TestVerifyDetectsTampering(t *testing.T) {
-	dir := t.TempDir()
-	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir)}
+	opts := newOptions(t)
 	writeN(t, opts, 4)
-	orig := strings.SplitAfter(readFile(t, opts.Path), "\n")
+	orig := strings.SplitAfter(streamText(t, opts.Dir), "\n")
 	orig = orig[:len(orig)-1] // trailing ""
 	for _, tc := range []struct {
 		name, problem string
 		edit          func([]string) []string
 	}{
-		{"modified", "record 2 was modified", func(l []string) []string {
-			l[1] = strings.Replace(l[1], `"decision":"allow"`, `"decision":"deny"`, 1)
+		{"modified", "record 3 was modified", func(l []string) []string {
+			l[2] = strings.Replace(l[2], `"decision":"allow"`, `"decision":"deny"`, 1)
 			return l
 		}},
-		{"deleted", "records 2..2 are missing", func(l []string) []string { return append(l[:1:1], l[2:]...) }},
-		{"reordered", "records 2..2 are missing", func(l []string) []string { l[1], l[2] = l[2], l[1]; return l }},
-		{"duplicated", "record 2 is out of order or repeated", func(l []string) []string {
-			return append(append(l[:2:2], l[1]), l[2:]...)
+		{"deleted", "records 3..3 are missing", func(l []string) []string { return append(l[:2:2], l[3:]...) }},
+		{"reordered", "records 3..3 are missing", func(l []string) []string { l[2], l[3] = l[3], l[2]; return l }},
+		{"duplicated", "record 3 is out of order or repeated", func(l []string) []string {
+			return append(append(l[:3:3], l[2]), l[3:]...)
 		}},
 		{"mac removed", "no mac", func(l []string) []string { l[3] = strings.SplitN(l[3], `,"mac"`, 2)[0] + "}\n"; return l }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			lines := tc.edit(append([]string(nil), orig...))
-			p := filepath.Join(t.TempDir(), "audit.log")
-			if err := os.WriteFile(p, []byte(strings.Join(lines, "")), 0o600); err != nil {
+			o := opts
+			o.Dir = t.TempDir()
+			if err := os.WriteFile(filepath.Join(o.Dir, segmentName(1)), []byte(strings.Join(lines, "")), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			rep, err := VerifyFile(p, opts.KeyFile)
+			rep, err := VerifyDir(o.Dir, verifyOpts(t, o))
 			if !errors.Is(err, ErrTampered) || !strings.Contains(rep.Problem, tc.problem) {
 				t.Fatalf("got %q, %v; want problem %q", rep.Problem, err, tc.problem)
 			}
 			// A process must refuse to extend a broken chain.
-			if _, err := Open(Options{Path: p, KeyFile: opts.KeyFile}); err == nil {
+			if _, err := Open(o); err == nil {
 				t.Fatal("Open accepted a tampered log")
 			}
 		})
 	}
 	// Another key does not verify an honest log.
-	other := filepath.Join(dir, "other.key")
-	os.WriteFile(other, bytes.Repeat([]byte("x"), 40), 0o600)
-	if _, err := VerifyFile(opts.Path, other); !errors.Is(err, ErrTampered) {
+	vo := verifyOpts(t, opts)
+	vo.Key = bytes.Repeat([]byte("x"), 40)
+	if _, err := VerifyDir(opts.Dir, vo); !errors.Is(err, ErrTampered) {
 		t.Fatalf("verify with another key: %v", err)
 	}
 }
 
 func TestFailsClosedWhenTheRecordCannotBeWritten(t *testing.T) {
-	dir := t.TempDir()
-	l, err := Open(Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir)})
+	l, err := Open(newOptions(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.file.Close() // the disk went away under the log
+	l.out.Close() // the disk went away under the log
 	if err := l.Record(context.Background(), event(1)); !errors.Is(err, fault.ErrUnavailable) {
 		t.Fatalf("Record on a dead file: %v, want ErrUnavailable", err)
 	}
 }
 
 func TestShortKeyRefused(t *testing.T) {
-	dir := t.TempDir()
-	k := filepath.Join(dir, "k")
-	os.WriteFile(k, []byte("short"), 0o600)
-	if _, err := Open(Options{Path: filepath.Join(dir, "a.log"), KeyFile: k}); err == nil || strings.Contains(err.Error(), "short") {
+	opts := newOptions(t)
+	os.WriteFile(opts.KeyFile, []byte("short"), 0o600)
+	if _, err := Open(opts); err == nil || strings.Contains(err.Error(), "short") {
 		t.Fatalf("short key: %v (the error must not echo the key)", err)
 	}
 }
@@ -189,8 +228,7 @@ func TestShortKeyRefused(t *testing.T) {
 func readFile(_ *testing.T, p string) string { b, _ := os.ReadFile(p); return string(b) }
 
 func TestQuery(t *testing.T) {
-	dir := t.TempDir()
-	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir)}
+	opts := newOptions(t)
 	l, err := Open(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -206,9 +244,7 @@ func TestQuery(t *testing.T) {
 	}
 	l.Close()
 	count := func(f Filter) int {
-		fh, _ := os.Open(opts.Path)
-		defer fh.Close()
-		recs, err := Query(fh, f)
+		recs, err := QueryPath(opts.Dir, f)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -218,11 +254,11 @@ func TestQuery(t *testing.T) {
 		f    Filter
 		want int
 	}{
-		{Filter{}, 3},
+		{Filter{}, 4}, // and the genesis
 		{Filter{Decision: "deny"}, 1},
 		{Filter{Namespace: "billing", Event: "mount"}, 1},
 		{Filter{Namespace: "payments"}, 2},
-		{Filter{Since: time.Now().Add(-time.Hour)}, 2},
+		{Filter{Since: time.Now().Add(-time.Hour)}, 3},
 		{Filter{Event: "unmount"}, 0},
 	} {
 		if got := count(tc.f); got != tc.want {
@@ -231,49 +267,90 @@ func TestQuery(t *testing.T) {
 	}
 }
 
-// shortWriter writes part of a batch to the real file and then fails, as a full disk does.
-type shortWriter struct {
-	*os.File
-	fail         bool
-	truncateFail bool
+// faultyFile is a segment file that fails on demand: a write that reaches the file half way (a
+// full disk), a failing truncate, a failing fsync (and how many writes retried data).
+type faultyFile struct {
+	appender
+	mu                           sync.Mutex
+	fail, truncateFail, failFull bool
+	syncFails                    int
+	rewrites                     int
+	writes                       map[int64]bool
 }
 
-func (w *shortWriter) Truncate(size int64) error {
+func (w *faultyFile) Truncate(size int64) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	if w.truncateFail {
 		return errors.New("input/output error")
 	}
-	return w.File.Truncate(size)
+	return w.appender.Truncate(size)
 }
 
-func (w *shortWriter) Write(b []byte) (int, error) {
-	if !w.fail {
-		return w.File.Write(b)
+func (w *faultyFile) WriteAt(b []byte, off int64) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.failFull {
+		return 0, errors.New("no space left on device")
 	}
-	n, _ := w.File.Write(b[:len(b)/2])
-	return n, errors.New("no space left on device")
+	if w.fail {
+		n, _ := w.appender.WriteAt(b[:len(b)/2], off)
+		return n, errors.New("no space left on device")
+	}
+	if w.writes == nil {
+		w.writes = map[int64]bool{}
+	}
+	if w.writes[off] {
+		w.rewrites++
+	}
+	w.writes[off] = true
+	return w.appender.WriteAt(b, off)
+}
+
+func (w *faultyFile) Sync() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.syncFails > 0 {
+		w.syncFails--
+		return errors.New("input/output error")
+	}
+	return w.appender.Sync()
+}
+
+func (w *faultyFile) set(f func(*faultyFile)) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	f(w)
+}
+
+// withFaults opens the stream with every segment file wrapped in w.
+func withFaults(t *testing.T, opts Options, w *faultyFile) *Log {
+	t.Helper()
+	opts.wrap = func(a appender) appender { w.appender = a; return w }
+	l, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
 }
 
 func TestFailedWriteLeavesNoPartialRecordAndTheChainContinues(t *testing.T) {
 	for _, every := range []time.Duration{0, time.Hour} {
 		t.Run(fmt.Sprintf("sync=%s", every), func(t *testing.T) {
-			dir := t.TempDir()
-			opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir), SyncInterval: every}
-			l, err := Open(opts)
-			if err != nil {
-				t.Fatal(err)
-			}
-			w := &shortWriter{File: l.file}
-			l.out = w
+			opts := newOptions(t)
+			opts.SyncInterval = every
+			w := &faultyFile{}
+			l := withFaults(t, opts, w)
 			for i := range 3 {
 				if err := l.Record(context.Background(), event(i)); err != nil {
 					t.Fatal(err)
 				}
 			}
-			w.fail = true
+			w.set(func(w *faultyFile) { w.fail = true })
 			if err := l.Record(context.Background(), event(3)); !errors.Is(err, fault.ErrUnavailable) {
 				t.Fatalf("Record on a full disk: %v, want ErrUnavailable", err)
 			}
-			w.fail = false
+			w.set(func(w *faultyFile) { w.fail = false })
 			for i := 4; i < 6; i++ {
 				if err := l.Record(context.Background(), event(i)); err != nil {
 					t.Fatal(err)
@@ -282,11 +359,11 @@ func TestFailedWriteLeavesNoPartialRecordAndTheChainContinues(t *testing.T) {
 			if err := l.Close(); err != nil {
 				t.Fatal(err)
 			}
-			rep, err := VerifyFile(opts.Path, opts.KeyFile)
-			if err != nil || rep.Records != 5 {
-				t.Fatalf("after a failed write: %+v, %v (want 5 verified records, no partial line)", rep, err)
+			rep, err := VerifyDir(opts.Dir, verifyOpts(t, opts))
+			if err != nil || rep.Records != 6 {
+				t.Fatalf("after a failed write: %+v, %v (want the genesis and 5 verified records, no partial line)", rep, err)
 			}
-			recs, err := Query(strings.NewReader(readFile(t, opts.Path)), Filter{})
+			recs, err := QueryPath(opts.Dir, Filter{Event: string(EventKMSEncrypt)})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -302,8 +379,8 @@ func TestFailedWriteLeavesNoPartialRecordAndTheChainContinues(t *testing.T) {
 }
 
 func TestConcurrentRecordsAreAllWrittenInOneChain(t *testing.T) {
-	dir := t.TempDir()
-	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir), SyncInterval: time.Hour}
+	opts := newOptions(t)
+	opts.SyncInterval = time.Hour
 	l, err := Open(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -324,11 +401,11 @@ func TestConcurrentRecordsAreAllWrittenInOneChain(t *testing.T) {
 	if err := l.Close(); err != nil {
 		t.Fatal(err)
 	}
-	rep, err := VerifyFile(opts.Path, opts.KeyFile)
-	if err != nil || rep.Records != workers*each {
-		t.Fatalf("verify: %+v, %v (want %d records)", rep, err, workers*each)
+	rep, err := VerifyDir(opts.Dir, verifyOpts(t, opts))
+	if err != nil || rep.Records != workers*each+1 {
+		t.Fatalf("verify: %+v, %v (want %d records and the genesis)", rep, err, workers*each)
 	}
-	recs, _ := Query(strings.NewReader(readFile(t, opts.Path)), Filter{})
+	recs, _ := QueryPath(opts.Dir, Filter{Event: string(EventKMSEncrypt)})
 	seen := map[string]bool{}
 	for _, r := range recs {
 		seen[r.RequestID] = true
@@ -339,21 +416,20 @@ func TestConcurrentRecordsAreAllWrittenInOneChain(t *testing.T) {
 }
 
 func TestStdoutCopyMatchesTheFile(t *testing.T) {
-	dir := t.TempDir()
-	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir), Stdout: true}
+	opts := newOptions(t)
+	var copyOut bytes.Buffer
+	opts.Copy = &copyOut
 	l, err := Open(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var copyOut bytes.Buffer
-	l.stdout = &copyOut
 	for i := range 4 {
 		if err := l.Record(context.Background(), event(i)); err != nil {
 			t.Fatal(err)
 		}
 	}
 	l.Close()
-	if got, want := copyOut.String(), readFile(t, opts.Path); got != want || want == "" {
+	if got, want := copyOut.String(), streamText(t, opts.Dir); got != want || want == "" {
 		t.Fatalf("stdout copy differs from the file:\n%s\nfile:\n%s", got, want)
 	}
 }
@@ -361,30 +437,26 @@ func TestStdoutCopyMatchesTheFile(t *testing.T) {
 // A partial record that cannot be cut back leaves the log unusable: later records fail (closed)
 // instead of being appended after the broken line.
 func TestUncutPartialRecordStopsTheLog(t *testing.T) {
-	dir := t.TempDir()
-	opts := Options{Path: filepath.Join(dir, "audit.log"), KeyFile: newKey(t, dir), SyncInterval: time.Hour}
-	l, err := Open(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w := &shortWriter{File: l.file}
-	l.out = w
+	opts := newOptions(t)
+	opts.SyncInterval = time.Hour
+	w := &faultyFile{}
+	l := withFaults(t, opts, w)
 	if err := l.Record(context.Background(), event(0)); err != nil {
 		t.Fatal(err)
 	}
-	w.fail, w.truncateFail = true, true
+	w.set(func(w *faultyFile) { w.fail, w.truncateFail = true, true })
 	if err := l.Record(context.Background(), event(1)); !errors.Is(err, fault.ErrUnavailable) {
 		t.Fatalf("failed write: %v", err)
 	}
-	w.fail, w.truncateFail = false, false
+	w.set(func(w *faultyFile) { w.fail, w.truncateFail = false, false })
 	for i := range 3 {
 		if err := l.Record(context.Background(), event(2+i)); !errors.Is(err, fault.ErrUnavailable) {
 			t.Fatalf("record after an uncut partial write: %v, want ErrUnavailable", err)
 		}
 	}
 	l.Close()
-	lines := strings.Split(strings.TrimSpace(readFile(t, opts.Path)), "\n")
-	if len(lines) != 2 {
-		t.Fatalf("%d lines in the file, want the good record and the partial one only", len(lines))
+	lines := strings.Split(strings.TrimSpace(streamText(t, opts.Dir)), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("%d lines in the file, want the genesis, the good record and the partial one only", len(lines))
 	}
 }

@@ -10,7 +10,7 @@ import (
 // BenchmarkRecord is the cost of one audit record (encode, HMAC chain, write to the kernel).
 func BenchmarkRecord(b *testing.B) {
 	dir := b.TempDir()
-	l, err := Open(Options{Path: filepath.Join(dir, "a.log"), KeyFile: newKeyB(b, dir), SyncInterval: time.Second})
+	l, err := Open(Options{Dir: filepath.Join(dir, "stream"), KeyFile: newKeyB(b, dir), Node: "node-a", Stream: "kms", SyncInterval: time.Second})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -20,6 +20,16 @@ const (
 	EventKMSEncrypt   EventType = "kms_encrypt"
 	EventKMSDecrypt   EventType = "kms_decrypt"
 	EventPolicyReload EventType = "policy_reload"
+	// EventKMSKeyRefused: a key object found in the HSM was not accepted as a KEK generation.
+	EventKMSKeyRefused EventType = "kms_key_refused"
+
+	// The audit stream's own records (Event.Chain is set): the stream's first record, a process
+	// start, a segment's first record, a repaired tail or recovered disk, and deleted old segments.
+	EventAuditGenesis   EventType = "audit_genesis"
+	EventAuditStart     EventType = "audit_start"
+	EventAuditSegment   EventType = "audit_segment"
+	EventAuditRecovered EventType = "audit_recovered"
+	EventAuditPruned    EventType = "audit_pruned"
 )
 
 // Decision is the outcome a record states.
@@ -67,6 +77,30 @@ type Event struct {
 	// Suppressed counts the refusals of the same pod that were not recorded (rate limit) since its
 	// previous record.
 	Suppressed int `json:"suppressed,omitempty"`
+	// Chain is set on the audit stream's own records (the EventAudit* types) only.
+	Chain *Chain `json:"chain,omitempty"`
+}
+
+// Chain is what the audit stream's own records say about the stream: whose it is, and how it
+// continues across processes, segments, crashes and deleted segments. Verify checks every field.
+type Chain struct {
+	Node   string `json:"node"`
+	Stream string `json:"stream"`
+	// KeyID names the HMAC key (see KeyID); never the key.
+	KeyID string `json:"key_id"`
+	// ProcessStart and PID identify the writing process (audit_genesis, audit_start).
+	ProcessStart time.Time `json:"process_start,omitzero"`
+	PID          int       `json:"pid,omitempty"`
+	// PrevSeq and PrevMAC are the previous segment's last record (audit_segment), or the last
+	// record of the segment deleted (audit_pruned).
+	PrevSeq uint64 `json:"prev_seq,omitempty"`
+	PrevMAC string `json:"prev_mac,omitempty"`
+	// FirstSeq and Segment name the deleted segment (audit_pruned).
+	FirstSeq uint64 `json:"first_seq,omitempty"`
+	Segment  string `json:"segment,omitempty"`
+	// DroppedBytes and LastGoodSeq describe a partial tail cut back at start (audit_recovered).
+	DroppedBytes int64  `json:"dropped_bytes,omitempty"`
+	LastGoodSeq  uint64 `json:"last_good_seq,omitempty"`
 }
 
 // MaxReason bounds a record's reason (errors may quote a malformed attribute).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -28,7 +29,10 @@ type ServiceOptions struct {
 	Wrapper kms.KeyWrapper
 	// Auditor receives one record per Encrypt and Decrypt. Required: audit is not optional.
 	Auditor audit.Auditor
-	Logger  *zap.Logger
+	// AuditHealth, if set, is the audit stream's health: while it fails, Status is not "ok" (every
+	// call would be refused for want of its record).
+	AuditHealth func() error
+	Logger      *zap.Logger
 	// HealthInterval between background round trips (default 10s). Status reports "ok" only if the
 	// last round trip succeeded and is at most 3 intervals old.
 	HealthInterval time.Duration
@@ -41,12 +45,17 @@ type ServiceOptions struct {
 type Service struct {
 	w        kms.KeyWrapper
 	audit    audit.Auditor
+	auditOK  func() error
 	log      *zap.Logger
 	interval time.Duration
 	metrics  *Metrics
 	health   atomic.Pointer[healthState]
 	kick     chan struct{}
 	loopBeat atomic.Int64 // unix nanos of the last health attempt (for liveness)
+	// outstanding is when the round trip still running started (unix nanos), or 0.
+	outstanding atomic.Int64
+	refusedMu   sync.Mutex
+	refused     map[string]bool // key refusals already audited
 }
 
 type healthState struct {
@@ -65,7 +74,10 @@ func NewService(opts ServiceOptions) (*Service, error) {
 	if opts.HealthInterval == 0 {
 		opts.HealthInterval = 10 * time.Second
 	}
-	s := &Service{w: opts.Wrapper, audit: opts.Auditor, log: opts.Logger, interval: opts.HealthInterval,
+	if opts.AuditHealth == nil {
+		opts.AuditHealth = func() error { return nil }
+	}
+	s := &Service{w: opts.Wrapper, audit: opts.Auditor, auditOK: opts.AuditHealth, log: opts.Logger, interval: opts.HealthInterval,
 		metrics: opts.Metrics, kick: make(chan struct{}, 1)}
 	s.health.Store(&healthState{reason: "no health check has run yet"})
 	return s, nil
@@ -88,11 +100,15 @@ func (s *Service) Run(ctx context.Context) {
 }
 
 // CheckHealth runs one round trip now and caches the result.
+//
+// It waits at most one interval: a round trip that has not returned by then (a PKCS#11 call that
+// hangs and ignores its context) is reported as such, no other round trip starts until it returns,
+// and Livez fails once it has been out for 3 intervals. Each check also audits key objects the
+// wrapper newly refuses.
 func (s *Service) CheckHealth(ctx context.Context) error {
 	s.loopBeat.Store(time.Now().UnixNano())
-	cctx, cancel := context.WithTimeout(ctx, s.interval)
-	defer cancel()
-	err := s.w.Health(cctx)
+	s.auditRefusals(ctx)
+	err := s.roundTrip(ctx)
 	prev := s.health.Load()
 	st := &healthState{ok: err == nil, at: time.Now()}
 	if err != nil {
@@ -112,8 +128,12 @@ func (s *Service) CheckHealth(ctx context.Context) error {
 	return err
 }
 
-// Healthz returns nil when the last round trip succeeded recently, else the reason.
+// Healthz returns nil when the audit stream is being written and the last round trip succeeded
+// recently, else the reason.
 func (s *Service) Healthz() error {
+	if err := s.auditOK(); err != nil {
+		return err
+	}
 	st := s.health.Load()
 	switch {
 	case !st.ok:
@@ -124,13 +144,83 @@ func (s *Service) Healthz() error {
 	return nil
 }
 
-// Livez returns nil while the health loop is running (a hung HSM call stops it).
+// roundTrip runs the wrapper's Health, waiting at most one interval for it.
+func (s *Service) roundTrip(ctx context.Context) error {
+	start := time.Now()
+	if !s.outstanding.CompareAndSwap(0, start.UnixNano()) {
+		since := time.Unix(0, s.outstanding.Load())
+		return fmt.Errorf("the HSM health round trip started %s ago has not returned: %w", time.Since(since).Round(time.Millisecond), fault.ErrUnavailable)
+	}
+	cctx, cancel := context.WithTimeout(ctx, s.interval)
+	done := make(chan error, 1)
+	go func() {
+		defer cancel()
+		err := s.w.Health(cctx)
+		s.outstanding.Store(0)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-cctx.Done():
+	}
+	select {
+	case err := <-done: // the wrapper honoured the deadline: its error says more
+		return err
+	default:
+	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("health check: %w: %w", ctx.Err(), fault.ErrUnavailable)
+	}
+	return fmt.Errorf("the HSM health round trip did not return within %s: %w", s.interval, fault.ErrUnavailable)
+}
+
+// Livez returns nil while the health loop runs and is not stuck. It fails when the loop has not run
+// for 3 intervals (+5s), when a health round trip has been out for 3 intervals (an HSM call that
+// hangs), or when the wrapper cannot recover without a new process (kms.Liveness).
 func (s *Service) Livez() error {
+	bound := 3 * s.interval
 	last := time.Unix(0, s.loopBeat.Load())
-	if age := time.Since(last); age > 3*s.interval+5*time.Second {
+	if age := time.Since(last); age > bound+5*time.Second {
 		return fmt.Errorf("health loop has not run for %s", age.Round(time.Second))
 	}
+	if since := s.outstanding.Load(); since != 0 {
+		if age := time.Since(time.Unix(0, since)); age > bound {
+			return fmt.Errorf("health loop stuck: an HSM round trip has not returned for %s", age.Round(time.Millisecond))
+		}
+	}
+	if l, ok := s.w.(kms.Liveness); ok {
+		return l.Live()
+	}
 	return nil
+}
+
+// auditRefusals records each key object the wrapper refuses (kms.KeyVetter), once per object and
+// reason in the process's life; a record that cannot be written is tried again at the next check.
+// The wrapper logs the refusals itself.
+func (s *Service) auditRefusals(ctx context.Context) {
+	v, ok := s.w.(kms.KeyVetter)
+	if !ok {
+		return
+	}
+	s.refusedMu.Lock()
+	defer s.refusedMu.Unlock()
+	for _, r := range v.Refusals() {
+		k := r.KeyID + "\x00" + r.Reason
+		if s.refused[k] {
+			continue
+		}
+		ev := audit.Event{Time: time.Now(), Type: audit.EventKMSKeyRefused, Object: audit.Object{KeyID: r.KeyID}}
+		ev.Outcome(fmt.Errorf("key object %s refused, never used to wrap or unwrap: %s: %w", r.Label, r.Reason, fault.ErrDenied))
+		if err := s.audit.Record(ctx, ev); err != nil {
+			s.log.Warn("key refusal not audited yet", zap.String("key_id", r.KeyID), zap.Error(err))
+			continue
+		}
+		if s.refused == nil {
+			s.refused = map[string]bool{}
+		}
+		s.refused[k] = true
+	}
 }
 
 // Status is the KMS v2 Status: version v2, the current key ID and the cached health.

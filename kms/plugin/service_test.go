@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -50,7 +51,7 @@ func startPlugin(t *testing.T, auditor func(path, key string) audit.Auditor) *te
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	p := &testPlugin{socket: filepath.Join(dir, "kms.sock"), mem: kmstest.NewMemory(),
-		auditLog: filepath.Join(dir, "audit.log"), auditKey: filepath.Join(dir, "audit.key")}
+		auditLog: filepath.Join(dir, "audit"), auditKey: filepath.Join(dir, "audit.key")}
 	os.WriteFile(p.auditKey, bytes.Repeat([]byte("a"), 32), 0o600)
 	core, logs := observer.New(zap.DebugLevel)
 	p.logs = logs
@@ -58,7 +59,7 @@ func startPlugin(t *testing.T, auditor func(path, key string) audit.Auditor) *te
 	if auditor != nil {
 		aud = auditor(p.auditLog, p.auditKey)
 	} else {
-		l, err := audit.Open(audit.Options{Path: p.auditLog, KeyFile: p.auditKey})
+		l, err := audit.Open(audit.Options{Dir: p.auditLog, KeyFile: p.auditKey, Node: "node-1", Stream: "kms"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -168,14 +169,15 @@ func TestServiceThroughApiserverClient(t *testing.T) {
 	}
 
 	// One audit record per Encrypt/Decrypt, verifiable, without the DEK seed.
-	rep, err := audit.VerifyFile(p.auditLog, p.auditKey)
+	key, _ := audit.ReadKey(p.auditKey)
+	rep, err := audit.VerifyDir(p.auditLog, audit.VerifyOptions{Key: key, Node: "node-1", Stream: "kms"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rep.Records != 8 { // 1 encrypt + 1 decrypt + 4 bad decrypts + 1 failed encrypt + 1 decrypt
-		t.Fatalf("%d audit records, want 8", rep.Records)
+	if rep.Records != 9 { // genesis + 1 encrypt + 1 decrypt + 4 bad decrypts + 1 failed encrypt + 1 decrypt
+		t.Fatalf("%d audit records, want 9", rep.Records)
 	}
-	raw, _ := os.ReadFile(p.auditLog)
+	raw, _ := audit.ReadAll(p.auditLog)
 	for _, want := range []string{`"request_id":"uid-1"`, `"event":"kms_encrypt"`, `"event":"kms_decrypt"`,
 		`"code":"InvalidArgument"`, `"code":"Unavailable"`, `"key_id":"` + enc.KeyID + `"`} {
 		if !bytes.Contains(raw, []byte(want)) {
@@ -299,5 +301,35 @@ func TestEncryptionConfigTransformer(t *testing.T) {
 	}
 	if _, err := envelope.ParseStored([]byte("k8s:enc:aescbc:v1:key1:xxxx")); !errors.Is(err, envelope.ErrNotKMSv2) {
 		t.Fatalf("aescbc value: %v", err)
+	}
+}
+
+// While the audit stream cannot be written, Status is not "ok" and says why (kube-apiserver's
+// health check then shows it); it is "ok" again as soon as the stream is.
+func TestStatusReportsAuditHealth(t *testing.T) {
+	var broken atomic.Bool
+	svc, err := plugin.NewService(plugin.ServiceOptions{Wrapper: kmstest.NewMemory(), Auditor: &audit.Memory{}, Logger: zap.NewNop(),
+		HealthInterval: time.Hour, AuditHealth: func() error {
+			if broken.Load() {
+				return errors.New("audit records cannot be written since 10:00: no space left on device")
+			}
+			return nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	svc.CheckHealth(ctx)
+	healthz := func() string { st, _ := svc.Status(ctx); return st.Healthz }
+	if h := healthz(); h != "ok" {
+		t.Fatalf("healthz %q", h)
+	}
+	broken.Store(true)
+	if h := healthz(); !strings.Contains(h, "no space left on device") {
+		t.Fatalf("healthz with a full audit disk: %q", h)
+	}
+	broken.Store(false)
+	if h := healthz(); h != "ok" {
+		t.Fatalf("healthz after recovery: %q", h)
 	}
 }

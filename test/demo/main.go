@@ -173,11 +173,16 @@ func (d *demo) run() error {
 	show("keywardctl kms keys create: %s", out)
 
 	step("keyward-kms: the KMS v2 plugin on a unix socket")
-	auditKey := filepath.Join(d.dir, "audit.key")
-	os.WriteFile(auditKey, []byte(strings.Repeat("demo-audit-key-", 3)), 0o600)
-	kmsSock, kmsAudit := filepath.Join(d.dir, "kms.sock"), filepath.Join(d.dir, "kms-audit.log")
+	// One audit key per node, derived from a master key the security team keeps off the nodes.
+	auditMaster, auditKey := filepath.Join(d.dir, "audit-master.key"), filepath.Join(d.dir, "audit.key")
+	os.WriteFile(auditMaster, []byte(strings.Repeat("demo-audit-master-", 3)), 0o600)
+	if out, err = d.ctl(nil, "audit", "node-key", "--master-key-file", auditMaster, "--node", "node-1", "--out", auditKey); err != nil {
+		return fmt.Errorf("%v: %s", err, out)
+	}
+	show("keywardctl audit node-key: %s", out)
+	kmsSock, kmsAudit := filepath.Join(d.dir, "kms.sock"), filepath.Join(d.dir, "kms-audit")
 	kmsProc, err := d.start("keyward-kms", hsm.Env(), "--socket", kmsSock, "--config", kmsCfg, "--metrics-address", "",
-		"--audit-log", kmsAudit, "--audit-key-file", auditKey)
+		"--node-name", "node-1", "--audit-dir", kmsAudit, "--audit-key-file", auditKey, "--audit-checkpoint-interval", "1s")
 	if err != nil {
 		return err
 	}
@@ -236,27 +241,24 @@ func (d *demo) run() error {
 		show("  %s", l)
 	}
 
-	step("secrets in Vault (KV v2 per environment) with kubernetes-auth roles and policies per environment")
+	step("secrets in Vault (KV v2 per environment) with kubernetes-auth roles and per-namespace policies per environment")
 	if err := v.EnableKVv2(ctx, "kv"); err != nil {
 		return err
-	}
-	values := map[string]string{"prod": "prod-db-" + fmt.Sprint(time.Now().UnixNano()), "dev": "dev-db-password"}
-	for e, val := range values {
-		if _, err := v.PutKV(ctx, "kv", e+"/payments-"+e+"/db", map[string]any{"password": val}); err != nil {
-			return err
-		}
-		if err := v.Client.Sys().PutPolicyWithContext(ctx, e+"-read", fmt.Sprintf(`path "kv/data/%s/*" { capabilities = ["read"] }`, e)); err != nil {
-			return err
-		}
-		show("kv/%s/payments-%s/db (password); Vault policy %s-read on kv/data/%s/*", e, e, e, e)
 	}
 	if err := v.KubernetesAuth(ctx, "kubernetes", k); err != nil {
 		return err
 	}
-	for e, ns := range map[string]string{"prod": "payments-prod", "dev": "payments-dev"} {
-		if err := v.KubernetesRole(ctx, "kubernetes", e, []string{ns}, []string{"api"}, []string{e + "-read"}, "keyward"); err != nil {
+	values := map[string]string{"prod": "prod-db-" + fmt.Sprint(time.Now().UnixNano()), "dev": "dev-db-password"}
+	for e, val := range values {
+		ns := "payments-" + e
+		if _, err := v.PutKV(ctx, "kv", e+"/"+ns+"/db", map[string]any{"password": val}); err != nil {
 			return err
 		}
+		// deploy/vault/namespace-read.hcl, as deploy/vault/setup.sh writes it.
+		if err := v.GrantEnvironment(ctx, "kubernetes", "kv", e, []string{ns}, []string{"api"}, "keyward"); err != nil {
+			return err
+		}
+		show("kv/%s/%s/db (password); Vault policy %s-read: kv/data/%s/<the login's namespace>/* and kv/data/%s/shared/*", e, ns, e, e, e)
 	}
 
 	step("keyward-broker: the CSI node driver")
@@ -266,9 +268,9 @@ func (d *demo) run() error {
 	}
 	brokerCfg := filepath.Join(d.dir, "broker.yaml")
 	os.WriteFile(brokerCfg, []byte(fmt.Sprintf("policyFile: %s\nvault: {address: %s, allowInsecureHTTP: true}\n", policyPath, v.Addr)), 0o600)
-	csiSock, brokerAudit := filepath.Join(d.dir, "csi.sock"), filepath.Join(d.dir, "broker-audit.log")
+	csiSock, brokerAudit := filepath.Join(d.dir, "csi.sock"), filepath.Join(d.dir, "broker-audit")
 	brokerProc, err := d.start("keyward-broker", nil, "--csi-socket", csiSock, "--node-id", "node-1", "--config", brokerCfg,
-		"--kubeconfig", kubeconfig, "--audit-log", brokerAudit, "--audit-key-file", auditKey,
+		"--kubeconfig", kubeconfig, "--audit-dir", brokerAudit, "--audit-key-file", auditKey, "--audit-checkpoint-interval", "1s",
 		"--kubelet-dir", filepath.Join(d.dir, "kubelet"), "--metrics-address", "")
 	if err != nil {
 		return err
@@ -396,12 +398,13 @@ func (d *demo) run() error {
 		show("%s", l)
 	}
 
-	step("the audit stream: tail, then keywardctl audit verify")
-	for _, f := range []string{brokerAudit, kmsAudit} {
-		for _, l := range tail(f, 2) {
+	step("the audit streams: tail, then keywardctl audit verify against the last checkpoint each daemon wrote to stdout")
+	for _, s := range []struct{ stream, dir string }{{"broker", brokerAudit}, {"kms", kmsAudit}} {
+		for _, l := range tail(s.dir, 2) {
 			show("%s", l)
 		}
-		if out, err = d.ctl(nil, "audit", "verify", f, "--key-file", auditKey); err != nil {
+		if out, err = d.ctl(nil, "audit", "verify", s.dir, "--master-key-file", auditMaster, "--node", "node-1", "--stream", s.stream,
+			"--checkpoint", filepath.Join(d.dir, "keyward-"+s.stream+".log")); err != nil {
 			return fmt.Errorf("%v: %s", err, out)
 		}
 		show("keywardctl audit verify: %s", out)
@@ -417,8 +420,13 @@ func keys(m map[string][]byte) []string {
 	return out
 }
 
-func tail(path string, n int) []string {
-	f, err := os.Open(path)
+// tail is the last n lines of a stream directory's newest segment.
+func tail(dir string, n int) []string {
+	segs, _ := filepath.Glob(filepath.Join(dir, "audit-*.jsonl"))
+	if len(segs) == 0 {
+		return nil
+	}
+	f, err := os.Open(segs[len(segs)-1])
 	if err != nil {
 		return nil
 	}

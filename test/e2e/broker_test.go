@@ -118,9 +118,9 @@ func newBrokerEnv(t *testing.T) *brokerEnv {
 func (e *brokerEnv) newService(t *testing.T) {
 	t.Helper()
 	dir := harness.Dir(t)
-	e.auditLog, e.auditKey = filepath.Join(dir, "audit.log"), filepath.Join(dir, "audit.key")
+	e.auditLog, e.auditKey = filepath.Join(dir, "audit"), filepath.Join(dir, "audit.key")
 	os.WriteFile(e.auditKey, []byte(strings.Repeat("z", 40)), 0o600)
-	auditor, err := audit.Open(audit.Options{Path: e.auditLog, KeyFile: e.auditKey})
+	auditor, err := audit.Open(audit.Options{Dir: e.auditLog, KeyFile: e.auditKey, Node: "node-1", Stream: "broker"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -334,14 +334,15 @@ func (s *brokerScenario) vaultDownAndBack(t *testing.T) {
 }
 
 func (s *brokerScenario) audit(t *testing.T) {
-	rep, err := audit.VerifyFile(s.e.auditLog, s.e.auditKey)
+	key, _ := audit.ReadKey(s.e.auditKey)
+	rep, err := audit.VerifyDir(s.e.auditLog, audit.VerifyOptions{Key: key, Node: "node-1", Stream: "broker"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if int(rep.Records) != s.requests {
+	if int(rep.Records) != s.requests+1 { // and the genesis
 		t.Errorf("%d audit records for %d requests", rep.Records, s.requests)
 	}
-	raw, _ := os.ReadFile(s.e.auditLog)
+	raw := []byte(readFile(t, s.e.auditLog))
 	for _, secret := range []string{prodCanary, devValue, string(s.prodTok), string(s.devTok), s.forged, s.unbound, s.e.vault.RootToken} {
 		if bytes.Contains(raw, []byte(secret)) {
 			t.Fatalf("the audit log contains a secret value or token")
@@ -369,8 +370,8 @@ func (s *brokerScenario) auditTools(t *testing.T) {
 		!strings.Contains(out, `"seq":`) || !strings.Contains(out, `"mac":"`) {
 		t.Fatalf("audit query: exit %d, %d lines: %s", code, len(lines), out)
 	}
-	raw, _ := os.ReadFile(s.e.auditLog)
-	tampered := filepath.Join(t.TempDir(), "tampered.log")
+	raw := []byte(readFile(t, s.e.auditLog))
+	tampered := filepath.Join(t.TempDir(), "audit-00000000000000000001.jsonl")
 	os.WriteFile(tampered, bytes.Replace(raw, []byte(`"decision":"deny"`), []byte(`"decision":"allow"`), 1), 0o600)
 	if code, out := ctl(t, nil, "audit", "verify", tampered, "--key-file", s.e.auditKey); code != 1 || !strings.Contains(out, "was modified") {
 		t.Fatalf("verify of a tampered log: exit %d: %s", code, out)

@@ -282,7 +282,7 @@ func rbacService(t *testing.T, e *brokerEnv, cfg *rest.Config, meta metadata.Int
 	}
 	dir := harness.Dir(t)
 	os.WriteFile(dir+"/k", []byte(strings.Repeat("k", 32)), 0o600)
-	aud, err := audit.Open(audit.Options{Path: dir + "/a.log", KeyFile: dir + "/k"})
+	aud, err := audit.Open(audit.Options{Dir: dir + "/audit", KeyFile: dir + "/k", Node: "node-1", Stream: "broker"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -96,6 +96,8 @@ type driverOptions struct {
 	metrics string
 	// provider also serves the Secrets Store CSI Driver provider API.
 	provider bool
+	// auditDisk, when set, is the size of a tmpfs mounted as the audit directory (a disk that fills).
+	auditDisk int64
 }
 
 // driver is keyward-broker, the binary, serving CSI to a simulated kubelet.
@@ -116,7 +118,7 @@ func startDriver(t *testing.T, e *brokerEnv, o driverOptions) *driver {
 		t.Fatal("the CSI e2e tests mount tmpfs and need root, as the node plugin does")
 	}
 	dir := harness.Dir(t)
-	d := &driver{owner: t, dir: dir, auditLog: filepath.Join(dir, "broker-audit.log"), key: filepath.Join(dir, "audit.key"),
+	d := &driver{owner: t, dir: dir, auditLog: filepath.Join(dir, "broker-audit"), key: filepath.Join(dir, "audit.key"),
 		policy: filepath.Join(dir, "policy.yaml"), sock: filepath.Join(dir, "csi.sock"), configFile: filepath.Join(dir, "broker.yaml")}
 	os.WriteFile(d.policy, []byte(brokerPolicy), 0o600)
 	var err error
@@ -128,10 +130,13 @@ func startDriver(t *testing.T, e *brokerEnv, o driverOptions) *driver {
 	os.WriteFile(d.key, []byte(strings.Repeat("h", 40)), 0o600)
 	d.args = []string{"--csi-socket", d.sock, "--node-id", "node-1", "--kubelet-dir", filepath.Join(dir, "kubelet"),
 		"--metrics-address", o.metrics, "--config", d.configFile, "--kubeconfig", d.kubecfg,
-		"--audit-log", d.auditLog, "--audit-key-file", d.key, "--log-level", "debug"}
+		"--audit-dir", d.auditLog, "--audit-key-file", d.key, "--log-level", "debug"}
 	if o.provider {
 		d.providerSock = filepath.Join(dir, "provider.sock")
 		d.args = append(d.args, "--provider-socket", d.providerSock)
+	}
+	if o.auditDisk > 0 {
+		smallDisk(t, d.auditLog, o.auditDisk)
 	}
 	d.proc = start(t, nil, filepath.Join(dir, "keyward-broker.log"), "keyward-broker", d.args...)
 	if d.conn, err = grpc.NewClient("unix://"+d.sock, grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
@@ -178,12 +183,7 @@ func (d *driver) restart(t *testing.T) {
 // records reads the driver's audit log back.
 func (d *driver) records(t *testing.T) []audit.Record {
 	t.Helper()
-	f, err := os.Open(d.auditLog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	recs, err := audit.Query(f, audit.Filter{})
+	recs, err := audit.QueryPath(d.auditLog, audit.Filter{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -244,9 +244,13 @@ func revokePodTokens(t *testing.T, v *harness.Vault) {
 	}
 }
 
+// readFile is a file's content, or an audit stream directory's (every segment, in order).
 func readFile(t *testing.T, p string) string {
 	t.Helper()
 	b, err := os.ReadFile(p)
+	if st, serr := os.Stat(p); serr == nil && st.IsDir() {
+		b, err = audit.ReadAll(p)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -50,7 +50,7 @@ func newKMSPlugin(t *testing.T) *kmsPlugin {
 		t.Fatal(err)
 	}
 	p := &kmsPlugin{owner: t, dir: dir, socket: filepath.Join(dir, "kms.sock"), config: filepath.Join(dir, "kms.yaml"),
-		auditLog: filepath.Join(dir, "kms-audit.log"), auditKey: filepath.Join(dir, "audit.key"),
+		auditLog: filepath.Join(dir, "kms-audit"), auditKey: filepath.Join(dir, "audit.key"),
 		metrics: fmt.Sprintf("127.0.0.1:%d", port), env: hsm.Env(), hsm: hsm}
 	os.WriteFile(p.auditKey, []byte(strings.Repeat("k", 48)), 0o600)
 	os.WriteFile(p.config, []byte(fmt.Sprintf(`pkcs11:
@@ -79,7 +79,7 @@ func (p *kmsPlugin) start(t *testing.T) {
 	t.Helper()
 	p.proc = startFor(t, p.owner, p.env, filepath.Join(p.dir, "keyward-kms.log"), "keyward-kms",
 		"--socket", p.socket, "--config", p.config, "--metrics-address", p.metrics,
-		"--audit-log", p.auditLog, "--audit-key-file", p.auditKey, "--log-level", "debug", "--grace", "5s")
+		"--node-name", "node-1", "--audit-dir", p.auditLog, "--audit-key-file", p.auditKey, "--log-level", "debug", "--grace", "5s")
 	p.waitHealthz(t, "ok", 30*time.Second)
 }
 
@@ -113,7 +113,13 @@ func (p *kmsPlugin) waitHealthz(t *testing.T, want string, timeout time.Duration
 
 func (p *kmsPlugin) metric(t *testing.T, name string) string {
 	t.Helper()
-	resp, err := http.Get("http://" + p.metrics + "/metrics")
+	return scrape(t, p.metrics, name)
+}
+
+// scrape is the lines of the metric name (with its labels) served at addr's /metrics.
+func scrape(t *testing.T, addr, name string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -212,7 +218,7 @@ func (s *kmsScenario) statusAndSocket(t *testing.T) {
 	}
 	// A second instance must not take over the served socket.
 	second := start(t, p.env, filepath.Join(p.dir, "second.log"), "keyward-kms", "--socket", p.socket, "--config", p.config,
-		"--metrics-address", "", "--audit-log", p.auditLog+".2", "--audit-key-file", p.auditKey)
+		"--metrics-address", "", "--audit-dir", p.auditLog+".2", "--audit-key-file", p.auditKey)
 	<-second.done
 	if b, _ := os.ReadFile(second.log); second.cmd.ProcessState.ExitCode() != 1 || !bytes.Contains(b, []byte("served by another process")) {
 		t.Fatalf("second instance: exit %d: %s", second.cmd.ProcessState.ExitCode(), b)
@@ -389,7 +395,7 @@ func (s *kmsScenario) audit(t *testing.T) {
 	if code, out := ctl(t, nil, "audit", "verify", p.auditLog, "--key-file", p.auditKey); code != 0 {
 		t.Fatalf("audit verify: %s", out)
 	}
-	audit, _ := os.ReadFile(p.auditLog)
+	audit := []byte(readFile(t, p.auditLog))
 	if n := bytes.Count(audit, []byte(`"event":"kms_encrypt"`)); n < 2 {
 		t.Fatalf("%d kms_encrypt records", n)
 	}

@@ -87,7 +87,7 @@ func run(n int) error {
 	authz := policy.NewAuthorizer(p, nsw)
 	keyFile := filepath.Join(env.Dir, "audit.key")
 	os.WriteFile(keyFile, []byte(strings.Repeat("k", 32)), 0o600)
-	aud, err := audit.Open(audit.Options{Path: filepath.Join(env.Dir, "audit.log"), KeyFile: keyFile, SyncInterval: time.Second})
+	aud, err := audit.Open(audit.Options{Dir: filepath.Join(env.Dir, "audit"), KeyFile: keyFile, Node: "bench", Stream: "broker", SyncInterval: time.Second})
 	if err != nil {
 		return err
 	}

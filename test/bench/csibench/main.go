@@ -313,7 +313,7 @@ func (b *bench) startDriverEnv(env []string, args ...string) (*exec.Cmd, string,
 	sock := filepath.Join(dir, "csi.sock")
 	logf, _ := os.Create(filepath.Join(dir, "driver.log"))
 	cmd := exec.Command(bin, "--csi-socket", sock, "--node-id", "node-1", "--config", filepath.Join(dir, "broker.yaml"),
-		"--kubeconfig", kc, "--audit-log", filepath.Join(dir, "audit.log"), "--audit-key-file", filepath.Join(dir, "audit.key"), "--log-level", "warn",
+		"--kubeconfig", kc, "--audit-dir", filepath.Join(dir, "audit"), "--audit-key-file", filepath.Join(dir, "audit.key"), "--log-level", "warn",
 		"--kubelet-dir", filepath.Join(dir, "kubelet"), "--metrics-address", "")
 	cmd.Args = append(cmd.Args, args...)
 	cmd.Env = append(os.Environ(), env...)

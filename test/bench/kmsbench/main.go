@@ -115,7 +115,7 @@ func run(dur time.Duration, rounds int) error {
 	// keyward: the full stack as cmd/keyward-kms wires it.
 	keyFile := filepath.Join(dir, "audit.key")
 	os.WriteFile(keyFile, bytes.Repeat([]byte("k"), 32), 0o600)
-	auditLog, err := audit.Open(audit.Options{Path: filepath.Join(dir, "audit.log"), KeyFile: keyFile, SyncInterval: time.Second})
+	auditLog, err := audit.Open(audit.Options{Dir: filepath.Join(dir, "audit"), KeyFile: keyFile, Node: "bench", Stream: "kms", SyncInterval: time.Second})
 	if err != nil {
 		return err
 	}
