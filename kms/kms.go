@@ -30,3 +30,24 @@ type PoolReporter interface {
 	PoolStats() (inUse, idle int)
 	Recoveries() uint64
 }
+
+// KeyRefusal is a key object found under the wrapper's key label that it refuses to use, and why.
+// It names the object (label, key ID) and never carries key material.
+type KeyRefusal struct {
+	KeyID  string
+	Label  string
+	Reason string
+}
+
+// KeyVetter is implemented by wrappers that vet the origin of their keys (kms/pkcs11): Refusals lists
+// the key objects refused at the last key refresh, which the plugin audits.
+type KeyVetter interface {
+	Refusals() []KeyRefusal
+}
+
+// Liveness is implemented by wrappers that can get stuck inside a call they cannot cancel
+// (kms/pkcs11: a PKCS#11 call that never returns). Live returns an error while recovery cannot make
+// progress without a new process.
+type Liveness interface {
+	Live() error
+}

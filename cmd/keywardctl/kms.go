@@ -160,25 +160,39 @@ func retireGeneration(e streams, a *pkcs11.Admin, keyID string, force bool, ef e
 	return nil
 }
 
+// printGenerations lists the generations; ACCEPTABLE says whether keyward-kms uses each one, and if
+// not, why (imported, once extractable or readable, not AES-256, a duplicate label). CURRENT is the
+// newest acceptable generation, the one that encrypts.
 func printGenerations(e streams, gens []pkcs11.Generation, output string) error {
 	type row struct {
 		Generation int    `json:"generation"`
 		KeyID      string `json:"keyID"`
 		Label      string `json:"label"`
 		Usable     bool   `json:"usable"`
+		Refusal    string `json:"refusal,omitempty"`
 		Current    bool   `json:"current"`
 	}
+	cur := ""
+	for _, g := range gens {
+		if g.Usable {
+			cur = g.KeyID // gens are oldest first
+		}
+	}
 	rows := make([]row, 0, len(gens))
-	for i, g := range gens {
-		rows = append(rows, row{g.Generation, g.KeyID, g.Label, g.Usable, i == len(gens)-1})
+	for _, g := range gens {
+		rows = append(rows, row{g.Generation, g.KeyID, g.Label, g.Usable, g.Refusal, g.Usable && g.KeyID == cur})
 	}
 	if output == "json" {
 		return json.NewEncoder(e.stdout).Encode(rows)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "GENERATION\tKEY ID\tLABEL\tUSABLE\tCURRENT")
+	fmt.Fprintln(tw, "GENERATION\tKEY ID\tLABEL\tCURRENT\tACCEPTABLE")
 	for _, r := range rows {
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%v\t%v\n", r.Generation, r.KeyID, r.Label, r.Usable, r.Current)
+		acceptable := "yes"
+		if !r.Usable {
+			acceptable = "no: " + r.Refusal
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%v\t%s\n", r.Generation, r.KeyID, r.Label, r.Current, acceptable)
 	}
 	return tw.Flush()
 }

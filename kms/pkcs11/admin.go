@@ -70,23 +70,30 @@ func (a *Admin) Rotate() (Generation, error) {
 	return createGeneration(a.p, a.s, a.base)
 }
 
-// Retire destroys a generation so it can no longer decrypt. The newest generation (the encrypting
-// one) cannot be retired. Checking that no data is still encrypted under it is the caller's job.
+// Retire destroys a generation so it can no longer decrypt. The newest acceptable generation (the
+// encrypting one) cannot be retired; a refused object can, whatever its number. Checking that no
+// data is still encrypted under it is the caller's job.
 func (a *Admin) Retire(keyID string) error {
 	gens, err := a.List()
 	if err != nil {
 		return err
 	}
-	for i, g := range gens {
-		if g.KeyID != keyID {
-			continue
+	var match []Generation
+	for _, g := range gens {
+		if g.KeyID == keyID {
+			match = append(match, g)
 		}
-		if i == len(gens)-1 {
-			return fmt.Errorf("%s is the newest generation and encrypts new data; rotate first", keyID)
-		}
-		return a.p.DestroyObject(a.s, g.handle)
 	}
-	return fmt.Errorf("no generation with key ID %q", keyID)
+	switch {
+	case len(match) == 0:
+		return fmt.Errorf("no generation with key ID %q", keyID)
+	case len(match) > 1:
+		return fmt.Errorf("%d objects have key ID %s (same label and CKA_ID); remove the one that does not belong with the HSM vendor's tools", len(match), keyID)
+	}
+	if cur := current(gens); cur != nil && cur.KeyID == keyID {
+		return fmt.Errorf("%s is the newest generation and encrypts new data; rotate first", keyID)
+	}
+	return a.p.DestroyObject(a.s, match[0].handle)
 }
 
 // Close logs nothing out (the login is shared by the application) and closes the session.

@@ -26,6 +26,11 @@ type Config struct {
 	SessionKeyCopies *bool `json:"sessionKeyCopies,omitempty"`
 	// KeyRefreshInterval is how often new key generations are looked for (default 30s; SIGHUP also).
 	KeyRefreshInterval config.Duration `json:"keyRefreshInterval,omitempty"`
+	// CallTimeout bounds the waits on HSM calls in the health and recovery paths (default 10s): a
+	// health round trip that takes longer starts recovery, recovery waits at most this long for
+	// in-flight calls to drain, and a re-initialization stuck longer makes Live fail. A PKCS#11 call
+	// cannot be cancelled; these bounds only keep a hung one from blocking the rest.
+	CallTimeout config.Duration `json:"callTimeout,omitempty"`
 }
 
 // Default fills in defaults.
@@ -35,6 +40,9 @@ func (c *Config) Default() {
 	}
 	if c.KeyRefreshInterval.Duration == 0 {
 		c.KeyRefreshInterval.Duration = 30 * time.Second
+	}
+	if c.CallTimeout.Duration == 0 {
+		c.CallTimeout.Duration = 10 * time.Second
 	}
 	if c.SessionKeyCopies == nil {
 		t := true
@@ -61,6 +69,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("pkcs11.maxSessions %d is outside 1..1024", c.MaxSessions)
 	case c.KeyRefreshInterval.Duration < 100*time.Millisecond:
 		return fmt.Errorf("pkcs11.keyRefreshInterval %s is below 100ms", c.KeyRefreshInterval)
+	case c.CallTimeout.Duration < 50*time.Millisecond:
+		return fmt.Errorf("pkcs11.callTimeout %s is below 50ms", c.CallTimeout)
 	}
 	return nil
 }

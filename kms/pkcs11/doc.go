@@ -1,9 +1,11 @@
 // Package pkcs11 implements kms.KeyWrapper over a PKCS#11 HSM with github.com/miekg/pkcs11: AES-256-GCM
-// inside the HSM under non-extractable key objects (gcm.go: the ciphertext format and the one
-// mechanism builder), a bounded session pool with recovery (module.go, pool.go), key generations for
-// rotation (keys.go) and their administration for keywardctl (admin.go), its own configuration
-// (config.go), and the one mapping of CKR_* values to internal/fault (errors.go). It is the only
-// package of Keyward that links cgo.
+// inside the HSM (gcm.go: the ciphertext format, the one mechanism builder, and the IV read back from
+// the mechanism parameters for HSMs that generate their own), a bounded session pool with recovery
+// whose waits on hung calls are bounded (module.go, pool.go), key generations for rotation and the
+// vetting that accepts only keys generated in the HSM and never exposed, refusing the rest and saying
+// why (keys.go), their administration for keywardctl (admin.go), its own configuration (config.go),
+// and the one mapping of CKR_* values to internal/fault (errors.go). It is the only package of
+// Keyward that links cgo (its tests also build testdata/hsmshim.c, a fault-injecting PKCS#11 module).
 //
 // It may import the standard library, package kms, internal/fault, internal/config, zap and
 // miekg/pkcs11.

@@ -1,7 +1,6 @@
 package pkcs11
 
 import (
-	"crypto/rand"
 	"fmt"
 
 	p11 "github.com/miekg/pkcs11"
@@ -13,7 +12,7 @@ import (
 // Ciphertext format, version 1:
 //
 //	byte 0      format version (1)
-//	bytes 1..12 the 96-bit GCM IV, fresh per call
+//	bytes 1..12 the 96-bit GCM IV, fresh per call: random, or the one the HSM generated (see seal)
 //	bytes 13..  AES-256-GCM ciphertext with its 128-bit tag
 //
 // The additional authenticated data is "keyward-kms" || 0x00 || version || key ID, so a ciphertext
@@ -56,10 +55,10 @@ func parseCiphertext(ct []byte) (parsed, error) {
 	return parsed{version: ct[0], iv: ct[1:header], sealed: ct[header:]}, nil
 }
 
-// gcmParams is the one AES-GCM parameter builder: the IV and the additional data of one operation
-// under keyID. Free them after the operation.
-func gcmParams(version byte, keyID string, iv []byte) *p11.GCMParams {
-	return p11.NewGCMParams(iv, aad(version, keyID), tagLen*8)
+// gcmParams is the one AES-GCM parameter builder: the IV and the additional data (aad) of one
+// operation. Free them after the operation.
+func gcmParams(aad, iv []byte) *p11.GCMParams {
+	return p11.NewGCMParams(iv, aad, tagLen*8)
 }
 
 // gcm is the mechanism over params. It is small enough to inline, so the mechanism stays on the
@@ -68,19 +67,33 @@ func gcm(params *p11.GCMParams) []*p11.Mechanism {
 	return []*p11.Mechanism{p11.NewMechanism(p11.CKM_AES_GCM, params)}
 }
 
-// seal encrypts plaintext inside the HSM under the key object obj (key ID keyID), format v1.
-func seal(p *p11.Ctx, s p11.SessionHandle, obj p11.ObjectHandle, keyID string, iv, plaintext []byte) ([]byte, error) {
-	params := gcmParams(formatV1, keyID, iv)
+// seal encrypts plaintext inside the HSM under the key object obj, format v1, with additional data
+// aad (key.aad). iv holds a fresh random IV on entry; on return it holds the IV the module actually
+// used, read back from the mechanism parameters after C_Encrypt. Some HSMs (AWS CloudHSM among them)
+// ignore the IV the caller sends and write one they generate into CK_GCM_PARAMS.pIv; a ciphertext
+// must carry the IV it was made with. SoftHSM uses the IV it is given, so there the two are equal.
+func seal(p *p11.Ctx, s p11.SessionHandle, obj p11.ObjectHandle, aad, iv, plaintext []byte) ([]byte, error) {
+	params := gcmParams(aad, iv)
 	defer params.Free()
 	if err := p.EncryptInit(s, gcm(params), obj); err != nil {
 		return nil, err
 	}
-	return p.Encrypt(s, plaintext)
+	sealed, err := p.Encrypt(s, plaintext)
+	if err != nil {
+		return nil, err
+	}
+	used := params.IV()
+	if len(used) != len(iv) {
+		return nil, fmt.Errorf("the HSM reports a %d-byte GCM IV, want %d: %w", len(used), len(iv), fault.ErrUnavailable)
+	}
+	copy(iv, used)
+	return sealed, nil
 }
 
-// open decrypts a parsed ciphertext inside the HSM under the key object obj (key ID keyID).
-func open(p *p11.Ctx, s p11.SessionHandle, obj p11.ObjectHandle, keyID string, c parsed) ([]byte, error) {
-	params := gcmParams(c.version, keyID, c.iv)
+// open decrypts a parsed ciphertext inside the HSM under the key object obj, with additional data
+// aad (key.aad for format v1).
+func open(p *p11.Ctx, s p11.SessionHandle, obj p11.ObjectHandle, aad []byte, c parsed) ([]byte, error) {
+	params := gcmParams(aad, c.iv)
 	defer params.Free()
 	if err := p.DecryptInit(s, gcm(params), obj); err != nil {
 		return nil, initError{err}
@@ -93,10 +106,3 @@ func open(p *p11.Ctx, s p11.SessionHandle, obj p11.ObjectHandle, keyID string, c
 type initError struct{ error }
 
 func (e initError) Unwrap() error { return e.error }
-
-// newIV is a fresh 96-bit GCM IV.
-func newIV() ([]byte, error) {
-	iv := make([]byte, ivLen)
-	_, err := rand.Read(iv)
-	return iv, err
-}

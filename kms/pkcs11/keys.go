@@ -10,12 +10,14 @@ import (
 	"regexp"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	p11 "github.com/miekg/pkcs11"
 	"go.uber.org/zap"
 
 	"github.com/keyward/keyward/internal/fault"
+	"github.com/keyward/keyward/kms"
 )
 
 // Generation is one key-encryption key generation on the token.
@@ -23,10 +25,11 @@ type Generation struct {
 	Generation int
 	KeyID      string
 	Label      string
-	// Usable is false when the object is extractable, not sensitive or not AES-256: such an object is
-	// never used, whatever its label.
-	Usable bool
-	handle p11.ObjectHandle
+	// Usable reports whether the object is acceptable as a key-encryption key (see vet); Refusal says
+	// why not. A refused object is never used to wrap or unwrap, whatever its label.
+	Usable  bool
+	Refusal string
+	handle  p11.ObjectHandle
 }
 
 var aesKeyTemplate = []*p11.Attribute{
@@ -35,7 +38,12 @@ var aesKeyTemplate = []*p11.Attribute{
 	p11.NewAttribute(p11.CKA_TOKEN, true),
 }
 
-// listGenerations finds the key generations labelled base.N on the token, oldest first.
+// The attributes listGenerations reads, in this order.
+var generationAttrs = []uint{p11.CKA_LABEL, p11.CKA_ID, p11.CKA_VALUE_LEN, p11.CKA_SENSITIVE, p11.CKA_EXTRACTABLE,
+	p11.CKA_LOCAL, p11.CKA_ALWAYS_SENSITIVE, p11.CKA_NEVER_EXTRACTABLE}
+
+// listGenerations finds the key generations labelled base.N on the token, oldest first (objects of
+// one generation by key ID), each vetted: Usable or with the reason it is refused.
 func listGenerations(p *p11.Ctx, s p11.SessionHandle, base string) ([]Generation, error) {
 	if err := p.FindObjectsInit(s, aesKeyTemplate); err != nil {
 		return nil, err
@@ -56,14 +64,13 @@ func listGenerations(p *p11.Ctx, s p11.SessionHandle, base string) ([]Generation
 		return nil, err
 	}
 	var gens []Generation
+	perLabel := map[string]int{}
 	for _, h := range handles {
-		attrs, err := p.GetAttributeValue(s, h, []*p11.Attribute{
-			p11.NewAttribute(p11.CKA_LABEL, nil),
-			p11.NewAttribute(p11.CKA_ID, nil),
-			p11.NewAttribute(p11.CKA_SENSITIVE, nil),
-			p11.NewAttribute(p11.CKA_EXTRACTABLE, nil),
-			p11.NewAttribute(p11.CKA_VALUE_LEN, nil),
-		})
+		tmpl := make([]*p11.Attribute, len(generationAttrs))
+		for i, a := range generationAttrs {
+			tmpl[i] = p11.NewAttribute(a, nil)
+		}
+		attrs, err := p.GetAttributeValue(s, h, tmpl)
 		if err != nil {
 			return nil, err
 		}
@@ -72,17 +79,66 @@ func listGenerations(p *p11.Ctx, s p11.SessionHandle, base string) ([]Generation
 		if !ok {
 			continue
 		}
-		valueLen, _ := bytesToUint(attrs[4].Value)
-		gens = append(gens, Generation{
-			Generation: n,
-			KeyID:      KeyID(base, n, attrs[1].Value),
-			Label:      label,
-			Usable:     boolAttr(attrs[2].Value) && !boolAttr(attrs[3].Value) && valueLen == 32,
-			handle:     h,
-		})
+		valueLen, _ := bytesToUint(attrs[2].Value)
+		refusal := vet(valueLen, boolAttr(attrs[3].Value), boolAttr(attrs[4].Value), boolAttr(attrs[5].Value),
+			boolAttr(attrs[6].Value), boolAttr(attrs[7].Value))
+		perLabel[label]++
+		gens = append(gens, Generation{Generation: n, KeyID: KeyID(base, n, attrs[1].Value), Label: label,
+			Usable: refusal == "", Refusal: refusal, handle: h})
 	}
-	sort.Slice(gens, func(i, j int) bool { return gens[i].Generation < gens[j].Generation })
+	for i, g := range gens {
+		if n := perLabel[g.Label]; n > 1 {
+			dup := fmt.Sprintf("duplicate label: %d objects are labelled %s, none is used", n, g.Label)
+			gens[i].Usable, gens[i].Refusal = false, strings.TrimSuffix(dup+"; "+g.Refusal, "; ")
+		}
+	}
+	sort.Slice(gens, func(i, j int) bool {
+		if gens[i].Generation != gens[j].Generation {
+			return gens[i].Generation < gens[j].Generation
+		}
+		return gens[i].KeyID < gens[j].KeyID
+	})
 	return gens, nil
+}
+
+// vet says why a key object labelled as a generation is not acceptable as a key-encryption key, or
+// "" if it is. Only an AES-256 key generated inside the HSM (CKA_LOCAL=true) that has always been
+// sensitive and never extractable (CKA_ALWAYS_SENSITIVE=true, CKA_NEVER_EXTRACTABLE=true, and still
+// CKA_SENSITIVE=true, CKA_EXTRACTABLE=false) is: anyone with the user PIN can import a key whose
+// value they know (C_CreateObject, C_UnwrapKey: CKA_LOCAL=false) and mark it sensitive and
+// non-extractable, and every DEK seed wrapped under it would then be decryptable offline from etcd
+// or its backups.
+func vet(valueLen uint64, sensitive, extractable, local, alwaysSensitive, neverExtractable bool) string {
+	var why []string
+	if !local {
+		why = append(why, "not generated inside the HSM (CKA_LOCAL=false: imported, so its value existed outside the HSM)")
+	}
+	if !alwaysSensitive {
+		why = append(why, "CKA_ALWAYS_SENSITIVE=false (its value was once readable)")
+	}
+	if !neverExtractable {
+		why = append(why, "CKA_NEVER_EXTRACTABLE=false (it was once extractable)")
+	}
+	if !sensitive {
+		why = append(why, "CKA_SENSITIVE=false")
+	}
+	if extractable {
+		why = append(why, "CKA_EXTRACTABLE=true")
+	}
+	if valueLen != 32 {
+		why = append(why, fmt.Sprintf("not AES-256 (a %d-byte key)", valueLen))
+	}
+	return strings.Join(why, "; ")
+}
+
+// current is the newest acceptable generation (the one that encrypts), or nil.
+func current(gens []Generation) *Generation {
+	for i := len(gens) - 1; i >= 0; i-- {
+		if gens[i].Usable {
+			return &gens[i]
+		}
+	}
+	return nil
 }
 
 // createGeneration generates the next AES-256 key generation inside the HSM: a token object that is
@@ -135,7 +191,7 @@ func bytesToUint(v []byte) (uint64, error) {
 	return n, nil
 }
 
-// reloadKeys lists the generations and swaps in a new key set. Callers hold refreshMu.
+// reloadKeys lists the generations and swaps in a new key set. Callers hold inc.refreshMu.
 func (w *Wrapper) reloadKeys(inc *incarnation) error {
 	p, s := inc.p, inc.keySession
 	// Copies of keys that vanished in the previous round: no call can still hold them now.
@@ -149,14 +205,16 @@ func (w *Wrapper) reloadKeys(inc *incarnation) error {
 	}
 	old := inc.keys.Load()
 	next := &keySet{byID: map[string]*key{}}
+	var refusals []kms.KeyRefusal
 	for _, g := range gens {
 		if !g.Usable {
-			w.log.Warn("ignoring a key object that is extractable, not sensitive or not AES-256", zap.String("label", g.Label))
+			refusals = append(refusals, kms.KeyRefusal{KeyID: g.KeyID, Label: g.Label, Reason: g.Refusal})
+			w.warnRefused(g)
 			continue
 		}
 		k, ok := old.byID[g.KeyID]
 		if !ok {
-			k = &key{id: g.KeyID, gen: g.Generation, obj: g.handle, work: g.handle}
+			k = &key{id: g.KeyID, gen: g.Generation, obj: g.handle, work: g.handle, aad: aad(formatV1, g.KeyID)}
 			if *w.cfg.SessionKeyCopies {
 				// A session object inside the HSM, still sensitive and non-extractable: operations on it
 				// avoid the token-object overhead (about 2.5x in SoftHSM).
@@ -177,21 +235,48 @@ func (w *Wrapper) reloadKeys(inc *incarnation) error {
 	}
 	for id, k := range old.byID {
 		if _, ok := next.byID[id]; !ok {
-			w.log.Info("key generation retired", zap.String("key_id", id))
+			w.log.Info("key generation retired or refused", zap.String("key_id", id))
 			if k.work != k.obj {
 				inc.graveyard = append(inc.graveyard, k.work)
 			}
 		}
 	}
+	next.refused = refusals
 	inc.keys.Store(next)
+	w.refusals.Store(&refusals)
+	return nil
+}
+
+// warnRefused logs a refused key object, once per object and reason in the process's life.
+func (w *Wrapper) warnRefused(g Generation) {
+	w.warnedMu.Lock()
+	defer w.warnedMu.Unlock()
+	k := g.KeyID + "\x00" + g.Refusal
+	if w.warned[k] {
+		return
+	}
+	if w.warned == nil {
+		w.warned = map[string]bool{}
+	}
+	w.warned[k] = true
+	w.log.Warn("key object refused: never used to wrap or unwrap", zap.String("label", g.Label),
+		zap.String("key_id", g.KeyID), zap.String("reason", g.Refusal))
+}
+
+// Refusals lists the key objects labelled as generations that the last key refresh refused, and why
+// (kms.KeyVetter: the plugin audits them).
+func (w *Wrapper) Refusals() []kms.KeyRefusal {
+	if r := w.refusals.Load(); r != nil {
+		return append([]kms.KeyRefusal(nil), (*r)...)
+	}
 	return nil
 }
 
 // Refresh looks for new or retired key generations now (the plugin calls it on SIGHUP).
 func (w *Wrapper) Refresh(ctx context.Context) error {
 	return w.withIncarnation("refresh", func(inc *incarnation) error {
-		w.refreshMu.Lock()
-		defer w.refreshMu.Unlock()
+		inc.refreshMu.Lock()
+		defer inc.refreshMu.Unlock()
 		return w.reloadKeys(inc)
 	})
 }

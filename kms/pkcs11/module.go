@@ -13,6 +13,11 @@ import (
 	"github.com/keyward/keyward/kms"
 )
 
+var (
+	_ kms.KeyVetter = (*Wrapper)(nil)
+	_ kms.Liveness  = (*Wrapper)(nil)
+)
+
 // Wrapper is a kms.KeyWrapper whose keys are AES-256 objects in a PKCS#11 token.
 //
 // It owns the module for the process: one login, a bounded pool of sessions, and recovery. When the
@@ -20,6 +25,13 @@ import (
 // handles) is torn down once its in-flight calls finish, and a new one is built with backoff
 // (C_Finalize + C_Initialize: some HSMs, SoftHSM among them, only see a token again after that).
 // Meanwhile calls fail fast with fault.ErrUnavailable.
+//
+// A PKCS#11 call cannot be cancelled, so the waits around them on the health and recovery paths are
+// bounded by Config.CallTimeout instead: a health round trip that does not return in time starts
+// recovery; recovery waits that long for in-flight calls to drain and then rebuilds beside the calls
+// still hung, without C_Finalize (PKCS#11 leaves C_Finalize undefined while other calls run; the
+// module is finalized again once they have all returned); and a re-initialization that hangs makes
+// Live fail, so that keyward-kms's /livez gets the process restarted.
 type Wrapper struct {
 	cfg Config
 	pin string
@@ -29,10 +41,22 @@ type Wrapper struct {
 	cur        atomic.Pointer[incarnation]
 	reason     atomic.Value // string: why cur is nil
 	recoveries atomic.Uint64
-	refreshMu  sync.Mutex
 	stop       chan struct{}
 	wg         sync.WaitGroup
 	closeOnce  sync.Once
+
+	// finMu orders C_Finalize against closing the sessions of incarnations abandoned with calls still
+	// in flight; abandoned counts those incarnations (no C_Finalize while it is above 0).
+	finMu     sync.Mutex
+	abandoned int
+	hung      sync.WaitGroup // one per abandoned incarnation
+	finalized bool           // Close finalized and destroyed the module
+	// stuckSince is when the recovery attempt now inside the module started (unix nanos), or 0.
+	stuckSince atomic.Int64
+
+	refusals atomic.Pointer[[]kms.KeyRefusal]
+	warnedMu sync.Mutex
+	warned   map[string]bool // refused objects already logged
 }
 
 var _ kms.KeyWrapper = (*Wrapper)(nil)
@@ -47,7 +71,8 @@ type incarnation struct {
 	idle    chan p11.SessionHandle
 	open    chan struct{} // one token per open pool session, capacity MaxSessions
 	inUse   atomic.Int64
-	// keySession owns the session-object copies of the keys; used only under Wrapper.refreshMu.
+	// keySession owns the session-object copies of the keys; used only under refreshMu.
+	refreshMu  sync.Mutex
 	keySession p11.SessionHandle
 	keys       atomic.Pointer[keySet]
 	graveyard  []p11.ObjectHandle
@@ -58,11 +83,13 @@ type key struct {
 	gen  int
 	obj  p11.ObjectHandle // the token object
 	work p11.ObjectHandle // what operations use: a session copy, or obj
+	aad  []byte           // the GCM additional data of format v1 under id (read-only, shared)
 }
 
 type keySet struct {
 	current *key
 	byID    map[string]*key
+	refused []kms.KeyRefusal
 }
 
 // New loads the module, logs in and loads the key generations labelled cfg.KeyLabel.N. pin is the
@@ -111,9 +138,9 @@ func (w *Wrapper) open() (*incarnation, error) {
 		open: make(chan struct{}, w.cfg.MaxSessions),
 	}
 	inc.keys.Store(&keySet{byID: map[string]*key{}})
-	w.refreshMu.Lock()
+	inc.refreshMu.Lock()
 	err = w.reloadKeys(inc)
-	w.refreshMu.Unlock()
+	inc.refreshMu.Unlock()
 	if err != nil {
 		w.p.CloseSession(ks)
 		return nil, err
@@ -135,10 +162,8 @@ func (w *Wrapper) lose(inc *incarnation, cause error) {
 
 func (w *Wrapper) recover(old *incarnation) {
 	defer w.wg.Done()
-	old.mu.Lock() // waits for in-flight calls to return
-	old.closed = true
-	old.mu.Unlock()
-	w.p.Finalize()
+	w.drain(old)
+	w.finalize()
 	backoff := 100 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		select {
@@ -146,7 +171,7 @@ func (w *Wrapper) recover(old *incarnation) {
 			return
 		case <-time.After(backoff):
 		}
-		inc, err := w.open()
+		inc, err := w.openBounded()
 		if err == nil {
 			w.recoveries.Add(1)
 			w.cur.Store(inc)
@@ -157,15 +182,116 @@ func (w *Wrapper) recover(old *incarnation) {
 		if attempt == 1 || attempt%10 == 0 {
 			w.log.Warn("HSM still unavailable", zap.Int("attempts", attempt), zap.Error(err))
 		}
-		w.p.Finalize()
+		w.finalize()
 		backoff = min(backoff*2, 5*time.Second)
 	}
+}
+
+// drain takes old out of service once its in-flight calls return, waiting at most CallTimeout. Calls
+// still inside the module then are abandoned: recovery goes on beside them, and their sessions are
+// closed when they return.
+func (w *Wrapper) drain(old *incarnation) {
+	drained := make(chan struct{})
+	go func() {
+		old.mu.Lock() // waits for in-flight calls to return
+		old.closed = true
+		old.mu.Unlock()
+		close(drained)
+	}()
+	select {
+	case <-drained:
+		return
+	case <-time.After(w.cfg.CallTimeout.Duration):
+	}
+	w.finMu.Lock()
+	w.abandoned++
+	w.hung.Add(1)
+	w.finMu.Unlock()
+	w.log.Warn("HSM calls have not returned within the call timeout; recovering beside them (no C_Finalize until they return)",
+		zap.Duration("call_timeout", w.cfg.CallTimeout.Duration), zap.Int64("sessions_in_use", old.inUse.Load()))
+	go func() {
+		<-drained
+		w.finMu.Lock()
+		defer w.finMu.Unlock()
+		if !w.finalized { // the module was not finalized since: old's handles are still its own
+			old.closeSessions()
+		}
+		w.log.Info("abandoned HSM calls returned")
+		w.abandoned--
+		w.hung.Done()
+	}()
+}
+
+// closeSessions closes an abandoned incarnation's sessions (and so its session-object key copies).
+func (inc *incarnation) closeSessions() {
+	for {
+		select {
+		case s := <-inc.idle:
+			inc.p.CloseSession(s)
+		default:
+			inc.p.CloseSession(inc.keySession)
+			return
+		}
+	}
+}
+
+// finalize calls C_Finalize unless calls of an abandoned incarnation may still be inside the module.
+func (w *Wrapper) finalize() {
+	w.finMu.Lock()
+	defer w.finMu.Unlock()
+	if w.abandoned == 0 && !w.finalized {
+		w.p.Finalize()
+	}
+}
+
+// openBounded is open for recovery: while an attempt is inside the module for longer than
+// CallTimeout, Reason says so and Live fails. It waits for the attempt (a second one beside a hung
+// call would only pile up) unless the wrapper is closed.
+func (w *Wrapper) openBounded() (*incarnation, error) {
+	type result struct {
+		inc *incarnation
+		err error
+	}
+	start := time.Now()
+	w.stuckSince.Store(start.UnixNano())
+	defer w.stuckSince.Store(0)
+	done := make(chan result, 1)
+	go func() {
+		inc, err := w.open()
+		done <- result{inc, err}
+	}()
+	timeout := time.After(w.cfg.CallTimeout.Duration)
+	for {
+		select {
+		case r := <-done:
+			return r.inc, r.err
+		case <-timeout: // Live and Reason say so from now on
+			w.log.Warn("HSM re-initialization hung", zap.Duration("call_timeout", w.cfg.CallTimeout.Duration))
+		case <-w.stop:
+			return nil, errors.New("closed")
+		}
+	}
+}
+
+// Live returns an error while recovery is stuck: a re-initialization of the module has been inside a
+// PKCS#11 call for longer than CallTimeout (kms.Liveness; keyward-kms's /livez reports it, so that
+// the kubelet restarts the process: only a new process gets past such a call).
+func (w *Wrapper) Live() error {
+	if t := w.stuckSince.Load(); t != 0 {
+		if d := time.Since(time.Unix(0, t)); d > w.cfg.CallTimeout.Duration {
+			return fmt.Errorf("HSM recovery stuck: a PKCS#11 call has not returned for %s", d.Round(time.Millisecond))
+		}
+	}
+	return nil
 }
 
 // Reason says why the HSM is unavailable ("" while it is available).
 func (w *Wrapper) Reason() string {
 	if w.cur.Load() != nil {
 		return ""
+	}
+	if err := w.Live(); err != nil {
+		return err.Error()
 	}
 	r, _ := w.reason.Load().(string)
 	return r
@@ -183,18 +309,31 @@ func (w *Wrapper) PoolStats() (inUse, idle int) {
 // Recoveries counts completed recoveries since start.
 func (w *Wrapper) Recoveries() uint64 { return w.recoveries.Load() }
 
-// Close stops the background work, waits for in-flight calls and finalizes the module.
+// Close stops the background work, waits (at most CallTimeout each) for in-flight calls and the
+// background work, and finalizes the module unless a call is still inside it.
 func (w *Wrapper) Close() error {
 	w.closeOnce.Do(func() {
 		close(w.stop)
 		if inc := w.cur.Swap(nil); inc != nil {
 			w.reason.Store("closed")
 			close(inc.closing)
-			inc.mu.Lock()
-			inc.closed = true
-			inc.mu.Unlock()
+			w.drain(inc)
 		}
-		w.wg.Wait()
+		done := make(chan struct{})
+		go func() { w.wg.Wait(); w.hung.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(w.cfg.CallTimeout.Duration):
+			w.log.Warn("closing with a PKCS#11 call still hung in the background; the module is left loaded")
+			return
+		}
+		w.finMu.Lock()
+		defer w.finMu.Unlock()
+		if w.abandoned > 0 {
+			w.log.Warn("closing with PKCS#11 calls still hung; the module is left loaded")
+			return
+		}
+		w.finalized = true
 		w.p.Finalize()
 		w.p.Destroy()
 	})

@@ -16,7 +16,11 @@ func (w *Wrapper) withIncarnation(op string, f func(*incarnation) error) error {
 	if inc == nil {
 		return fmt.Errorf("%s: HSM unavailable (%s): %w", op, w.Reason(), fault.ErrUnavailable)
 	}
-	inc.mu.RLock()
+	// TryRLock: while inc is being torn down (a writer waits for in-flight calls, possibly hung ones),
+	// a late caller fails fast instead of queueing behind the writer.
+	if !inc.mu.TryRLock() {
+		return fmt.Errorf("%s: HSM unavailable (recovering): %w", op, fault.ErrUnavailable)
+	}
 	defer inc.mu.RUnlock()
 	if inc.closed {
 		return fmt.Errorf("%s: HSM unavailable (recovering): %w", op, fault.ErrUnavailable)
