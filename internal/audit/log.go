@@ -142,8 +142,12 @@ type Log struct {
 	cpSeq  uint64
 	cpTime time.Time
 
+	kick          chan struct{} // asks the background loop to sync now (pend is large)
 	stop, stopped chan struct{}
 }
+
+// maxPend bounds the bytes kept for a retry between fsyncs: past it the background loop syncs at once.
+const maxPend = 1 << 20
 
 // appender is what records are written through: a segment file.
 type appender interface {
@@ -185,7 +189,7 @@ func Open(o Options) (*Log, error) {
 		return nil, err
 	}
 	l := &Log{o: o, key: key, keyID: KeyID(key), start: time.Now().UTC(), mac: hmac.New(sha256.New, key), lock: lock,
-		cur: &batch{}, stop: make(chan struct{}), stopped: make(chan struct{})}
+		cur: &batch{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), stopped: make(chan struct{})}
 	l.cond = sync.NewCond(&l.mu)
 	recovered, err := l.resume()
 	fresh := err == nil && l.out == nil
@@ -501,6 +505,12 @@ func (l *Log) flushLocked() {
 			l.durableSeq, l.durableMAC = bt.last, bt.lastMAC
 		} else {
 			l.pend = append(l.pend, bt.buf...)
+			if len(l.pend) > maxPend {
+				select {
+				case l.kick <- struct{}{}:
+				default:
+				}
+			}
 		}
 		if l.writeErr != nil {
 			l.writeErr = nil

@@ -33,6 +33,13 @@ func (l *Log) maintain() {
 		case <-l.stop:
 			return
 		case <-t.C:
+		case <-l.kick:
+			if !t.Stop() {
+				select {
+				case <-t.C:
+				default:
+				}
+			}
 		}
 		if err := l.syncPending(); err != nil {
 			backoff = min(max(2*backoff, minRetry), maxRetry)
