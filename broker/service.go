@@ -80,6 +80,11 @@ type Request struct {
 	// Published says the caller already delivered this pod's files (a republish): a refusal then
 	// decides whether they stay, so a rejected token is checked against the pod's existence.
 	Published bool
+	// Environment is, on a republish, the environment the delivered files were read from
+	// (Secret.Environment), if the caller knows it. If the pod's namespace is in another environment
+	// now (it was relabelled), the request is refused as a withdrawal: the files came from an
+	// environment the namespace has left.
+	Environment string
 }
 
 // DefaultMaxBytes bounds a request's values when the request does not say.
@@ -117,6 +122,9 @@ func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err
 	}
 	ev.Subject = subject(id)
 	resolved, err := s.authorize(ctx, id, req.Refs)
+	if err == nil {
+		err = moved(id, req, resolved)
+	}
 	if err != nil {
 		ev.Type = audit.EventAuthorize
 		return nil, err
@@ -170,6 +178,25 @@ func (s *Service) authorize(ctx context.Context, id Identity, refs []SecretRef) 
 	return resolved, nil
 }
 
+// moved refuses a republish whose files were read from another environment than the one the pod's
+// namespace is in now: the namespace was relabelled, and what it had under its old environment is
+// withdrawn for certain, whatever the new one would give (a grant still matches under the new
+// environment's prefix, but its Vault role may refuse the login or its secrets may be missing:
+// failures that would otherwise keep the old files). The next republish, with nothing delivered,
+// reads under the new environment.
+func moved(id Identity, req Request, resolved []Resolved) error {
+	if !req.Published || req.Environment == "" {
+		return nil
+	}
+	for _, r := range resolved {
+		if r.Environment != req.Environment {
+			return fault.Withdrawn(fmt.Errorf("namespace %q moved from environment %q to %q: the files read from %q are withdrawn: %w",
+				id.Namespace, req.Environment, r.Environment, req.Environment, fault.ErrDenied))
+		}
+	}
+	return nil
+}
+
 // fetch reads the resolved refs from the source, within the request's size bound.
 func (s *Service) fetch(ctx context.Context, id Identity, req Request, resolved []Resolved) ([]Secret, error) {
 	maxBytes := req.MaxBytes
@@ -185,8 +212,9 @@ func (s *Service) fetch(ctx context.Context, id Identity, req Request, resolved 
 		return nil, fmt.Errorf("source returned %d of %d secrets: %w", len(secrets), len(resolved), fault.ErrUnavailable)
 	}
 	var total int64
-	for _, sec := range secrets {
+	for i, sec := range secrets {
 		total += int64(len(sec.Value))
+		secrets[i].Environment = resolved[i].Environment
 	}
 	if total > maxBytes {
 		clearSecrets(secrets)

@@ -353,3 +353,45 @@ func TestRefusalReasonIsBounded(t *testing.T) {
 		t.Fatalf("reason of %d bytes", len(aud.evs[0].Reason))
 	}
 }
+
+// A republish whose files were read from another environment than the namespace's now (it was
+// relabelled) is refused as a certain withdrawal, before anything is read, and audited as a denial;
+// the secrets an allowed request returns say which environment they were read from.
+func TestRepublishAfterTheNamespaceMovedIsWithdrawn(t *testing.T) {
+	from := func(env string, published bool) broker.Request {
+		r := req("payments/db")
+		r.Environment, r.Published = env, published
+		return r
+	}
+	for _, tc := range []struct {
+		name  string
+		req   broker.Request
+		moved bool
+	}{
+		{"republish of files from another environment", from("dev", true), true},
+		{"republish of files from the same environment", from("prod", true), false},
+		{"republish, environment unknown (after a restart)", from("", true), false},
+		{"first publish", from("dev", false), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			src, aud := &fakeSource{}, &fakeAudit{}
+			secs, err := newSvc(t, fakeAuthn{id: pod}, fakeAuthz{}, src, aud).Fetch(context.Background(), tc.req)
+			if len(aud.evs) != 1 {
+				t.Fatalf("%d audit records", len(aud.evs))
+			}
+			ev := aud.evs[0]
+			if tc.moved {
+				if !errors.Is(err, fault.ErrWithdrawn) || !errors.Is(err, fault.ErrDenied) || secs != nil || src.calls != 0 {
+					t.Fatalf("err %v, %d secrets, %d source calls; want a withdrawal before any read", err, len(secs), src.calls)
+				}
+				if ev.Decision != audit.Denied || ev.Type != audit.EventAuthorize || !strings.Contains(ev.Reason, `moved from environment "dev" to "prod"`) {
+					t.Fatalf("audit record %+v", ev)
+				}
+				return
+			}
+			if err != nil || len(secs) != 1 || secs[0].Environment != "prod" {
+				t.Fatalf("err %v, secrets %v; want one, read from prod", err, secs)
+			}
+		})
+	}
+}

@@ -133,6 +133,9 @@ type Secret struct {
 	Ref     SecretRef
 	Version int
 	Value   []byte
+	// Environment is the environment the value was read from: the pod's namespace's when it was
+	// allowed (Resolved.Environment).
+	Environment string
 }
 
 func (s Secret) String() string {

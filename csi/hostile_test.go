@@ -38,6 +38,8 @@ type hostileBroker struct {
 	err      error
 	refused  []error
 	returned [][]byte // every value handed out, to check they were zeroed
+	env      string   // the environment the values are read from
+	envs     []string // each request's Environment (where the caller's files came from)
 	block    chan struct{}
 	inside   atomic.Int32
 	maxIn    atomic.Int32
@@ -53,7 +55,8 @@ func (b *hostileBroker) Fetch(ctx context.Context, req broker.Request) ([]broker
 		}
 	}
 	b.mu.Lock()
-	block, value, err := b.block, b.value, b.err
+	block, value, err, env := b.block, b.value, b.err, b.env
+	b.envs = append(b.envs, req.Environment)
 	b.mu.Unlock()
 	if block != nil {
 		select {
@@ -71,7 +74,7 @@ func (b *hostileBroker) Fetch(ctx context.Context, req broker.Request) ([]broker
 		b.mu.Lock()
 		b.returned = append(b.returned, v)
 		b.mu.Unlock()
-		out[i] = broker.Secret{Ref: r, Version: 1, Value: v}
+		out[i] = broker.Secret{Ref: r, Version: 1, Value: v, Environment: env}
 	}
 	return out, nil
 }

@@ -81,12 +81,20 @@ func (s *Server) digest(files []tmpfs.File, gid int) [32]byte {
 	return out
 }
 
-// swapped records what a volume delivers after a swap.
-func (s *Server) swapped(volumeID string, v Mounted, sum [32]byte) {
+// swapped records what a volume delivers after a swap, read from environment env.
+func (s *Server) swapped(volumeID string, v Mounted, sum [32]byte, env string) {
 	payload, _ := v.Current()
 	s.deliveredMu.Lock()
-	s.delivered[volumeID] = delivery{payload: payload, digest: sum}
+	s.delivered[volumeID] = delivery{payload: payload, digest: sum, environment: env}
 	s.deliveredMu.Unlock()
+}
+
+// deliveredEnvironment is the environment the volume's files were read from ("": unknown, as after
+// a restart).
+func (s *Server) deliveredEnvironment(volumeID string) string {
+	s.deliveredMu.Lock()
+	defer s.deliveredMu.Unlock()
+	return s.delivered[volumeID].environment
 }
 
 func (s *Server) forget(volumeID string) {
@@ -98,7 +106,7 @@ func (s *Server) forget(volumeID string) {
 // update swaps new files into a published volume, unless it already delivers exactly them: the
 // payload in force is the one this process swapped in, with the same digest, and its layout is
 // intact (metadata only: nothing in the volume is opened).
-func (s *Server) update(volumeID, target string, limit int64, files []tmpfs.File, gid int) error {
+func (s *Server) update(volumeID, target string, limit int64, files []tmpfs.File, gid int, env string) error {
 	v, err := s.o.Mounter.Open(target, limit)
 	if err != nil {
 		return err
@@ -108,7 +116,7 @@ func (s *Server) update(volumeID, target string, limit int64, files []tmpfs.File
 	s.deliveredMu.Lock()
 	d, known := s.delivered[volumeID]
 	s.deliveredMu.Unlock()
-	if cur, ok := v.Current(); known && ok && cur == d.payload && d.digest == sum && v.Intact(files, gid) {
+	if cur, ok := v.Current(); known && ok && cur == d.payload && d.digest == sum && d.environment == env && v.Intact(files, gid) {
 		return nil
 	}
 	if err := v.Swap(files, gid, dirMode(gid)); errors.Is(err, tmpfs.ErrScrub) {
@@ -117,7 +125,7 @@ func (s *Server) update(volumeID, target string, limit int64, files []tmpfs.File
 		s.forget(volumeID)
 		return err
 	}
-	s.swapped(volumeID, v, sum)
+	s.swapped(volumeID, v, sum, env)
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -203,6 +204,30 @@ func TestRepublishSwapsOnlyChangesAndClearsOnlyWithdrawals(t *testing.T) {
 	n.b.set("ROTATED", withdrawnErr())
 	if status.Code(n.publish(req)) != codes.PermissionDenied || n.m.clears != 1 {
 		t.Fatalf("a withdrawal did not clear the files (%d clears)", n.m.clears)
+	}
+}
+
+// Each republish tells the broker which environment the volume's files were read from, so a
+// namespace moved to another environment has them withdrawn (broker.Request.Environment); a first
+// publish and a republish after the files were cleared name none.
+func TestRepublishNamesTheEnvironmentOfTheFiles(t *testing.T) {
+	n := newSeamNode(t)
+	req := n.publishReq(podA, n.target(podA, "secrets"), twoSecrets)
+	n.b.env = "prod"
+	n.publish(req)                    // first publish
+	n.publish(req)                    // republish of prod's files
+	n.b.set("CANARY", withdrawnErr()) // withdrawn: cleared
+	n.publish(req)
+	n.b.set("CANARY", nil)
+	n.b.mu.Lock()
+	n.b.env = "dev"
+	n.b.mu.Unlock()
+	n.publish(req) // republish of an empty volume
+	n.publish(req) // republish of dev's files
+	n.b.mu.Lock()
+	defer n.b.mu.Unlock()
+	if got, want := strings.Join(n.b.envs, ","), ",prod,prod,,dev"; got != want || n.m.clears != 1 {
+		t.Fatalf("environments named by the republishes: %q, want %q (%d clears)", got, want, n.m.clears)
 	}
 }
 

@@ -41,6 +41,9 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 		return nil, s.refuse(ctx, breq, fmt.Errorf("inspecting the target: %v: %w", err, fault.ErrUnavailable))
 	}
 	breq.Published = published
+	if published {
+		breq.Environment = s.deliveredEnvironment(req.GetVolumeId())
+	}
 	podUID := vol.Claimed.PodUID
 	s.o.Credentials.begin(podUID)
 	holdsFiles := published // whether the volume holds the pod's files when this call ends
@@ -66,19 +69,19 @@ func (s *Server) serve(ctx context.Context, volumeID, target string, breq broker
 		}
 		return false, err
 	}
-	files := vol.files(secrets, gid)
+	files, env := vol.files(secrets, gid), environmentOf(secrets)
 	defer func() {
 		for _, f := range files {
 			clear(f.Data) // the bytes, not just the slices: nothing of the values is left for the GC
 		}
 	}()
 	if breq.Published {
-		if err := s.update(volumeID, target, vol.SizeLimit, files, gid); err != nil {
+		if err := s.update(volumeID, target, vol.SizeLimit, files, gid, env); err != nil {
 			return true, fmt.Errorf("updating the files: %w", err)
 		}
 		return true, nil
 	}
-	if err := s.publish(volumeID, target, vol.SizeLimit, files, gid); err != nil {
+	if err := s.publish(volumeID, target, vol.SizeLimit, files, gid, env); err != nil {
 		return false, fmt.Errorf("publishing: %w", err)
 	}
 	return true, nil
@@ -116,6 +119,19 @@ func (s *Server) checkPublish(req *csipb.NodePublishVolumeRequest) (Volume, int,
 	return vol, gid, nil
 }
 
+// environmentOf is the environment secrets were read from: one, the pod's namespace's ("" if they
+// disagree, which the broker never returns).
+func environmentOf(secrets []broker.Secret) string {
+	env := ""
+	for i, sec := range secrets {
+		if i > 0 && sec.Environment != env {
+			return ""
+		}
+		env = sec.Environment
+	}
+	return env
+}
+
 func dirMode(gid int) os.FileMode {
 	if gid >= 0 {
 		return 0o750
@@ -124,7 +140,7 @@ func dirMode(gid int) os.FileMode {
 }
 
 // publish mounts and writes; on any failure it leaves no mount and no file behind.
-func (s *Server) publish(volumeID, target string, size int64, files []tmpfs.File, gid int) (err error) {
+func (s *Server) publish(volumeID, target string, size int64, files []tmpfs.File, gid int, env string) (err error) {
 	created := false
 	if err := os.Mkdir(target, 0o750); err == nil {
 		created = true
@@ -157,6 +173,6 @@ func (s *Server) publish(volumeID, target string, size int64, files []tmpfs.File
 	if err := v.Swap(files, gid, dirMode(gid)); err != nil {
 		return err
 	}
-	s.swapped(volumeID, v, s.digest(files, gid))
+	s.swapped(volumeID, v, s.digest(files, gid), env)
 	return nil
 }

@@ -87,6 +87,9 @@ type Server struct {
 type delivery struct {
 	payload string
 	digest  [32]byte
+	// environment the files were read from (broker.Secret.Environment): a republish after the pod's
+	// namespace moved to another environment withdraws them (broker.Request.Environment).
+	environment string
 }
 
 type volumeLock struct {

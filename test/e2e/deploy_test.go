@@ -78,7 +78,8 @@ func TestDeployManifestsServerSideDryRun(t *testing.T) {
 		"control-plane": {readObject(t, "../../deploy/control-plane/keyward-kms.yaml")},
 	}
 	kinds := dryRun(t, kube, objects)
-	for _, k := range []string{"Namespace", "CSIDriver", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "NetworkPolicy", "Pod"} {
+	for _, k := range []string{"Namespace", "CSIDriver", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "NetworkPolicy", "Pod",
+		"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} {
 		if !kinds[k] {
 			t.Errorf("no %s among the manifests", k)
 		}

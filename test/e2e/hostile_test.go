@@ -96,7 +96,7 @@ func (a *ambiguity) vaultPolicyRefuses(t *testing.T) {
 	}
 	a.refused(t, codes.PermissionDenied)
 	wantPodTokens(t, a.e.vault, 1, "one live pod token after a refused read and a fresh login")
-	if err := a.e.vault.Client.Sys().PutPolicyWithContext(ctx, "prod-read", `path "kv/data/prod/*" { capabilities = ["read"] }`); err != nil {
+	if err := a.e.vault.PutEnvironmentPolicy(ctx, "kubernetes", "kv", "prod"); err != nil {
 		t.Fatal(err)
 	}
 	a.mended(t)

@@ -125,6 +125,9 @@ func StartKubeAPIServer(ctx context.Context, dir string, opts KubeOptions) (*Kub
 		"--token-auth-file=" + tokenFile,
 		"--service-cluster-ip-range=10.96.0.0/24",
 		"--allow-privileged=true",
+		// On by default since 1.30; named because deploy/base's ValidatingAdmissionPolicy (who may set
+		// a namespace's environment label) depends on it.
+		"--enable-admission-plugins=ValidatingAdmissionPolicy",
 	}
 	if opts.EncryptionConfig != "" {
 		args = append(args, "--encryption-provider-config="+opts.EncryptionConfig)

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	vaultapi "github.com/hashicorp/vault/api"
@@ -154,15 +155,73 @@ func (v *Vault) KubernetesAuthReviewer(ctx context.Context, mount string, kube *
 	return err
 }
 
-// GrantEnvironment lets the kubernetes-auth role env (at authMount) read the KV v2 secrets under
-// kvMount/<env>/, for pods of namespaces running as serviceAccounts with tokens for audience: the
-// layout Keyward's policy expects, one policy and one role per environment.
+// GrantEnvironment lets the kubernetes-auth role env (at authMount) read the KV v2 secrets of the
+// environment under kvMount/<env>/, for pods of namespaces running as serviceAccounts with tokens for
+// audience: the layout Keyward's policy expects and deploy/vault/setup.sh ships, one policy (named
+// <env>-read, see EnvironmentPolicy) and one role per environment. A token from a login reads only
+// its own namespace's subtree and the environment's shared/ subtree. The kubernetes auth method must
+// be enabled at authMount first (the policy names it by its accessor).
 func (v *Vault) GrantEnvironment(ctx context.Context, authMount, kvMount, env string, namespaces, serviceAccounts []string, audience string) error {
-	policy := env + "-read"
-	if err := v.Client.Sys().PutPolicyWithContext(ctx, policy, fmt.Sprintf(`path "%s/data/%s/*" { capabilities = ["read"] }`, kvMount, env)); err != nil {
+	if err := v.PutEnvironmentPolicy(ctx, authMount, kvMount, env); err != nil {
 		return err
 	}
-	return v.KubernetesRole(ctx, authMount, env, namespaces, serviceAccounts, []string{policy}, audience)
+	return v.KubernetesRole(ctx, authMount, env, namespaces, serviceAccounts, []string{env + "-read"}, audience)
+}
+
+// PutEnvironmentPolicy writes the policy <env>-read: EnvironmentPolicy for the environment whose
+// secrets live under kvMount/<env>/.
+func (v *Vault) PutEnvironmentPolicy(ctx context.Context, authMount, kvMount, env string) error {
+	text, err := v.EnvironmentPolicy(ctx, authMount, kvMount, env)
+	if err != nil {
+		return err
+	}
+	return v.Client.Sys().PutPolicyWithContext(ctx, env+"-read", text)
+}
+
+// EnvironmentPolicyTemplate is deploy/vault/namespace-read.hcl, the one source of the policy text:
+// deploy/vault/setup.sh and the tests fill in the same file.
+const EnvironmentPolicyTemplate = "deploy/vault/namespace-read.hcl"
+
+// EnvironmentPolicy is deploy/vault/namespace-read.hcl for the environment whose secrets live under
+// kvMount/prefix/, with the accessor of the kubernetes auth method at authMount filled in, as
+// deploy/vault/setup.sh writes it.
+func (v *Vault) EnvironmentPolicy(ctx context.Context, authMount, kvMount, prefix string) (string, error) {
+	path, err := RepoFile(EnvironmentPolicyTemplate)
+	if err != nil {
+		return "", err
+	}
+	tmpl, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	auths, err := v.Client.Sys().ListAuthWithContext(ctx)
+	if err != nil {
+		return "", err
+	}
+	auth, ok := auths[strings.Trim(authMount, "/")+"/"]
+	if !ok || auth.Accessor == "" {
+		return "", fmt.Errorf("no auth method enabled at %s: enable it before writing a policy that names it", authMount)
+	}
+	return strings.NewReplacer("@KV_MOUNT@", kvMount, "@ENV_PREFIX@", prefix, "@AUTH_ACCESSOR@", auth.Accessor).Replace(string(tmpl)), nil
+}
+
+// RepoFile is the absolute path of rel, a path inside this repository (deploy/..., found from the
+// working directory up: tests run in their package's directory, go run in the repository's).
+func RepoFile(rel string) (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if mod, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil && strings.HasPrefix(string(mod), "module github.com/keyward/keyward\n") {
+			return filepath.Join(dir, rel), nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("%s: not inside the keyward repository (no go.mod of github.com/keyward/keyward above the working directory)", rel)
+		}
+		dir = parent
+	}
 }
 
 // KubernetesRole creates a role in the kubernetes auth method at mount.
