@@ -54,10 +54,3 @@ func genesisMAC(key []byte, node, stream string) []byte {
 	m.Write([]byte(stream))
 	return m.Sum(nil)
 }
-
-func chainMAC(key, prev, body []byte) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write(prev)
-	m.Write(body)
-	return m.Sum(nil)
-}
