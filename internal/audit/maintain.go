@@ -62,7 +62,7 @@ func (l *Log) syncPending() error {
 		l.mu.Unlock()
 		return nil
 	}
-	for l.writing || l.syncing {
+	for l.syncing { // rotation syncs too; writes may go on meanwhile
 		l.cond.Wait()
 	}
 	out, n, off, retry := l.out, len(l.pend), l.pendOff, l.syncErr != nil

@@ -50,8 +50,8 @@ func TestTornTailIsCutBackAndRecorded(t *testing.T) {
 			f, _ := os.OpenFile(seg, os.O_WRONLY|os.O_APPEND, 0)
 			f.WriteString(tail)
 			f.Close()
-			if _, err := VerifyDir(opts.Dir, verifyOpts(t, opts)); !errors.Is(err, ErrTampered) && name == "partial record" {
-				t.Fatalf("verify before restart: %v, want the partial record reported", err)
+			if rep, err := VerifyDir(opts.Dir, verifyOpts(t, opts)); name == "partial record" && (err != nil || rep.Partial != len(tail) || rep.Records != 6) {
+				t.Fatalf("verify before restart: %+v, %v; want 6 records and the partial one reported", rep, err)
 			}
 			writeN(t, opts, 2)
 			rep, err := VerifyDir(opts.Dir, verifyOpts(t, opts))
@@ -195,6 +195,13 @@ func TestSegmentsChainRotateAndPrune(t *testing.T) {
 		t.Fatalf("middle segment missing: %+v, %v", rep, err)
 	}
 	os.Rename(hidden, paths[1])
+	// A partial record is a crash's mark only at the very end.
+	mid := readFile(t, paths[1])
+	os.WriteFile(paths[1], []byte(mid+`{"time":"2026`), 0o600)
+	if rep, err := VerifyDir(opts.Dir, vo); err == nil || !strings.Contains(rep.Problem, "not the newest") {
+		t.Fatalf("partial record inside the stream: %+v, %v", rep, err)
+	}
+	os.WriteFile(paths[1], []byte(mid), 0o600)
 	// Deleting the oldest without an audit_pruned record is detected.
 	os.Remove(paths[0])
 	if rep, err := VerifyDir(opts.Dir, vo); err == nil || !strings.Contains(rep.Problem, "no audit_pruned record") {
