@@ -103,7 +103,13 @@ func run(o Options, log *zap.Logger) error {
 		return err
 	}
 	defer wrapper.Close()
-	auditLog, err := audit.Open(o.Audit.Options(o.NodeName, "kms"))
+	auditOpts := o.Audit.Options(o.NodeName, "kms")
+	if cfg.PKCS11.AuditCheckpointKeyLabel != "" {
+		// Checkpoints signed inside the HSM; the wrapper logs whether the key is usable (if not, they
+		// go out unsigned, saying why, and keyward_audit_checkpoint_sign_failures_total counts them).
+		auditOpts.SignCheckpoint = wrapper.SignCheckpoint
+	}
+	auditLog, err := audit.Open(auditOpts)
 	if err != nil {
 		return err
 	}
@@ -122,6 +128,9 @@ func run(o Options, log *zap.Logger) error {
 			}
 			return 1
 		}))
+	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "keyward", Subsystem: "audit", Name: "checkpoint_sign_failures_total",
+		Help: "Audit checkpoints written unsigned although pkcs11.auditCheckpointKeyLabel is set (the HSM could not sign in time; the line says why)."},
+		func() float64 { return float64(auditLog.CheckpointSignFailures()) }))
 	svc, err := plugin.NewService(plugin.ServiceOptions{Wrapper: wrapper, Auditor: auditLog, AuditHealth: auditLog.Health, Logger: log.Named("kms"),
 		HealthInterval: cfg.HealthInterval.Duration, Metrics: metrics})
 	if err != nil {

@@ -34,6 +34,7 @@ func auditVerify(e streams, args []string) error {
 	fs.StringVar(&o.Node, "node", "", "the node the stream must be from")
 	fs.StringVar(&o.Stream, "stream", "", "the stream it must be: kms or broker")
 	cpFile := fs.String("checkpoint", "", "file with the stream's checkpoints (the log shipper's copy of stdout): the newest of this node's and stream's must be in the chain")
+	cpKey := fs.String("checkpoint-pubkey", "", "PEM public key of keyward-kms's HSM checkpoint key (keywardctl kms checkpoint-key export): the checkpoint must carry a valid signature under it")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -43,6 +44,14 @@ func auditVerify(e streams, args []string) error {
 	}
 	if o.Key, err = verifyKey(*keyFile, *masterFile, o.Node); err != nil {
 		return err
+	}
+	if *cpKey != "" {
+		if *cpFile == "" {
+			return fmt.Errorf("--checkpoint-pubkey needs --checkpoint: %w", errUsage)
+		}
+		if o.CheckpointKey, err = audit.ReadCheckpointKey(*cpKey); err != nil {
+			return err
+		}
 	}
 	if *cpFile != "" {
 		if o.Node == "" || o.Stream == "" {
@@ -69,6 +78,9 @@ func auditVerify(e streams, args []string) error {
 	}
 	if o.Checkpoint != nil {
 		fmt.Fprintf(e.stdout, "; checkpoint of record %d matches", o.Checkpoint.Seq)
+		if o.CheckpointKey != nil {
+			fmt.Fprint(e.stdout, " and its signature verifies")
+		}
 	}
 	if rep.Partial > 0 {
 		fmt.Fprintf(e.stdout, "; a partial record (%d bytes: a crash or a write in progress) at the end was not checked", rep.Partial)

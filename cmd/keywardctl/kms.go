@@ -20,11 +20,13 @@ import (
 
 func kmsCommand(e streams, args []string) error {
 	if len(args) == 0 {
-		return fmt.Errorf("kms: want keys or coverage: %w", errUsage)
+		return fmt.Errorf("kms: want keys, checkpoint-key, coverage or migrate: %w", errUsage)
 	}
 	switch args[0] {
 	case "keys":
 		return keysCommand(e, args[1:])
+	case "checkpoint-key":
+		return checkpointKeyCommand(e, args[1:])
 	case "coverage":
 		return coverageCommand(e, args[1:])
 	case "migrate":
@@ -96,6 +98,68 @@ func keysCommand(e streams, args []string) error {
 	default:
 		return fmt.Errorf("kms keys: unknown command %q: %w", verb, errUsage)
 	}
+}
+
+// checkpointKeyCommand creates the audit checkpoint signing key in the HSM, or exports its public key
+// (PEM) for audit verify --checkpoint-pubkey.
+func checkpointKeyCommand(e streams, args []string) error {
+	if len(args) == 0 {
+		return fmt.Errorf("kms checkpoint-key: want create or export: %w", errUsage)
+	}
+	verb := args[0]
+	fs := newFlags("kms checkpoint-key "+verb, e)
+	configFile := fs.String("config", "/etc/keyward/kms.yaml", "keyward-kms config file (PKCS#11 module, token, pkcs11.auditCheckpointKeyLabel, PIN file)")
+	out := fs.String("out", "", "export: file to create with the public key (PEM)")
+	if _, err := parse(fs, args[1:]); err != nil {
+		return err
+	}
+	if verb != "create" && verb != "export" {
+		return fmt.Errorf("kms checkpoint-key: unknown command %q: %w", verb, errUsage)
+	}
+	if verb == "export" && *out == "" {
+		return fmt.Errorf("kms checkpoint-key export needs --out: %w", errUsage)
+	}
+	a, err := openAdmin(*configFile)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	if verb == "create" {
+		pub, err := a.CreateCheckpointKey()
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "created the audit checkpoint key in the HSM (ECDSA P-256, fingerprint %s); export its public key with keywardctl kms checkpoint-key export\n",
+			pkcs11.CheckpointKeyFingerprint(pub))
+		return nil
+	}
+	pub, err := a.CheckpointPublicKey()
+	if err != nil {
+		return err
+	}
+	pemBytes, err := pkcs11.PublicKeyPEM(pub)
+	if err != nil {
+		return err
+	}
+	if err := createFile(*out, pemBytes, 0o644); err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "wrote the audit checkpoint public key (fingerprint %s) to %s\n", pkcs11.CheckpointKeyFingerprint(pub), *out)
+	return nil
+}
+
+// createFile writes a new file (never over an existing one).
+func createFile(path string, b []byte, mode os.FileMode) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, mode)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		os.Remove(path)
+		return err
+	}
+	return f.Close()
 }
 
 // openAdmin reads the pkcs11 section of keyward-kms's config file and the PIN file it names, and

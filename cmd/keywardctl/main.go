@@ -20,6 +20,11 @@ Usage:
   keywardctl kms keys retire  --config kms.yaml --key-id ID (--etcd-* flags | --force)
                                                           destroy an old generation; refused while etcd
                                                           still holds data under it
+  keywardctl kms checkpoint-key create --config kms.yaml
+                                                          generate the audit checkpoint signing key
+                                                          (ECDSA P-256, pkcs11.auditCheckpointKeyLabel) in the HSM
+  keywardctl kms checkpoint-key export --config kms.yaml --out pub.pem
+                                                          write its public key (PEM) for audit verify
   keywardctl kms coverage     --etcd-endpoint URL --etcd-ca F --etcd-cert F --etcd-key F [-o json]
                                                           count etcd Secrets per key ID, list unencrypted
   keywardctl policy lint      FILE                         validate a policy file (the broker's own checks)
@@ -29,6 +34,9 @@ Usage:
   keywardctl kms migrate      --kubeconfig K [--state F]   rewrite every Secret so it is re-encrypted under the
                                                           current key; resumable (progress in the state file)
   keywardctl audit verify     FILE --key-file F            check an audit log's hash chain
+                              [--node N --stream S --checkpoint SHIPPED.log [--checkpoint-pubkey pub.pem]]
+                                                          ... against the newest shipped checkpoint, and
+                                                          its HSM signature
   keywardctl audit query      FILE [--decision D] [--namespace N] [--event E] [--since 1h] [-o json]
   keywardctl version | help
 

@@ -2,8 +2,9 @@
 // struct; its JSON tags are the file schema), the Auditor interface every component records through,
 // and Log, the writer of a stream — a directory of segments of JSON lines, each record chained to the
 // previous one by an HMAC under the node's key, from a genesis bound to node and stream, with
-// checkpoints of the chain head for a second sink — with VerifyDir, Query and the checkpoint reader
-// to check and read it back, and the daemons' audit flags.
+// checkpoints of the chain head for a second sink, optionally signed by a signer the daemon passes in
+// (keyward-kms: a key in its HSM) without ever waiting on it (checkpoint.go) — with VerifyDir, Query,
+// the checkpoint reader and signature check to check and read it back, and the daemons' audit flags.
 //
 // It may import the standard library and internal/fault.
 package audit

@@ -27,6 +27,8 @@ const (
 	DefaultMaxSegments        = 16
 	DefaultCheckpointEvery    = 1000
 	DefaultCheckpointInterval = time.Minute
+	// DefaultCheckpointSignTimeout bounds the wait for a checkpoint's signature.
+	DefaultCheckpointSignTimeout = 5 * time.Second
 )
 
 // Options configure a Log.
@@ -46,6 +48,12 @@ type Options struct {
 	Checkpoints        io.Writer
 	CheckpointEvery    uint64
 	CheckpointInterval time.Duration
+	// SignCheckpoint, when set, signs each checkpoint: it returns an ASN.1 DER ECDSA signature over
+	// SHA-256 of msg (Checkpoint.SignedMessage), within ctx's deadline (CheckpointSignTimeout). It
+	// never holds up records: a checkpoint it fails to sign in time is written unsigned, saying why,
+	// and counted (Log.CheckpointSignFailures). nil: checkpoints are unsigned.
+	SignCheckpoint        func(ctx context.Context, msg []byte) (sig []byte, err error)
+	CheckpointSignTimeout time.Duration
 	// SyncInterval is how often written records are fsynced (0: after every write, before callers
 	// return).
 	SyncInterval time.Duration
@@ -77,6 +85,9 @@ func (o *Options) defaults() error {
 	}
 	if o.CheckpointInterval <= 0 {
 		o.CheckpointInterval = DefaultCheckpointInterval
+	}
+	if o.CheckpointSignTimeout <= 0 {
+		o.CheckpointSignTimeout = DefaultCheckpointSignTimeout
 	}
 	if o.wrap == nil {
 		o.wrap = func(a appender) appender { return a }
@@ -141,6 +152,7 @@ type Log struct {
 
 	cpSeq  uint64
 	cpTime time.Time
+	cps    checkpointSigner
 
 	kick          chan struct{} // asks the background loop to sync now (pend is large)
 	stop, stopped chan struct{}
@@ -576,6 +588,7 @@ func (l *Log) Close() error {
 		close(l.stop)
 	}
 	<-l.stopped
+	l.cps.pending.Wait() // a checkpoint being signed is written within CheckpointSignTimeout
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for l.writing || l.syncing {

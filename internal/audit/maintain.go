@@ -3,7 +3,6 @@ package audit
 import (
 	"context"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -120,7 +119,8 @@ func (l *Log) noteRecovery() {
 	l.mu.Unlock()
 }
 
-// checkpoint writes the durable chain head to the checkpoint sink when due.
+// checkpoint writes the durable chain head to the checkpoint sink when due (signed, if a signer is
+// set, without waiting for the signature: see writeCheckpoint).
 func (l *Log) checkpoint(now time.Time) {
 	if l.o.Checkpoints == nil {
 		return
@@ -135,11 +135,8 @@ func (l *Log) checkpoint(now time.Time) {
 	if !due {
 		return
 	}
-	line, err := json.Marshal(checkpointLine{&Checkpoint{Node: l.o.Node, Stream: l.o.Stream, KeyID: l.keyID, Seq: seq,
-		MAC: hex.EncodeToString(mac), Time: now.UTC()}})
-	if err == nil {
-		l.o.Checkpoints.Write(append(line, '\n'))
-	}
+	l.writeCheckpoint(Checkpoint{Node: l.o.Node, Stream: l.o.Stream, KeyID: l.keyID, Seq: seq,
+		MAC: hex.EncodeToString(mac), Time: now.UTC()})
 }
 
 // prune deletes the oldest segment while there are more than MaxSegments, after a durable

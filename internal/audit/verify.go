@@ -3,6 +3,7 @@ package audit
 import (
 	"bufio"
 	"bytes"
+	"crypto/ecdsa"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
@@ -32,6 +33,9 @@ type VerifyOptions struct {
 	// Checkpoint, when set, must be in the chain: a log ending before it was truncated, and one
 	// whose record at its seq has another MAC was rewritten.
 	Checkpoint *Checkpoint
+	// CheckpointKey, when set, is the key checkpoints are signed with (keyward-kms's HSM key): the
+	// Checkpoint must then carry a valid signature under it, or the stream does not verify.
+	CheckpointKey *ecdsa.PublicKey
 }
 
 // Report is the result of a verification.
@@ -99,6 +103,12 @@ func VerifyPath(path string, o VerifyOptions) (Report, error) {
 
 func verifyPaths(paths []string, o VerifyOptions) (Report, error) {
 	w := newWalker(o, false)
+	if problem, err := checkCheckpoint(o); err != nil {
+		return w.rep, err
+	} else if problem != "" {
+		w.fail("%s", problem)
+		return w.rep, fmt.Errorf("%w: %s", ErrTampered, problem)
+	}
 	for i, p := range paths {
 		f, err := os.Open(p)
 		if err != nil {
@@ -392,49 +402,6 @@ func (w *walker) finish() {
 			w.fail("the checkpoint (record %d) predates the oldest record kept (%d)", cp.Seq, w.rep.FirstSeq)
 		}
 	}
-}
-
-// Checkpoint is a stream's chain head at one moment, written to a second sink (a log shipper,
-// another machine) so that a truncated or replaced log is detected against it.
-type Checkpoint struct {
-	Node   string    `json:"node"`
-	Stream string    `json:"stream"`
-	KeyID  string    `json:"key_id"`
-	Seq    uint64    `json:"seq"`
-	MAC    string    `json:"mac"`
-	Time   time.Time `json:"time"`
-}
-
-// checkpointLine is how a checkpoint is written: one JSON line with a key no record has.
-type checkpointLine struct {
-	Checkpoint *Checkpoint `json:"keyward_audit_checkpoint"`
-}
-
-// ReadCheckpoint reads the newest checkpoint of node's stream from r: a sink's output, where
-// checkpoint lines may be mixed with other lines (records, logs), which are skipped.
-func ReadCheckpoint(r io.Reader, node, stream string) (*Checkpoint, error) {
-	var best *Checkpoint
-	br := bufio.NewReaderSize(r, 64*1024)
-	for {
-		raw, err := readLine(br)
-		if bytes.Contains(raw, []byte(`"keyward_audit_checkpoint"`)) {
-			var cl checkpointLine
-			if json.Unmarshal(raw, &cl) == nil && cl.Checkpoint != nil && cl.Checkpoint.Node == node && cl.Checkpoint.Stream == stream &&
-				(best == nil || cl.Checkpoint.Seq > best.Seq) {
-				best = cl.Checkpoint
-			}
-		}
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return nil, err
-		}
-	}
-	if best == nil {
-		return nil, fmt.Errorf("no checkpoint of node %q's %q stream found", node, stream)
-	}
-	return best, nil
 }
 
 // Filter selects records; zero fields match everything.

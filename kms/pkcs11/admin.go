@@ -6,12 +6,13 @@ import (
 	p11 "github.com/miekg/pkcs11"
 )
 
-// Admin manages key generations for keywardctl: it talks PKCS#11 directly, without the plugin.
+// Admin manages key generations and the audit checkpoint key for keywardctl: it talks PKCS#11 directly, without the plugin.
 type Admin struct {
-	p     *p11.Ctx
-	s     p11.SessionHandle
-	base  string
-	owner bool // this Admin initialized the module and finalizes it on Close
+	p       *p11.Ctx
+	s       p11.SessionHandle
+	base    string
+	cpLabel string // the audit checkpoint key's label ("" if none is configured)
+	owner   bool   // this Admin initialized the module and finalizes it on Close
 }
 
 // OpenAdmin loads the module, opens a session on the configured token and logs in.
@@ -28,7 +29,7 @@ func OpenAdmin(cfg Config, pin string) (*Admin, error) {
 		}
 		owner = false
 	}
-	a := &Admin{p: p, base: cfg.KeyLabel, owner: owner}
+	a := &Admin{p: p, base: cfg.KeyLabel, cpLabel: cfg.AuditCheckpointKeyLabel, owner: owner}
 	slot, err := findSlot(p, cfg)
 	if err == nil {
 		a.s, err = p.OpenSession(slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)

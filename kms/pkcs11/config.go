@@ -31,6 +31,10 @@ type Config struct {
 	// in-flight calls to drain, and a re-initialization stuck longer makes Live fail. A PKCS#11 call
 	// cannot be cancelled; these bounds only keep a hung one from blocking the rest.
 	CallTimeout config.Duration `json:"callTimeout,omitempty"`
+	// AuditCheckpointKeyLabel, when set, labels the ECDSA P-256 key pair (generated inside the HSM by
+	// keywardctl kms checkpoint-key create) that signs the audit stream's checkpoints. Empty:
+	// checkpoints are unsigned.
+	AuditCheckpointKeyLabel string `json:"auditCheckpointKeyLabel,omitempty"`
 }
 
 // Default fills in defaults.
@@ -65,6 +69,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("pkcs11.keyLabel is required")
 	case len(c.KeyLabel) > 200:
 		return fmt.Errorf("pkcs11.keyLabel is longer than 200 bytes")
+	case len(c.AuditCheckpointKeyLabel) > 200:
+		return fmt.Errorf("pkcs11.auditCheckpointKeyLabel is longer than 200 bytes")
 	case c.MaxSessions < 1 || c.MaxSessions > 1024:
 		return fmt.Errorf("pkcs11.maxSessions %d is outside 1..1024", c.MaxSessions)
 	case c.KeyRefreshInterval.Duration < 100*time.Millisecond:

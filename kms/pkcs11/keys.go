@@ -109,6 +109,16 @@ func listGenerations(p *p11.Ctx, s p11.SessionHandle, base string) ([]Generation
 // non-extractable, and every DEK seed wrapped under it would then be decryptable offline from etcd
 // or its backups.
 func vet(valueLen uint64, sensitive, extractable, local, alwaysSensitive, neverExtractable bool) string {
+	why := exposure(sensitive, extractable, local, alwaysSensitive, neverExtractable)
+	if valueLen != 32 {
+		why = append(why, fmt.Sprintf("not AES-256 (a %d-byte key)", valueLen))
+	}
+	return strings.Join(why, "; ")
+}
+
+// exposure lists why a key's value may have existed outside the HSM, or may still leave it: not
+// generated inside it, once readable or extractable, or so now. Empty for a key of proven origin.
+func exposure(sensitive, extractable, local, alwaysSensitive, neverExtractable bool) []string {
 	var why []string
 	if !local {
 		why = append(why, "not generated inside the HSM (CKA_LOCAL=false: imported, so its value existed outside the HSM)")
@@ -125,10 +135,7 @@ func vet(valueLen uint64, sensitive, extractable, local, alwaysSensitive, neverE
 	if extractable {
 		why = append(why, "CKA_EXTRACTABLE=true")
 	}
-	if valueLen != 32 {
-		why = append(why, fmt.Sprintf("not AES-256 (a %d-byte key)", valueLen))
-	}
-	return strings.Join(why, "; ")
+	return why
 }
 
 // current is the newest acceptable generation (the one that encrypts), or nil.
@@ -242,6 +249,9 @@ func (w *Wrapper) reloadKeys(inc *incarnation) error {
 		}
 	}
 	next.refused = refusals
+	if err := w.loadCheckpointKey(p, s, old, next); err != nil {
+		return err
+	}
 	inc.keys.Store(next)
 	w.refusals.Store(&refusals)
 	return nil
@@ -249,18 +259,24 @@ func (w *Wrapper) reloadKeys(inc *incarnation) error {
 
 // warnRefused logs a refused key object, once per object and reason in the process's life.
 func (w *Wrapper) warnRefused(g Generation) {
+	w.warnOnce(g.KeyID+"\x00"+g.Refusal, func() {
+		w.log.Warn("key object refused: never used to wrap or unwrap", zap.String("label", g.Label),
+			zap.String("key_id", g.KeyID), zap.String("reason", g.Refusal))
+	})
+}
+
+// warnOnce runs warn the first time key is seen in the process's life.
+func (w *Wrapper) warnOnce(key string, warn func()) {
 	w.warnedMu.Lock()
 	defer w.warnedMu.Unlock()
-	k := g.KeyID + "\x00" + g.Refusal
-	if w.warned[k] {
+	if w.warned[key] {
 		return
 	}
 	if w.warned == nil {
 		w.warned = map[string]bool{}
 	}
-	w.warned[k] = true
-	w.log.Warn("key object refused: never used to wrap or unwrap", zap.String("label", g.Label),
-		zap.String("key_id", g.KeyID), zap.String("reason", g.Refusal))
+	w.warned[key] = true
+	warn()
 }
 
 // Refusals lists the key objects labelled as generations that the last key refresh refused, and why

@@ -90,6 +90,8 @@ type keySet struct {
 	current *key
 	byID    map[string]*key
 	refused []kms.KeyRefusal
+	// checkpoint is the audit checkpoint key (nil when none is configured; see checkpoint.go).
+	checkpoint *checkpointKey
 }
 
 // New loads the module, logs in and loads the key generations labelled cfg.KeyLabel.N. pin is the

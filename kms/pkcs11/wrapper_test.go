@@ -46,7 +46,7 @@ func newToken(t *testing.T, mutate ...func(*Config)) *token {
 }
 
 // newTokenB is newToken for benchmarks.
-func newTokenB(b *testing.B, copies bool) *Wrapper {
+func newTokenB(b *testing.B, copies bool, setup ...func(*Config, *Admin)) *Wrapper {
 	b.Helper()
 	dir := harness.Dir(b)
 	h, err := harness.NewSoftHSM(dir, "keyward")
@@ -59,6 +59,9 @@ func newTokenB(b *testing.B, copies bool) *Wrapper {
 	}
 	if _, err := a.Create(); err != nil {
 		b.Fatal(err)
+	}
+	for _, f := range setup {
+		f(&cfg, a)
 	}
 	a.Close()
 	w, err := New(cfg, h.UserPIN, zap.NewNop())
