@@ -7,5 +7,8 @@ start=$SECONDS
 "$here/install-debs.sh"
 "$here/build-etcd.sh"
 "$here/build-kube-apiserver.sh"
+"$here/build-kubelet.sh"
+"$here/build-kube-controller-manager.sh"
+"$here/build-kube-scheduler.sh"
 "$here/build-vault.sh"
 echo "deps: ready in $((SECONDS - start)) s (cache: ${KEYWARD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/keyward})" >&2

@@ -40,3 +40,42 @@ progress() {
   done
   wait "$pid"
 }
+
+# Staging modules of k8s.io/kubernetes: its go.mod points each at ./staging via a replace directive, which
+# a dependent module ignores, so kube_build's wrapper module pins each to the matching published v0.X.Y.
+KUBE_STAGING="api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider
+cluster-bootstrap code-generator component-base component-helpers controller-manager cri-api cri-client
+cri-streaming csi-translation-lib dynamic-resource-allocation endpointslice externaljwt kms kube-aggregator
+kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics mount-utils
+pod-security-admission sample-apiserver streaming"
+
+# kube_build NAME HINT: builds k8s.io/kubernetes/cmd/NAME at $KUBE_VERSION from a nested wrapper module
+# (k8s.io/kubernetes is not meant to be consumed as a module; see KUBE_STAGING) and caches it as
+# NAME-$KUBE_VERSION. HINT says how long it takes cold. Every Kubernetes binary is built with the same
+# flags, so the later ones reuse the Go build cache of the earlier ones (the shared packages).
+kube_build() {
+  local name=$1 hint=$2
+  cached "$name-$KUBE_VERSION" && return 0
+  local dir="$KEYWARD_BUILD/$name-$KUBE_VERSION" minor staging_version m
+  minor=$(echo "$KUBE_VERSION" | cut -d. -f2)
+  staging_version="v0.${KUBE_VERSION#v1.}"
+  rm -rf "$dir"; mkdir -p "$dir"; cd "$dir"
+  {
+    printf 'module keyward.local/kubebuild\n\ngo 1.26\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$KUBE_VERSION"
+    for m in $KUBE_STAGING; do printf '\tk8s.io/%s => k8s.io/%s %s\n' "$m" "$m" "$staging_version"; done
+    printf ')\n'
+  } > go.mod
+  printf '//go:build tools\n\npackage tools\n\nimport _ "k8s.io/kubernetes/cmd/%s"\n' "$name" > tools.go
+  log "$name $KUBE_VERSION: resolving modules"
+  go mod tidy
+  local pkg date ld="-s -w"
+  date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld="$ld -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
+  done
+  log "$name $KUBE_VERSION: building ($hint)"
+  go build -trimpath -ldflags "$ld" -o "$name" "k8s.io/kubernetes/cmd/$name" &
+  progress $! "$name $KUBE_VERSION"
+  install_bin "$name" "$name-$KUBE_VERSION"
+  log "$name $KUBE_VERSION: cached in $KEYWARD_BIN"
+}
