@@ -49,10 +49,13 @@ func CacheDir() string {
 }
 
 var binaries = map[string]struct{ versionVar, script string }{
-	"etcd":           {"ETCD_VERSION", "test/tools/build-etcd.sh"},
-	"etcdctl":        {"ETCD_VERSION", "test/tools/build-etcd.sh"},
-	"kube-apiserver": {"KUBE_VERSION", "test/tools/build-kube-apiserver.sh"},
-	"vault":          {"VAULT_VERSION", "test/tools/build-vault.sh"},
+	"etcd":                    {"ETCD_VERSION", "test/tools/build-etcd.sh"},
+	"etcdctl":                 {"ETCD_VERSION", "test/tools/build-etcd.sh"},
+	"kube-apiserver":          {"KUBE_VERSION", "test/tools/build-kube-apiserver.sh"},
+	"vault":                   {"VAULT_VERSION", "test/tools/build-vault.sh"},
+	"kubelet":                 {"KUBE_VERSION", "test/tools/build-kubelet.sh"},
+	"kube-controller-manager": {"KUBE_VERSION", "test/tools/build-kube-controller-manager.sh"},
+	"kube-scheduler":          {"KUBE_VERSION", "test/tools/build-kube-scheduler.sh"},
 }
 
 // Binary returns the path of a cached component binary, or an error wrapping ErrMissing that names
@@ -78,6 +81,23 @@ func requireSoftHSM() error {
 	for _, f := range []string{SoftHSMModule, "/usr/bin/softhsm2-util"} {
 		if _, err := os.Stat(f); err != nil {
 			return fmt.Errorf("softhsm2 is not installed (%s missing): run `make deps` or `test/tools/install-debs.sh`: %w", f, ErrMissing)
+		}
+	}
+	return nil
+}
+
+// nodeRuntime are the Debian packages' programs the real node runs: containerd (with its ctr), runc,
+// and the CNI plugins it uses.
+var nodeRuntime = []string{"/usr/bin/containerd", "/usr/bin/ctr", "/usr/bin/containerd-shim-runc-v2", "/usr/sbin/runc",
+	cniBinDir + "/bridge", cniBinDir + "/host-local", cniBinDir + "/loopback"}
+
+// cniBinDir is where Debian's containernetworking-plugins installs the CNI plugins.
+const cniBinDir = "/usr/lib/cni"
+
+func requireNodeRuntime() error {
+	for _, f := range nodeRuntime {
+		if _, err := os.Stat(f); err != nil {
+			return fmt.Errorf("the node runtime is not installed (%s missing; Debian's containerd, runc and containernetworking-plugins): run `make deps` or `test/tools/install-debs.sh`: %w", f, ErrMissing)
 		}
 	}
 	return nil

@@ -1,10 +1,12 @@
-// Package harness starts the real components Keyward talks to — SoftHSM2, etcd, kube-apiserver and a
-// Vault dev server — on loopback, in temporary directories, and hands back ready clients.
+// Package harness starts the real components Keyward talks to — SoftHSM2, etcd, kube-apiserver, a
+// Vault dev server, and a real node (containerd, runc, kubelet, kube-controller-manager,
+// kube-scheduler) — on loopback, in temporary directories, and hands back ready clients.
 //
 // It owns: locating the cached component binaries (built by test/tools, keyed by the versions in
 // versions.env), process lifecycle (start, readiness by polling, stop), the throwaway PKI the components
-// use, and small helpers tests need (namespaces, service accounts, pods, pod-bound tokens, KV v2 mounts,
-// Vault's kubernetes auth).
+// use, the node's cleanup of everything kubelet and containerd leave on the host (Node.Leftovers says
+// what is left), and small helpers tests need (namespaces, service accounts, pods, pod-bound tokens,
+// KV v2 mounts, Vault's kubernetes auth).
 //
 // It may import the standard library, client-go, the etcd client, vault/api and miekg/pkcs11. It must
 // not import Keyward's own packages: it is the ground truth the product is tested against.

@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
@@ -55,6 +56,7 @@ type KubeAPIServer struct {
 	bin        string
 	adminToken string
 	saKey      *rsa.PrivateKey
+	ca         *CA
 	proc       *process
 }
 
@@ -121,13 +123,18 @@ func StartKubeAPIServer(ctx context.Context, dir string, opts KubeOptions) (*Kub
 		"--service-account-key-file=" + saPubFile,
 		"--service-account-signing-key-file=" + saKeyFile,
 		"--api-audiences=" + DefaultIssuer,
-		"--authorization-mode=RBAC",
+		// Node before RBAC, with NodeRestriction below: a kubelet (the harness's real node) gets exactly
+		// what a node gets in a real cluster, by its client certificate (CN system:node:NAME).
+		"--authorization-mode=Node,RBAC",
+		"--client-ca-file=" + ca.CertFile,
+		// Reach a kubelet at its InternalIP, never by looking its node name up in DNS.
+		"--kubelet-preferred-address-types=InternalIP",
 		"--token-auth-file=" + tokenFile,
 		"--service-cluster-ip-range=10.96.0.0/24",
 		"--allow-privileged=true",
 		// On by default since 1.30; named because deploy/base's ValidatingAdmissionPolicy (who may set
 		// a namespace's environment label) depends on it.
-		"--enable-admission-plugins=ValidatingAdmissionPolicy",
+		"--enable-admission-plugins=ValidatingAdmissionPolicy,NodeRestriction",
 	}
 	if opts.EncryptionConfig != "" {
 		args = append(args, "--encryption-provider-config="+opts.EncryptionConfig)
@@ -144,6 +151,7 @@ func StartKubeAPIServer(ctx context.Context, dir string, opts KubeOptions) (*Kub
 		bin:        bin,
 		adminToken: adminToken,
 		saKey:      saKey,
+		ca:         ca,
 	}
 	k.Config = &rest.Config{
 		Host:            k.URL,
@@ -191,6 +199,12 @@ func (k *KubeAPIServer) Stop() { k.proc.stop() }
 
 // Start starts a stopped apiserver again with the same flags, port and identity.
 func (k *KubeAPIServer) Start(ctx context.Context) error { return k.start(ctx) }
+
+// IssueClientCert writes into dir a client certificate of the apiserver's CA for user in groups (its
+// --client-ca-file): a kubelet's is system:node:NAME in system:nodes.
+func (k *KubeAPIServer) IssueClientCert(dir, user string, groups ...string) (CertPair, error) {
+	return k.ca.issue(dir, strings.ReplaceAll(user, ":", "_"), user, groups...)
+}
 
 // ConfigForToken returns a client config that authenticates with token instead of the admin token.
 func (k *KubeAPIServer) ConfigForToken(token string) *rest.Config {

@@ -63,13 +63,18 @@ func NewCA(dir, name string) (*CA, error) {
 // Issue signs a leaf certificate for loopback (127.0.0.1, ::1, localhost) usable as server and client,
 // and writes NAME.crt and NAME.key into dir.
 func (ca *CA) Issue(dir, name string, organizations ...string) (CertPair, error) {
+	return ca.issue(dir, name, name, organizations...)
+}
+
+// issue is Issue with the common name cn in files named file.crt and file.key.
+func (ca *CA) issue(dir, file, cn string, organizations ...string) (CertPair, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return CertPair{}, err
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: name, Organization: organizations},
+		Subject:      pkix.Name{CommonName: cn, Organization: organizations},
 		NotBefore:    time.Now().Add(-time.Hour),
 		NotAfter:     time.Now().Add(24 * time.Hour),
 		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
@@ -85,7 +90,7 @@ func (ca *CA) Issue(dir, name string, organizations ...string) (CertPair, error)
 	if err != nil {
 		return CertPair{}, err
 	}
-	p := CertPair{CertFile: filepath.Join(dir, name+".crt"), KeyFile: filepath.Join(dir, name+".key")}
+	p := CertPair{CertFile: filepath.Join(dir, file+".crt"), KeyFile: filepath.Join(dir, file+".key")}
 	if err := os.WriteFile(p.CertFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
 		return CertPair{}, err
 	}

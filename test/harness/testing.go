@@ -76,6 +76,18 @@ func KubeT(tb testing.TB, opts KubeOptions) *KubeAPIServer {
 	})
 }
 
+// NodeT starts a real node (StartNode) for this test, registered with opts.Kube, and stops it when the
+// test ends.
+func NodeT(tb testing.TB, opts NodeOptions) *Node {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), NodeStartTimeout)
+	defer cancel()
+	n, err := StartNode(ctx, sub(tb, "node"), opts)
+	Check(tb, err)
+	tb.Cleanup(n.Stop)
+	return n
+}
+
 // VaultT starts a Vault dev server for this test.
 func VaultT(tb testing.TB) *Vault {
 	tb.Helper()
