@@ -17,7 +17,7 @@ help: ## List the targets
 build: ## Build keyward-kms, keyward-broker and keywardctl into bin/
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
 
-deps: ## Install SoftHSM2 and build etcd, kube-apiserver and Vault (cached, idempotent)
+deps: ## Install SoftHSM2 and the node runtime (containerd, runc, CNI); build etcd, Kubernetes and Vault (cached)
 	test/tools/deps.sh
 
 test: deps lint ## Lint, then unit, integration and e2e tests with -race against the real components
