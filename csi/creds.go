@@ -108,5 +108,12 @@ func (s *PodCredentials) releaseLocked(podUID string) {
 	}()
 }
 
+// volumes is how many volumes are known to hold a pod's files.
+func (s *PodCredentials) volumes() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.pods)
+}
+
 // Wait waits for background revocations to finish.
 func (s *PodCredentials) Wait() { s.releases.Wait() }

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"go.uber.org/zap"
+	"google.golang.org/grpc/status"
 
 	"github.com/keyward/keyward/broker"
 	"github.com/keyward/keyward/csi/tmpfs"
@@ -23,22 +25,36 @@ import (
 // clears the files; any other failure keeps them, and kubelet retries; allowed, it swaps the files
 // in only if they changed. Every refusal is audited, whatever stage refused it.
 func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
+	start := time.Now()
+	result, err := s.nodePublish(ctx, req)
+	if s.o.Observer != nil {
+		s.o.Observer.Published(Publish{Result: result, Code: status.Code(err).String(), Duration: time.Since(start)})
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &csipb.NodePublishVolumeResponse{}, nil
+}
+
+// nodePublish is NodePublishVolume; it also says what the call did.
+func (s *Server) nodePublish(ctx context.Context, req *csipb.NodePublishVolumeRequest) (PublishResult, error) {
 	breq := broker.Request{RequestID: req.GetVolumeId() + "/" + nonce(), Event: audit.EventMount, Claimed: claimedPod(req.GetVolumeContext())}
 	vol, gid, err := s.checkPublish(req)
 	if err != nil {
-		return nil, s.refuse(ctx, breq, err)
+		return failed(err), s.refuse(ctx, breq, err)
 	}
 	breq.Claimed, breq.Token, breq.Refs, breq.MaxBytes = vol.Claimed, vol.Token, vol.Refs(), vol.SizeLimit
 	unlock := s.lock(req.GetVolumeId())
 	defer unlock()
 	release, err := s.o.Limiter.acquire(ctx, vol.Weight())
 	if err != nil {
-		return nil, s.refuse(ctx, breq, err)
+		return failed(err), s.refuse(ctx, breq, err)
 	}
 	defer release()
 	published, err := s.o.Mounter.Published(req.GetTargetPath())
 	if err != nil {
-		return nil, s.refuse(ctx, breq, fmt.Errorf("inspecting the target: %v: %w", err, fault.ErrUnavailable))
+		err = fmt.Errorf("inspecting the target: %v: %w", err, fault.ErrUnavailable)
+		return failed(err), s.refuse(ctx, breq, err)
 	}
 	breq.Published = published
 	if published {
@@ -49,10 +65,23 @@ func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 	holdsFiles := published // whether the volume holds the pod's files when this call ends
 	defer func() { s.o.Credentials.end(req.GetVolumeId(), podUID, holdsFiles) }()
 	holdsFiles, err = s.serve(ctx, req.GetVolumeId(), req.GetTargetPath(), breq, vol, gid)
-	if err != nil {
-		return nil, grpcserver.Status(err)
+	switch {
+	case err == nil && published:
+		return ResultRepublished, nil
+	case err == nil:
+		return ResultPublished, nil
+	case published && !holdsFiles:
+		return ResultWithdrawn, grpcserver.Status(err)
 	}
-	return &csipb.NodePublishVolumeResponse{}, nil
+	return failed(err), grpcserver.Status(err)
+}
+
+// failed is the result of a publish that ended with err: refused or failed.
+func failed(err error) PublishResult {
+	if fault.ClassOf(err).Refusal() {
+		return ResultRefused
+	}
+	return ResultFailed
 }
 
 // serve fetches the pod's secrets and delivers them, or clears a published volume whose access was

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"sync"
+	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"go.uber.org/zap"
@@ -65,8 +66,42 @@ type Options struct {
 	Credentials *PodCredentials
 	// Ready reports whether the broker can decide (informers synced, policy loaded); Probe uses it.
 	Ready func() error
-	Log   *zap.Logger
+	// Observer, if set, is told how each NodePublishVolume ended (for metrics).
+	Observer Observer
+	Log      *zap.Logger
 }
+
+// Observer is told how each NodePublishVolume ended. It must not block.
+type Observer interface {
+	Published(p Publish)
+}
+
+// Publish is how one NodePublishVolume ended.
+type Publish struct {
+	Result PublishResult
+	// Code is the gRPC code kubelet was answered with ("OK" on success).
+	Code     string
+	Duration time.Duration
+}
+
+// PublishResult is what a NodePublishVolume did.
+type PublishResult string
+
+// The results of a publish.
+const (
+	// ResultPublished: a first publish mounted the volume and wrote the pod's files.
+	ResultPublished PublishResult = "published"
+	// ResultRepublished: a republish kept the files or swapped in changed ones.
+	ResultRepublished PublishResult = "republished"
+	// ResultWithdrawn: a republish found the pod's access withdrawn and cleared its files.
+	ResultWithdrawn PublishResult = "withdrawn"
+	// ResultRefused: the request was refused (the pod, its token, its attributes or the policy);
+	// a republish's files were kept.
+	ResultRefused PublishResult = "refused"
+	// ResultFailed: the broker could not serve the request (Vault, the apiserver, the audit log,
+	// the mount, the bounds); kubelet retries; a republish's files were kept.
+	ResultFailed PublishResult = "failed"
+)
 
 // Server is the CSI Identity and Node service: request -> broker call -> files in a tmpfs.
 type Server struct {
@@ -147,6 +182,11 @@ func (o *Options) limits() error {
 
 // Limiter is the server's publish limiter (for metrics).
 func (s *Server) Limiter() *PublishLimiter { return s.o.Limiter }
+
+// Volumes is how many volumes hold a pod's files, as far as this process knows: those it published
+// and those it republished since it started (a restarted driver learns the others at their next
+// republish).
+func (s *Server) Volumes() int { return s.o.Credentials.volumes() }
 
 // Register registers the Identity and Node services, and a Controller service that only answers
 // ControllerGetCapabilities with none (ephemeral volumes have no controller side; tools such as

@@ -157,6 +157,7 @@ type Namespaces interface {
 // Authorizer is broker.Authorizer over a policy that can be swapped at run time.
 type Authorizer struct {
 	pol atomic.Pointer[Policy]
+	gen atomic.Uint64 // policies in force since start: 1, then one more per Set
 	ns  Namespaces
 }
 
@@ -166,6 +167,7 @@ var _ broker.Authorizer = (*Authorizer)(nil)
 func NewAuthorizer(p *Policy, ns Namespaces) *Authorizer {
 	a := &Authorizer{ns: ns}
 	a.pol.Store(p)
+	a.gen.Store(1)
 	return a
 }
 
@@ -173,7 +175,13 @@ func NewAuthorizer(p *Policy, ns Namespaces) *Authorizer {
 func (a *Authorizer) Policy() *Policy { return a.pol.Load() }
 
 // Set swaps in a new, already validated policy.
-func (a *Authorizer) Set(p *Policy) { a.pol.Store(p) }
+func (a *Authorizer) Set(p *Policy) {
+	a.pol.Store(p)
+	a.gen.Add(1)
+}
+
+// Generation counts the policies put in force since start: 1 for the first, one more per reload.
+func (a *Authorizer) Generation() uint64 { return a.gen.Load() }
 
 // Authorize allows ref for id only if a grant of id's namespace and service account covers it, and
 // places it under id's namespace's environment: a pod never reaches another environment's secrets.

@@ -135,8 +135,8 @@ func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
 	if logs.FilterMessage("policy reload refused; keeping the last good policy").Len() != 1 {
 		t.Fatal("no error log line for the refused policy")
 	}
-	if a.Policy() != p {
-		t.Fatal("a refused policy replaced the good one")
+	if a.Policy() != p || a.Generation() != 1 {
+		t.Fatalf("a refused policy replaced the good one (generation %d)", a.Generation())
 	}
 	// A good file: swapped in.
 	writeAtomic(t, path, good+"  - {namespace: billing, serviceAccount: api, paths: [\"billing/*\"]}\n")
@@ -146,6 +146,9 @@ func TestWatchReloadsAndKeepsLastGoodPolicy(t *testing.T) {
 	}
 	if _, err := a.Authorize(ctx, billing, ref); err != nil {
 		t.Fatalf("after reload: %v", err)
+	}
+	if a.Generation() != 2 || a.Policy().Hash() == p.Hash() {
+		t.Fatalf("after reload: generation %d, hash %s", a.Generation(), a.Policy().Hash())
 	}
 }
 

@@ -91,6 +91,9 @@ type Options struct {
 	BrokerToken broker.Token
 	Log         *zap.Logger
 	Now         func() time.Time
+	// Observe, if set, is told of each request to Vault when it ends: op is "login", "read", "renew"
+	// or "revoke"; err is nil or wraps a fault class. For metrics; it must not block.
+	Observe func(op string, took time.Duration, err error)
 }
 
 // Source is broker.SecretSource over Vault KV v2.
@@ -136,6 +139,20 @@ func New(o Options) (*Source, error) {
 		return nil, fmt.Errorf("vault: unknown mode %q (want pod or broker)", o.Mode)
 	}
 	return &Source{o: o, tokens: map[tokenKey]*vaultToken{}}, nil
+}
+
+// observe tells Options.Observe of a request to Vault that began at start.
+func (s *Source) observe(op string, start time.Time, err error) {
+	if s.o.Observe != nil {
+		s.o.Observe(op, time.Since(start), err)
+	}
+}
+
+// Tokens is how many Vault tokens the source holds for pods (pod mode; none in broker mode).
+func (s *Source) Tokens() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.tokens)
 }
 
 // client is the shared client with token set on every request by a callback: a shallow copy, not a

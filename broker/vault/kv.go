@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unicode"
 	"unicode/utf16"
 	"unicode/utf8"
@@ -115,12 +116,17 @@ func (s *Source) read(ctx context.Context, token string, rd *read, refs []broker
 		q = map[string][]string{"version": {strconv.Itoa(r.Version)}}
 	}
 	// The client's configured timeout applies (RawRequestWithContext sets it).
+	start := time.Now()
 	resp, err := s.client(token).Logical().ReadRawWithDataWithContext(ctx, r.Mount+"/data/"+r.Path, q)
 	if resp != nil {
 		defer resp.Body.Close()
 	}
 	if err != nil {
-		return mapErr("read "+r.Ref, err)
+		err = mapErr("read "+r.Ref, err)
+	}
+	s.observe("read", start, err)
+	if err != nil {
+		return err
 	}
 	body, err := readBounded(resp.Body, resp.ContentLength, &b.body)
 	if err != nil {

@@ -49,9 +49,14 @@ func (s *Source) token(ctx context.Context, id broker.Identity, jwt broker.Token
 
 func (s *Source) login(ctx context.Context, key tokenKey, role string, jwt broker.Token) (*vaultToken, error) {
 	c := s.client("")
+	start := time.Now()
 	sec, err := c.Logical().WriteWithContext(ctx, "auth/"+s.o.AuthMount+"/login", map[string]any{"role": role, "jwt": jwt.Reveal()})
 	if err != nil {
-		return nil, loginErr(role, err)
+		err = loginErr(role, err)
+	}
+	s.observe("login", start, err)
+	if err != nil {
+		return nil, err
 	}
 	if sec == nil || sec.Auth == nil || sec.Auth.ClientToken == "" {
 		return nil, fmt.Errorf("login with role %s: no token in the answer: %w", role, fault.ErrUnavailable)
@@ -68,9 +73,14 @@ func (s *Source) login(ctx context.Context, key tokenKey, role string, jwt broke
 
 func (s *Source) renew(ctx context.Context, key tokenKey, t *vaultToken) (*vaultToken, error) {
 	v, err, _ := s.flight.Do("renew|"+key.String(), func() (any, error) {
+		start := time.Now()
 		sec, err := s.client(t.token).Auth().Token().RenewSelfWithContext(ctx, 0)
 		if err != nil {
-			return nil, mapErr("renew", err)
+			err = mapErr("renew", err)
+		}
+		s.observe("renew", start, err)
+		if err != nil {
+			return nil, err
 		}
 		if sec == nil || sec.Auth == nil {
 			return nil, fmt.Errorf("renew: empty answer: %w", fault.ErrUnavailable)
@@ -132,17 +142,22 @@ func (s *Source) revoke(ctx context.Context, toks []string) (int, error) {
 	n := 0
 	var first error
 	for _, tok := range toks {
+		start := time.Now()
 		err := s.client(tok).Auth().Token().RevokeSelfWithContext(ctx, "")
+		if err != nil {
+			err = mapErr("revoke", err)
+		}
+		s.observe("revoke", start, err)
 		if err == nil {
 			n++
 			continue
 		}
-		switch merr := mapErr("revoke", err); {
-		case errors.Is(merr, fault.ErrDenied):
+		switch {
+		case errors.Is(err, fault.ErrDenied):
 			// Expired, already revoked, or the role's tokens lack revoke-self (Vault says 403 to all).
-			s.o.Log.Debug("Vault refused a token's revoke-self; it lapses at its TTL", zap.Error(merr))
+			s.o.Log.Debug("Vault refused a token's revoke-self; it lapses at its TTL", zap.Error(err))
 		case first == nil:
-			first = merr
+			first = err
 		}
 	}
 	return n, first

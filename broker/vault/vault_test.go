@@ -195,3 +195,41 @@ func TestARefusedTokenIsRevokedAndReplaced(t *testing.T) {
 		t.Fatal("a released pod still holds a token")
 	}
 }
+
+// Every request to Vault is observed with its outcome (for the latency metrics), and the pods' live
+// tokens are counted.
+func TestRequestsAreObservedAndTokensCounted(t *testing.T) {
+	f := &fakeVault{read: kv(map[string]any{"password": "s3cr3t"})}
+	s := newSource(t, f)
+	var mu sync.Mutex
+	var ops []string
+	s.o.Observe = func(op string, took time.Duration, err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if took <= 0 {
+			t.Errorf("%s observed without a duration", op)
+		}
+		ops = append(ops, fmt.Sprintf("%s:%s", op, fault.ClassOf(err)))
+	}
+	if _, err := fetch(s, ref("payments/db", "password")); err != nil {
+		t.Fatal(err)
+	}
+	if s.Tokens() != 1 {
+		t.Fatalf("%d tokens held after a login", s.Tokens())
+	}
+	f.read = func(w http.ResponseWriter, _, _ string) {
+		http.Error(w, `{"errors":["boom"]}`, http.StatusInternalServerError)
+	}
+	fetch(s, ref("payments/db", "password"))
+	if err := s.Release(pod.PodUID)(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if s.Tokens() != 0 {
+		t.Fatalf("%d tokens held after the release", s.Tokens())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if got, want := strings.Join(ops, ","), "login:OK,read:OK,read:Unavailable,revoke:OK"; got != want {
+		t.Fatalf("observed %s, want %s", got, want)
+	}
+}

@@ -35,18 +35,22 @@ func TestLoadConfig(t *testing.T) {
 
 func TestOptionsValidate(t *testing.T) {
 	good := Options{CSISocket: "/s", NodeID: "n", Config: "/c", Audit: validAudit(), MaxPublishes: 16, MaxPublishBytes: 64 << 20,
-		MetricsAddress: "127.0.0.1:9465"}
+		MetricsAddress: "127.0.0.1:9465", HealthAddress: ":9808", KubeletRegistrationDir: "/var/lib/kubelet/plugins_registry",
+		KubeletRegistrationPath: "/var/lib/kubelet/plugins/secrets.keyward.dev/csi.sock"}
 	if err := good.Validate(); err != nil {
 		t.Fatal(err)
 	}
 	for name, mutate := range map[string]func(*Options){
-		"no audit dir":             func(o *Options) { o.Audit.Dir = "" },
-		"audit segments too small": func(o *Options) { o.Audit.MaxSize = 1024 },
-		"no audit segments kept":   func(o *Options) { o.Audit.MaxSegments = 0 },
-		"no publishes":             func(o *Options) { o.MaxPublishes = 0 },
-		"bytes below one volume":   func(o *Options) { o.MaxPublishBytes = 1 << 20 },
-		"metrics off loopback":     func(o *Options) { o.MetricsAddress = "0.0.0.0:9465" },
-		"metrics address garbled":  func(o *Options) { o.MetricsAddress = "9465" },
+		"no audit dir":               func(o *Options) { o.Audit.Dir = "" },
+		"audit segments too small":   func(o *Options) { o.Audit.MaxSize = 1024 },
+		"no audit segments kept":     func(o *Options) { o.Audit.MaxSegments = 0 },
+		"no publishes":               func(o *Options) { o.MaxPublishes = 0 },
+		"bytes below one volume":     func(o *Options) { o.MaxPublishBytes = 1 << 20 },
+		"metrics off loopback":       func(o *Options) { o.MetricsAddress = "0.0.0.0:9465" },
+		"metrics address garbled":    func(o *Options) { o.MetricsAddress = "9465" },
+		"health address garbled":     func(o *Options) { o.HealthAddress = "9808" },
+		"health on metrics":          func(o *Options) { o.HealthAddress = o.MetricsAddress },
+		"registration path relative": func(o *Options) { o.KubeletRegistrationPath = "csi.sock" },
 	} {
 		o := good
 		mutate(&o)

@@ -4,12 +4,15 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"os"
+	"path/filepath"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/csi/registration"
 	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/daemon"
 	"github.com/keyward/keyward/internal/metricsserver"
@@ -33,6 +36,12 @@ type Options struct {
 	MaxPublishBytes int64
 	AllowSwap       bool
 	MetricsAddress  string
+	// HealthAddress serves /healthz and /livez only, on any address (kubelet's probes reach the pod IP).
+	HealthAddress string
+	// KubeletRegistrationDir is kubelet's plugin registration directory ("": do not register);
+	// KubeletRegistrationPath is the CSI socket's path as kubelet sees it.
+	KubeletRegistrationDir  string
+	KubeletRegistrationPath string
 }
 
 func (o *Options) bind(fs *flag.FlagSet) {
@@ -50,7 +59,10 @@ func (o *Options) bind(fs *flag.FlagSet) {
 	fs.IntVar(&o.MaxPublishes, "max-concurrent-publishes", 16, "publishes handled at once; more wait for a slot")
 	fs.Int64Var(&o.MaxPublishBytes, "max-publish-bytes", 32<<20, "sum of the size limits of the volumes published at once: a publish holds up to about twice its volume's size in memory meanwhile (default sized for the DaemonSet's 128 MiB limit with GOMEMLIMIT=100MiB)")
 	fs.BoolVar(&o.AllowSwap, "allow-swap-without-noswap", false, "start even though swap is on and the kernel cannot keep tmpfs volumes out of it (tmpfs noswap needs Linux 6.4+): secrets may reach the swap device")
-	fs.StringVar(&o.MetricsAddress, "metrics-address", "127.0.0.1:9465", "loopback address for /metrics (empty: off)")
+	fs.StringVar(&o.MetricsAddress, "metrics-address", "127.0.0.1:9465", "loopback address for /metrics, /healthz and /livez (empty: off)")
+	fs.StringVar(&o.HealthAddress, "health-address", "", "also serve /healthz and /livez (never /metrics) on this address, which may be the pod's (e.g. :9808, for kubelet's httpGet probes; empty: off)")
+	fs.StringVar(&o.KubeletRegistrationDir, "kubelet-registration-dir", registration.DefaultDir, "kubelet's plugin registration directory: register the driver with kubelet through a socket there, as node-driver-registrar would (empty: off, e.g. when that sidecar runs; the default is skipped with a warning if it does not exist)")
+	fs.StringVar(&o.KubeletRegistrationPath, "kubelet-registration-path", "/var/lib/kubelet/plugins/"+csi.DriverName+"/csi.sock", "the CSI socket's path as kubelet sees it on the host (what kubelet is told to call)")
 }
 
 // Validate reports the first problem with the options.
@@ -68,6 +80,17 @@ func (o Options) Validate() error {
 		return errors.New("--max-concurrent-publishes must be positive")
 	case o.MaxPublishBytes < csi.MaxWeight:
 		return fmt.Errorf("--max-publish-bytes must hold at least one publish of the largest volume, %d", csi.MaxWeight)
+	}
+	if o.KubeletRegistrationDir != "" && !filepath.IsAbs(o.KubeletRegistrationPath) {
+		return errors.New("--kubelet-registration-path must be the CSI socket's absolute path on the host")
+	}
+	if o.HealthAddress != "" {
+		if _, _, err := net.SplitHostPort(o.HealthAddress); err != nil {
+			return fmt.Errorf("--health-address: %w", err)
+		}
+		if o.HealthAddress == o.MetricsAddress {
+			return errors.New("--health-address must differ from --metrics-address (which serves /healthz and /livez too)")
+		}
 	}
 	if o.MetricsAddress != "" {
 		return metricsserver.CheckLoopback("--metrics-address", o.MetricsAddress)

@@ -25,6 +25,7 @@ import (
 	"github.com/keyward/keyward/broker/tokenreview"
 	"github.com/keyward/keyward/broker/vault"
 	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/csi/registration"
 	"github.com/keyward/keyward/csi/tmpfs"
 	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/grpcserver"
@@ -47,15 +48,19 @@ type wiring struct {
 	audit    *audit.Log
 
 	namespaces *policy.NamespaceWatcher
+	authz      *policy.Authorizer
 	src        *vault.Source
 	svc        *broker.Service
 	creds      *csi.PodCredentials
 	limiter    *csi.PublishLimiter
 	node       *csi.Server
+
+	metrics *brokerMetrics
+	reg     *registration.Server // nil: not registering with kubelet
 }
 
 func run(o Options, log *zap.Logger) error {
-	d := &wiring{o: o, log: log}
+	d := &wiring{o: o, log: log, metrics: newBrokerMetrics()}
 	if err := d.checkHost(); err != nil {
 		return err
 	}
@@ -77,8 +82,18 @@ func run(o Options, log *zap.Logger) error {
 	if err := d.wire(ctx); err != nil {
 		return err
 	}
-	if o.MetricsAddress != "" {
-		srv, err := d.serveMetrics()
+	if err := d.register(); err != nil {
+		return err
+	}
+	if d.reg != nil {
+		defer d.reg.Stop()
+		context.AfterFunc(ctx, d.reg.Stop) // on SIGTERM kubelet deregisters the driver at once, as with the sidecar
+	}
+	for _, addr := range []string{o.MetricsAddress, o.HealthAddress} {
+		if addr == "" {
+			continue
+		}
+		srv, err := d.serveHTTP(addr, addr == o.MetricsAddress)
 		if err != nil {
 			return err
 		}
@@ -143,15 +158,15 @@ func (d *wiring) load() error {
 func (d *wiring) wire(ctx context.Context) error {
 	d.namespaces = policy.NewNamespaceWatcher(d.meta, 10*time.Minute)
 	d.namespaces.Start(ctx)
-	authz := policy.NewAuthorizer(d.pol, d.namespaces)
-	go policy.Watch(ctx, d.cfg.PolicyFile, d.cfg.PolicyReloadInterval.Duration, authz, d.log.Named("policy"), d.audit)
+	d.authz = policy.NewAuthorizer(d.pol, d.namespaces)
+	go policy.Watch(ctx, d.cfg.PolicyFile, d.cfg.PolicyReloadInterval.Duration, d.authz, d.log.Named("policy"), d.audit)
 	var err error
 	if d.src, err = d.vaultSource(); err != nil {
 		return err
 	}
 	if d.svc, err = broker.NewService(broker.Options{
-		Authenticator: tokenreview.New(tokenreview.Options{Client: d.reviewer, CacheTTL: d.cfg.TokenReviewCacheTTL.Duration}),
-		Authorizer:    authz, Source: d.src, Auditor: d.audit, Audiences: []string{d.cfg.Audience},
+		Authenticator: tokenreview.New(tokenreview.Options{Client: d.metrics.reviewer(d.reviewer), CacheTTL: d.cfg.TokenReviewCacheTTL.Duration}),
+		Authorizer:    d.authz, Source: d.src, Auditor: d.audit, Audiences: []string{d.cfg.Audience},
 		Node: d.o.NodeID, Pods: tokenreview.PodLookup{Client: d.meta},
 		RefusalBurst: d.cfg.RefusalAuditBurst, RefusalInterval: d.cfg.RefusalAuditInterval.Duration,
 	}); err != nil {
@@ -163,14 +178,49 @@ func (d *wiring) wire(ctx context.Context) error {
 	d.limiter = csi.NewPublishLimiter(d.o.MaxPublishes, d.o.MaxPublishBytes)
 	d.node, err = csi.NewServer(csi.Options{NodeID: d.o.NodeID, Version: version.Version, Broker: d.svc, Auditor: d.audit,
 		Audience: d.cfg.Audience, Log: d.log.Named("csi"), Credentials: d.creds, KubeletDir: d.o.KubeletDir,
-		Limiter: d.limiter, AllowSwap: d.allowSwapMounts,
-		Ready: func() error {
-			if !d.namespaces.HasSynced() {
-				return errors.New("namespace informer not synced")
-			}
-			return d.audit.Health() // every publish needs its record written
-		}})
+		Limiter: d.limiter, AllowSwap: d.allowSwapMounts, Ready: d.checks().ready, Observer: d.metrics})
 	return err
+}
+
+// register serves kubelet's plugin registration, unless it is off. Kubelet's default directory
+// missing (no kubelet here, or one with another root) is a warning; a directory named explicitly must
+// exist.
+func (d *wiring) register() error {
+	dir := d.o.KubeletRegistrationDir
+	if dir == "" {
+		return nil
+	}
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) && dir == registration.DefaultDir {
+		d.log.Warn("kubelet's plugin registration directory does not exist: not registering with kubelet (mount it, point --kubelet-registration-dir at it, or set it empty and run node-driver-registrar)",
+			zap.String("dir", dir))
+		return nil
+	}
+	var err error
+	d.reg, err = registration.Start(registration.Options{Dir: dir, Driver: csi.DriverName, Endpoint: d.o.KubeletRegistrationPath,
+		Log: d.log.Named("registration")})
+	return err
+}
+
+// checks are the broker's health checks.
+func (d *wiring) checks() checks {
+	c := checks{synced: d.namespaces.HasSynced, audit: d.audit.Health, sockets: []string{d.o.CSISocket}}
+	if d.reg != nil {
+		c.registration = d.reg.Health
+		c.sockets = append(c.sockets, d.reg.Path())
+	}
+	return c
+}
+
+// metricSources are where the metrics read their numbers.
+func (d *wiring) metricSources() metricSources {
+	s := metricSources{noswap: d.noswap, auditHealth: d.audit.Health, auditFailures: d.audit.WriteFailures,
+		inFlight: d.limiter.InFlight, waits: d.limiter.Waits, suppressed: d.svc.SuppressedRefusals,
+		volumes: d.node.Volumes, podTokens: d.src.Tokens,
+		policy: func() (uint64, string) { return d.authz.Generation(), d.authz.Policy().Hash() }}
+	if d.reg != nil {
+		s.registered, s.registerFailures = d.reg.Registered, d.reg.Failures
+	}
+	return s
 }
 
 func (d *wiring) vaultSource() (*vault.Source, error) {
@@ -179,7 +229,7 @@ func (d *wiring) vaultSource() (*vault.Source, error) {
 	if err != nil {
 		return nil, err
 	}
-	vo := vault.Options{Client: vc, Mode: vault.Mode(v.Mode), AuthMount: v.AuthMount, Log: d.log.Named("vault")}
+	vo := vault.Options{Client: vc, Mode: vault.Mode(v.Mode), AuthMount: v.AuthMount, Log: d.log.Named("vault"), Observe: d.metrics.vaultRequest}
 	if vo.Mode == vault.ModeBroker {
 		b, err := os.ReadFile(v.TokenFile)
 		if err != nil {
@@ -190,14 +240,19 @@ func (d *wiring) vaultSource() (*vault.Source, error) {
 	return vault.New(vo)
 }
 
-func (d *wiring) serveMetrics() (*http.Server, error) {
-	reg := prometheus.NewRegistry()
-	if err := registerMetrics(reg, d.node, d.svc, d.noswap, d.audit.Health); err != nil {
-		return nil, err
-	}
+// serveHTTP serves /healthz and /livez on addr, and /metrics too if metrics (the loopback
+// --metrics-address; --health-address never serves them).
+func (d *wiring) serveHTTP(addr string, metrics bool) (*http.Server, error) {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	return metricsserver.Serve(d.o.MetricsAddress, mux)
+	d.checks().handle(mux)
+	if metrics {
+		reg := prometheus.NewRegistry()
+		if err := registerMetrics(reg, d.metrics, d.metricSources()); err != nil {
+			return nil, err
+		}
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	}
+	return metricsserver.Serve(addr, mux)
 }
 
 // serve serves CSI (and the provider API) until ctx ends, then shuts down: both servers stop, their
@@ -213,7 +268,7 @@ func (d *wiring) serve(ctx context.Context, stop func(), lis net.Listener) error
 	}
 	d.log.Info("serving CSI", zap.String("socket", d.o.CSISocket), zap.String("node", d.o.NodeID), zap.String("policy", d.pol.Hash()),
 		zap.String("vault_mode", d.cfg.Vault.Mode), zap.String("version", version.Version), zap.Bool("tmpfs_noswap", d.noswap),
-		zap.Bool("swap_active", d.swapActive))
+		zap.Bool("swap_active", d.swapActive), zap.Bool("kubelet_registration", d.reg != nil))
 	err := grpcserver.Serve(ctx, gs, lis, d.o.Grace)
 	stop() // the CSI server may have ended on its own: stop the provider API too
 	providerErr := <-providerDone

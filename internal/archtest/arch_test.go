@@ -60,6 +60,7 @@ var allowed = map[string][]string{
 	"broker/tokenreview":     {"std", "broker", "internal/fault", "k8s.io/api/", "k8s.io/apimachinery/", "k8s.io/client-go/"},
 	"broker/vault":           {"std", "broker", "internal/fault", "github.com/hashicorp/vault/api", "go.uber.org/zap", "golang.org/x/sync/"},
 	"csi":                    {"std", "broker", "csi/tmpfs", "internal/audit", "internal/fault", "internal/grpcserver", "github.com/container-storage-interface/spec/", "go.uber.org/zap", "golang.org/x/sync/", "google.golang.org/grpc", "google.golang.org/protobuf/types/known/wrapperspb", "sigs.k8s.io/secrets-store-csi-driver/provider/", "sigs.k8s.io/yaml"},
+	"csi/registration":       {"std", "internal/grpcserver", "go.uber.org/zap", "google.golang.org/grpc", "k8s.io/kubelet/pkg/apis/pluginregistration/v1"},
 	"csi/tmpfs":              {"std", "golang.org/x/sys/unix"},
 	"internal":               {"std"},
 	"internal/archtest":      {"std"},
@@ -150,6 +151,17 @@ func TestKernelLinksNoProtocolStacks(t *testing.T) {
 					t.Errorf("%s depends on %s", rel, d)
 				}
 			}
+		}
+	}
+}
+
+// k8s.io/kubelet reaches the broker only as its plugin-registration API (generated gRPC code), never
+// kubelet's own packages and their dependencies.
+func TestBrokerLinksOnlyKubeletsRegistrationAPI(t *testing.T) {
+	all := list(t, "./../../cmd/keyward-broker")
+	for _, d := range all[module+"/cmd/keyward-broker"].deps {
+		if strings.HasPrefix(d, "k8s.io/kubelet/") && d != "k8s.io/kubelet/pkg/apis/pluginregistration/v1" {
+			t.Errorf("keyward-broker depends on %s", d)
 		}
 	}
 }

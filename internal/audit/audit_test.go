@@ -214,6 +214,9 @@ func TestFailsClosedWhenTheRecordCannotBeWritten(t *testing.T) {
 	if err := l.Record(context.Background(), event(1)); !errors.Is(err, fault.ErrUnavailable) {
 		t.Fatalf("Record on a dead file: %v, want ErrUnavailable", err)
 	}
+	if n := l.WriteFailures(); n != 1 {
+		t.Fatalf("%d write failures counted, want 1", n)
+	}
 }
 
 func TestShortKeyRefused(t *testing.T) {
@@ -351,6 +354,9 @@ func TestFailedWriteLeavesNoPartialRecordAndTheChainContinues(t *testing.T) {
 				t.Fatalf("Record on a full disk: %v, want ErrUnavailable", err)
 			}
 			w.set(func(w *faultyFile) { w.fail = false })
+			if n := l.WriteFailures(); n != 1 {
+				t.Fatalf("%d write failures counted, want 1", n)
+			}
 			for i := 4; i < 6; i++ {
 				if err := l.Record(context.Background(), event(i)); err != nil {
 					t.Fatal(err)

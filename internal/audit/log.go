@@ -144,6 +144,7 @@ type Log struct {
 	syncErr, writeErr error
 	failingSince      time.Time
 	refused           int
+	failures          uint64 // records refused since Open (refused counts only the current outage)
 	outage            string // a recovered fault that no record states yet
 
 	// broken is set when a partial record could not be cut back: the file no longer ends on a whole
@@ -337,6 +338,7 @@ func (l *Log) Record(_ context.Context, ev Event) error {
 	}
 	if err != nil {
 		l.refused++
+		l.failures++
 		return err
 	}
 	bt := l.cur
@@ -355,6 +357,7 @@ func (l *Log) Record(_ context.Context, ev Event) error {
 	}
 	if bt.err != nil {
 		l.refused++
+		l.failures++
 		return fmt.Errorf("audit write: %v: %w", bt.err, fault.ErrUnavailable)
 	}
 	return nil
@@ -578,6 +581,14 @@ func (l *Log) Health() error {
 		return fmt.Errorf("audit records cannot be written since %s: %v", l.failingSince.Format(time.RFC3339), l.writeErr)
 	}
 	return nil
+}
+
+// WriteFailures counts the records that could not be written or synced since Open (their requests
+// failed).
+func (l *Log) WriteFailures() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.failures
 }
 
 // Close syncs and closes the stream.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -105,8 +107,8 @@ func TestKMSAuditDiskFullFailsClosedAndRecovers(t *testing.T) {
 	}
 }
 
-// The same for keyward-broker: publishes fail Unavailable, the CSI Probe reports not ready (so the
-// livenessprobe sidecar and kubelet see it), the metric says 0, and all of it recovers by itself.
+// The same for keyward-broker: publishes fail Unavailable, the CSI Probe and /healthz report not
+// ready (so kubelet's readiness probe sees it), the metrics say so, and all of it recovers by itself.
 func TestBrokerAuditDiskFullFailsClosedAndRecovers(t *testing.T) {
 	e := newBrokerEnv(t)
 	port, err := harness.FreePort()
@@ -136,8 +138,20 @@ func TestBrokerAuditDiskFullFailsClosedAndRecovers(t *testing.T) {
 	if m := scrape(t, metrics, "keyward_audit_healthy"); !strings.HasSuffix(m, " 0") {
 		t.Fatalf("metric on a full disk: %q", m)
 	}
+	if m := scrape(t, metrics, `keyward_broker_publishes_total{code="Unavailable",result="failed"}`); m == "" || strings.HasSuffix(m, " 0") {
+		t.Fatalf("publishes refused for want of their records are not counted as failed: %q", m)
+	}
+	if m := scrape(t, metrics, "keyward_audit_write_failures_total"); m == "" || strings.HasSuffix(m, " 0") {
+		t.Fatalf("audit write failures not counted: %q", m)
+	}
+	if code := httpStatus(t, "http://"+metrics+"/healthz"); code != http.StatusServiceUnavailable {
+		t.Fatalf("/healthz on a full audit disk: %d, want 503", code)
+	}
 	free()
 	d.waitReady(t)
+	if code := httpStatus(t, "http://"+metrics+"/healthz"); code != http.StatusOK {
+		t.Fatalf("/healthz after recovery: %d", code)
+	}
 	if err := d.kl.publish(t, pod, csiSecrets, ""); err != nil {
 		t.Fatalf("republish after recovery: %v", err)
 	}
@@ -154,4 +168,16 @@ func TestBrokerAuditDiskFullFailsClosedAndRecovers(t *testing.T) {
 	if !strings.Contains(readFile(t, d.auditLog), `"event":"audit_recovered"`) {
 		t.Fatal("no record of the outage")
 	}
+}
+
+// httpStatus is the status code of a GET of url.
+func httpStatus(t *testing.T, url string) int {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
 }

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 	provider "sigs.k8s.io/secrets-store-csi-driver/provider/v1alpha1"
 
 	"github.com/keyward/keyward/csi"
@@ -44,6 +45,7 @@ func TestCSIDriverPublishesIntoTmpfs(t *testing.T) {
 	d := startDriver(t, e, driverOptions{provider: true})
 	s := &csiScenario{e: e, d: d, kl: d.kl, prod: e.pods["payments-prod"], dev: e.pods["payments-dev"]}
 	runSteps(t,
+		step{"kubelet's plugin watcher finds the driver's registration socket", s.registration},
 		step{"a publish mounts a tmpfs with the files", s.publishIntoTmpfs},
 		step{"the provider API returns the same files and refuses the same attacks", s.providerMatches},
 		step{"fsGroup owns the files", s.fsGroup},
@@ -56,6 +58,27 @@ func TestCSIDriverPublishesIntoTmpfs(t *testing.T) {
 		step{"no secret outside the tmpfs mounts", s.noSecretOutside},
 		step{"unpublish leaves nothing and the audit verifies", s.unpublishAndAudit},
 	)
+}
+
+// registration plays kubelet's plugin watcher against the driver's registration socket: the driver
+// says who it is and where kubelet reaches it, and takes kubelet's answer.
+func (s *csiScenario) registration(t *testing.T) {
+	conn, err := grpc.NewClient("unix://"+filepath.Join(s.d.registry, csi.DriverName+"-reg.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	reg := registerapi.NewRegistrationClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	info, err := reg.GetInfo(ctx, &registerapi.InfoRequest{})
+	if err != nil || info.GetType() != registerapi.CSIPlugin || info.GetName() != csi.DriverName ||
+		info.GetEndpoint() != "/var/lib/kubelet/plugins/secrets.keyward.dev/csi.sock" || strings.Join(info.GetSupportedVersions(), ",") != "1.0.0" {
+		t.Fatalf("GetInfo: %v %v", info, err)
+	}
+	if _, err := reg.NotifyRegistrationStatus(ctx, &registerapi.RegistrationStatus{PluginRegistered: true}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func (s *csiScenario) publishIntoTmpfs(t *testing.T) {

@@ -108,6 +108,7 @@ type driver struct {
 	conn                              *grpc.ClientConn
 	dir, auditLog, key, policy, sock  string
 	providerSock, configFile, kubecfg string
+	registry                          string // the driver's kubelet plugin registration directory
 	args                              []string
 }
 
@@ -119,7 +120,11 @@ func startDriver(t *testing.T, e *brokerEnv, o driverOptions) *driver {
 	}
 	dir := harness.Dir(t)
 	d := &driver{owner: t, dir: dir, auditLog: filepath.Join(dir, "broker-audit"), key: filepath.Join(dir, "audit.key"),
-		policy: filepath.Join(dir, "policy.yaml"), sock: filepath.Join(dir, "csi.sock"), configFile: filepath.Join(dir, "broker.yaml")}
+		policy: filepath.Join(dir, "policy.yaml"), sock: filepath.Join(dir, "csi.sock"), configFile: filepath.Join(dir, "broker.yaml"),
+		registry: filepath.Join(dir, "plugins_registry")}
+	if err := os.Mkdir(d.registry, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	os.WriteFile(d.policy, []byte(brokerPolicy), 0o600)
 	var err error
 	if d.kubecfg, err = e.kube.WriteKubeconfig(filepath.Join(dir, "kubeconfig"), ""); err != nil {
@@ -130,7 +135,8 @@ func startDriver(t *testing.T, e *brokerEnv, o driverOptions) *driver {
 	os.WriteFile(d.key, []byte(strings.Repeat("h", 40)), 0o600)
 	d.args = []string{"--csi-socket", d.sock, "--node-id", "node-1", "--kubelet-dir", filepath.Join(dir, "kubelet"),
 		"--metrics-address", o.metrics, "--config", d.configFile, "--kubeconfig", d.kubecfg,
-		"--audit-dir", d.auditLog, "--audit-key-file", d.key, "--log-level", "debug"}
+		"--audit-dir", d.auditLog, "--audit-key-file", d.key, "--log-level", "debug",
+		"--kubelet-registration-dir", d.registry} // its own, not the host's kubelet's
 	if o.provider {
 		d.providerSock = filepath.Join(dir, "provider.sock")
 		d.args = append(d.args, "--provider-socket", d.providerSock)
@@ -168,6 +174,9 @@ func (d *driver) waitReady(t *testing.T) {
 func (d *driver) restart(t *testing.T) {
 	t.Helper()
 	d.proc.stop(t)
+	if _, err := os.Lstat(filepath.Join(d.registry, csi.DriverName+"-reg.sock")); !os.IsNotExist(err) {
+		t.Errorf("the registration socket outlived the driver (kubelet would not deregister it): %v", err)
+	}
 	var args []string
 	for i := 0; i < len(d.args); i++ {
 		if d.args[i] == "--provider-socket" {

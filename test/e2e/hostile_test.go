@@ -321,7 +321,11 @@ func (r *refusals) metricsAndLogs(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	for _, want := range []string{"keyward_broker_tmpfs_noswap 1", "keyward_broker_swap_active ", "keyward_broker_publishes_in_flight 0",
-		"keyward_broker_refusal_records_suppressed_total "} {
+		"keyward_broker_refusal_records_suppressed_total ", `keyward_broker_publishes_total{code="InvalidArgument",result="refused"} `,
+		`keyward_broker_publishes_total{code="Unauthenticated",result="refused"} `, `keyward_broker_publish_duration_seconds_count{result="refused"} `,
+		`keyward_broker_tokenreview_duration_seconds_count{result="ok"} `, `keyward_broker_vault_request_duration_seconds_count{code="OK",op="login"} `,
+		"keyward_broker_policy_generation 1",
+		"keyward_broker_volumes ", "keyward_broker_pod_vault_tokens ", "keyward_audit_write_failures_total 0"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q", want)
 		}

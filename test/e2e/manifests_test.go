@@ -90,3 +90,62 @@ func nested(o *unstructured.Unstructured, path ...string) []any {
 	l, _ := v.([]any)
 	return l
 }
+
+// The broker's DaemonSet runs the broker alone: it registers itself with kubelet (the registration
+// directory mounted, kubelet told the CSI socket's host path, which is where the plugin directory's
+// hostPath puts the socket) and kubelet probes its own /healthz and /livez on the pod's address.
+func TestTheBrokerDaemonSetNeedsNoSidecar(t *testing.T) {
+	for _, overlay := range []string{"../../deploy/overlays/dev", "../../deploy/overlays/prod"} {
+		var ds *unstructured.Unstructured
+		for _, o := range render(t, overlay) {
+			if o.GetKind() == "DaemonSet" {
+				ds = o
+			}
+		}
+		if ds == nil {
+			t.Fatalf("%s: no DaemonSet", overlay)
+		}
+		containers := nested(ds, "spec", "template", "spec", "containers")
+		if len(containers) != 1 || containers[0].(map[string]any)["name"] != "broker" {
+			t.Fatalf("%s: containers %v, want the broker alone", overlay, containers)
+		}
+		c := containers[0].(map[string]any)
+		flags := map[string]string{}
+		for _, a := range c["args"].([]any) {
+			k, v, _ := strings.Cut(a.(string), "=")
+			flags[k] = v
+		}
+		hostPaths, mounts := map[string]string{}, map[string]string{}
+		for _, v := range nested(ds, "spec", "template", "spec", "volumes") {
+			vm := v.(map[string]any)
+			if hp, ok := vm["hostPath"].(map[string]any); ok {
+				hostPaths[vm["name"].(string)] = hp["path"].(string)
+			}
+		}
+		for _, m := range c["volumeMounts"].([]any) {
+			mm := m.(map[string]any)
+			mounts[mm["mountPath"].(string)] = hostPaths[mm["name"].(string)]
+		}
+		csiDir, csiName, _ := strings.Cut(strings.TrimPrefix(flags["--csi-socket"], "/"), "/")
+		if got := mounts["/"+csiDir] + "/" + csiName; got != flags["--kubelet-registration-path"] || got != "/var/lib/kubelet/plugins/secrets.keyward.dev/csi.sock" {
+			t.Errorf("%s: kubelet is told %q, the socket is at %q on the host", overlay, flags["--kubelet-registration-path"], got)
+		}
+		if mounts[flags["--kubelet-registration-dir"]] != "/var/lib/kubelet/plugins_registry" {
+			t.Errorf("%s: --kubelet-registration-dir=%q is not kubelet's registration directory (mounts %v)", overlay, flags["--kubelet-registration-dir"], mounts)
+		}
+		if flags["--health-address"] != ":9808" {
+			t.Errorf("%s: --health-address=%q, want :9808", overlay, flags["--health-address"])
+		}
+		for probe, path := range map[string]string{"readinessProbe": "/healthz", "livenessProbe": "/livez"} {
+			p, _ := c[probe].(map[string]any)
+			get, _ := p["httpGet"].(map[string]any)
+			if get["path"] != path || get["port"] != "healthz" {
+				t.Errorf("%s: %s %v, want httpGet %s on the healthz port", overlay, probe, p, path)
+			}
+		}
+		port := c["ports"].([]any)[0].(map[string]any)
+		if port["name"] != "healthz" || fmt.Sprint(port["containerPort"]) != "9808" {
+			t.Errorf("%s: ports %v", overlay, c["ports"])
+		}
+	}
+}

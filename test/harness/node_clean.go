@@ -116,7 +116,7 @@ func readTrim(p string) string {
 // addresses: nothing on the host routes those out of the machine (there is no kube-proxy, and the pods'
 // bridge has no address on the host).
 func (n *Node) blackholeRoutes(add bool) error {
-	verb := "add"
+	verb := "replace" // a route left by a node that was killed is taken over
 	if !add {
 		verb = "del"
 	}
