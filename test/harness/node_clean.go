@@ -28,7 +28,9 @@ var nodeHostPaths = []string{
 	"/var/lib/cni", // libcni's result cache
 	"/etc/cni", "/opt/cni",
 	"/run/containerd", // the shims' sockets (/run/containerd/s)
-	"/var/lib/containerd", "/opt/containerd",
+	// Not /var/lib/containerd and /opt/containerd: containerdConfig keeps containerd's root and its opt
+	// plugin in the node's directory, and another package's containerd (test/images) may create
+	// /opt/containerd while a node runs.
 	"/run/netns",
 	"/run/runc",
 }
