@@ -1,7 +1,7 @@
 # Keyward — see README.md. `make` lists the targets.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help build deps test bench lint fmt demo clean
+.PHONY: help build images deps test bench lint fmt demo clean
 
 GO           ?= go
 BIN          := bin
@@ -10,12 +10,19 @@ TEST_TIMEOUT ?= 45m
 STATICCHECK  ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS      := -X github.com/keyward/keyward/internal/version.Version=$(VERSION)
+IMAGE_TAG    ?= dev
+# keyward-kms's image carries the shared libraries of these PKCS#11 modules (not the modules: they
+# are mounted from the host), so that it can load them. Default: SoftHSM's, where it is installed.
+KMS_MODULE_DEPS ?= $(wildcard /usr/lib/softhsm/libsofthsm2.so)
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-6s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 build: ## Build keyward-kms, keyward-broker and keywardctl into bin/
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
+
+images: ## Build the OCI images (keyward-broker, keyward-kms, pause, secretcheck) into bin/images/, reproducibly
+	$(GO) run ./test/tools/mkimage -out $(BIN)/images -tag $(IMAGE_TAG) -version $(VERSION) -module-deps '$(KMS_MODULE_DEPS)'
 
 deps: ## Install SoftHSM2 and the node runtime (containerd, runc, CNI); build etcd, Kubernetes and Vault (cached)
 	test/tools/deps.sh

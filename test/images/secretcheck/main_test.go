@@ -1,0 +1,140 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+func TestParseMountinfo(t *testing.T) {
+	in := `22 1 0:21 / / rw,relatime shared:1 - overlay overlay rw,lowerdir=/a
+35 22 0:31 / /var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/my\040vol/mount ro,nosuid,nodev,relatime shared:9 master:3 - tmpfs tmpfs rw,size=1024k,mode=750
+36 22 0:32 / /plain rw - ext4 /dev/sda1 rw
+`
+	ms, err := parseMountinfo(strings.NewReader(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ms) != 3 {
+		t.Fatalf("%d mounts, want 3", len(ms))
+	}
+	m := ms[1]
+	if m.point != "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/my vol/mount" || m.fstype != "tmpfs" || !m.option("ro") || m.option("rw") {
+		t.Errorf("parsed %+v", m)
+	}
+	// The superblock's "rw" is not the mount's option.
+	if ms[2].option("ro") || !ms[2].option("rw") || ms[2].fstype != "ext4" {
+		t.Errorf("parsed %+v", ms[2])
+	}
+	if _, err := parseMountinfo(strings.NewReader("1 2 3\n")); err == nil {
+		t.Error("a malformed line parsed")
+	}
+}
+
+// volume mounts a tmpfs holding files, bind-mounted read-only at another path as kubelet does for a
+// readOnly CSI volume; it returns the writable and the read-only mount points.
+func volume(t *testing.T, files map[string]string) (rw, ro string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("secretcheck tests mount tmpfs: they need root (the CI machine runs as root)")
+	}
+	base := t.TempDir()
+	rw, ro = filepath.Join(base, "rw"), filepath.Join(base, "ro")
+	for _, d := range []string{rw, ro} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := syscall.Mount("tmpfs", rw, "tmpfs", 0, "size=1m,mode=0750"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Unmount(rw, syscall.MNT_DETACH) })
+	for name, v := range files {
+		if err := os.WriteFile(filepath.Join(rw, name), []byte(v), 0o400); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := syscall.Mount(rw, ro, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Unmount(ro, syscall.MNT_DETACH) })
+	if err := syscall.Mount("", ro, "", syscall.MS_BIND|syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
+		t.Fatal(err)
+	}
+	return rw, ro
+}
+
+func TestVerdicts(t *testing.T) {
+	rw, ro := volume(t, map[string]string{"password": "s3cr3t", "user": "app"})
+	plain := t.TempDir()
+	if err := os.WriteFile(filepath.Join(plain, "password"), []byte("s3cr3t"), 0o400); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name                      string
+		dir                       string
+		want                      expectations
+		pass, tmpfs, ro, mountPnt bool
+	}{
+		{"read-only tmpfs with the expected content", ro, expectations{"password": "s3cr3t"}, true, true, true, true},
+		{"read-only tmpfs, no expectations", ro, nil, true, true, true, true},
+		{"read-only tmpfs, another value", ro, expectations{"password": "other"}, false, true, true, true},
+		{"read-only tmpfs, a missing file", ro, expectations{"token": "x"}, false, true, true, true},
+		{"writable tmpfs", rw, expectations{"password": "s3cr3t"}, false, true, false, true},
+		{"a plain directory", plain, expectations{"password": "s3cr3t"}, false, false, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := check(tc.dir, "/proc/self/mountinfo", tc.want)
+			if (v.Verdict == "pass") != tc.pass || v.Tmpfs != tc.tmpfs || v.ReadOnly != tc.ro || v.MountPoint != tc.mountPnt {
+				t.Errorf("verdict %+v, want pass=%v tmpfs=%v readOnly=%v mountPoint=%v", v, tc.pass, tc.tmpfs, tc.ro, tc.mountPnt)
+			}
+			if tc.tmpfs && len(v.Files) != 2 {
+				t.Errorf("files %+v, want password and user", v.Files)
+			}
+		})
+	}
+}
+
+// The verdict reaches stdout and the termination log, never with a file's content; the exit code
+// follows it.
+func TestRunReportsThroughTheTerminationLog(t *testing.T) {
+	_, ro := volume(t, map[string]string{"password": "s3cr3t"})
+	termLog := filepath.Join(t.TempDir(), "termination-log")
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"-dir", ro, "-expect", "password=s3cr3t"}, 0, "pass"},
+		{[]string{"-dir", ro, "-expect", "password=nope", "-timeout", "300ms", "-poll", "100ms"}, 1, "fail"},
+		{[]string{"-dir", t.TempDir()}, 1, "fail"},
+	} {
+		var stdout bytes.Buffer
+		code := run(append(tc.args, "-termination-log", termLog), &stdout, io.Discard)
+		if code != tc.code {
+			t.Errorf("%v: exit %d, want %d", tc.args, code, tc.code)
+		}
+		b, err := os.ReadFile(termLog)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v verdict
+		if err := json.Unmarshal(b, &v); err != nil || v.Verdict != tc.want {
+			t.Errorf("%v: termination log %q (%v), want verdict %s", tc.args, b, err, tc.want)
+		}
+		if strings.Contains(stdout.String()+string(b), "s3cr3t") {
+			t.Errorf("%v: the secret's value was reported: %s", tc.args, stdout.String())
+		}
+		if tc.want == "fail" && !strings.Contains(stdout.String(), `"verdict":"fail"`) {
+			t.Errorf("%v: stdout %q", tc.args, stdout.String())
+		}
+	}
+	if code := run([]string{}, io.Discard, io.Discard); code != 2 {
+		t.Errorf("no -dir: exit %d, want 2", code)
+	}
+}
