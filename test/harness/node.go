@@ -36,6 +36,10 @@ type NodeOptions struct {
 	Images []string
 	// MaxPods is the kubelet's maxPods (default 250).
 	MaxPods int
+	// KubeletRootDir is kubelet's --root-dir (default: kubelet/ in the node's directory). Set it to
+	// /var/lib/kubelet to run manifests that name kubelet's default paths (a CSI driver's hostPath
+	// volumes) unchanged; what the node adds there is removed by Stop like everything else.
+	KubeletRootDir string
 }
 
 // Node is a real Kubernetes node on this machine: containerd (Debian's, with runc) with its root, state
@@ -65,7 +69,7 @@ type Node struct {
 	StaticPodDir string
 	// PodLogDir is kubelet's podLogsDir.
 	PodLogDir string
-	// StartTime is how long StartNode took, until the node was Ready.
+	// StartTime is how long StartNode took from taking the machine's node lock until the node was Ready.
 	StartTime time.Duration
 
 	containerd, kubelet, controllerManager, scheduler *process
@@ -90,7 +94,6 @@ const NodeLockFile = "/run/keyward-node.lock"
 // that started is stopped and cleaned up again.
 // (Over 60 lines: the node's components in the order they depend on each other.)
 func StartNode(ctx context.Context, dir string, opts NodeOptions) (n *Node, err error) {
-	start := time.Now()
 	if opts.Kube == nil {
 		return nil, errors.New("harness: a node needs a kube-apiserver")
 	}
@@ -120,11 +123,15 @@ func StartNode(ctx context.Context, dir string, opts NodeOptions) (n *Node, err 
 	if err != nil {
 		return nil, err
 	}
+	start := time.Now() // StartTime does not count the wait for another node
 	n = &Node{Name: opts.Name, Dir: dir, Kube: opts.Kube, lock: lock,
 		ContainerdSocket: filepath.Join(dir, "containerd.sock"),
-		KubeletRootDir:   filepath.Join(dir, "kubelet"),
+		KubeletRootDir:   opts.KubeletRootDir,
 		StaticPodDir:     filepath.Join(dir, "manifests"),
 		PodLogDir:        filepath.Join(dir, "pod-logs"),
+	}
+	if n.KubeletRootDir == "" {
+		n.KubeletRootDir = filepath.Join(dir, "kubelet")
 	}
 	if n.before, err = snapshotHost(dir); err != nil {
 		lock.Close()

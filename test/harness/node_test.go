@@ -41,13 +41,20 @@ func pauseImage(t *testing.T, dir string) images.Result {
 // work) in its own network namespace on the pods' bridge with no way out (no default route), and
 // after Stop nothing it made is left on the host: no file outside its directory, mount, cgroup,
 // interface, route, process or iptables rule.
-// (Over 60 lines: one node's life, from start to the check that nothing is left.)
+// The second run puts kubelet's root in /var/lib/kubelet, as the shipped manifests expect.
 func TestNodeRunsPodsAndLeavesNothingBehind(t *testing.T) {
 	pause := pauseImage(t, t.TempDir())
+	for _, root := range []string{"", "/var/lib/kubelet"} {
+		t.Run("root="+root, func(t *testing.T) { nodeRunsPodsAndLeavesNothingBehind(t, pause, root) })
+	}
+}
+
+// (Over 60 lines: one node's life, from start to the check that nothing is left.)
+func nodeRunsPodsAndLeavesNothingBehind(t *testing.T, pause images.Result, kubeletRoot string) {
 	dir := harness.Dir(t)
 	ctx, cancel := context.WithTimeout(context.Background(), harness.NodeStartTimeout+3*time.Minute)
 	defer cancel()
-	node, err := harness.StartNode(ctx, dir, harness.NodeOptions{Kube: env.Kube, PauseImage: pause.Tar})
+	node, err := harness.StartNode(ctx, dir, harness.NodeOptions{Kube: env.Kube, PauseImage: pause.Tar, KubeletRootDir: kubeletRoot})
 	harness.Check(t, err)
 	t.Cleanup(node.Stop)
 	t.Logf("node %s Ready in %s", node.Name, node.StartTime.Round(100*time.Millisecond))
@@ -97,11 +104,17 @@ func TestNodeRunsPodsAndLeavesNothingBehind(t *testing.T) {
 			t.Errorf("while the node runs, Leftovers does not see %q (so it could not see it left behind either): %v", want, running)
 		}
 	}
-	if !slices.ContainsFunc(running, func(s string) bool { return strings.HasPrefix(s, "mount "+dir) }) {
-		t.Errorf("while the node runs, Leftovers sees no mount under %s: %v", dir, running)
+	for _, d := range []string{dir + "/containerd/", node.KubeletRootDir} {
+		if !slices.ContainsFunc(running, func(s string) bool { return strings.HasPrefix(s, "mount "+d) }) {
+			t.Errorf("while the node runs, Leftovers sees no mount under %s: %v", d, running)
+		}
 	}
 	t.Logf("while running, the node has %d things on the host outside its files:\n%s", len(running), strings.Join(running, "\n"))
 
+	// The DaemonSet would run on the next node of the same name too.
+	if err := k.AppsV1().DaemonSets(ns).Delete(ctx, ds.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
 	node.Stop()
 	if left := node.Leftovers(); len(left) > 0 {
 		t.Fatalf("the stopped node left on the host:\n%s", strings.Join(left, "\n"))
