@@ -5,11 +5,20 @@ import (
 	"encoding/json"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 )
+
+// TestMain runs secretcheck itself when a test re-executes the test binary as another user.
+func TestMain(m *testing.M) {
+	if os.Getenv("SECRETCHECK_AS_MAIN") == "1" {
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
 
 func TestParseMountinfo(t *testing.T) {
 	in := `22 1 0:21 / / rw,relatime shared:1 - overlay overlay rw,lowerdir=/a
@@ -136,5 +145,86 @@ func TestRunReportsThroughTheTerminationLog(t *testing.T) {
 	}
 	if code := run([]string{}, io.Discard, io.Discard); code != 2 {
 		t.Errorf("no -dir: exit %d, want 2", code)
+	}
+}
+
+// As the image's user (65532), on a volume as kubelet and the driver make it for a pod with that
+// fsGroup (0750 root:65532, files 0440, bind-mounted read-only), secretcheck passes: access(W_OK)
+// answers EACCES there (the kernel checks the permission bits before the mount's read-only flag);
+// it failed every such volume before. The same volume writable by that group still fails.
+func TestNonRootUserPassesOnAReadOnlyVolume(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test mounts tmpfs and switches users: it needs root (the CI machine runs as root)")
+	}
+	bin, err := os.MkdirTemp("", "secretcheck-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(bin) })
+	if err := os.Chmod(bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := filepath.Join(bin, "secretcheck")
+	if err := os.WriteFile(exe, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, mode string
+		pass       bool
+	}{{"0750", "0750", true}, {"0770 (group-writable), read-only mount", "0770", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			base, err := os.MkdirTemp("", "secretcheck-vol-")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.RemoveAll(base) })
+			if err := os.Chmod(base, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			rw, ro := filepath.Join(base, "rw"), filepath.Join(base, "ro")
+			for _, d := range []string{rw, ro} {
+				if err := os.Mkdir(d, 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := syscall.Mount("tmpfs", rw, "tmpfs", 0, "size=1m,gid=65532,mode="+tc.mode); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { syscall.Unmount(rw, syscall.MNT_DETACH) })
+			f := filepath.Join(rw, "password")
+			if err := os.WriteFile(f, []byte("s3cr3t"), 0o440); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chown(f, 0, 65532); err != nil {
+				t.Fatal(err)
+			}
+			if err := syscall.Mount(rw, ro, "", syscall.MS_BIND, ""); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { syscall.Unmount(ro, syscall.MNT_DETACH) })
+			if err := syscall.Mount("", ro, "", syscall.MS_BIND|syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range []struct {
+				dir  string
+				pass bool
+			}{{ro, tc.pass}, {rw, false}} {
+				cmd := exec.Command(exe, "-dir", c.dir, "-expect", "password=s3cr3t", "-termination-log", "/dev/null")
+				cmd.Env = append(os.Environ(), "SECRETCHECK_AS_MAIN=1")
+				cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65532, Gid: 65532}}
+				out, err := cmd.Output()
+				var v verdict
+				if jerr := json.Unmarshal(bytes.TrimSpace(out), &v); jerr != nil {
+					t.Fatalf("%s: output %q (%v): %v", c.dir, out, err, jerr)
+				}
+				if (v.Verdict == "pass") != c.pass || (err == nil) != c.pass {
+					t.Errorf("%s as uid 65532: verdict %+v (exit %v), want pass=%v", c.dir, v, err, c.pass)
+				}
+			}
+		})
 	}
 }
