@@ -7,7 +7,10 @@ import (
 	"strings"
 	"testing"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"sigs.k8s.io/yaml"
 )
 
 // The shipped manifests say what the README says: the NetworkPolicy lets the broker reach the
@@ -147,5 +150,36 @@ func TestTheBrokerDaemonSetNeedsNoSidecar(t *testing.T) {
 		if port["name"] != "healthz" || fmt.Sprint(port["containerPort"]) != "9808" {
 			t.Errorf("%s: ports %v", overlay, c["ports"])
 		}
+	}
+}
+
+// The keyward-kms static pod mounts the PKCS#11 module kms.yaml names as a file, not its directory:
+// Debian's /usr/lib/softhsm/libsofthsm2.so is a relative symlink out of that directory, so a
+// directory mount left keyward-kms unable to load its module on a real node ("cannot load PKCS#11
+// module"); the bind mount of the file follows the link.
+func TestKMSPodMountsItsPKCS11ModuleAsAFile(t *testing.T) {
+	var cfg struct {
+		PKCS11 struct{ Module string } `json:"pkcs11"`
+	}
+	if err := yaml.Unmarshal([]byte(readFile(t, "../../deploy/control-plane/kms.yaml")), &cfg); err != nil || cfg.PKCS11.Module == "" {
+		t.Fatalf("kms.yaml names no PKCS#11 module: %v", err)
+	}
+	var pod corev1.Pod
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(readObject(t, "../../deploy/control-plane/keyward-kms.yaml").Object, &pod); err != nil {
+		t.Fatal(err)
+	}
+	var vol string
+	for _, m := range pod.Spec.Containers[0].VolumeMounts {
+		if m.MountPath == cfg.PKCS11.Module {
+			vol = m.Name
+		}
+	}
+	i := slices.IndexFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == vol })
+	if vol == "" || i < 0 {
+		t.Fatalf("no volume is mounted at the module's path %s", cfg.PKCS11.Module)
+	}
+	hp := pod.Spec.Volumes[i].HostPath
+	if hp == nil || hp.Path != cfg.PKCS11.Module || hp.Type == nil || *hp.Type != corev1.HostPathFile {
+		t.Fatalf("the module's volume %s is %+v, want the host's %s as a File", vol, pod.Spec.Volumes[i].VolumeSource, cfg.PKCS11.Module)
 	}
 }

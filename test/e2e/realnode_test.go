@@ -35,14 +35,28 @@ import (
 // runc, kubelet, kube-controller-manager, kube-scheduler) with Keyward's images imported, and the
 // broker deployed from deploy/overlays/dev.
 type realNode struct {
-	kube   *harness.KubeAPIServer
-	vault  *harness.Vault
-	node   *harness.Node
-	images map[string]images.Result
+	etcd  *harness.Etcd
+	kube  *harness.KubeAPIServer
+	vault *harness.Vault
+	// encryption is the apiserver's --encryption-provider-config, reloaded when it changes: identity
+	// until the KMS step writes deploy/control-plane's (a control-plane node's apiserver starts with
+	// it, but this one has to run before the node whose kubelet runs keyward-kms).
+	encryption string
+	node       *harness.Node
+	images     map[string]images.Result
 	// hostDir holds what the DaemonSet takes from the node's own disk: the audit key and the audit
 	// stream (hostPath volumes, /etc/keyward/audit-key and /var/log/keyward as shipped).
 	hostDir string
 }
+
+// identityOnly is the apiserver's encryption config until keyward-kms runs: Secrets stored as they are.
+const identityOnly = `apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+  - resources: [secrets]
+    providers:
+      - identity: {}
+`
 
 const (
 	realNodeSystemNS = "keyward-system"
@@ -55,7 +69,9 @@ const (
 // registers with kubelet; a pod reads its secret from a read-only tmpfs; a pod without a grant stays
 // ContainerCreating with the broker's PermissionDenied in its events; killing the broker pod keeps
 // the running pods' files and its successor serves them; a rotation in Vault reaches a running pod's
-// file through requiresRepublish; deleting a pod leaves no mount, no file and no Vault token.
+// file through requiresRepublish; deleting a pod leaves no mount, no file and no Vault token. Then
+// keyward-kms runs as the static pod of deploy/control-plane in the same kubelet, and the apiserver,
+// given deploy/control-plane's EncryptionConfiguration, stores Secrets in etcd through it.
 func TestRealNodeServesPodsWithTheShippedManifests(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("the real-node e2e runs kubelet and containerd and needs root")
@@ -69,6 +85,7 @@ func TestRealNodeServesPodsWithTheShippedManifests(t *testing.T) {
 		step{"killing the broker pod keeps the files; its successor serves pods", func(t *testing.T) { r.killBroker(t, reader) }},
 		step{"a rotation in Vault reaches the running pod's file", func(t *testing.T) { r.rotate(t, reader) }},
 		step{"deleting the pod unpublishes: no mount, no file, no Vault token", func(t *testing.T) { r.deletePod(t, reader) }},
+		step{"keyward-kms as the shipped static pod encrypts Secrets in etcd", r.kmsStaticPod},
 	)
 }
 
@@ -94,7 +111,13 @@ func startRealNode(t *testing.T) *realNode {
 		r.images[b.Name] = b
 	}
 	t.Logf("images built in %s", time.Since(start).Round(100*time.Millisecond))
-	r.kube = harness.KubeT(t, harness.KubeOptions{})
+	r.etcd = harness.EtcdT(t)
+	r.encryption = filepath.Join(r.hostDir, "encryption-config.yaml")
+	if err := os.WriteFile(r.encryption, []byte(identityOnly), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r.kube = harness.KubeT(t, harness.KubeOptions{Etcd: r.etcd, EncryptionConfig: r.encryption,
+		ExtraArgs: []string{"--encryption-provider-config-automatic-reload=true"}})
 	r.vault = harness.VaultT(t)
 	provisionVault(t, r.vault, r.kube)
 	r.node = harness.NodeT(t, harness.NodeOptions{Kube: r.kube, PauseImage: r.images["pause"].Tar,
