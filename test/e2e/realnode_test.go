@@ -120,8 +120,10 @@ func startRealNode(t *testing.T) *realNode {
 		ExtraArgs: []string{"--encryption-provider-config-automatic-reload=true"}})
 	r.vault = harness.VaultT(t)
 	provisionVault(t, r.vault, r.kube)
+	// kubelet's default root directory, which the shipped DaemonSet's paths name.
 	r.node = harness.NodeT(t, harness.NodeOptions{Kube: r.kube, PauseImage: r.images["pause"].Tar,
-		Images: []string{r.images["keyward-broker"].Tar, r.images["secretcheck"].Tar}})
+		Images:         []string{r.images["keyward-broker"].Tar, r.images["secretcheck"].Tar},
+		KubeletRootDir: "/var/lib/kubelet"})
 	t.Logf("node %s Ready in %s", r.node.Name, r.node.StartTime.Round(100*time.Millisecond))
 	t.Cleanup(func() { // before the node stops: what a failure needs to be understood
 		if t.Failed() {
@@ -275,47 +277,22 @@ func (r *realNode) patchDaemonSet(t *testing.T, o *unstructured.Unstructured) {
 	spec.Containers[0].Env = append(spec.Containers[0].Env,
 		corev1.EnvVar{Name: "KUBERNETES_SERVICE_HOST", Value: u.Hostname()},
 		corev1.EnvVar{Name: "KUBERNETES_SERVICE_PORT", Value: u.Port()})
-	// kubelet's root directory is the node's (harness.Node.KubeletRootDir), not /var/lib/kubelet: the
-	// host paths, the pods directory's mount path (target paths are host paths), --kubelet-dir and
-	// --kubelet-registration-path move with it, as deploy/README.md says for any other --root-dir.
-	rooted := func(p string) string {
-		if p == "/var/lib/kubelet" || strings.HasPrefix(p, "/var/lib/kubelet/") {
-			return r.node.KubeletRootDir + strings.TrimPrefix(p, "/var/lib/kubelet")
-		}
-		return p
-	}
+	// kubelet's paths stay as shipped: the node's kubelet runs with its default root, /var/lib/kubelet.
+	// The node's audit key and audit stream are the test's, not the machine's /etc/keyward and
+	// /var/log/keyward (other tests and nodes share this machine).
 	moved := 0
-	for i, a := range spec.Containers[0].Args {
-		if name, val, ok := strings.Cut(a, "="); ok && rooted(val) != val {
-			spec.Containers[0].Args[i] = name + "=" + rooted(val)
-			moved++
-		}
-	}
-	for i, m := range spec.Containers[0].VolumeMounts {
-		if rooted(m.MountPath) != m.MountPath {
-			spec.Containers[0].VolumeMounts[i].MountPath = rooted(m.MountPath)
-			moved++
-		}
-	}
 	for i, v := range spec.Volumes {
-		if v.HostPath == nil {
-			continue
-		}
 		switch {
-		case rooted(v.HostPath.Path) != v.HostPath.Path:
-			spec.Volumes[i].HostPath.Path = rooted(v.HostPath.Path)
-			moved++
-		case v.Name == "audit-key":
-			// The node's audit key and audit stream are the test's, not the machine's /etc/keyward and
-			// /var/log/keyward (other tests and nodes share this machine).
+		case v.Name == "audit-key" && v.HostPath != nil:
 			spec.Volumes[i].HostPath.Path = r.auditKeyDir(t)
-		case v.Name == "audit-log":
+			moved++
+		case v.Name == "audit-log" && v.HostPath != nil:
 			spec.Volumes[i].HostPath.Path = filepath.Join(r.hostDir, "log")
+			moved++
 		}
 	}
-	// --kubelet-dir, --kubelet-registration-path; the pods mount; plugin, registration and pods dirs.
-	if moved != 6 {
-		t.Fatalf("moved %d kubelet paths to the node's root directory, want 6: %+v", moved, spec)
+	if moved != 2 {
+		t.Fatalf("the DaemonSet has no audit-key and audit-log hostPath volumes: %+v", spec.Volumes)
 	}
 	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(&ds)
 	if err != nil {
