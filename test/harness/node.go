@@ -22,6 +22,9 @@ import (
 // and kubelet until the node is Ready.
 const NodeStartTimeout = 3 * time.Minute
 
+// NodeLockWait bounds NodeT's wait for another node on the machine to stop (see NodeLockFile).
+const NodeLockWait = 20 * time.Minute
+
 // NodeOptions configure StartNode.
 type NodeOptions struct {
 	// Kube is the apiserver the node registers with (required).
@@ -123,6 +126,8 @@ func StartNode(ctx context.Context, dir string, opts NodeOptions) (n *Node, err 
 	if err != nil {
 		return nil, err
 	}
+	ctx, cancel := context.WithTimeout(ctx, NodeStartTimeout) // the start itself, after the lock
+	defer cancel()
 	start := time.Now() // StartTime does not count the wait for another node
 	n = &Node{Name: opts.Name, Dir: dir, Kube: opts.Kube, lock: lock,
 		ContainerdSocket: filepath.Join(dir, "containerd.sock"),

@@ -80,7 +80,9 @@ func KubeT(tb testing.TB, opts KubeOptions) *KubeAPIServer {
 // test ends.
 func NodeT(tb testing.TB, opts NodeOptions) *Node {
 	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), NodeStartTimeout)
+	// Another package's node may hold the machine's node lock (go test runs packages in parallel):
+	// waiting for it does not count against the start (StartNode bounds the start after the lock).
+	ctx, cancel := context.WithTimeout(context.Background(), NodeLockWait+NodeStartTimeout)
 	defer cancel()
 	n, err := StartNode(ctx, sub(tb, "node"), opts)
 	Check(tb, err)
