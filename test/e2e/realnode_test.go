@@ -27,6 +27,7 @@ import (
 
 	"github.com/keyward/keyward/broker/policy"
 	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/test/harness"
 	"github.com/keyward/keyward/test/images"
 )
@@ -731,6 +732,44 @@ func (r *realNode) deletePod(t *testing.T, reader *corev1.Pod) {
 		return nil
 	})
 	wantPodTokens(t, r.vault, 0, "the pod's Vault token revoked at unpublish")
+	r.checkAudit(t, reader)
+}
+
+// checkAudit reads the broker's audit stream from the node's disk (both broker pods wrote it): it
+// verifies under the node's key, bound to the node, and records the reader's mount and unmount and
+// the denied pod's refusal.
+func (r *realNode) checkAudit(t *testing.T, reader *corev1.Pod) {
+	t.Helper()
+	dir := filepath.Join(r.hostDir, "log", "broker-audit")
+	key, err := audit.ReadKey(filepath.Join(r.hostDir, "audit-key", "audit.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := audit.VerifyDir(dir, audit.VerifyOptions{Key: key, Node: r.node.Name, Stream: "broker"})
+	if err != nil || rep.Problem != "" {
+		t.Fatalf("the broker's audit stream does not verify: %v %+v", err, rep)
+	}
+	recs, err := audit.QueryPath(dir, audit.Filter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for _, rec := range recs {
+		switch {
+		case rec.Type == audit.EventMount && rec.Subject.PodUID == string(reader.UID) && rec.Decision == audit.Allowed:
+			seen[string(rec.Type)] = true
+		case rec.Type == audit.EventUnmount && strings.Contains(rec.Reason, string(reader.UID)) && rec.Decision == audit.Allowed:
+			// An unpublish names no pod but its target path, kubelet's path of the pod's volume.
+			seen[string(rec.Type)] = true
+		case rec.Subject.Namespace == "other-prod" && rec.Decision == audit.Denied && rec.Code == "PermissionDenied":
+			seen["denied"] = true
+		}
+	}
+	for _, want := range []string{string(audit.EventMount), string(audit.EventUnmount), "denied"} {
+		if !seen[want] {
+			t.Errorf("the audit stream (%d records) has no %s record of the scenario's pods: %v", len(recs), want, seen)
+		}
+	}
 }
 
 // podStates summarizes a namespace's pods for a timeout's message.
