@@ -271,7 +271,8 @@ func (d *demo) run() error {
 	csiSock, brokerAudit := filepath.Join(d.dir, "csi.sock"), filepath.Join(d.dir, "broker-audit")
 	brokerProc, err := d.start("keyward-broker", nil, "--csi-socket", csiSock, "--node-id", "node-1", "--config", brokerCfg,
 		"--kubeconfig", kubeconfig, "--audit-dir", brokerAudit, "--audit-key-file", auditKey, "--audit-checkpoint-interval", "1s",
-		"--kubelet-dir", filepath.Join(d.dir, "kubelet"), "--metrics-address", "")
+		"--kubelet-dir", filepath.Join(d.dir, "kubelet"), "--metrics-address", "",
+		"--kubelet-registration-dir", "") // the demo plays kubelet itself: never register with the host's
 	if err != nil {
 		return err
 	}

@@ -52,7 +52,7 @@ func TestNodeRunsPodsAndLeavesNothingBehind(t *testing.T) {
 // (Over 60 lines: one node's life, from start to the check that nothing is left.)
 func nodeRunsPodsAndLeavesNothingBehind(t *testing.T, pause images.Result, kubeletRoot string) {
 	dir := harness.Dir(t)
-	ctx, cancel := context.WithTimeout(context.Background(), harness.NodeStartTimeout+3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), harness.NodeLockWait+harness.NodeStartTimeout+3*time.Minute)
 	defer cancel()
 	node, err := harness.StartNode(ctx, dir, harness.NodeOptions{Kube: env.Kube, PauseImage: pause.Tar, KubeletRootDir: kubeletRoot})
 	harness.Check(t, err)

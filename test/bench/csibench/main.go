@@ -314,7 +314,7 @@ func (b *bench) startDriverEnv(env []string, args ...string) (*exec.Cmd, string,
 	logf, _ := os.Create(filepath.Join(dir, "driver.log"))
 	cmd := exec.Command(bin, "--csi-socket", sock, "--node-id", "node-1", "--config", filepath.Join(dir, "broker.yaml"),
 		"--kubeconfig", kc, "--audit-dir", filepath.Join(dir, "audit"), "--audit-key-file", filepath.Join(dir, "audit.key"), "--log-level", "warn",
-		"--kubelet-dir", filepath.Join(dir, "kubelet"), "--metrics-address", "")
+		"--kubelet-dir", filepath.Join(dir, "kubelet"), "--metrics-address", "", "--kubelet-registration-dir", "")
 	cmd.Args = append(cmd.Args, args...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
