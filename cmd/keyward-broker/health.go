@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/http"
 	"time"
+
+	"github.com/keyward/keyward/internal/metricsserver"
 )
 
 // checks are what the broker's health answers are made of.
@@ -52,16 +54,4 @@ func (c checks) livez() error {
 }
 
 // handle serves /healthz and /livez on mux: 200 "ok", or 503 and why not.
-func (c checks) handle(mux *http.ServeMux) {
-	check := func(f func() error) http.HandlerFunc {
-		return func(w http.ResponseWriter, _ *http.Request) {
-			if err := f(); err != nil {
-				http.Error(w, err.Error(), http.StatusServiceUnavailable)
-				return
-			}
-			fmt.Fprintln(w, "ok")
-		}
-	}
-	mux.Handle("/healthz", check(c.healthz))
-	mux.Handle("/livez", check(c.livez))
-}
+func (c checks) handle(mux *http.ServeMux) { metricsserver.HandleHealth(mux, c.healthz, c.livez) }

@@ -190,16 +190,6 @@ func reloadOnHUP(ctx context.Context, log *zap.Logger, w *pkcs11.Wrapper, svc *p
 func serveHTTP(addr string, reg *prometheus.Registry, svc *plugin.Service) (*http.Server, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	check := func(f func() error) http.HandlerFunc {
-		return func(w http.ResponseWriter, _ *http.Request) {
-			if err := f(); err != nil {
-				http.Error(w, err.Error(), http.StatusServiceUnavailable)
-				return
-			}
-			fmt.Fprintln(w, "ok")
-		}
-	}
-	mux.Handle("/healthz", check(svc.Healthz))
-	mux.Handle("/livez", check(svc.Livez))
+	metricsserver.HandleHealth(mux, svc.Healthz, svc.Livez)
 	return metricsserver.Serve(addr, mux)
 }

@@ -30,3 +30,19 @@ func Serve(addr string, h http.Handler) (*http.Server, error) {
 	go srv.Serve(l)
 	return srv, nil
 }
+
+// HandleHealth serves /healthz and /livez on mux: 200 "ok", or 503 and why not. Both daemons'
+// probes answer this way.
+func HandleHealth(mux *http.ServeMux, healthz, livez func() error) {
+	check := func(f func() error) http.HandlerFunc {
+		return func(w http.ResponseWriter, _ *http.Request) {
+			if err := f(); err != nil {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+			fmt.Fprintln(w, "ok")
+		}
+	}
+	mux.Handle("/healthz", check(healthz))
+	mux.Handle("/livez", check(livez))
+}
