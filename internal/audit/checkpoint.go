@@ -103,12 +103,15 @@ type checkpointLine struct {
 }
 
 // ReadCheckpoint reads the newest checkpoint of node's stream from r: a sink's output, where
-// checkpoint lines may be mixed with other lines (records, logs), which are skipped.
+// checkpoint lines may be mixed with other lines (records, logs), which are skipped. A line may be
+// the daemon's stdout as written, or as kubelet's CRI log file holds it (/var/log/pods/.../0.log:
+// "TIME stdout F LINE"; stderr and partial lines are not checkpoints).
 func ReadCheckpoint(r io.Reader, node, stream string) (*Checkpoint, error) {
 	var best *Checkpoint
 	br := bufio.NewReaderSize(r, 64*1024)
 	for {
 		raw, err := readLine(br)
+		raw = criContent(raw)
 		if bytes.Contains(raw, []byte(`"keyward_audit_checkpoint"`)) {
 			var cl checkpointLine
 			if json.Unmarshal(raw, &cl) == nil && cl.Checkpoint != nil && cl.Checkpoint.Node == node && cl.Checkpoint.Stream == stream &&
@@ -127,6 +130,26 @@ func ReadCheckpoint(r io.Reader, node, stream string) (*Checkpoint, error) {
 		return nil, fmt.Errorf("no checkpoint of node %q's %q stream found", node, stream)
 	}
 	return best, nil
+}
+
+// criContent is the logged line of a CRI container log line ("TIME stdout F LINE"): the one format
+// kubelet writes containers' output in. Any other line is returned as it is; a CRI line of stderr or
+// a partial (P) line gives nil.
+func criContent(line []byte) []byte {
+	if len(line) == 0 || line[0] == '{' {
+		return line
+	}
+	f := bytes.SplitN(line, []byte(" "), 4)
+	if len(f) != 4 {
+		return line
+	}
+	if _, err := time.Parse(time.RFC3339Nano, string(f[0])); err != nil {
+		return line
+	}
+	if string(f[1]) != "stdout" || string(f[2]) != "F" {
+		return nil
+	}
+	return f[3]
 }
 
 // checkCheckpoint is the verifier's check of the checkpoint itself, before the walk: with a

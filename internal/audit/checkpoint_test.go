@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -194,4 +195,33 @@ func TestCheckpointSignerFailureKeepsRecordsFlowing(t *testing.T) {
 			t.Fatalf("records written while the signer hung: %+v, %v", rep, err)
 		}
 	})
+}
+
+// A checkpoint is read from kubelet's CRI log file of the daemon's container as from its stdout:
+// "TIME stdout F LINE" lines, mixed with other output. A checkpoint line on stderr, a partial line,
+// or a line whose prefix is not a CRI prefix is not a checkpoint.
+func TestReadCheckpointFromACRILogFile(t *testing.T) {
+	line := func(seq int) string {
+		return fmt.Sprintf(`{"keyward_audit_checkpoint":{"node":"node-a","stream":"kms","key_id":"k","seq":%d,"mac":"m","time":"2026-12-01T00:00:00Z"}}`, seq)
+	}
+	cri := strings.Join([]string{
+		`2026-12-01T21:00:00.000000001Z stdout F {"level":"info","msg":"serving"}`,
+		"2026-12-01T21:00:01.5Z stdout F " + line(7),
+		"2026-12-01T21:00:02Z stderr F " + line(9),  // stderr: not the checkpoint sink
+		"2026-12-01T21:00:03Z stdout P " + line(10), // a partial line
+		"not-a-time stdout F " + line(11),           // not a CRI prefix: not JSON either
+		"2026-12-01T21:00:04Z stdout F " + line(8),
+		"",
+	}, "\n")
+	cp, err := ReadCheckpoint(strings.NewReader(cri), "node-a", "kms")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cp.Seq != 8 {
+		t.Fatalf("read checkpoint seq %d from the CRI log, want 8 (7 and 8 are stdout's full lines)", cp.Seq)
+	}
+	// As the daemon wrote it, unwrapped, the same reader takes it.
+	if cp, err := ReadCheckpoint(strings.NewReader(line(3)+"\n"), "node-a", "kms"); err != nil || cp.Seq != 3 {
+		t.Fatalf("plain line: %+v %v", cp, err)
+	}
 }

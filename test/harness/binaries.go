@@ -56,6 +56,7 @@ var binaries = map[string]struct{ versionVar, script string }{
 	"kubelet":                 {"KUBE_VERSION", "test/tools/build-kubelet.sh"},
 	"kube-controller-manager": {"KUBE_VERSION", "test/tools/build-kube-controller-manager.sh"},
 	"kube-scheduler":          {"KUBE_VERSION", "test/tools/build-kube-scheduler.sh"},
+	"kubectl":                 {"KUBE_VERSION", "test/tools/build-kubectl.sh"},
 }
 
 // Binary returns the path of a cached component binary, or an error wrapping ErrMissing that names

@@ -10,5 +10,6 @@ start=$SECONDS
 "$here/build-kubelet.sh"
 "$here/build-kube-controller-manager.sh"
 "$here/build-kube-scheduler.sh"
+"$here/build-kubectl.sh"
 "$here/build-vault.sh"
 echo "deps: ready in $((SECONDS - start)) s (cache: ${KEYWARD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/keyward})" >&2

@@ -26,7 +26,7 @@ import (
 	"github.com/keyward/keyward/broker/policy"
 	"github.com/keyward/keyward/csi"
 	"github.com/keyward/keyward/test/harness"
-	"github.com/keyward/keyward/test/images"
+	"github.com/keyward/keyward/test/realnode"
 )
 
 const (
@@ -110,15 +110,9 @@ func run(ctx context.Context, pods, rounds int) error {
 	defer env.Stop()
 	b := &bench{env: env, dir: env.Dir}
 	start := time.Now()
-	built, err := images.Build(ctx, images.Options{ModuleDir: repo, OutDir: filepath.Join(env.Dir, "images"),
-		Images: []string{"keyward-broker", "pause"},
-		Meta:   images.Meta{Source: "https://example.invalid/keyward", Revision: "bench", Version: "bench", Created: time.Unix(0, 0).UTC()}})
+	img, err := realnode.BuildImages(ctx, repo, filepath.Join(env.Dir, "images"), "", "keyward-broker", "pause")
 	if err != nil {
 		return err
-	}
-	img := map[string]images.Result{}
-	for _, r := range built {
-		img[r.Name] = r
 	}
 	b.pause = img["pause"].Ref
 	fmt.Printf("images built in %s\n", time.Since(start).Round(100*time.Millisecond))
@@ -143,10 +137,13 @@ func run(ctx context.Context, pods, rounds int) error {
 	if b.client, err = kubernetes.NewForConfig(cfg); err != nil {
 		return err
 	}
-	if err := b.deployBroker(ctx, repo); err != nil {
+	// The broker as the real-node e2e deploys it: deploy/overlays/dev, patched for this machine.
+	cluster := &realnode.Cluster{Repo: repo, Etcd: env.Etcd, Kube: env.Kube, Vault: env.Vault, Node: b.node, HostDir: env.Dir}
+	pod, err := cluster.DeployBroker(ctx, benchPolicy, nil, nil)
+	if err != nil {
 		return err
 	}
-	if b.broker, err = b.brokerPid(ctx); err != nil {
+	if b.broker, err = realnode.ContainerPid(pod, "broker", "keyward-broker"); err != nil {
 		return err
 	}
 	pids := b.node.Pids()
@@ -336,7 +333,7 @@ func (b *bench) phase(ctx context.Context, kind, round string, n int) (phase, er
 	if err := pods.DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: &grace}, sel); err != nil {
 		return res, err
 	}
-	if err := waitFor(ctx, 15*time.Minute, set+" pods gone", func() error {
+	if err := realnode.Poll(ctx, 15*time.Minute, set+" pods gone", func() error {
 		l, err := pods.List(ctx, sel)
 		if err != nil {
 			return err
@@ -520,22 +517,5 @@ func report(results []phase, n int) {
 	sort.Float64s(ratios)
 	if len(ratios) > 0 {
 		fmt.Printf("ratio secret/emptyDir time to all %d Running: %.2f–%.2f over %d rounds\n", n, ratios[0], ratios[len(ratios)-1], len(ratios))
-	}
-}
-
-// waitFor polls f every 500 ms until it succeeds or timeout passes.
-func waitFor(ctx context.Context, timeout time.Duration, what string, f func() error) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	for {
-		err := f()
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%s: %w (last: %v)", what, ctx.Err(), err)
-		case <-time.After(500 * time.Millisecond):
-		}
 	}
 }
