@@ -65,9 +65,16 @@ type Volume struct {
 	SizeLimit int64
 }
 
-// ParseVolume validates volume attributes strictly. Errors wrap fault.ErrInvalid (or
-// ErrUnauthenticated for a missing token) and name the entry at fault; they never hold the token.
-func ParseVolume(attrs map[string]string, audience string) (Volume, error) {
+// ParseVolume validates volume attributes and publish secrets strictly. Errors wrap fault.ErrInvalid
+// (or ErrUnauthenticated for a missing token) and name the entry at fault; they never hold the token.
+//
+// kubelet passes the pod's service-account tokens (AttrTokens) in the volume attributes, or, when the
+// CSIDriver sets serviceAccountTokenInSecrets (as deploy/ does; GA in Kubernetes 1.36), in the publish
+// secrets, which CSI tooling never logs. The broker takes them from either, but from exactly one: the
+// other place is the pod's own (its volumeAttributes; its nodePublishSecretRef's Secret), so a token
+// in both is a pod trying to supply its own and is refused. Publish secrets carry nothing else: a
+// nodePublishSecretRef adding other keys is refused too.
+func ParseVolume(attrs, secrets map[string]string, audience string) (Volume, error) {
 	v := Volume{SizeLimit: DefaultSizeLimit}
 	for k, val := range attrs {
 		switch k {
@@ -99,7 +106,18 @@ func ParseVolume(attrs map[string]string, audience string) (Volume, error) {
 	if v.Claimed.Namespace == "" || v.Claimed.PodName == "" || v.Claimed.PodUID == "" {
 		return Volume{}, fmt.Errorf("pod information missing (the CSIDriver needs podInfoOnMount: true): %w", fault.ErrInvalid)
 	}
+	for k := range secrets {
+		if k != AttrTokens {
+			return Volume{}, fmt.Errorf("publish secret %.64q: the driver takes no credentials from the pod (remove nodePublishSecretRef): %w", k, fault.ErrInvalid)
+		}
+	}
 	tokens, ok := attrs[AttrTokens]
+	if fromSecrets, inSecrets := secrets[AttrTokens]; inSecrets {
+		if ok {
+			return Volume{}, fmt.Errorf("%s is both a volume attribute and a publish secret: kubelet sets only one, the other is the pod's own: %w", AttrTokens, fault.ErrInvalid)
+		}
+		tokens, ok = fromSecrets, true
+	}
 	if !ok || tokens == "" {
 		return Volume{}, fmt.Errorf("no service-account token (the CSIDriver needs tokenRequests with audience %q): %w", audience, fault.ErrUnauthenticated)
 	}

@@ -26,7 +26,7 @@ func attrs(secrets string, mutate ...func(map[string]string)) map[string]string 
 }
 
 func TestParseVolume(t *testing.T) {
-	v, err := ParseVolume(attrs("- {ref: payments/db, key: password, file: db, mode: \"0440\", version: 3}\n- {ref: shared/ca, key: crt, file: ca}"), "keyward")
+	v, err := ParseVolume(attrs("- {ref: payments/db, key: password, file: db, mode: \"0440\", version: 3}\n- {ref: shared/ca, key: crt, file: ca}"), nil, "keyward")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,12 +61,49 @@ func TestParseVolume(t *testing.T) {
 		"size limit too big": {attrs("- {ref: a/b, key: k, file: f}", func(m map[string]string) { m[AttrSizeLimit] = "999999999" }), fault.ErrInvalid, "sizeLimit"},
 	} {
 		t.Run(name, func(t *testing.T) {
-			_, err := ParseVolume(tc.a, "keyward")
+			_, err := ParseVolume(tc.a, nil, "keyward")
 			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.msg) {
 				t.Fatalf("err = %v, want %v mentioning %q", err, tc.want, tc.msg)
 			}
 			if strings.Contains(err.Error(), "CANARY") {
 				t.Fatal("the error contains the token")
+			}
+		})
+	}
+}
+
+// With serviceAccountTokenInSecrets, kubelet passes the token in the publish secrets instead: the
+// broker takes it from there, but from exactly one place. A token in both is the pod supplying its
+// own (its volumeAttributes, or its nodePublishSecretRef's Secret) and is refused; so is any other
+// publish secret.
+func TestParseVolumeTokenInPublishSecrets(t *testing.T) {
+	tokens := attrs("")[AttrTokens]
+	noToken := func(m map[string]string) { delete(m, AttrTokens) }
+	v, err := ParseVolume(attrs("- {ref: a/b, key: k, file: f}", noToken), map[string]string{AttrTokens: tokens}, "keyward")
+	if err != nil || v.Token.Reveal() != canaryToken {
+		t.Fatalf("token from the publish secrets: %v", err)
+	}
+	for name, tc := range map[string]struct {
+		a       map[string]string
+		secrets map[string]string
+		want    error
+		msg     string
+	}{
+		"token in both (the pod's volumeAttributes)": {attrs("- {ref: a/b, key: k, file: f}"), map[string]string{AttrTokens: tokens}, fault.ErrInvalid, "both"},
+		"token in both (the pod's nodePublishSecretRef)": {attrs("- {ref: a/b, key: k, file: f}"),
+			map[string]string{AttrTokens: `{"keyward":{"token":"` + canaryToken + `-forged"}}`}, fault.ErrInvalid, "both"},
+		"another publish secret": {attrs("- {ref: a/b, key: k, file: f}", noToken),
+			map[string]string{AttrTokens: tokens, "password": "CANARY-pod-secret"}, fault.ErrInvalid, `"password"`},
+		"empty token in the secrets":   {attrs("- {ref: a/b, key: k, file: f}", noToken), map[string]string{AttrTokens: ""}, fault.ErrUnauthenticated, "tokenRequests"},
+		"garbled token in the secrets": {attrs("- {ref: a/b, key: k, file: f}", noToken), map[string]string{AttrTokens: canaryToken}, fault.ErrInvalid, "JSON"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := ParseVolume(tc.a, tc.secrets, "keyward")
+			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.msg) {
+				t.Fatalf("err = %v, want %v mentioning %q", err, tc.want, tc.msg)
+			}
+			if strings.Contains(err.Error(), "CANARY") {
+				t.Fatal("the error contains the token or a secret")
 			}
 		})
 	}
@@ -90,22 +127,22 @@ func TestDescribeRedacts(t *testing.T) {
 // answers for another text: an invalid list is still refused after a valid one was cached.
 func TestParsedSecretsAreMemoizedAndBounded(t *testing.T) {
 	good := "- {ref: payments/db, key: password, file: db}"
-	a, err := ParseVolume(attrs(good), "keyward")
+	a, err := ParseVolume(attrs(good), nil, "keyward")
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := ParseVolume(attrs(good), "keyward")
+	b, err := ParseVolume(attrs(good), nil, "keyward")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if &a.Files[0] != &b.Files[0] {
 		t.Fatal("the second parse of the same list did not come from the cache")
 	}
-	if _, err := ParseVolume(attrs(good+"\n- {ref: payments/db, key: password, file: db}"), "keyward"); !errors.Is(err, fault.ErrInvalid) {
+	if _, err := ParseVolume(attrs(good+"\n- {ref: payments/db, key: password, file: db}"), nil, "keyward"); !errors.Is(err, fault.ErrInvalid) {
 		t.Fatalf("a duplicate-file list after a cached valid one: %v", err)
 	}
 	for i := range 2 * maxParsedSecrets {
-		if _, err := ParseVolume(attrs(fmt.Sprintf("- {ref: payments/s%d, key: k, file: f}", i)), "keyward"); err != nil {
+		if _, err := ParseVolume(attrs(fmt.Sprintf("- {ref: payments/s%d, key: k, file: f}", i)), nil, "keyward"); err != nil {
 			t.Fatal(err)
 		}
 	}

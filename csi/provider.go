@@ -66,7 +66,7 @@ func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) 
 	delete(attrs, attrSecretProviderClass)
 	breq.Claimed = claimedPod(attrs)
 	breq.RequestID = "provider/" + breq.Claimed.PodUID + "/" + nonce()
-	vol, err := ParseVolume(attrs, p.o.Audience)
+	vol, err := ParseVolume(attrs, nil, p.o.Audience) // the provider API gets the token in the attributes
 	if err != nil {
 		return nil, p.refuse(ctx, breq, err)
 	}

@@ -130,7 +130,7 @@ func (s *Server) checkPublish(req *csipb.NodePublishVolumeRequest) (Volume, int,
 	case !req.GetReadonly():
 		return Volume{}, 0, fmt.Errorf("the volume must be read-only: set readOnly: true on the CSI volume in the pod spec (a writable volume would let the pod change what the driver reads back): %w", fault.ErrInvalid)
 	}
-	vol, err := ParseVolume(req.GetVolumeContext(), s.o.Audience)
+	vol, err := ParseVolume(req.GetVolumeContext(), req.GetSecrets(), s.o.Audience)
 	if err != nil {
 		return Volume{}, 0, err
 	}

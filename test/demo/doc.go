@@ -1,9 +1,12 @@
-// Command demo is `make demo`: the whole Keyward flow on loopback, with the real components, step by
-// step, then everything torn down. It exits non-zero if any step fails.
+// Command demo is `make demo`: the whole Keyward flow on loopback with the real components and a real
+// node, step by step, then everything torn down. It exits non-zero if any step fails.
 //
-// SoftHSM2 holds the key-encryption key; keyward-kms is kube-apiserver's KMS v2 provider over etcd;
-// Vault holds the secrets; keyward-broker (the CSI node driver) delivers them into a tmpfs for a pod,
-// called the way kubelet calls it, with a real pod-bound token. It needs root (tmpfs mounts).
+// It builds Keyward's images, starts etcd, kube-apiserver and Vault, and a real node (containerd,
+// runc, kubelet, kube-controller-manager, kube-scheduler) with the images imported; keyward-kms runs
+// as the shipped static pod with its KEK in a SoftHSM2 token, and the apiserver encrypts Secrets
+// through it; the broker is deployed from deploy/overlays/dev and serves real pods; what an operator
+// would see is shown with kubectl. It needs root (a node).
 //
-// It may import the harness, the Keyward packages and client-go; it runs the real binaries.
+// It may import the harness, test/realnode, the Keyward packages and client-go; it runs the real
+// binaries.
 package main

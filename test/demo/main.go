@@ -1,10 +1,7 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -13,19 +10,16 @@ import (
 	"syscall"
 	"time"
 
-	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kmsapi "k8s.io/kms/apis/v2"
 
-	"github.com/keyward/keyward/csi"
-	"github.com/keyward/keyward/csi/tmpfs"
+	"github.com/keyward/keyward/broker/policy"
 	"github.com/keyward/keyward/kms/envelope"
 	"github.com/keyward/keyward/test/harness"
+	"github.com/keyward/keyward/test/realnode"
 )
 
 var stepN int
@@ -49,26 +43,12 @@ func main() {
 }
 
 type demo struct {
-	dir     string
-	bin     string
-	procs   []*proc
-	cleanup []func()
-}
-
-type proc struct {
-	name string
-	cmd  *exec.Cmd
-	done chan struct{}
-}
-
-// check fails when the process has exited, pointing at its log.
-func (p *proc) check(dir string) error {
-	select {
-	case <-p.done:
-		return errExited{fmt.Errorf("%s exited; see %s.log:\n%s", p.name, p.name, strings.Join(tail(filepath.Join(dir, p.name+".log"), 3), "\n"))}
-	default:
-		return nil
-	}
+	dir        string
+	bin        string
+	kubeconfig string
+	kubectlBin string
+	c          *realnode.Cluster
+	cleanup    []func()
 }
 
 func (d *demo) teardown() {
@@ -76,62 +56,49 @@ func (d *demo) teardown() {
 	for i := len(d.cleanup) - 1; i >= 0; i-- {
 		d.cleanup[i]()
 	}
-	for i := len(d.procs) - 1; i >= 0; i-- {
-		d.procs[i].cmd.Process.Signal(syscall.SIGTERM)
-		<-d.procs[i].done
-	}
-	if d.dir != "" {
-		tmpfs.UnmountAllUnder(d.dir) // only if an unpublish above failed
-	}
 	if d.dir != "" && os.Getenv("KEYWARD_DEMO_KEEP") == "" {
 		os.RemoveAll(d.dir)
 	}
-	show("stopped every process, unmounted the volume, removed %s", d.dir)
+	show("deleted the pods, stopped the node (kubelet unmounted the volumes; the harness removed what kubelet and containerd leave), the apiserver, etcd and Vault; removed %s", d.dir)
 }
 
-func (d *demo) start(name string, env []string, args ...string) (*proc, error) {
-	logf, err := os.Create(filepath.Join(d.dir, name+".log"))
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(filepath.Join(d.bin, name), args...)
-	cmd.Env = append(os.Environ(), env...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, err
-	}
-	p := &proc{name: name, cmd: cmd, done: make(chan struct{})}
-	go func() { cmd.Wait(); logf.Close(); close(p.done) }()
-	d.procs = append(d.procs, p)
-	return p, nil
-}
-
+// ctl runs keywardctl, as an operator on the node would.
 func (d *demo) ctl(env []string, args ...string) (string, error) {
 	cmd := exec.Command(filepath.Join(d.bin, "keywardctl"), args...)
 	cmd.Env = append(os.Environ(), env...)
 	out, err := cmd.CombinedOutput()
-	return strings.TrimSpace(string(out)), err
+	if err != nil {
+		return "", fmt.Errorf("keywardctl %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+	return strings.TrimSpace(string(out)), nil
 }
 
-// errExited marks an error poll must not retry.
-type errExited struct{ error }
+// kubectl runs kubectl with the admin kubeconfig and prints the command and what it printed; keep,
+// when not nil, selects the lines shown.
+func (d *demo) kubectl(keep func([]string) []string, args ...string) (string, error) {
+	out, err := exec.Command(d.kubectlBin, append([]string{"--kubeconfig", d.kubeconfig}, args...)...).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("kubectl %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+	show("$ kubectl %s", strings.Join(args, " "))
+	lines := strings.Split(strings.TrimRight(string(out), "\n"), "\n")
+	if keep != nil {
+		lines = keep(lines)
+	}
+	for _, l := range lines {
+		show("  %s", l)
+	}
+	return string(out), nil
+}
 
-func poll(ctx context.Context, f func() error) error {
-	for {
-		err := f()
-		if err == nil {
-			return nil
-		}
-		if e, ok := err.(errExited); ok {
-			return e.error
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w (last: %v)", ctx.Err(), err)
-		case <-time.After(100 * time.Millisecond):
+// events keeps describe's Events section.
+func events(lines []string) []string {
+	for i, l := range lines {
+		if strings.HasPrefix(l, "Events:") {
+			return lines[i:]
 		}
 	}
+	return lines
 }
 
 const policyYAML = `environments:
@@ -145,103 +112,119 @@ grants:
 // (Over 60 lines: a narrated script, one printed step after another; split, the story would scatter across functions.)
 func (d *demo) run() error {
 	if os.Geteuid() != 0 {
-		return fmt.Errorf("the demo mounts tmpfs volumes as the CSI driver does: run it as root")
+		return fmt.Errorf("the demo runs a real node (containerd, runc, kubelet) and needs root")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), harness.NodeLockWait+15*time.Minute)
 	defer cancel()
 	var err error
+	for _, b := range []string{"kubectl", "kubelet", "kube-controller-manager", "kube-scheduler"} {
+		if _, err := harness.Binary(b); err != nil {
+			return err
+		}
+	}
+	if d.kubectlBin, err = harness.Binary("kubectl"); err != nil {
+		return err
+	}
 	if d.dir, err = harness.ShortTempDir("kw-demo-"); err != nil {
 		return err
 	}
+	repo, err := harness.RepoFile(".")
+	if err != nil {
+		return err
+	}
 	d.bin = filepath.Join(d.dir, "bin")
-	step("build keyward-kms, keyward-broker and keywardctl")
-	if out, err := exec.Command("go", "build", "-o", d.bin+"/", "github.com/keyward/keyward/cmd/...").CombinedOutput(); err != nil {
+	step("build keywardctl (the operator's CLI, run on the nodes) and Keyward's images (as make images does)")
+	if out, err := exec.Command("go", "build", "-o", d.bin+"/", "github.com/keyward/keyward/cmd/keywardctl").CombinedOutput(); err != nil {
 		return fmt.Errorf("go build: %v: %s", err, out)
 	}
+	imgs, err := realnode.BuildImages(ctx, repo, filepath.Join(d.dir, "images"), "", "keyward-broker", "pause", "secretcheck")
+	if err != nil {
+		return err
+	}
+	for _, n := range []string{"keyward-broker", "secretcheck", "pause"} {
+		show("%-28s %s  %5.1f MB  user %s", imgs[n].Ref, imgs[n].Digest.String()[:19]+"...", float64(imgs[n].TarSize)/1e6, imgs[n].User)
+	}
 
-	step("SoftHSM2 token with a key-encryption key that never leaves it")
-	hsm, err := harness.NewSoftHSM(d.dir, "keyward")
-	if err != nil {
-		return err
-	}
-	kmsCfg := filepath.Join(d.dir, "kms.yaml")
-	os.WriteFile(kmsCfg, []byte(fmt.Sprintf("pkcs11: {module: %s, tokenLabel: keyward, pinFile: %s, keyLabel: kek}\nhealthInterval: 1s\n", hsm.Module, hsm.PINFile)), 0o600)
-	out, err := d.ctl(hsm.Env(), "kms", "keys", "create", "--config", kmsCfg)
-	if err != nil {
-		return fmt.Errorf("%v: %s", err, out)
-	}
-	show("keywardctl kms keys create: %s", out)
-
-	step("keyward-kms: the KMS v2 plugin on a unix socket")
-	// One audit key per node, derived from a master key the security team keeps off the nodes.
-	auditMaster, auditKey := filepath.Join(d.dir, "audit-master.key"), filepath.Join(d.dir, "audit.key")
-	os.WriteFile(auditMaster, []byte(strings.Repeat("demo-audit-master-", 3)), 0o600)
-	if out, err = d.ctl(nil, "audit", "node-key", "--master-key-file", auditMaster, "--node", "node-1", "--out", auditKey); err != nil {
-		return fmt.Errorf("%v: %s", err, out)
-	}
-	show("keywardctl audit node-key: %s", out)
-	kmsSock, kmsAudit := filepath.Join(d.dir, "kms.sock"), filepath.Join(d.dir, "kms-audit")
-	kmsProc, err := d.start("keyward-kms", hsm.Env(), "--socket", kmsSock, "--config", kmsCfg, "--metrics-address", "",
-		"--node-name", "node-1", "--audit-dir", kmsAudit, "--audit-key-file", auditKey, "--audit-checkpoint-interval", "1s")
-	if err != nil {
-		return err
-	}
-	kconn, err := grpc.NewClient("unix://"+kmsSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return err
-	}
-	defer kconn.Close()
-	kmsClient := kmsapi.NewKeyManagementServiceClient(kconn)
-	var st *kmsapi.StatusResponse
-	if err := poll(ctx, func() error {
-		if err := kmsProc.check(d.dir); err != nil {
-			return err
-		}
-		st, err = kmsClient.Status(ctx, &kmsapi.StatusRequest{})
-		if err == nil && st.Healthz != "ok" {
-			err = fmt.Errorf("healthz %s", st.Healthz)
-		}
-		return err
-	}); err != nil {
-		return err
-	}
-	show("Status: version %s, healthz %s, key_id %s", st.Version, st.Healthz, st.KeyId)
-
-	step("etcd %s and kube-apiserver %s with keyward-kms as the encryption provider for Secrets",
+	step("etcd %s, kube-apiserver %s and Vault (a test dev server) on loopback",
 		harness.Versions()["ETCD_VERSION"], harness.Versions()["KUBE_VERSION"])
-	encCfg := filepath.Join(d.dir, "encryption.yaml")
-	if err := harness.WriteEncryptionConfig(encCfg, kmsSock, 3*time.Second); err != nil {
+	encryption := filepath.Join(d.dir, "encryption-config.yaml")
+	if err := os.WriteFile(encryption, []byte(realnode.IdentityOnly), 0o600); err != nil {
 		return err
 	}
-	env, err := harness.StartEnv(ctx, harness.EnvOptions{Kube: true, Vault: true, KubeOptions: harness.KubeOptions{EncryptionConfig: encCfg}})
+	env, err := harness.StartEnv(ctx, harness.EnvOptions{Kube: true, Vault: true, KubeOptions: harness.KubeOptions{
+		EncryptionConfig: encryption, ExtraArgs: []string{"--encryption-provider-config-automatic-reload=true"}}})
 	if err != nil {
 		return err
 	}
 	d.cleanup = append(d.cleanup, env.Stop)
 	k, v := env.Kube, env.Vault
-	show("apiserver %s, etcd %s (mutual TLS), Vault %s (a test dev server)", k.URL, env.Etcd.Endpoint, v.Addr)
+	if d.kubeconfig, err = k.WriteKubeconfig(filepath.Join(d.dir, "kubeconfig"), ""); err != nil {
+		return err
+	}
+	show("apiserver %s, etcd %s (mutual TLS), Vault %s", k.URL, env.Etcd.Endpoint, v.Addr)
 
-	step("namespaces payments-prod (environment prod) and payments-dev (dev), a pod in each, and the policy")
-	pods := map[string]*corev1.Pod{}
+	step("a real node: containerd and runc, kubelet, kube-controller-manager and kube-scheduler; the images imported (no registry)")
+	start := time.Now()
+	nodeDir := filepath.Join(d.dir, "node")
+	if err := os.MkdirAll(nodeDir, 0o700); err != nil {
+		return err
+	}
+	node, err := harness.StartNode(ctx, nodeDir, harness.NodeOptions{Kube: k, PauseImage: imgs["pause"].Tar,
+		Images: []string{imgs["keyward-broker"].Tar, imgs["secretcheck"].Tar}, KubeletRootDir: "/var/lib/kubelet"})
+	if err != nil {
+		return err
+	}
+	d.cleanup = append(d.cleanup, node.Stop)
+	d.c = &realnode.Cluster{Repo: repo, Etcd: env.Etcd, Kube: k, Vault: v, Node: node, HostDir: filepath.Join(d.dir, "host"),
+		Encryption: encryption, Keywardctl: filepath.Join(d.bin, "keywardctl")}
+	show("Ready %s after the start (%s with the wait for the machine's node lock)", node.StartTime.Round(100*time.Millisecond), time.Since(start).Round(time.Second))
+	if _, err := d.kubectl(nil, "get", "nodes"); err != nil {
+		return err
+	}
+
+	step("keyward-kms: the KEK created in a SoftHSM2 token on the node, the shipped static pod (deploy/control-plane)")
+	auditMaster, auditKeyFile := filepath.Join(d.dir, "audit-master.key"), filepath.Join(d.dir, "node-audit.key")
+	// One audit key per node, derived from a master key the security team keeps off the nodes.
+	if err := os.WriteFile(auditMaster, []byte(strings.Repeat("demo-audit-master-", 3)), 0o600); err != nil {
+		return err
+	}
+	out, err := d.ctl(nil, "audit", "node-key", "--master-key-file", auditMaster, "--node", node.Name, "--out", auditKeyFile)
+	if err != nil {
+		return err
+	}
+	show("keywardctl audit node-key: %s", out)
+	auditKey, err := os.ReadFile(auditKeyFile)
+	if err != nil {
+		return err
+	}
+	kmsNode, err := d.c.DeployKMS(ctx, auditKey)
+	if err != nil {
+		return err
+	}
+	if _, err := d.kubectl(nil, "-n", "kube-system", "get", "pods", "-o", "wide"); err != nil {
+		return err
+	}
+	kconn, err := grpc.NewClient("unix://"+kmsNode.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer kconn.Close()
+	kmsClient := kmsapi.NewKeyManagementServiceClient(kconn)
+	st, err := kmsClient.Status(ctx, &kmsapi.StatusRequest{})
+	if err != nil {
+		return err
+	}
+	show("Status on the shared socket: version %s, healthz %s, key_id %s", st.Version, st.Healthz, st.KeyId)
+
+	step("namespaces payments-prod (environment prod) and payments-dev (dev); secrets in Vault, per environment")
 	for ns, e := range map[string]string{"payments-prod": "prod", "payments-dev": "dev"} {
-		if _, err := k.CreateNamespace(ctx, ns, map[string]string{"keyward.dev/environment": e}); err != nil {
+		if _, err := k.CreateNamespace(ctx, ns, map[string]string{policy.EnvironmentLabel: e}); err != nil {
 			return err
 		}
 		if _, err := k.CreateServiceAccount(ctx, ns, "api"); err != nil {
 			return err
 		}
-		if pods[ns], err = k.CreatePod(ctx, ns, "api-0", "api", "node-1"); err != nil {
-			return err
-		}
-		show("namespace %s (keyward.dev/environment=%s), pod api-0 uid %s", ns, e, pods[ns].UID)
 	}
-	policyPath := filepath.Join(d.dir, "policy.yaml")
-	os.WriteFile(policyPath, []byte(policyYAML), 0o600)
-	for _, l := range strings.Split(strings.TrimSpace(policyYAML), "\n") {
-		show("  %s", l)
-	}
-
-	step("secrets in Vault (KV v2 per environment) with kubernetes-auth roles and per-namespace policies per environment")
 	if err := v.EnableKVv2(ctx, "kv"); err != nil {
 		return err
 	}
@@ -258,131 +241,141 @@ func (d *demo) run() error {
 		if err := v.GrantEnvironment(ctx, "kubernetes", "kv", e, []string{ns}, []string{"api"}, "keyward"); err != nil {
 			return err
 		}
-		show("kv/%s/%s/db (password); Vault policy %s-read: kv/data/%s/<the login's namespace>/* and kv/data/%s/shared/*", e, ns, e, e, e)
+		show("kv/%s/%s/db (password); Vault role %s: kv/data/%s/<the login's namespace>/* and kv/data/%s/shared/*", e, ns, e, e, e)
+	}
+	if _, err := d.kubectl(nil, "get", "namespaces", "-L", policy.EnvironmentLabel, "payments-prod", "payments-dev"); err != nil {
+		return err
 	}
 
-	step("keyward-broker: the CSI node driver")
-	kubeconfig, err := k.WriteKubeconfig(filepath.Join(d.dir, "kubeconfig"), "")
+	step("kubectl apply -k deploy/overlays/dev, with the broker's policy (and Vault's address; host network: no kube-proxy here)")
+	for _, l := range strings.Split(strings.TrimSpace(policyYAML), "\n") {
+		show("  %s", l)
+	}
+	start = time.Now()
+	broker, err := d.c.DeployBroker(ctx, policyYAML, auditKey, func(obj string) { show("%s created", obj) })
 	if err != nil {
 		return err
 	}
-	brokerCfg := filepath.Join(d.dir, "broker.yaml")
-	os.WriteFile(brokerCfg, []byte(fmt.Sprintf("policyFile: %s\nvault: {address: %s, allowInsecureHTTP: true}\n", policyPath, v.Addr)), 0o600)
-	csiSock, brokerAudit := filepath.Join(d.dir, "csi.sock"), filepath.Join(d.dir, "broker-audit")
-	brokerProc, err := d.start("keyward-broker", nil, "--csi-socket", csiSock, "--node-id", "node-1", "--config", brokerCfg,
-		"--kubeconfig", kubeconfig, "--audit-dir", brokerAudit, "--audit-key-file", auditKey, "--audit-checkpoint-interval", "1s",
-		"--kubelet-dir", filepath.Join(d.dir, "kubelet"), "--metrics-address", "",
-		"--kubelet-registration-dir", "") // the demo plays kubelet itself: never register with the host's
-	if err != nil {
+	show("the DaemonSet's pod %s Ready and registered with kubelet %s later", broker.Name, time.Since(start).Round(100*time.Millisecond))
+	if _, err := d.kubectl(nil, "-n", realnode.SystemNamespace, "get", "daemonset,pods"); err != nil {
 		return err
 	}
-	cconn, err := grpc.NewClient("unix://"+csiSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
+	if _, err := d.kubectl(nil, "get", "csinode", node.Name); err != nil {
 		return err
 	}
-	d.cleanup = append(d.cleanup, func() { cconn.Close() })
-	node, ident := csipb.NewNodeClient(cconn), csipb.NewIdentityClient(cconn)
-	if err := poll(ctx, func() error {
-		if err := brokerProc.check(d.dir); err != nil {
+
+	step("payments-prod/reader mounts its secret: secretcheck proves it from inside the pod")
+	reader := realnode.SecretPod("payments-prod", "reader", "payments-prod/db", map[string][]string{
+		"check": {"-expect", "db-password=" + values["prod"]},
+		"app":   {"-expect", "db-password=" + values["prod"], "-hold"},
+	})
+	if reader, err = k.Client.CoreV1().Pods(reader.Namespace).Create(ctx, reader, metav1.CreateOptions{}); err != nil {
+		return err
+	}
+	var verdict realnode.Verdict
+	if err := realnode.Poll(ctx, 3*time.Minute, "the reader's check container done", func() error {
+		cur, err := k.Client.CoreV1().Pods(reader.Namespace).Get(ctx, reader.Name, metav1.GetOptions{})
+		if err != nil {
 			return err
 		}
-		r, err := ident.Probe(ctx, &csipb.ProbeRequest{})
-		if err == nil && !r.GetReady().GetValue() {
-			err = fmt.Errorf("not ready")
+		var code int32
+		if verdict, code, err = realnode.ContainerVerdict(cur, "check"); err != nil {
+			return fmt.Errorf("%v: %s", err, d.c.PodStates(ctx, reader.Namespace))
 		}
-		return err
+		if code != 0 || !verdict.Passed() {
+			return realnode.Permanent(fmt.Errorf("secretcheck failed (exit %d): %+v", code, verdict))
+		}
+		reader = cur
+		return nil
 	}); err != nil {
 		return err
 	}
-	show("Probe: ready")
-
-	publishRW := func(pod *corev1.Pod, target, secrets string, readOnly bool) error {
-		tok, err := k.PodToken(ctx, pod, []string{"keyward"}, 10*time.Minute)
-		if err != nil {
-			return err
-		}
-		tokens, _ := json.Marshal(map[string]map[string]string{"keyward": {"token": tok}})
-		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil { // kubelet creates the parent
-			return err
-		}
-		_, err = node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
-			VolumeId: "demo-" + string(pod.UID), TargetPath: target, Readonly: readOnly,
-			VolumeCapability: &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}},
-				AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY}},
-			VolumeContext: map[string]string{csi.AttrSecrets: secrets, csi.AttrTokens: string(tokens), csi.AttrPodName: pod.Name,
-				csi.AttrPodNamespace: pod.Namespace, csi.AttrPodUID: string(pod.UID), csi.AttrSAName: "api"},
-		})
+	if _, err := d.kubectl(nil, "-n", "payments-prod", "get", "pod", "reader"); err != nil {
 		return err
 	}
-	publish := func(pod *corev1.Pod, target, secrets string) error { return publishRW(pod, target, secrets, true) }
-	step("a simulated kubelet publishes payments-prod/api-0's volume with a real TokenRequest token")
-	target := filepath.Join(d.dir, "kubelet/pods", string(pods["payments-prod"].UID), "volumes/kubernetes.io~csi/secrets/mount")
-	if err := publish(pods["payments-prod"], target, "- {ref: payments-prod/db, key: password, file: db-password}"); err != nil {
+	if _, err := d.kubectl(nil, "-n", "payments-prod", "get", "pod", "reader", "-o",
+		`jsonpath={.status.containerStatuses[?(@.name=="check")].state.terminated.message}`); err != nil {
 		return err
 	}
-	d.cleanup = append(d.cleanup, func() {
-		_, err := node.NodeUnpublishVolume(context.Background(), &csipb.NodeUnpublishVolumeRequest{VolumeId: "demo-" + string(pods["payments-prod"].UID), TargetPath: target})
-		if err != nil {
-			show("NodeUnpublishVolume: %v", err)
-		} else {
-			show("NodeUnpublishVolume: the volume's files were overwritten and the tmpfs unmounted")
-		}
-	})
-	onTmpfs, _ := tmpfs.IsTmpfs(target)
-	files, err := tmpfs.Read(target)
-	if err != nil || len(files) != 1 || string(files[0].Data) != values["prod"] {
-		return fmt.Errorf("the volume does not hold the prod secret (%v)", err)
+	target := d.c.VolumePath(reader)
+	fs, err := realnode.MountedFS(target)
+	if err != nil || fs != "tmpfs" {
+		return fmt.Errorf("the reader's volume %s is mounted as %q (%v), want tmpfs", target, fs, err)
 	}
-	show("%s", target)
-	show("  %s  mode %v  %d bytes (the prod value; not printed)  on tmpfs: %v", files[0].Name, files[0].Mode, len(files[0].Data), onTmpfs)
-	if !onTmpfs {
-		return fmt.Errorf("the volume is not a tmpfs")
-	}
-
-	step("payments-dev/api-0 asks for a prod namespace's ref: denied")
-	devTarget := filepath.Join(d.dir, "kubelet/pods", string(pods["payments-dev"].UID), "volumes/kubernetes.io~csi/secrets/mount")
-	err = publish(pods["payments-dev"], devTarget, "- {ref: payments-prod/db, key: password, file: x}")
-	if err == nil {
-		return fmt.Errorf("the dev pod was allowed a prod ref")
-	}
-	show("NodePublishVolume: %s: %s", status.Code(err), status.Convert(err).Message())
-	if _, serr := os.Stat(devTarget); !os.IsNotExist(serr) {
-		return fmt.Errorf("the refused publish left %s", devTarget)
-	}
-	show("nothing was mounted or written for it")
-
-	step("a pod asks for a writable volume (a root container could plant links in it): refused")
-	err = publishRW(pods["payments-dev"], devTarget, "- {ref: payments-dev/db, key: password, file: x}", false)
-	if status.Code(err) != codes.InvalidArgument {
-		return fmt.Errorf("a writable volume was not refused: %v", err)
-	}
-	show("NodePublishVolume: %s: %.110s...", status.Code(err), status.Convert(err).Message())
-
-	step("a Kubernetes Secret, as stored in etcd")
-	if _, err := k.Client.CoreV1().Secrets("payments-prod").Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "tls"},
-		StringData: map[string]string{"key": "demo-plaintext-never-in-etcd"}}, metav1.CreateOptions{}); err != nil {
+	fi, err := os.Stat(filepath.Join(target, "db-password"))
+	if err != nil {
 		return err
 	}
-	resp, err := env.Etcd.Client.Get(ctx, "/registry/secrets/payments-prod/tls")
-	if err != nil || len(resp.Kvs) != 1 {
-		return fmt.Errorf("etcd get: %v", err)
+	show("on the node: %s is a %s, db-password mode %v, %d bytes (the value is not printed)", target, fs, fi.Mode(), fi.Size())
+
+	step("payments-dev/sneaky asks for payments-prod's secret: the broker refuses, the pod never starts")
+	sneaky := realnode.SecretPod("payments-dev", "sneaky", "payments-prod/db", map[string][]string{"app": {"-expect", "db-password=x"}})
+	if _, err := k.Client.CoreV1().Pods(sneaky.Namespace).Create(ctx, sneaky, metav1.CreateOptions{}); err != nil {
+		return err
 	}
-	raw := resp.Kvs[0].Value
-	envl, err := envelope.ParseStored(raw)
-	if err != nil || bytes.Contains(raw, []byte("demo-plaintext")) {
+	if _, err := d.c.FailedMount(ctx, "payments-dev", "sneaky", "PermissionDenied"); err != nil {
+		return err
+	}
+	if _, err := d.kubectl(nil, "-n", "payments-dev", "get", "pod", "sneaky"); err != nil {
+		return err
+	}
+	if _, err := d.kubectl(events, "-n", "payments-dev", "describe", "pod", "sneaky"); err != nil {
+		return err
+	}
+
+	step("payments-dev/writable mounts its own secret without readOnly: true (a root container could plant links in it): refused")
+	writable := realnode.SecretPod("payments-dev", "writable", "payments-dev/db", map[string][]string{"app": {"-expect", "db-password=x"}})
+	writable.Spec.Volumes[0].CSI.ReadOnly = nil
+	if _, err := k.Client.CoreV1().Pods(writable.Namespace).Create(ctx, writable, metav1.CreateOptions{}); err != nil {
+		return err
+	}
+	ev, err := d.c.FailedMount(ctx, "payments-dev", "writable", "InvalidArgument")
+	if err != nil {
+		return err
+	}
+	show("event %s: %.150s...", ev.Reason, ev.Message)
+
+	step("the apiserver takes deploy/control-plane/encryption-config.yaml: a Secret, as stored in etcd, is a keyward-kms envelope")
+	probe := func(name string) error {
+		_, err := k.Client.CoreV1().Secrets("payments-prod").Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name},
+			StringData: map[string]string{"key": "demo-plaintext-never-in-etcd"}}, metav1.CreateOptions{})
+		return err
+	}
+	start = time.Now()
+	name, err := d.c.UseKMS(ctx, kmsNode.Socket, "payments-prod", probe)
+	if err != nil {
+		return err
+	}
+	show("the apiserver reloaded its encryption config and stores Secrets through keyward-kms %s after the file was written", time.Since(start).Round(100*time.Millisecond))
+	raw, err := d.c.RawSecret(ctx, "payments-prod", name)
+	if err != nil {
+		return err
+	}
+	envl, err := envelope.ParseStored([]byte(raw))
+	if err != nil || strings.Contains(raw, "demo-plaintext") {
 		return fmt.Errorf("the Secret is not KMS v2 encrypted in etcd (%v)", err)
 	}
-	show("raw value: %q... (%d bytes; no plaintext)", raw[:32], len(raw))
-	show("envelope: provider %s, key_id %s, annotations %v", envl.Provider, envl.KeyID, keys(envl.Annotations))
+	show("etcd /registry/secrets/payments-prod/%s: %q... (%d bytes; no plaintext)", name, raw[:32], len(raw))
+	show("envelope: provider %s, key_id %s", envl.Provider, envl.KeyID)
 
-	step("rotate the key-encryption key")
-	if out, err = d.ctl(hsm.Env(), "kms", "keys", "rotate", "--config", kmsCfg); err != nil {
-		return fmt.Errorf("%v: %s", err, out)
+	step("rotate the key-encryption key on the node (the README's runbook)")
+	if out, err = d.ctl(kmsNode.HSM.Env(), "kms", "keys", "rotate", "--config", kmsNode.Config); err != nil {
+		return err
 	}
 	show("keywardctl kms keys rotate: %s", strings.SplitN(out, "\n", 2)[0])
-	kmsProc.cmd.Process.Signal(syscall.SIGHUP)
+	if err := kmsNode.ChownTokens(); err != nil {
+		return err
+	}
+	show("chown -R 65532:65532 the token directory (SoftHSM: the new key's files are keyward-kms's)")
+	pid, err := realnode.ContainerPid(kmsNode.Pod, "kms", "keyward-kms")
+	if err != nil {
+		return err
+	}
+	if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
+		return err
+	}
 	old := st.KeyId
-	if err := poll(ctx, func() error {
+	if err := realnode.Poll(ctx, time.Minute, "Status with the new key", func() error {
 		st, err = kmsClient.Status(ctx, &kmsapi.StatusRequest{})
 		if err == nil && st.KeyId == old {
 			err = fmt.Errorf("still %s", old)
@@ -391,59 +384,67 @@ func (d *demo) run() error {
 	}); err != nil {
 		return err
 	}
-	show("after SIGHUP, Status reports key_id %s (was %s); kube-apiserver starts a new DEK seed on its next Status poll", st.KeyId, old)
-	if out, err = d.ctl(hsm.Env(), "kms", "keys", "list", "--config", kmsCfg); err != nil {
-		return fmt.Errorf("%v: %s", err, out)
+	show("SIGHUP to the kms container's process (pid %d): Status reports key_id %s (was %s)", pid, st.KeyId, old)
+	if out, err = d.ctl(kmsNode.HSM.Env(), "kms", "keys", "list", "--config", kmsNode.Config); err != nil {
+		return err
 	}
 	for _, l := range strings.Split(out, "\n") {
 		show("%s", l)
 	}
 
-	step("the audit streams: tail, then keywardctl audit verify against the last checkpoint each daemon wrote to stdout")
-	for _, s := range []struct{ stream, dir string }{{"broker", brokerAudit}, {"kms", kmsAudit}} {
-		for _, l := range tail(s.dir, 2) {
-			show("%s", l)
-		}
-		if out, err = d.ctl(nil, "audit", "verify", s.dir, "--master-key-file", auditMaster, "--node", "node-1", "--stream", s.stream,
-			"--checkpoint", filepath.Join(d.dir, "keyward-"+s.stream+".log")); err != nil {
-			return fmt.Errorf("%v: %s", err, out)
-		}
-		show("keywardctl audit verify: %s", out)
+	step("delete the reader: kubelet unpublishes, the broker wipes the files and unmounts the tmpfs")
+	grace := int64(1)
+	if err := k.Client.CoreV1().Pods("payments-prod").Delete(ctx, "reader", metav1.DeleteOptions{GracePeriodSeconds: &grace}); err != nil {
+		return err
 	}
+	if err := realnode.Poll(ctx, 2*time.Minute, "the reader's volume gone", func() error {
+		if _, err := os.Stat(target); !os.IsNotExist(err) {
+			return fmt.Errorf("%s: %v", target, err)
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	show("%s: no mount, no file", target)
+
+	step("the node's audit streams: keywardctl audit verify against the newest checkpoint each daemon wrote to its container log")
+	_, logDir := d.c.BrokerDirs()
+	streams := []struct{ stream, dir, logs string }{
+		{"broker", filepath.Join(logDir, "broker-audit"), filepath.Join(node.PodLogDir, realnode.SystemNamespace+"_"+broker.Name+"_*", "broker", "*.log")},
+		{"kms", kmsNode.AuditDir, filepath.Join(node.PodLogDir, "kube-system_"+kmsNode.Pod.Name+"_*", "kms", "*.log")},
+	}
+	for _, s := range streams {
+		var cpLog string
+		if err := realnode.Poll(ctx, 2*time.Minute, s.stream+"'s first checkpoint in its container log", func() error {
+			logs, _ := filepath.Glob(s.logs)
+			for _, l := range logs {
+				if b, err := os.ReadFile(l); err == nil && strings.Contains(string(b), "keyward_audit_checkpoint") {
+					cpLog = l
+					return nil
+				}
+			}
+			return fmt.Errorf("no checkpoint in %v", logs)
+		}); err != nil {
+			return err
+		}
+		if out, err = d.ctl(nil, "audit", "verify", s.dir, "--master-key-file", auditMaster, "--node", node.Name, "--stream", s.stream,
+			"--checkpoint", cpLog); err != nil {
+			return err
+		}
+		show("$ keywardctl audit verify %s --node %s --stream %s --checkpoint %s", s.dir, node.Name, s.stream, cpLog)
+		show("  %s", out)
+	}
+	if out, err = d.ctl(nil, "audit", "query", "--decision", "deny", streams[0].dir); err != nil {
+		return err
+	}
+	show("$ keywardctl audit query --decision deny %s", streams[0].dir)
+	lines := strings.Split(out, "\n")
+	for _, l := range lines[:min(3, len(lines))] {
+		if len(l) > 200 {
+			l = l[:200] + "..."
+		}
+		show("  %s", l)
+	}
+	show("  ... %d refusals in all: kubelet retries the two pods' mounts with backoff, and the broker audits every refusal", len(lines)-1)
 	return nil
-}
-
-func keys(m map[string][]byte) []string {
-	var out []string
-	for k, v := range m {
-		out = append(out, k+"="+string(v))
-	}
-	return out
-}
-
-// tail is the last n lines of a stream directory's newest segment.
-func tail(dir string, n int) []string {
-	segs, _ := filepath.Glob(filepath.Join(dir, "audit-*.jsonl"))
-	if len(segs) == 0 {
-		return nil
-	}
-	f, err := os.Open(segs[len(segs)-1])
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	var lines []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64*1024), 1<<20)
-	for sc.Scan() {
-		l := sc.Text()
-		if len(l) > 220 {
-			l = l[:220] + "..."
-		}
-		lines = append(lines, l)
-	}
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return lines
 }

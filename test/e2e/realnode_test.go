@@ -13,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/keyward/keyward/broker/policy"
+	"github.com/keyward/keyward/csi"
 	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/test/harness"
 	"github.com/keyward/keyward/test/images"
@@ -107,6 +108,13 @@ func (r *realNode) deployBroker(t *testing.T) {
 	pod, err := r.DeployBroker(context.Background(), brokerPolicy, nil, nil)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The shipped CSIDriver asks kubelet for the token in the publish secrets; an apiserver that drops
+	// the field would leave it in the volume context, and this scenario would not cover that path.
+	drv, err := r.Kube.Client.StorageV1().CSIDrivers().Get(context.Background(), csi.DriverName, metav1.GetOptions{})
+	check(t, err)
+	if drv.Spec.ServiceAccountTokenInSecrets == nil || !*drv.Spec.ServiceAccountTokenInSecrets {
+		t.Fatalf("the CSIDriver as stored has serviceAccountTokenInSecrets %v, want true", drv.Spec.ServiceAccountTokenInSecrets)
 	}
 	if pod.Spec.Containers[0].Image != r.images["keyward-broker"].Ref {
 		t.Errorf("the broker runs %s, not the image built from this tree (%s)", pod.Spec.Containers[0].Image, r.images["keyward-broker"].Ref)

@@ -4,4 +4,4 @@
 # lib.sh). Most of its packages are kube-apiserver's, so it builds after it from the Go build cache.
 source "$(dirname "$0")/lib.sh"
 if cached "kube-controller-manager-$KUBE_VERSION"; then exit 0; fi
-with_lock kube kube_build kube-controller-manager "~3.5 min after kubelet on 2 cores"
+with_lock kube kube_build kube-controller-manager "~1 min after kubelet on 2 cores"

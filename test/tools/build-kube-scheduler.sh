@@ -4,4 +4,4 @@
 # lib.sh). Most of its packages are kube-apiserver's, so it builds after it from the Go build cache.
 source "$(dirname "$0")/lib.sh"
 if cached "kube-scheduler-$KUBE_VERSION"; then exit 0; fi
-with_lock kube kube_build kube-scheduler "~1 min after kube-controller-manager on 2 cores"
+with_lock kube kube_build kube-scheduler "~30 s after kube-controller-manager on 2 cores"

@@ -5,4 +5,4 @@
 # client-go's and apimachinery's, already in the Go build cache after the other Kubernetes binaries.
 source "$(dirname "$0")/lib.sh"
 if cached "kubectl-$KUBE_VERSION"; then exit 0; fi
-with_lock kube kube_build kubectl "~2 min after kube-scheduler on 2 cores"
+with_lock kube kube_build kubectl "~1 min after kube-scheduler on 2 cores"

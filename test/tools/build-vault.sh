@@ -17,7 +17,7 @@
 #   unless run with GODEBUG=x509negativeserial=1; test/harness sets it.
 #
 # This binary is only ever run as `vault server -dev` on loopback by the tests and the demo. It is a test
-# server, not something to deploy. Cold: ~6 min on 2 cores, a ~375 MB binary.
+# server, not something to deploy. Cold: ~10 min on 2 cores after ~3 min of module downloads, a ~270 MB binary.
 source "$(dirname "$0")/lib.sh"
 VAULT_API_VERSION=v1.9.2
 VAULT_SDK_VERSION=v0.9.2
@@ -48,7 +48,7 @@ MOD
   [ "$(grep -c 'keyward: check disabled' sdk/framework/backend.go)" = 1 ] || { log "sdk patch did not apply"; exit 1; }
   log "vault $VAULT_VERSION: resolving modules"
   go get "github.com/hashicorp/vault@$VAULT_VERSION"
-  log "vault $VAULT_VERSION: building (~6 min cold on 2 cores)"
+  log "vault $VAULT_VERSION: building (~10 min cold on 2 cores)"
   go build -trimpath -ldflags "-s -w" -o vault github.com/hashicorp/vault &
   progress $! "vault $VAULT_VERSION"
   install_bin vault "vault-$VAULT_VERSION"

@@ -2,6 +2,9 @@ package main
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"io"
 	"os"
@@ -138,6 +141,14 @@ func TestRunReportsThroughTheTerminationLog(t *testing.T) {
 		}
 		if strings.Contains(stdout.String()+string(b), "s3cr3t") {
 			t.Errorf("%v: the secret's value was reported: %s", tc.args, stdout.String())
+		}
+		// Nor anything derived from it: a hash of a guessable value is the value (the termination
+		// message is in the pod's status).
+		sum := sha256.Sum256([]byte("s3cr3t"))
+		for _, enc := range []string{hex.EncodeToString(sum[:4]), base64.StdEncoding.EncodeToString([]byte("s3cr3t"))} {
+			if strings.Contains(stdout.String()+string(b), enc) {
+				t.Errorf("%v: the report carries %s, derived from the secret's value", tc.args, enc)
+			}
 		}
 		if tc.want == "fail" && !strings.Contains(stdout.String(), `"verdict":"fail"`) {
 			t.Errorf("%v: stdout %q", tc.args, stdout.String())
