@@ -47,6 +47,7 @@ func TestRealNodeServesPodsWithTheShippedManifests(t *testing.T) {
 		step{"the broker DaemonSet becomes Ready and registers with kubelet", r.deployBroker},
 		step{"a pod reads its secret from a read-only tmpfs", func(t *testing.T) { reader = r.startReader(t) }},
 		step{"a pod without a grant stays ContainerCreating with PermissionDenied", r.deniedPod},
+		step{"a pod supplying its own token in its volumeAttributes is refused", r.smuggledToken},
 		step{"killing the broker pod keeps the files; its successor serves pods", func(t *testing.T) { r.killBroker(t, reader) }},
 		step{"a rotation in Vault reaches the running pod's file", func(t *testing.T) { r.rotate(t, reader) }},
 		step{"deleting the pod unpublishes: no mount, no file, no Vault token", func(t *testing.T) { r.deletePod(t, reader) }},
@@ -215,6 +216,29 @@ func (r *realNode) deniedPod(t *testing.T) {
 	if cur.Status.Phase != corev1.PodPending || st == nil || st.State.Waiting == nil || st.State.Waiting.Reason != "ContainerCreating" {
 		t.Fatalf("the denied pod is %s with %+v, want Pending in ContainerCreating", cur.Status.Phase, st)
 	}
+	zero := int64(0)
+	check(t, r.Kube.Client.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}))
+}
+
+// smuggledToken: kubelet passes the pod's token in the publish secrets (the shipped CSIDriver's
+// serviceAccountTokenInSecrets), and copies the pod's volumeAttributes into the volume context as they
+// are: a pod of a granted namespace that names the token attribute itself (here with a real token of
+// another namespace's service account) is refused with InvalidArgument, never authenticated as that
+// token's pod.
+func (r *realNode) smuggledToken(t *testing.T) {
+	ctx := context.Background()
+	tok, err := r.Kube.ServiceAccountToken(ctx, "other-prod", "api", []string{audience}, 10*time.Minute)
+	check(t, err)
+	p := realnode.SecretPod("payments-prod", "smuggler", "payments-prod/db", map[string][]string{"check": {"-expect", "db-password=" + prodCanary}})
+	p.Spec.Volumes[0].CSI.VolumeAttributes[csi.AttrTokens] = `{"` + audience + `":{"token":"` + tok + `"}}`
+	p, err = r.Kube.Client.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{})
+	check(t, err)
+	ev, err := r.FailedMount(ctx, p.Namespace, p.Name, "InvalidArgument")
+	check(t, err)
+	if !strings.Contains(ev.Message, "both a volume attribute and a publish secret") || strings.Contains(ev.Message, tok) {
+		t.Fatalf("the smuggler's event: %s", ev.Message)
+	}
+	t.Logf("the smuggler's event: %s", ev.Message)
 	zero := int64(0)
 	check(t, r.Kube.Client.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}))
 }
