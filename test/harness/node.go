@@ -43,6 +43,11 @@ type NodeOptions struct {
 	// /var/lib/kubelet to run manifests that name kubelet's default paths (a CSI driver's hostPath
 	// volumes) unchanged; what the node adds there is removed by Stop like everything else.
 	KubeletRootDir string
+	// InsecureRegistries are registries (HOST:PORT) containerd pulls from over plain HTTP, as a mirror
+	// of themselves: a registry a test serves on loopback. Without them nothing is pulled from
+	// anywhere (the images are imported); with them a pod whose image names such a registry and is
+	// not already in containerd is pulled, as on a cluster's node.
+	InsecureRegistries []string
 }
 
 // Node is a real Kubernetes node on this machine: containerd (Debian's, with runc) with its root, state
@@ -156,7 +161,7 @@ func StartNode(ctx context.Context, dir string, opts NodeOptions) (n *Node, err 
 	if err := n.blackholeRoutes(true); err != nil {
 		return n, err
 	}
-	if err := n.startContainerd(ctx, pauseRef, append([]string{opts.PauseImage}, opts.Images...)); err != nil {
+	if err := n.startContainerd(ctx, pauseRef, opts.InsecureRegistries, append([]string{opts.PauseImage}, opts.Images...)); err != nil {
 		return n, err
 	}
 	admin, err := opts.Kube.WriteKubeconfig(filepath.Join(dir, "admin.kubeconfig"), "")
@@ -197,8 +202,8 @@ func lockNode(ctx context.Context) (*os.File, error) {
 	}
 }
 
-func (n *Node) startContainerd(ctx context.Context, pauseRef string, images []string) error {
-	cfg, err := writeFile(n.Dir, "containerd.toml", []byte(containerdConfig(n.Dir, n.ContainerdSocket, pauseRef)), 0o600)
+func (n *Node) startContainerd(ctx context.Context, pauseRef string, insecure, images []string) error {
+	cfg, err := writeFile(n.Dir, "containerd.toml", []byte(containerdConfig(n.Dir, n.ContainerdSocket, pauseRef, insecure)), 0o600)
 	if err != nil {
 		return err
 	}

@@ -17,8 +17,14 @@ import (
 // lives under dir, and the CRI plugin uses the harness's CNI configuration and the imported pause image.
 // restrict_oom_score_adj: root here lacks CAP_SYS_RESOURCE, and runc fails to start a sandbox ("can't
 // get final child's PID from pipe: EOF") when it may not lower oom_score_adj.
-func containerdConfig(dir, socket, pauseRef string) string {
+// Each of insecure (HOST:PORT) is its own mirror at http://HOST:PORT (containerd 1.6's CRI registry
+// mirrors: an endpoint's scheme decides plain HTTP), so pods pull from a registry on loopback.
+func containerdConfig(dir, socket, pauseRef string, insecure []string) string {
 	c := filepath.Join(dir, "containerd")
+	var mirrors strings.Builder
+	for _, host := range insecure {
+		fmt.Fprintf(&mirrors, "  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.%q]\n    endpoint = [%q]\n", host, "http://"+host)
+	}
 	return fmt.Sprintf(`version = 2
 root = %[1]q
 state = %[2]q
@@ -48,8 +54,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     bin_dir = %[7]q
     conf_dir = %[8]q
     max_conf_num = 1
-`, filepath.Join(c, "root"), filepath.Join(c, "state"), socket, filepath.Join(c, "opt"), pauseRef,
-		filepath.Join(c, "runc"), cniBinDir, filepath.Join(dir, "cni", "net.d"))
+%[9]s`, filepath.Join(c, "root"), filepath.Join(c, "state"), socket, filepath.Join(c, "opt"), pauseRef,
+		filepath.Join(c, "runc"), cniBinDir, filepath.Join(dir, "cni", "net.d"), mirrors.String())
 }
 
 // cniConfig is the pods' network: Debian's bridge plugin on a bridge with no address (isGateway false),
