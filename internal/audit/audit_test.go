@@ -466,3 +466,23 @@ func TestUncutPartialRecordStopsTheLog(t *testing.T) {
 		t.Fatalf("%d lines in the file, want the genesis, the good record and the partial one only", len(lines))
 	}
 }
+
+// Key files are text: a hex key with a trailing newline reads as its 64 characters; 32 raw bytes
+// that end in a whitespace byte (as /dev/urandom gives about 4.6% of the time) come out short and are
+// refused, with the hint to write hex and without echoing the key.
+func TestReadKeyTrimsTextAndRefusesShortKeys(t *testing.T) {
+	dir := t.TempDir()
+	hexKey := strings.Repeat("ab", 32)
+	p := filepath.Join(dir, "hex.key")
+	os.WriteFile(p, []byte(hexKey+"\n"), 0o600)
+	if k, err := ReadKey(p); err != nil || string(k) != hexKey {
+		t.Fatalf("hex key with a newline: %q %v", k, err)
+	}
+	raw := []byte("CANARYCANARYCANARYCANARYCANARY\x01\n") // 32 bytes, the last one whitespace
+	p = filepath.Join(dir, "raw.key")
+	os.WriteFile(p, raw, 0o600)
+	_, err := ReadKey(p)
+	if err == nil || !strings.Contains(err.Error(), "openssl rand -hex 32") || strings.Contains(err.Error(), "CANARY") {
+		t.Fatalf("raw 32-byte key ending in whitespace: %v", err)
+	}
+}

@@ -20,7 +20,7 @@ func ReadKey(path string) ([]byte, error) {
 	}
 	key = bytes.TrimSpace(key)
 	if len(key) < MinKeyBytes {
-		return nil, fmt.Errorf("audit key %s: %d bytes, need at least %d", path, len(key), MinKeyBytes)
+		return nil, fmt.Errorf("audit key %s: %d bytes after trimming surrounding whitespace, need at least %d (write keys as hex: openssl rand -hex 32)", path, len(key), MinKeyBytes)
 	}
 	return key, nil
 }

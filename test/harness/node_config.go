@@ -86,8 +86,8 @@ func cniConfig(dir string) string {
 // kubeletConfig is the KubeletConfiguration of the node:
 //   - failCgroupV1: false, cgroupDriver cgroupfs: this machine has cgroup v1 and no systemd;
 //   - failSwapOn false, enforceNodeAllocatable [], image GC at 100/99 (never: images are imported,
-//     nothing could pull them again), eviction only when nearly out of memory or disk (a shared test
-//     machine);
+//     and only a test serving a registry (InsecureRegistries) could pull them again), eviction only
+//     when nearly out of memory or disk (a shared test machine);
 //   - readOnlyPort 0, serving on loopback only, client certificates of the apiserver's CA only (the
 //     apiserver's for logs and exec), no anonymous access;
 //   - makeIPTablesUtilChains false: kubelet would otherwise add chains and rules to the host's iptables;
