@@ -575,9 +575,8 @@ func (d *deployment) verifyAudit(t *testing.T) {
 // kms: step 7 on the node as its control-plane node. realnode.ProvisionKMSNode does what deploy/README.md
 // asks (under the test's directory; the KEK made by keywardctl kms keys create), with the node's audit
 // key of step 3; deploy/control-plane/keyward-kms.yaml runs as a static pod with the image the README
-// names in the registry, its hostPaths moved to those files (as realnode.DeployKMS does); then the
+// names in the registry (realnode.StartKMSPod, its hostPaths moved to those files); then the
 // apiserver gets deploy/control-plane/encryption-config.yaml and stores Secrets through it.
-// (Over 60 lines: provisioning, the static pod and the encryption config in one step.)
 func (d *deployment) kms(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -590,37 +589,9 @@ func (d *deployment) kms(t *testing.T) {
 	check(t, err)
 	k, err := d.ProvisionKMSNode(ctx, nodeKey)
 	check(t, err)
-	var pod corev1.Pod
-	b, err := os.ReadFile(filepath.Join(d.Repo, "deploy/control-plane/keyward-kms.yaml"))
-	check(t, err)
-	check(t, yaml.UnmarshalStrict(b, &pod))
-	pod.Spec.Containers[0].Image = image
-	moved := 0
-	for i, v := range pod.Spec.Volumes {
-		if p, ok := k.Paths[v.Name]; ok {
-			pod.Spec.Volumes[i].HostPath.Path = p
-			moved++
-		}
-	}
-	if moved != len(k.Paths) {
-		t.Fatalf("moved %d of the manifest's host paths, want %d: %+v", moved, len(k.Paths), pod.Spec.Volumes)
-	}
-	out, err := yaml.Marshal(&pod)
-	check(t, err)
 	start := time.Now()
-	check(t, os.WriteFile(filepath.Join(d.Node.StaticPodDir, "keyward-kms.yaml"), out, 0o600))
-	var mirror *corev1.Pod
-	check(t, realnode.Poll(ctx, 3*time.Minute, "the keyward-kms static pod Ready", func() error {
-		p, err := d.Kube.Client.CoreV1().Pods(pod.Namespace).Get(ctx, pod.Name+"-"+d.Node.Name, metav1.GetOptions{})
-		if err != nil {
-			return err
-		}
-		if p.Status.Phase != corev1.PodRunning || !realnode.PodReady(p) {
-			return fmt.Errorf("%s", d.PodStates(ctx, pod.Namespace))
-		}
-		mirror = p
-		return nil
-	}))
+	check(t, d.StartKMSPod(ctx, k, image))
+	mirror := k.Pod
 	t.Logf("the keyward-kms static pod was Ready %s after its manifest was written", time.Since(start).Round(100*time.Millisecond))
 	d.wantPulled(t, mirror, "kms", "keyward-kms")
 	const value = "CANARY-deploy-kms-3b9e"

@@ -35,13 +35,9 @@ type KMSNode struct {
 // deploy/README.md asks (ProvisionKMSNode, with auditKey as the node's audit key; random when empty).
 // It returns once the mirror pod is Ready and the socket exists.
 func (c *Cluster) DeployKMS(ctx context.Context, auditKey []byte) (*KMSNode, error) {
-	pod := &corev1.Pod{}
-	b, err := os.ReadFile(filepath.Join(c.Repo, "deploy/control-plane/keyward-kms.yaml"))
+	pod, err := c.kmsManifest()
 	if err != nil {
 		return nil, err
-	}
-	if err := yaml.UnmarshalStrict(b, pod); err != nil {
-		return nil, fmt.Errorf("deploy/control-plane/keyward-kms.yaml: %w", err)
 	}
 	image := pod.Spec.Containers[0].Image // keyward/keyward-kms:v0.1.0: built and imported under that name
 	name, tag, _ := strings.Cut(strings.TrimPrefix(image, "keyward/"), ":")
@@ -59,6 +55,32 @@ func (c *Cluster) DeployKMS(ctx context.Context, auditKey []byte) (*KMSNode, err
 	if err != nil {
 		return nil, err
 	}
+	return k, c.StartKMSPod(ctx, k, "")
+}
+
+func (c *Cluster) kmsManifest() (*corev1.Pod, error) {
+	pod := &corev1.Pod{}
+	b, err := os.ReadFile(filepath.Join(c.Repo, "deploy/control-plane/keyward-kms.yaml"))
+	if err != nil {
+		return nil, err
+	}
+	if err := yaml.UnmarshalStrict(b, pod); err != nil {
+		return nil, fmt.Errorf("deploy/control-plane/keyward-kms.yaml: %w", err)
+	}
+	return pod, nil
+}
+
+// StartKMSPod writes deploy/control-plane/keyward-kms.yaml into the node's static pod directory, its
+// hostPath volumes moved to the provisioned node's files and its image replaced by image when that
+// is not empty, and waits until the mirror pod (k.Pod) is Ready and the socket exists.
+func (c *Cluster) StartKMSPod(ctx context.Context, k *KMSNode, image string) error {
+	pod, err := c.kmsManifest()
+	if err != nil {
+		return err
+	}
+	if image != "" {
+		pod.Spec.Containers[0].Image = image
+	}
 	// The node's files are the cluster's HostDir's, not this machine's /etc/keyward, /etc/softhsm,
 	// /var/lib/softhsm/tokens, /var/run/keyward and /var/log/keyward (other tests share the machine).
 	// The PKCS#11 module stays the machine's, as the manifest mounts it.
@@ -70,17 +92,17 @@ func (c *Cluster) DeployKMS(ctx context.Context, auditKey []byte) (*KMSNode, err
 		}
 	}
 	if moved != len(k.Paths) {
-		return nil, fmt.Errorf("moved %d of the manifest's host paths, want %d: %+v", moved, len(k.Paths), pod.Spec.Volumes)
+		return fmt.Errorf("moved %d of the manifest's host paths, want %d: %+v", moved, len(k.Paths), pod.Spec.Volumes)
 	}
 	out, err := yaml.Marshal(pod)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if err := os.WriteFile(filepath.Join(c.Node.StaticPodDir, "keyward-kms.yaml"), out, 0o600); err != nil {
-		return nil, err
+		return err
 	}
 	mirror := pod.Name + "-" + c.Node.Name
-	err = Poll(ctx, 2*time.Minute, "the keyward-kms static pod Ready", func() error {
+	err = Poll(ctx, 3*time.Minute, "the keyward-kms static pod Ready", func() error {
 		p, err := c.Kube.Client.CoreV1().Pods(pod.Namespace).Get(ctx, mirror, metav1.GetOptions{})
 		if err != nil {
 			return err
@@ -92,12 +114,12 @@ func (c *Cluster) DeployKMS(ctx context.Context, auditKey []byte) (*KMSNode, err
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if st, err := os.Stat(k.Socket); err != nil || st.Mode()&os.ModeSocket == 0 {
-		return nil, fmt.Errorf("no KMS socket in the shared directory: %v", err)
+		return fmt.Errorf("no KMS socket in the shared directory: %v", err)
 	}
-	return k, nil
+	return nil
 }
 
 // ChownTokens gives SoftHSM's token directory to KMSUID again, as deploy/README.md's provisioning
