@@ -67,6 +67,7 @@ var allowed = map[string][]string{
 	"internal/audit":         {"std", "internal/fault"},
 	"internal/config":        {"std", "sigs.k8s.io/yaml"},
 	"internal/daemon":        {"std", "go.uber.org/zap", "internal/logging", "internal/version"},
+	"internal/envexec":       {"std", "golang.org/x/sys/unix"},
 	"internal/fault":         {"std"},
 	"internal/grpcserver":    {"std", "internal/fault", "go.uber.org/zap", "google.golang.org/grpc"},
 	"internal/hardening":     {"std", "golang.org/x/sys/unix"},
