@@ -21,7 +21,7 @@ help: ## List the targets
 build: ## Build keyward-kms, keyward-broker and keywardctl into bin/
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
 
-images: ## Build the OCI images (keyward-broker, keyward-kms, pause, secretcheck) into bin/images/, reproducibly
+images: ## Build the OCI images (keyward-broker, keyward-kms, keyward-env, pause, secretcheck) into bin/images/, reproducibly
 	$(GO) run ./test/tools/mkimage -out $(BIN)/images -tag $(IMAGE_TAG) -version $(VERSION) -module-deps '$(KMS_MODULE_DEPS)'
 
 deps: ## Install SoftHSM2 and the node runtime (containerd, runc, CNI); build etcd, Kubernetes and Vault (cached)

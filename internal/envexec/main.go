@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
@@ -48,7 +49,7 @@ func Main(args []string, version string, stdout, stderr io.Writer) int {
 	return Supervise(&o, path, snap, stderr)
 }
 
-// Install copies the running executable to DIR/keyward-env, mode 0555, through a temporary file
+// Install copies the running executable (/proc/self/exe, or argv[0] without /proc) to DIR/keyward-env, mode 0555, through a temporary file
 // renamed into place: the image has no shell and no cp, so its init container runs
 // `keyward-env install DIR` into an emptyDir it shares with the application's container.
 func Install(args []string, stdout io.Writer) error {
@@ -58,7 +59,14 @@ func Install(args []string, stdout io.Writer) error {
 	dir := args[0]
 	src, err := os.Open("/proc/self/exe")
 	if err != nil {
-		return fail(ErrInstall, "opening the running executable: %v", err)
+		// No /proc (a chroot, a sandbox without it): the path it was started by, as execvp found it.
+		p, lerr := exec.LookPath(os.Args[0])
+		if lerr != nil {
+			return fail(ErrInstall, "opening the running executable: %v (and argv[0]: %v)", err, lerr)
+		}
+		if src, err = os.Open(p); err != nil {
+			return fail(ErrInstall, "opening the running executable: %v", err)
+		}
 	}
 	defer src.Close()
 	b := make([]byte, 8)

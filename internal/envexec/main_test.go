@@ -165,14 +165,14 @@ func (vol *volume) swap(t *testing.T, files map[string]string) {
 
 // proc is a running keyward-env whose output the test reads line by line.
 type proc struct {
-	t      *testing.T
-	cmd    *exec.Cmd
-	stdin  io.WriteCloser
-	lines  chan string // stdout and stderr, merged
-	mu     sync.Mutex
-	all    strings.Builder
-	done   chan struct{}
-	code   int
+	t     *testing.T
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	lines chan string // stdout and stderr, merged
+	mu    sync.Mutex
+	all   strings.Builder
+	done  chan struct{}
+	code  int
 }
 
 // start runs keyward-env with args (the program is the test application: "APP" in args is

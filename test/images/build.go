@@ -98,6 +98,14 @@ var catalog = []spec{
 		libs: true,
 	},
 	{
+		name:        "keyward-env",
+		description: "Keyward's keyward-env: environment variables from a secrets volume, in memory only; `keyward-env install DIR` copies it into an emptyDir",
+		// Not root: its init container only copies the binary into an emptyDir (which kubelet makes
+		// writable by all); the application's container runs the copy as the application's user.
+		user: "65532:65532",
+		bins: []binary{{pkg: "cmd/keyward-env"}},
+	},
+	{
 		name:        "pause",
 		description: "Keyward's test sandbox image: waits for SIGTERM or SIGINT",
 		user:        "65535:65535",

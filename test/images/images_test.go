@@ -35,6 +35,7 @@ const softHSM = "/usr/lib/softhsm/libsofthsm2.so"
 var users = map[string]string{
 	"keyward-broker": "0:0",
 	"keyward-kms":    "65532:65532",
+	"keyward-env":    "65532:65532",
 	"pause":          "65535:65535",
 	"secretcheck":    "65532:65532",
 }
@@ -471,6 +472,15 @@ func TestImagesRunInTheirOwnRoot(t *testing.T) {
 		"keyward-kms": {
 			{[]string{"/usr/local/bin/keyward-kms", "-version"}, 0, "keyward-kms v0.0.0-test"},
 		},
+		"keyward-env": {
+			{[]string{"/usr/local/bin/keyward-env", "-version"}, 0, "keyward-env v0.0.0-test"},
+			// The init container's job, with no shell and no cp: copy itself into the shared emptyDir
+			// (here a directory owned by the image's user, as an emptyDir is writable by all).
+			{[]string{"/usr/local/bin/keyward-env", "install", "/keyward/bin"}, 0, "installed /keyward/bin/keyward-env"},
+			{[]string{"/keyward/bin/keyward-env", "-version"}, 0, "keyward-env v0.0.0-test"},
+			// It refuses a directory that is not a read-only tmpfs (the chroot's /), exit code 3.
+			{[]string{"/usr/local/bin/keyward-env", "--from", "/", "--env", "A=a", "--", "keyward-env"}, 3, "is not a tmpfs"},
+		},
 		"pause":       {{[]string{"/usr/local/bin/pause", "-v"}, 0, "keyward pause"}},
 		"secretcheck": {{[]string{"/usr/local/bin/secretcheck"}, 2, "-dir is required"}},
 	}
@@ -493,6 +503,13 @@ func TestImagesRunInTheirOwnRoot(t *testing.T) {
 			}
 		}
 		uid, gid := ids(t, users[r.Name])
+		if r.Name == "keyward-env" {
+			bin := filepath.Join(root, "keyward/bin")
+			if err := os.MkdirAll(bin, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			os.Chown(bin, int(uid), int(gid))
+		}
 		for _, x := range runs[r.Name] {
 			cmd := exec.Command(x.args[0], x.args[1:]...)
 			cmd.Dir = "/"

@@ -48,6 +48,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	dir := fs.String("dir", "", "the secrets volume's mount path (required)")
 	want := expectations{}
 	fs.Var(want, "expect", "NAME=VALUE: the file NAME in -dir holds exactly VALUE (repeatable)")
+	wantEnv := expectations{}
+	fs.Var(wantEnv, "expect-env", "VAR=FILE: the environment variable VAR holds exactly the content of the file FILE in -dir (repeatable; no value in argv)")
 	termLog := fs.String("termination-log", "/dev/termination-log", "where the verdict is written for the pod's status")
 	mountinfo := fs.String("mountinfo", "/proc/self/mountinfo", "the mount table to read")
 	timeout := fs.Duration("timeout", 0, "keep checking until the verdict passes or this much time has passed")
@@ -64,6 +66,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var v verdict
 	for {
 		v = check(*dir, *mountinfo, want)
+		checkEnv(&v, *dir, wantEnv)
 		line, _ := json.Marshal(v)
 		fmt.Fprintf(stdout, "%s\n", line)
 		if len(line) > maxTerminationMessage {
@@ -96,7 +99,39 @@ type verdict struct {
 	Tmpfs      bool       `json:"tmpfs"`
 	ReadOnly   bool       `json:"readOnly"`
 	Files      []fileInfo `json:"files"`
-	Problems   []string   `json:"problems,omitempty"`
+	// Pid is secretcheck's process ID (1 when keyward-env exec'd it as the container's first process).
+	Pid int `json:"pid"`
+	// Env names the -expect-env variables that are set, with their sizes.
+	Env      []fileInfo `json:"env,omitempty"`
+	Problems []string   `json:"problems,omitempty"`
+}
+
+// checkEnv checks each -expect-env VAR=FILE: VAR is set and holds exactly FILE's content.
+func checkEnv(v *verdict, dir string, want expectations) {
+	v.Pid = os.Getpid()
+	names := make([]string, 0, len(want))
+	for name := range want {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		value, ok := os.LookupEnv(name)
+		if !ok {
+			v.Problems = append(v.Problems, fmt.Sprintf("variable %s is not set", name))
+			continue
+		}
+		v.Env = append(v.Env, fileInfo{Name: name, Bytes: len(value)})
+		b, err := os.ReadFile(filepath.Join(dir, want[name]))
+		switch {
+		case err != nil:
+			v.Problems = append(v.Problems, fmt.Sprintf("expected file %s for variable %s: %v", want[name], name, err))
+		case string(b) != value:
+			v.Problems = append(v.Problems, fmt.Sprintf("variable %s (%d bytes) does not hold the content of %s (%d bytes)", name, len(value), want[name], len(b)))
+		}
+	}
+	if len(v.Problems) > 0 {
+		v.Verdict = "fail"
+	}
 }
 
 // fileInfo names a file and its size, never anything derived from its content: the termination

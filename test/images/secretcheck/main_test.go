@@ -239,3 +239,43 @@ func TestNonRootUserPassesOnAReadOnlyVolume(t *testing.T) {
 		})
 	}
 }
+
+// -expect-env VAR=FILE passes when VAR holds exactly FILE's content and fails otherwise (unset,
+// another value, no such file), reporting the variable's name and size, never its value; the
+// verdict carries secretcheck's PID.
+func TestExpectEnv(t *testing.T) {
+	_, ro := volume(t, map[string]string{"password": "s3cr3t"})
+	termLog := filepath.Join(t.TempDir(), "termination-log")
+	for _, tc := range []struct {
+		value string // "" unsets it
+		file  string
+		code  int
+		want  string
+	}{
+		{"s3cr3t", "password", 0, ""},
+		{"", "password", 1, "variable SC_TEST_VAR is not set"},
+		{"s3cr3T", "password", 1, "variable SC_TEST_VAR (6 bytes) does not hold the content of password (6 bytes)"},
+		{"s3cr3t", "token", 1, "expected file token for variable SC_TEST_VAR"},
+	} {
+		if tc.value == "" {
+			os.Unsetenv("SC_TEST_VAR")
+		} else {
+			t.Setenv("SC_TEST_VAR", tc.value)
+		}
+		var stdout bytes.Buffer
+		code := run([]string{"-dir", ro, "-expect-env", "SC_TEST_VAR=" + tc.file, "-termination-log", termLog}, &stdout, io.Discard)
+		var v verdict
+		if err := json.Unmarshal(stdout.Bytes(), &v); err != nil {
+			t.Fatal(err)
+		}
+		if code != tc.code || v.Pid != os.Getpid() || (tc.want != "" && !strings.Contains(strings.Join(v.Problems, "; "), tc.want)) {
+			t.Errorf("%+v: exit %d, verdict %+v", tc, code, v)
+		}
+		if tc.value != "" && (len(v.Env) != 1 || v.Env[0].Name != "SC_TEST_VAR" || v.Env[0].Bytes != len(tc.value)) {
+			t.Errorf("%+v: env %+v", tc, v.Env)
+		}
+		if strings.Contains(stdout.String(), "s3cr3") {
+			t.Errorf("the value was reported: %s", stdout.String())
+		}
+	}
+}
