@@ -18,7 +18,7 @@ KMS_MODULE_DEPS ?= $(wildcard /usr/lib/softhsm/libsofthsm2.so)
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-6s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-build: ## Build keyward-kms, keyward-broker and keywardctl into bin/
+build: ## Build keyward-kms, keyward-broker, keyward-env and keywardctl into bin/
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
 
 images: ## Build the OCI images (keyward-broker, keyward-kms, keyward-env, pause, secretcheck) into bin/images/, reproducibly
