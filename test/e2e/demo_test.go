@@ -30,10 +30,10 @@ func TestDemo(t *testing.T) {
 		"kw-node   Ready",                // kubectl get nodes
 		`"verdict":"pass"`, "is a tmpfs", // the reader's secretcheck, and the host's view
 		"ContainerCreating", "FailedMount", "PermissionDenied", // the sneaky pod's status and events
-		"InvalidArgument",              // the writable volume
-		`"k8s:enc:kms:v2:keyward:`,     // the Secret in etcd
-		"Status reports key_id kek.2.", // the rotation
-		"hash chain intact",            // audit verify
+		"InvalidArgument",                      // the writable volume
+		`"k8s:enc:kms:v2:keyward:`,             // the Secret in etcd
+		"Status reports key_id keyward-kek.2.", // the rotation (the shipped kms.yaml names the key keyward-kek)
+		"hash chain intact",                    // audit verify
 	} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("demo output lacks %q", want)
