@@ -135,6 +135,9 @@ func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err
 	if len(secrets) == 1 {
 		ev.Object.Version = secrets[0].Version
 	}
+	for _, sec := range secrets { // what the pod received: keywardctl who-has reads it
+		ev.Object.Versions = append(ev.Object.Versions, sec.Version)
+	}
 	return secrets, err
 }
 

@@ -86,6 +86,14 @@ func req(refs ...string) broker.Request {
 	return r
 }
 
+func refNames(r broker.Request) []string {
+	var out []string
+	for _, ref := range r.Refs {
+		out = append(out, ref.Ref)
+	}
+	return out
+}
+
 func TestServiceDecisionsAndOneAuditRecordEach(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
@@ -127,6 +135,10 @@ func TestServiceDecisionsAndOneAuditRecordEach(t *testing.T) {
 			}
 			if strings.Contains(fmt.Sprintf("%+v", ev), "CANARY") || (err != nil && strings.Contains(err.Error(), "CANARY")) {
 				t.Fatal("a token or secret reached the audit record or the error")
+			}
+			// An allowed record says which Vault version of each ref the pod received (who-has).
+			if wantV := map[bool]string{true: "[3 3]", false: "[]"}[tc.want == nil]; fmt.Sprint(ev.Object.Versions) != wantV || ev.Object.Ref != strings.Join(refNames(tc.req), ",") {
+				t.Fatalf("audit object %+v, want versions %s", ev.Object, wantV)
 			}
 		})
 	}

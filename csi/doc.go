@@ -1,9 +1,10 @@
 // Package csi is the CSI Identity and Node server of keyward-broker (and its Secrets Store CSI Driver
 // provider API): it checks a request (read-only volume, kubelet's target path of the claimed pod,
 // strict attributes), bounds the publishes in flight, turns the request into a broker.Service call
-// and files in a tmpfs, audits refusals through the broker, and maps errors to gRPC codes in one place.
+// and files in a tmpfs with their ..version, audits refusals through the broker, tells the pod of
+// swaps and refusals through Events, and maps errors to gRPC codes in one place.
 //
-// It may import the standard library, package broker, csi/tmpfs, internal/audit, internal/fault,
-// internal/grpcserver, gRPC, the CSI spec, the Secrets Store CSI Driver provider API, zap,
-// golang.org/x/sync and a YAML decoder.
+// It may import the standard library, package broker, csi/podevents (its types), csi/tmpfs,
+// internal/audit, internal/fault, internal/grpcserver, gRPC, the CSI spec, the Secrets Store CSI
+// Driver provider API, zap, golang.org/x/sync and a YAML decoder.
 package csi

@@ -39,6 +39,7 @@ type hostileBroker struct {
 	refused  []error
 	returned [][]byte // every value handed out, to check they were zeroed
 	env      string   // the environment the values are read from
+	version  int      // the Vault version the values are read at (0: 1)
 	envs     []string // each request's Environment (where the caller's files came from)
 	block    chan struct{}
 	inside   atomic.Int32
@@ -55,7 +56,7 @@ func (b *hostileBroker) Fetch(ctx context.Context, req broker.Request) ([]broker
 		}
 	}
 	b.mu.Lock()
-	block, value, err, env := b.block, b.value, b.err, b.env
+	block, value, err, env, version := b.block, b.value, b.err, b.env, max(b.version, 1)
 	b.envs = append(b.envs, req.Environment)
 	b.mu.Unlock()
 	if block != nil {
@@ -74,7 +75,7 @@ func (b *hostileBroker) Fetch(ctx context.Context, req broker.Request) ([]broker
 		b.mu.Lock()
 		b.returned = append(b.returned, v)
 		b.mu.Unlock()
-		out[i] = broker.Secret{Ref: r, Version: 1, Value: v, Environment: env}
+		out[i] = broker.Secret{Ref: r, Version: version, Value: v, Environment: env}
 	}
 	return out, nil
 }

@@ -10,6 +10,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/keyward/keyward/csi/podevents"
 	"github.com/keyward/keyward/csi/tmpfs"
 )
 
@@ -33,6 +34,7 @@ type Mounted interface {
 	Clear() error
 	Current() (payload string, ok bool)
 	Intact(files []tmpfs.File, gid int) bool
+	ReadVersion() ([]byte, error)
 	Close() error
 }
 
@@ -81,11 +83,12 @@ func (s *Server) digest(files []tmpfs.File, gid int) [32]byte {
 	return out
 }
 
-// swapped records what a volume delivers after a swap, read from environment env.
-func (s *Server) swapped(volumeID string, v Mounted, sum [32]byte, env string) {
+// swapped records what a volume delivers after a swap, read from environment env, and its
+// ..version.
+func (s *Server) swapped(volumeID string, v Mounted, sum [32]byte, env string, ver VersionDoc, vf tmpfs.File) {
 	payload, _ := v.Current()
 	s.deliveredMu.Lock()
-	s.delivered[volumeID] = delivery{payload: payload, digest: sum, environment: env}
+	s.delivered[volumeID] = delivery{payload: payload, digest: sum, environment: env, version: ver, versionFile: vf}
 	s.deliveredMu.Unlock()
 }
 
@@ -103,30 +106,53 @@ func (s *Server) forget(volumeID string) {
 	s.deliveredMu.Unlock()
 }
 
+// rotation is what a republish's swap changed: the new ..version and the refs whose Vault version
+// moved.
+type rotation struct {
+	version uint64
+	changes []podevents.Change
+}
+
 // update swaps new files into a published volume, unless it already delivers exactly them: the
 // payload in force is the one this process swapped in, with the same digest, and its layout is
-// intact (metadata only: nothing in the volume is opened).
-func (s *Server) update(volumeID, target string, limit int64, files []tmpfs.File, gid int, env string) error {
+// intact (metadata only: nothing in the volume is opened). A swap writes the ..version after the
+// one in force (remembered, or read back from the volume after a restart); it returns the rotation
+// when the count went up from a known one.
+func (s *Server) update(volumeID, target string, limit int64, files []tmpfs.File, gid int, env string, refs map[string]int) (*rotation, error) {
 	v, err := s.o.Mounter.Open(target, limit)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer v.Close()
 	sum := s.digest(files, gid)
 	s.deliveredMu.Lock()
 	d, known := s.delivered[volumeID]
 	s.deliveredMu.Unlock()
-	if cur, ok := v.Current(); known && ok && cur == d.payload && d.digest == sum && d.environment == env && v.Intact(files, gid) {
-		return nil
+	if cur, ok := v.Current(); known && ok && cur == d.payload && d.digest == sum && d.environment == env &&
+		v.Intact(append(files[:len(files):len(files)], d.versionFile), gid) {
+		return nil, nil
 	}
-	if err := v.Swap(files, gid, dirMode(gid)); errors.Is(err, tmpfs.ErrScrub) {
+	prev := d.version
+	if !known { // a restart: the count goes on from the volume's own ..version
+		if b, err := v.ReadVersion(); err != nil {
+			s.o.Log.Warn("republish: the volume's ..version could not be read; counting from it is lost", zap.String("volume_id", volumeID), zap.Error(err))
+		} else if b != nil {
+			prev, _ = ParseVersion(b)
+		}
+	}
+	next, bumped := nextVersion(prev, refs, !known || d.digest == sum)
+	vf := next.file()
+	if err := v.Swap(append(files[:len(files):len(files)], vf), gid, dirMode(gid)); errors.Is(err, tmpfs.ErrScrub) {
 		s.o.Log.Warn("republish: the new files are in force; an old file could not be overwritten first", zap.String("volume_id", volumeID), zap.Error(err))
 	} else if err != nil {
 		s.forget(volumeID)
-		return err
+		return nil, err
 	}
-	s.swapped(volumeID, v, sum, env)
-	return nil
+	s.swapped(volumeID, v, sum, env, next, vf)
+	if !bumped || prev.Version == 0 {
+		return nil, nil
+	}
+	return &rotation{version: next.Version, changes: changes(prev.Refs, refs)}, nil
 }
 
 // clear removes a published volume's files.

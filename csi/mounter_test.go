@@ -103,6 +103,17 @@ func (v *fakeVolume) Current() (string, bool) { return string(rune('a' + v.paylo
 
 func (v *fakeVolume) Intact([]tmpfs.File, int) bool { return true }
 
+func (v *fakeVolume) ReadVersion() ([]byte, error) {
+	v.m.mu.Lock()
+	defer v.m.mu.Unlock()
+	for _, f := range v.files {
+		if f.Name == tmpfs.VersionFile {
+			return append([]byte(nil), f.Data...), nil
+		}
+	}
+	return nil, nil
+}
+
 func (v *fakeVolume) Close() error { return nil }
 
 type seamNode struct {

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/csi/podevents"
 	"github.com/keyward/keyward/csi/tmpfs"
 	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/fault"
@@ -27,6 +28,10 @@ import (
 func (s *Server) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
 	start := time.Now()
 	result, err := s.nodePublish(ctx, req)
+	if s.o.Events != nil && (result == ResultRefused || result == ResultWithdrawn) {
+		c := claimedPod(req.GetVolumeContext())
+		s.o.Events.Denied(podevents.Pod{Namespace: c.Namespace, Name: c.PodName, UID: c.PodUID}, status.Convert(err).Message())
+	}
 	if s.o.Observer != nil {
 		s.o.Observer.Published(Publish{Result: result, Code: status.Code(err).String(), Duration: time.Since(start)})
 	}
@@ -98,19 +103,24 @@ func (s *Server) serve(ctx context.Context, volumeID, target string, breq broker
 		}
 		return false, err
 	}
-	files, env := vol.files(secrets, gid), environmentOf(secrets)
+	files, env, refs := vol.files(secrets, gid), environmentOf(secrets), refVersions(secrets)
 	defer func() {
 		for _, f := range files {
 			clear(f.Data) // the bytes, not just the slices: nothing of the values is left for the GC
 		}
 	}()
 	if breq.Published {
-		if err := s.update(volumeID, target, vol.SizeLimit, files, gid, env); err != nil {
+		rot, err := s.update(volumeID, target, vol.SizeLimit, files, gid, env, refs)
+		if err != nil {
 			return true, fmt.Errorf("updating the files: %w", err)
+		}
+		if rot != nil && s.o.Events != nil {
+			c := vol.Claimed
+			s.o.Events.Rotated(podevents.Pod{Namespace: c.Namespace, Name: c.PodName, UID: c.PodUID}, rot.version, rot.changes)
 		}
 		return true, nil
 	}
-	if err := s.publish(volumeID, target, vol.SizeLimit, files, gid, env); err != nil {
+	if err := s.publish(volumeID, target, vol.SizeLimit, files, gid, env, refs); err != nil {
 		return false, fmt.Errorf("publishing: %w", err)
 	}
 	return true, nil
@@ -169,7 +179,7 @@ func dirMode(gid int) os.FileMode {
 }
 
 // publish mounts and writes; on any failure it leaves no mount and no file behind.
-func (s *Server) publish(volumeID, target string, size int64, files []tmpfs.File, gid int, env string) (err error) {
+func (s *Server) publish(volumeID, target string, size int64, files []tmpfs.File, gid int, env string, refs map[string]int) (err error) {
 	created := false
 	if err := os.Mkdir(target, 0o750); err == nil {
 		created = true
@@ -199,9 +209,11 @@ func (s *Server) publish(volumeID, target string, size int64, files []tmpfs.File
 		return err
 	}
 	defer v.Close()
-	if err := v.Swap(files, gid, dirMode(gid)); err != nil {
+	ver := VersionDoc{Version: 1, Refs: refs}
+	vf := ver.file()
+	if err := v.Swap(append(files[:len(files):len(files)], vf), gid, dirMode(gid)); err != nil {
 		return err
 	}
-	s.swapped(volumeID, v, s.digest(files, gid), env)
+	s.swapped(volumeID, v, s.digest(files, gid), env, ver, vf)
 	return nil
 }

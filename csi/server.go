@@ -16,6 +16,8 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/csi/podevents"
+	"github.com/keyward/keyward/csi/tmpfs"
 	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/grpcserver"
 )
@@ -68,8 +70,21 @@ type Options struct {
 	Ready func() error
 	// Observer, if set, is told how each NodePublishVolume ended (for metrics).
 	Observer Observer
-	Log      *zap.Logger
+	// Events, if set, is told of each republish that swapped in changed secrets and of each refused
+	// publish, to post Events on the pod. It must not block (podevents.Recorder queues).
+	Events Events
+	Log    *zap.Logger
 }
+
+// Events is told what a pod should see on its own events (podevents.Recorder).
+type Events interface {
+	// Rotated: the pod's volume swapped in changed secrets; ..version is now version.
+	Rotated(pod podevents.Pod, version uint64, changes []podevents.Change)
+	// Denied: a publish of the pod's volume was refused; reason is the status message kubelet got.
+	Denied(pod podevents.Pod, reason string)
+}
+
+var _ Events = (*podevents.Recorder)(nil)
 
 // Observer is told how each NodePublishVolume ended. It must not block.
 type Observer interface {
@@ -125,6 +140,9 @@ type delivery struct {
 	// environment the files were read from (broker.Secret.Environment): a republish after the pod's
 	// namespace moved to another environment withdraws them (broker.Request.Environment).
 	environment string
+	// version is the ..version in force, versionFile its file (for Intact).
+	version     VersionDoc
+	versionFile tmpfs.File
 }
 
 type volumeLock struct {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/keyward/keyward/broker/tokenreview"
 	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/csi/podevents"
 	"github.com/keyward/keyward/csi/tmpfs"
 	"github.com/keyward/keyward/internal/fault"
 )
@@ -25,8 +26,9 @@ type metricSources struct {
 	volumes          func() int
 	podTokens        func() int
 	policy           func() (generation uint64, hash string)
-	registered       func() bool   // nil: registration with kubelet is off
-	registerFailures func() uint64 // with registered
+	registered       func() bool            // nil: registration with kubelet is off
+	registerFailures func() uint64          // with registered
+	podEvents        func() podevents.Stats // nil: no events
 }
 
 // brokerMetrics are the metrics the packages report through their hooks (csi.Observer,
@@ -105,7 +107,20 @@ func registerMetrics(reg prometheus.Registerer, m *brokerMetrics, s metricSource
 		}
 		return 0
 	}
-	cs := []prometheus.Collector{m.publishes, m.publishDuration, m.tokenReviews, m.vault,
+	var cs []prometheus.Collector
+	if s.podEvents != nil {
+		for result, n := range map[string]func(podevents.Stats) uint64{
+			"created": func(s podevents.Stats) uint64 { return s.Created }, "patched": func(s podevents.Stats) uint64 { return s.Patched },
+			"failed": func(s podevents.Stats) uint64 { return s.Failed }, "limited": func(s podevents.Stats) uint64 { return s.Limited },
+			"dropped": func(s podevents.Stats) uint64 { return s.Dropped },
+		} {
+			cs = append(cs, prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "keyward", Subsystem: "broker", Name: "pod_events_total",
+				Help:        "Events on pods (SecretsRotated, SecretsDenied) by result: created, patched (a repeat), failed (the apiserver refused or did not answer), limited (rate limit), dropped (queue full).",
+				ConstLabels: prometheus.Labels{"result": result}},
+				func() float64 { return float64(n(s.podEvents())) }))
+		}
+	}
+	cs = append(cs, m.publishes, m.publishDuration, m.tokenReviews, m.vault,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "keyward", Subsystem: "audit", Name: "healthy",
 			Help: "1 while audit records are written and synced, 0 while they cannot be (every publish then fails; see the CSI Probe)."},
 			func() float64 { return b2f(s.auditHealth() == nil) }),
@@ -138,7 +153,7 @@ func registerMetrics(reg prometheus.Registerer, m *brokerMetrics, s metricSource
 				"Policies put in force since start: 1, then one more per reload (a refused reload keeps the last good policy).", nil, nil),
 			info: prometheus.NewDesc("keyward_broker_policy_info", "The policy in force, by its hash (as in the policy_reload audit records); always 1.",
 				[]string{"hash"}, nil)},
-	}
+	)
 	if s.registered != nil {
 		cs = append(cs,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "keyward", Subsystem: "broker", Name: "kubelet_registered",

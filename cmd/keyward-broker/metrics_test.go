@@ -15,6 +15,7 @@ import (
 
 	"github.com/keyward/keyward/broker/tokenreview"
 	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/csi/podevents"
 	"github.com/keyward/keyward/internal/fault"
 )
 
@@ -58,7 +59,8 @@ func (s *sourceStub) sources() metricSources {
 			g := s.generation.Load()
 			return g, map[uint64]string{1: "aaaa", 2: "bbbb"}[g]
 		},
-		registered: s.registered.Load, registerFailures: s.registerFailures.Load}
+		registered: s.registered.Load, registerFailures: s.registerFailures.Load,
+		podEvents: func() podevents.Stats { return podevents.Stats{Created: 3, Patched: 2, Limited: 1} }}
 }
 
 // Every metric operators rely on moves with what it counts: publishes by result and code with their
@@ -75,7 +77,9 @@ func TestMetricsFollowTheBroker(t *testing.T) {
 	wantLines(t, scrapeRegistry(t, reg), "keyward_broker_volumes 0", "keyward_broker_pod_vault_tokens 0",
 		"keyward_audit_write_failures_total 0", "keyward_audit_healthy 1", "keyward_broker_policy_generation 1",
 		`keyward_broker_policy_info{hash="aaaa"} 1`, "keyward_broker_kubelet_registered 0",
-		"keyward_broker_kubelet_registration_failures_total 0", "keyward_broker_tmpfs_noswap 1")
+		"keyward_broker_kubelet_registration_failures_total 0", "keyward_broker_tmpfs_noswap 1",
+		`keyward_broker_pod_events_total{result="created"} 3`, `keyward_broker_pod_events_total{result="patched"} 2`,
+		`keyward_broker_pod_events_total{result="limited"} 1`, `keyward_broker_pod_events_total{result="dropped"} 0`)
 
 	// The hooks the packages call.
 	m.Published(csi.Publish{Result: csi.ResultPublished, Code: "OK", Duration: 30 * time.Millisecond})

@@ -25,6 +25,8 @@ import (
 	"github.com/keyward/keyward/broker/tokenreview"
 	"github.com/keyward/keyward/broker/vault"
 	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/csi/podevents"
+	"github.com/keyward/keyward/csi/podevents/restsink"
 	"github.com/keyward/keyward/csi/registration"
 	"github.com/keyward/keyward/csi/tmpfs"
 	"github.com/keyward/keyward/internal/audit"
@@ -45,6 +47,7 @@ type wiring struct {
 	pol      *policy.Policy
 	meta     metadata.Interface
 	reviewer tokenreview.Reviewer
+	events   *podevents.Recorder
 	audit    *audit.Log
 
 	namespaces *policy.NamespaceWatcher
@@ -128,7 +131,7 @@ func (d *wiring) checkHost() error {
 	return nil
 }
 
-// load reads the config and the policy and builds the two narrow apiserver clients.
+// load reads the config and the policy and builds the three narrow apiserver clients.
 func (d *wiring) load() error {
 	var err error
 	if d.cfg, err = loadConfig(d.o.Config); err != nil {
@@ -150,12 +153,22 @@ func (d *wiring) load() error {
 	if d.meta, err = metadata.NewForConfig(restCfg); err != nil {
 		return err
 	}
-	d.reviewer, err = tokenreview.NewReviewer(restCfg)
+	if d.reviewer, err = tokenreview.NewReviewer(restCfg); err != nil {
+		return err
+	}
+	// Events on the pods (SecretsRotated, SecretsDenied) over a third narrow client: core/v1 Events
+	// as raw JSON, create and patch only.
+	sink, err := restsink.New(restCfg, "keyward-broker", d.o.NodeID)
+	if err != nil {
+		return err
+	}
+	d.events, err = podevents.New(podevents.Options{Sink: sink})
 	return err
 }
 
 // wire builds the policy, the Vault source, the broker service and the CSI node server.
 func (d *wiring) wire(ctx context.Context) error {
+	go d.events.Run(ctx)
 	d.namespaces = policy.NewNamespaceWatcher(d.meta, 10*time.Minute)
 	d.namespaces.Start(ctx)
 	d.authz = policy.NewAuthorizer(d.pol, d.namespaces)
@@ -178,7 +191,7 @@ func (d *wiring) wire(ctx context.Context) error {
 	d.limiter = csi.NewPublishLimiter(d.o.MaxPublishes, d.o.MaxPublishBytes)
 	d.node, err = csi.NewServer(csi.Options{NodeID: d.o.NodeID, Version: version.Version, Broker: d.svc, Auditor: d.audit,
 		Audience: d.cfg.Audience, Log: d.log.Named("csi"), Credentials: d.creds, KubeletDir: d.o.KubeletDir,
-		Limiter: d.limiter, AllowSwap: d.allowSwapMounts, Ready: d.checks().ready, Observer: d.metrics})
+		Limiter: d.limiter, AllowSwap: d.allowSwapMounts, Ready: d.checks().ready, Observer: d.metrics, Events: d.events})
 	return err
 }
 
@@ -215,7 +228,7 @@ func (d *wiring) checks() checks {
 func (d *wiring) metricSources() metricSources {
 	s := metricSources{noswap: d.noswap, auditHealth: d.audit.Health, auditFailures: d.audit.WriteFailures,
 		inFlight: d.limiter.InFlight, waits: d.limiter.Waits, suppressed: d.svc.SuppressedRefusals,
-		volumes: d.node.Volumes, podTokens: d.src.Tokens,
+		volumes: d.node.Volumes, podTokens: d.src.Tokens, podEvents: d.events.Stats,
 		policy: func() (uint64, string) { return d.authz.Generation(), d.authz.Policy().Hash() }}
 	if d.reg != nil {
 		s.registered, s.registerFailures = d.reg.Registered, d.reg.Failures

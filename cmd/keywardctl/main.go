@@ -38,6 +38,10 @@ Usage:
                                                           ... against the newest shipped checkpoint, and
                                                           its HSM signature
   keywardctl audit query      FILE [--decision D] [--namespace N] [--event E] [--since 1h] [-o json]
+  keywardctl who-has          REF[#KEY] DIR... [--environment E] [--namespace N] [--since 10m] [--all] [-o json]
+                                                          which pods received which Vault version of REF,
+                                                          from the broker audit streams (one DIR per node),
+                                                          and whether it is the newest any pod received
   keywardctl version | help
 
 Exit codes: 0 success, 1 the operation failed or found a problem, 2 bad usage.
@@ -89,6 +93,8 @@ func dispatch(e streams, args []string) error {
 		return auditCommand(e, args[1:])
 	case "policy":
 		return policyCommand(e, args[1:])
+	case "who-has":
+		return whoHas(e, args[1:])
 	default:
 		return fmt.Errorf("unknown command %q: %w", args[0], errUsage)
 	}

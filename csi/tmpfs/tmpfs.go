@@ -180,6 +180,10 @@ type File struct {
 const (
 	dataLink    = "..data"
 	dataTmpLink = "..data_tmp"
+	// VersionFile is the one delivered name of the driver's own: a file describing the payload
+	// (which version of what it holds, never a value), written into the payload and linked through
+	// "..data" like the others, so it swaps with them. At most MaxVersionSize bytes.
+	VersionFile = "..version"
 	// chunk is the unit of scrubbing and comparing: memory stays bounded whatever a file claims.
 	chunk = 64 << 10
 )
@@ -240,6 +244,12 @@ func openIn(dirfd int, name string, flags int, mode uint32) (int, error) {
 	}
 }
 
+// MaxVersionSize bounds VersionFile, written and read back.
+const MaxVersionSize = 64 << 10
+
+// deliverable reports whether name is one the driver delivers: a valid file name or VersionFile.
+func deliverable(name string) bool { return name == VersionFile || ValidName(name) }
+
 // ValidName reports whether name can be a delivered file: one path component, not starting with
 // "..", not "." .
 func ValidName(name string) bool {
@@ -290,7 +300,7 @@ func (v *Volume) list() ([]entry, error) {
 func (v *Volume) delivered(entries []entry) []string {
 	var names []string
 	for _, e := range entries {
-		if e.typ != os.ModeSymlink || !ValidName(e.name) {
+		if e.typ != os.ModeSymlink || !deliverable(e.name) {
 			continue
 		}
 		if t, err := readlinkAt(v.fd, e.name); err == nil && t == dataLink+"/"+e.name {
@@ -380,13 +390,19 @@ func (v *Volume) check(files []File) (map[string]bool, error) {
 	names := map[string]bool{}
 	var total int64
 	for _, f := range files {
-		if !ValidName(f.Name) || names[f.Name] {
+		if !deliverable(f.Name) || names[f.Name] {
 			return nil, fmt.Errorf("file name %q: must be unique, non-empty, without '/' and not start with '..'", f.Name)
 		}
 		if f.Mode.Perm()&0o222 != 0 || f.Mode&^os.ModePerm != 0 {
 			return nil, fmt.Errorf("file %s: mode %v is writable or not a plain permission", f.Name, f.Mode)
 		}
 		names[f.Name] = true
+		if f.Name == VersionFile {
+			if len(f.Data) > MaxVersionSize {
+				return nil, fmt.Errorf("%s of %d bytes: more than %d", VersionFile, len(f.Data), MaxVersionSize)
+			}
+			continue // the driver's own, counted apart (see SizeFor)
+		}
 		total += int64(len(f.Data))
 	}
 	if total > v.limit {
@@ -509,10 +525,11 @@ func writeNew(dirfd int, f File, gid int) error {
 var testHookPayloadCreated func(volume, payload string)
 
 // SizeFor is the tmpfs size for a volume of at most data bytes in files: room for two complete sets
-// (the one in force and the one swapped in), each file rounded up to whole pages.
+// (the one in force and the one swapped in), each file rounded up to whole pages, each with its
+// VersionFile.
 func SizeFor(data int64, files int) int64 {
 	const page = 4096
-	return 2*(data+int64(files)*page) + 4*page
+	return 2*(data+int64(files)*page) + 4*page + 2*(MaxVersionSize+page)
 }
 
 // Clear removes every delivered file at once, for a revocation or an unmount: the visible links and
@@ -763,6 +780,9 @@ func (v *Volume) Read() ([]File, error) {
 	var out []File
 	budget := min(v.limit, v.fsSize)
 	for _, name := range v.delivered(entries) {
+		if name == VersionFile {
+			continue // the driver's own (ReadVersion)
+		}
 		fd, err := openIn(pfd, name, unix.O_RDONLY|unix.O_NONBLOCK, 0)
 		if err != nil {
 			return nil, fmt.Errorf("open %s: %w", name, err)
@@ -788,6 +808,41 @@ func (v *Volume) Read() ([]File, error) {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil
+}
+
+// ReadVersion returns the VersionFile of the payload in force: a regular file (not followed, opened
+// without blocking on a lease), at most MaxVersionSize bytes. nil, nil when there is none (nothing
+// delivered, or a payload written without one).
+func (v *Volume) ReadVersion() ([]byte, error) {
+	payload, ok := v.Current()
+	if !ok {
+		return nil, nil
+	}
+	pfd, err := openIn(v.fd, payload, unix.O_DIRECTORY|unix.O_RDONLY, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open payload: %w", err)
+	}
+	defer unix.Close(pfd)
+	fd, err := openIn(pfd, VersionFile, unix.O_RDONLY|unix.O_NONBLOCK, 0)
+	if errors.Is(err, unix.ENOENT) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", VersionFile, err)
+	}
+	f := os.NewFile(uintptr(fd), VersionFile)
+	defer f.Close()
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", VersionFile)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, MaxVersionSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", VersionFile, err)
+	}
+	if len(b) > MaxVersionSize {
+		return nil, fmt.Errorf("%s: more than %d bytes", VersionFile, MaxVersionSize)
+	}
+	return b, nil
 }
 
 // Read opens the volume at target and reads its delivered files (see Volume.Read), at most the

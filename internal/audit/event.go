@@ -51,12 +51,17 @@ type Subject struct {
 	Node           string `json:"node"`
 }
 
-// Object is what was asked for. KeyID is set for KMS operations.
+// Object is what was asked for. KeyID is set for KMS operations. Ref and Key list a request's refs
+// and keys, comma-separated, in the request's order; Version is the one ref's version (asked for,
+// or read when it was allowed). Versions, on an allowed fetch or mount, is the Vault version each
+// ref was read at, in the same order (absent from records written before it existed: readers take
+// Version for a one-ref record).
 type Object struct {
 	Environment string `json:"environment"`
 	Ref         string `json:"ref"`
 	Key         string `json:"key"`
 	Version     int    `json:"version"`
+	Versions    []int  `json:"versions,omitempty"`
 	KeyID       string `json:"key_id"`
 }
 

@@ -151,10 +151,11 @@ func newVolume(t *testing.T, files map[string]string) *volume {
 	return vol
 }
 
-// swap delivers a new set of files, as a republish does.
+// swap delivers a new set of files with their ..version, as a republish does (--env-all-prefix
+// must skip ..version: TestExecKeepsThePIDAndSetsTheVariables).
 func (vol *volume) swap(t *testing.T, files map[string]string) {
 	t.Helper()
-	var fs []tmpfs.File
+	fs := []tmpfs.File{{Name: tmpfs.VersionFile, Mode: 0o444, Data: []byte(`{"version":1,"refs":{}}` + "\n")}}
 	for name, v := range files {
 		fs = append(fs, tmpfs.File{Name: name, Mode: 0o444, Data: []byte(v)})
 	}

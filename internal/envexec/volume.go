@@ -229,9 +229,15 @@ func list(pfd int) ([]string, error) {
 	}
 	f := os.NewFile(uintptr(fd), "payload")
 	defer f.Close()
-	names, err := f.Readdirnames(maxFiles + 1)
+	all, err := f.Readdirnames(maxFiles + 2)
 	if err != nil && err != io.EOF {
 		return nil, err
+	}
+	names := all[:0]
+	for _, n := range all {
+		if !strings.HasPrefix(n, "..") { // the broker's own ..version: no delivered file starts so
+			names = append(names, n)
+		}
 	}
 	if len(names) > maxFiles {
 		return nil, errors.New("more than 256 files")

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -28,6 +29,8 @@ import (
 	"github.com/keyward/keyward/broker/policy"
 	"github.com/keyward/keyward/broker/tokenreview"
 	"github.com/keyward/keyward/broker/vault"
+	"github.com/keyward/keyward/csi/podevents"
+	"github.com/keyward/keyward/csi/podevents/restsink"
 	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/fault"
 	"github.com/keyward/keyward/test/harness"
@@ -161,9 +164,19 @@ func TestBrokerRBACIsExactlyEnough(t *testing.T) {
 	for i, r := range role.Rules {
 		rules := append(append([]rbacv1.PolicyRule{}, role.Rules[:i]...), role.Rules[i+1:]...)
 		variants = append(variants, variant{"without the " + r.Resources[0] + " rule", rules})
+		if r.Resources[0] == "events" {
+			if fmt.Sprint(r.APIGroups, r.Resources, r.Verbs) != "[] [events] [create patch]" {
+				t.Fatalf("the events rule grows the role by more than events create, patch: %+v", r)
+			}
+			for _, verb := range r.Verbs { // each verb is needed on its own
+				only := r.DeepCopy()
+				only.Verbs = slices.DeleteFunc(slices.Clone(r.Verbs), func(v string) bool { return v == verb })
+				variants = append(variants, variant{"events without " + verb, append(slices.Clone(rules), *only)})
+			}
+		}
 	}
-	if len(variants) != 4 {
-		t.Fatalf("expected the shipped rules to be tokenreviews, namespaces and pods; got %+v", role.Rules)
+	if len(variants) != 7 {
+		t.Fatalf("expected the shipped rules to be tokenreviews, namespaces, pods and events; got %+v", role.Rules)
 	}
 	for i, v := range variants {
 		t.Run(v.name, func(t *testing.T) {
@@ -224,6 +237,9 @@ func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 	if last != nil {
 		return last
 	}
+	if err := podEvents(ctx, e, cfg, pod); err != nil {
+		return err
+	}
 	zero := int64(0)
 	if err := e.kube.Client.CoreV1().Pods(ns).Delete(context.Background(), pod.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
 		t.Fatal(err)
@@ -237,6 +253,40 @@ func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 		time.Sleep(100 * time.Millisecond)
 	}
 	return fmt.Errorf("a deleted pod's republish was not recognized as a withdrawal: %v", last)
+}
+
+// podEvents posts a SecretsDenied event on pod twice through the broker's event recorder and
+// client built from cfg: the first is created, the repeat patches its count. Both must succeed
+// (the recorder never fails a publish, so its counts tell) and the pod must show the event, count 2.
+func podEvents(ctx context.Context, e *brokerEnv, cfg *rest.Config, pod *corev1.Pod) error {
+	sink, err := restsink.New(cfg, "keyward-broker", "node-1")
+	if err != nil {
+		return err
+	}
+	rec, err := podevents.New(podevents.Options{Sink: sink})
+	if err != nil {
+		return err
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go rec.Run(rctx)
+	p := podevents.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: string(pod.UID)}
+	rec.Denied(p, "rbac probe")
+	rec.Denied(p, "rbac probe")
+	for rec.Pending() > 0 && ctx.Err() == nil {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if s := rec.Stats(); s.Created != 1 || s.Patched != 1 || s.Failed != 0 {
+		return fmt.Errorf("pod events: %+v", s)
+	}
+	evs, err := e.kube.Client.CoreV1().Events(pod.Namespace).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.uid=" + string(pod.UID)})
+	if err != nil {
+		return err
+	}
+	if len(evs.Items) != 1 || evs.Items[0].Reason != podevents.ReasonDenied || evs.Items[0].Count != 2 {
+		return fmt.Errorf("the pod's events: %+v", evs.Items)
+	}
+	return nil
 }
 
 // lateNamespace creates a namespace with a pod, its secret in Vault and a Vault role covering it,
