@@ -89,6 +89,7 @@ func (s *Server) swapped(volumeID string, v Mounted, sum [32]byte, env string, v
 	payload, _ := v.Current()
 	s.deliveredMu.Lock()
 	s.delivered[volumeID] = delivery{payload: payload, digest: sum, environment: env, version: ver, versionFile: vf}
+	s.counted[volumeID] = ver.Version
 	s.deliveredMu.Unlock()
 }
 
@@ -100,9 +101,19 @@ func (s *Server) deliveredEnvironment(volumeID string) string {
 	return s.delivered[volumeID].environment
 }
 
+// forget forgets what a volume delivers (its files were cleared, or a swap failed), but not its
+// ..version count: a later swap into the same volume counts on.
 func (s *Server) forget(volumeID string) {
 	s.deliveredMu.Lock()
 	delete(s.delivered, volumeID)
+	s.deliveredMu.Unlock()
+}
+
+// unpublished forgets a volume entirely.
+func (s *Server) unpublished(volumeID string) {
+	s.deliveredMu.Lock()
+	delete(s.delivered, volumeID)
+	delete(s.counted, volumeID)
 	s.deliveredMu.Unlock()
 }
 
@@ -116,8 +127,8 @@ type rotation struct {
 // update swaps new files into a published volume, unless it already delivers exactly them: the
 // payload in force is the one this process swapped in, with the same digest, and its layout is
 // intact (metadata only: nothing in the volume is opened). A swap writes the ..version after the
-// one in force (remembered, or read back from the volume after a restart); it returns the rotation
-// when the count went up from a known one.
+// one in force (remembered, also across a withdrawal that cleared the files, or read back from the
+// volume after a restart); it returns the rotation when the count went up from a known one.
 func (s *Server) update(volumeID, target string, limit int64, files []tmpfs.File, gid int, env string, refs map[string]int) (*rotation, error) {
 	v, err := s.o.Mounter.Open(target, limit)
 	if err != nil {
@@ -133,7 +144,13 @@ func (s *Server) update(volumeID, target string, limit int64, files []tmpfs.File
 		return nil, nil
 	}
 	prev := d.version
-	if !known { // a restart: the count goes on from the volume's own ..version
+	s.deliveredMu.Lock()
+	counted := s.counted[volumeID]
+	s.deliveredMu.Unlock()
+	switch {
+	case !known && counted > 0: // cleared by a withdrawal (or a failed swap) since: count on
+		prev = VersionDoc{Version: counted}
+	case !known: // a restart: the count goes on from the volume's own ..version
 		if b, err := v.ReadVersion(); err != nil {
 			s.o.Log.Warn("republish: the volume's ..version could not be read; counting from it is lost", zap.String("volume_id", volumeID), zap.Error(err))
 		} else if b != nil {

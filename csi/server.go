@@ -131,7 +131,10 @@ type Server struct {
 	// holding a lease on a file cannot stall it). Lost at a restart: the first republish then swaps.
 	deliveredMu sync.Mutex
 	delivered   map[string]delivery
-	digestKey   [32]byte
+	// counted is each published volume's ..version count, kept while its files are cleared (a
+	// withdrawal) so that a later swap counts on; dropped at unpublish.
+	counted   map[string]uint64
+	digestKey [32]byte
 }
 
 type delivery struct {
@@ -173,7 +176,7 @@ func NewServer(o Options) (*Server, error) {
 	if o.Credentials == nil {
 		o.Credentials = NewPodCredentials(o.Broker, o.Log)
 	}
-	srv := &Server{o: o, locks: map[string]*volumeLock{}, delivered: map[string]delivery{}}
+	srv := &Server{o: o, locks: map[string]*volumeLock{}, delivered: map[string]delivery{}, counted: map[string]uint64{}}
 	if _, err := rand.Read(srv.digestKey[:]); err != nil {
 		return nil, err
 	}

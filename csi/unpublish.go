@@ -28,7 +28,7 @@ func (s *Server) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpubli
 	}
 	unlock := s.lock(req.GetVolumeId())
 	defer unlock()
-	s.forget(req.GetVolumeId())
+	s.unpublished(req.GetVolumeId())
 	start := time.Now()
 	scrubErr, err := s.o.Mounter.Unmount(req.GetTargetPath(), MaxSizeLimit)
 	if scrubErr != nil {

@@ -142,6 +142,17 @@ func TestVersionFileCountsSwapsAcrossRestarts(t *testing.T) {
 	if _, err := os.Lstat(filepath.Join(target, tmpfs.VersionFile)); !os.IsNotExist(err) {
 		t.Fatalf("a withdrawal left ..version: %v", err)
 	}
+	// Access granted again: the files come back and the count goes on from before the withdrawal.
+	n.b.set("CANARY5", nil)
+	if err := n.publish(req); err != nil {
+		t.Fatal(err)
+	}
+	if d, b := readVersionFile(t, target); d.Version != 4 || strings.Contains(string(b), "CANARY") {
+		t.Fatalf("..version after a withdrawal and a new grant: %s", b)
+	}
+	if r, _ := events.take(); len(r) != 1 || !strings.HasPrefix(r[0], podA+" 4 [{payments/db#password 0 3}") {
+		t.Fatalf("rotation events after a new grant %q", r)
+	}
 	// A publish refused before anything is fetched is told too.
 	bad := n.publishReq(podB, n.target(podB, "secrets"), twoSecrets)
 	bad.Readonly = false
