@@ -2,10 +2,13 @@ package csi
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -13,6 +16,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/keyward/keyward/broker"
+	"github.com/keyward/keyward/csi/render"
 	"github.com/keyward/keyward/csi/tmpfs"
 	"github.com/keyward/keyward/internal/fault"
 )
@@ -38,23 +42,56 @@ const (
 	MaxAttributeBytes = 64 << 10
 )
 
-// Entry is one file of a volume, as the user writes it in the "secrets" attribute.
+// Entry is one file of a volume, as the user writes it in the "secrets" attribute: one key of one
+// ref (Ref, Key, Version), or a Template rendered from keys of the refs Refs names.
 type Entry struct {
-	Ref     string `json:"ref"`
-	Key     string `json:"key"`
+	Ref     string `json:"ref,omitempty"`
+	Key     string `json:"key,omitempty"`
 	File    string `json:"file"`
 	Mode    string `json:"mode,omitempty"`
 	Version int    `json:"version,omitempty"`
+	// Template renders the file (csi/render): {{ .NAME.KEY }} is KEY of the ref Refs names NAME.
+	Template string `json:"template,omitempty"`
+	// Refs names the refs a template reads: NAME -> "ref" or "ref@version".
+	Refs map[string]string `json:"refs,omitempty"`
+	// Format converts the content, the key's or the template's: "pkcs12" (from PEM) or "pem" (from
+	// PKCS#12 or DER).
+	Format string `json:"format,omitempty"`
+	// Password is a template over Refs rendering the PKCS#12 password (written for pkcs12, read for
+	// pem); template entries only; absent, the password is empty.
+	Password *string `json:"password,omitempty"`
 }
 
-// FileSpec is one file of a volume, parsed and validated: which secret goes into which file, with
-// which mode.
+// MaxPasswordBytes bounds a rendered PKCS#12 password (and MaxPasswordTemplateBytes its template).
+const (
+	MaxPasswordBytes         = 1 << 10
+	MaxPasswordTemplateBytes = 1 << 10
+)
+
+// FileSpec is one file of a volume, parsed and validated: which secrets go into which file, how,
+// with which mode.
 type FileSpec struct {
+	// Ref is the value a plain entry delivers (or converts).
 	Ref  broker.SecretRef
 	Name string
 	// Mode is the file's mode; Default says the user gave none (then the pod's fsGroup may read it).
 	Mode    os.FileMode
 	Default bool
+	// Template, when set, renders the file from Inputs (and Password the PKCS#12 password).
+	Template *render.Template
+	Password *render.Template
+	Inputs   []Input
+	// Format converts the content before delivery.
+	Format render.Format
+	// reads are the indexes, in the volume's refs (Volume.Refs), of the values the file reads: Ref's,
+	// or each of Inputs'.
+	reads []int
+}
+
+// Input is a value a template reads, and the ref and key it is read from.
+type Input struct {
+	render.Input
+	Ref broker.SecretRef
 }
 
 // Volume is a parsed, validated publish request.
@@ -63,6 +100,8 @@ type Volume struct {
 	Claimed   broker.Identity
 	Token     broker.Token
 	SizeLimit int64
+	// refs are the distinct values the files read, in the order of first use.
+	refs []broker.SecretRef
 }
 
 // ParseVolume validates volume attributes and publish secrets strictly. Errors wrap fault.ErrInvalid
@@ -97,11 +136,11 @@ func ParseVolume(attrs, secrets map[string]string, audience string) (Volume, err
 	if !ok || strings.TrimSpace(raw) == "" {
 		return Volume{}, fmt.Errorf("volume attribute %q is required: %w", AttrSecrets, fault.ErrInvalid)
 	}
-	files, err := parseSecrets(raw)
+	ps, err := parseSecrets(raw)
 	if err != nil {
 		return Volume{}, err
 	}
-	v.Files = files
+	v.Files, v.refs = ps.files, ps.refs
 	v.Claimed = broker.Identity{Namespace: attrs[AttrPodNamespace], PodName: attrs[AttrPodName], PodUID: attrs[AttrPodUID], ServiceAccount: attrs[AttrSAName]}
 	if v.Claimed.Namespace == "" || v.Claimed.PodName == "" || v.Claimed.PodUID == "" {
 		return Volume{}, fmt.Errorf("pod information missing (the CSIDriver needs podInfoOnMount: true): %w", fault.ErrInvalid)
@@ -136,72 +175,98 @@ func ParseVolume(attrs, secrets map[string]string, audience string) (Volume, err
 }
 
 // parsedSecrets memoizes parseSecrets: kubelet republishes every volume with the same "secrets"
-// attribute, and the pods of one workload share it, so each distinct list is parsed and validated once.
-// Keyed by the text's SHA-256, so padded attributes cost no memory here. Bounded: cleared when full.
+// attribute, and the pods of one workload share it, so each distinct list is parsed and validated once
+// (templates included). Keyed by the text's SHA-256, so padded attributes cost no memory here.
+// Bounded: cleared when full.
 var parsedSecrets = struct {
 	sync.Mutex
-	m map[[32]byte][]FileSpec
-}{m: map[[32]byte][]FileSpec{}}
+	m map[[32]byte]parsed
+}{m: map[[32]byte]parsed{}}
 
 const maxParsedSecrets = 256
 
-// parseSecrets parses and validates the "secrets" attribute. The slice returned is shared: callers
+// parsed is a parsed "secrets" attribute: the files and the distinct values they read.
+type parsed struct {
+	files []FileSpec
+	refs  []broker.SecretRef
+}
+
+// parseSecrets parses and validates the "secrets" attribute. What it returns is shared: callers
 // must not modify it.
-func parseSecrets(raw string) ([]FileSpec, error) {
+func parseSecrets(raw string) (parsed, error) {
 	key := sha256.Sum256([]byte(raw))
 	parsedSecrets.Lock()
-	files, ok := parsedSecrets.m[key]
+	p, ok := parsedSecrets.m[key]
 	parsedSecrets.Unlock()
 	if ok {
-		return files, nil
+		return p, nil
 	}
-	files, err := parseSecretsUncached(raw)
+	p, err := parseSecretsUncached(raw)
 	if err != nil {
-		return nil, err
+		return parsed{}, err
 	}
 	parsedSecrets.Lock()
 	if len(parsedSecrets.m) >= maxParsedSecrets {
 		clear(parsedSecrets.m)
 	}
-	parsedSecrets.m[key] = files
+	parsedSecrets.m[key] = p
 	parsedSecrets.Unlock()
-	return files, nil
+	return p, nil
 }
 
-func parseSecretsUncached(raw string) ([]FileSpec, error) {
+func parseSecretsUncached(raw string) (parsed, error) {
 	var entries []Entry
 	if err := yaml.UnmarshalStrict([]byte(raw), &entries); err != nil {
-		return nil, fmt.Errorf("volume attribute %q: %v: %w", AttrSecrets, err, fault.ErrInvalid)
+		return parsed{}, fmt.Errorf("volume attribute %q: %v: %w", AttrSecrets, err, fault.ErrInvalid)
 	}
 	if len(entries) == 0 || len(entries) > MaxEntries {
-		return nil, fmt.Errorf("%d secrets (want 1..%d): %w", len(entries), MaxEntries, fault.ErrInvalid)
+		return parsed{}, fmt.Errorf("%d secrets (want 1..%d): %w", len(entries), MaxEntries, fault.ErrInvalid)
 	}
 	names := map[string]bool{}
-	files := make([]FileSpec, 0, len(entries))
+	p := parsed{files: make([]FileSpec, 0, len(entries))}
+	index := map[broker.SecretRef]int{}
+	read := func(r broker.SecretRef) int {
+		i, ok := index[r]
+		if !ok {
+			i = len(p.refs)
+			index[r] = i
+			p.refs = append(p.refs, r)
+		}
+		return i
+	}
 	for i, e := range entries {
 		f, err := e.spec()
 		if err == nil && names[e.File] {
 			err = errors.New("file name used twice")
 		}
-		if err != nil {
-			return nil, fmt.Errorf("secrets[%d] (file %q): %v: %w", i, e.File, err, fault.ErrInvalid)
+		switch {
+		case errors.Is(err, fault.ErrInvalid):
+			return parsed{}, fmt.Errorf("secrets[%d] (file %q): %w", i, e.File, err)
+		case err != nil:
+			return parsed{}, fmt.Errorf("secrets[%d] (file %q): %v: %w", i, e.File, err, fault.ErrInvalid)
 		}
 		names[e.File] = true
-		files = append(files, f)
+		if f.Template == nil {
+			f.reads = []int{read(f.Ref)}
+		}
+		for _, in := range f.Inputs {
+			f.reads = append(f.reads, read(in.Ref))
+		}
+		p.files = append(p.files, f)
 	}
-	return files, nil
+	if len(p.refs) > broker.MaxRefs {
+		return parsed{}, fmt.Errorf("the volume reads %d keys (max %d): %w", len(p.refs), broker.MaxRefs, fault.ErrInvalid)
+	}
+	return p, nil
 }
 
-// spec validates one entry (the ref with the domain's own rules) and turns it into a FileSpec.
+// spec validates one entry (refs with the domain's own rules, a template with csi/render's) and
+// turns it into a FileSpec.
 func (e Entry) spec() (FileSpec, error) {
-	ref := broker.SecretRef{Ref: e.Ref, Key: e.Key, Version: e.Version}
-	if err := ref.Validate(); err != nil {
-		return FileSpec{}, fmt.Errorf("ref %q, key %q, version %d is not valid", e.Ref, e.Key, e.Version)
-	}
 	if !tmpfs.ValidName(e.File) {
 		return FileSpec{}, errors.New("file name must be non-empty, without '/', and not start with '..'")
 	}
-	f := FileSpec{Ref: ref, Name: e.File, Mode: 0o400, Default: e.Mode == ""}
+	f := FileSpec{Name: e.File, Mode: 0o400, Default: e.Mode == ""}
 	if e.Mode != "" {
 		m, err := strconv.ParseUint(e.Mode, 8, 32)
 		if err != nil || m&^0o444 != 0 {
@@ -209,36 +274,216 @@ func (e Entry) spec() (FileSpec, error) {
 		}
 		f.Mode = os.FileMode(m)
 	}
-	return f, nil
+	format, err := render.ParseFormat(e.Format)
+	if err != nil {
+		return FileSpec{}, err
+	}
+	f.Format = format
+	if e.Template == "" {
+		switch {
+		case e.Refs != nil:
+			return FileSpec{}, errors.New("refs is for a template: a plain entry names one ref and key")
+		case e.Password != nil:
+			return FileSpec{}, errors.New("password is a template over refs: write the entry as a template")
+		}
+		ref := broker.SecretRef{Ref: e.Ref, Key: e.Key, Version: e.Version}
+		if err := ref.Validate(); err != nil {
+			return FileSpec{}, fmt.Errorf("ref %q, key %q, version %d is not valid", e.Ref, e.Key, e.Version)
+		}
+		f.Ref = ref
+		return f, nil
+	}
+	return f, e.template(&f)
 }
 
-// files zips the volume's file specs with the secrets fetched for them (one per ref, in order): the
-// pod's fsGroup (gid >= 0) also reads the files whose mode the user did not set.
-func (v Volume) files(secrets []broker.Secret, gid int) []tmpfs.File {
-	out := make([]tmpfs.File, len(v.Files))
+// template validates a template entry: its refs, its template and password (csi/render), and that
+// each ref it names is read.
+func (e Entry) template(f *FileSpec) error {
+	switch {
+	case e.Ref != "" || e.Key != "" || e.Version != 0:
+		return errors.New("a template reads the refs it names in refs: ref, key and version are for plain entries")
+	case len(e.Refs) == 0:
+		return errors.New("a template needs refs: NAME: ref, for {{ .NAME.KEY }}")
+	case e.Password != nil && e.Format == "":
+		return errors.New("password is for format pkcs12 or pem")
+	}
+	names := map[string]bool{}
+	refs := map[string]broker.SecretRef{}
+	for name, r := range e.Refs {
+		if !render.ValidName(name) {
+			return fmt.Errorf("refs: name %.64q: want an identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 bytes)", name)
+		}
+		ref, version, err := refAtVersion(r)
+		if err != nil {
+			return fmt.Errorf("refs.%s: %q: want ref or ref@version: %w", name, fault.Truncate(r, 300), err)
+		}
+		names[name], refs[name] = true, broker.SecretRef{Ref: ref, Version: version}
+	}
+	t, err := render.Parse(e.Template, names)
+	if err != nil {
+		return fmt.Errorf("template: %w", err)
+	}
+	f.Template = t
+	inputs := t.Inputs()
+	if e.Password != nil {
+		if len(*e.Password) > MaxPasswordTemplateBytes {
+			return fmt.Errorf("password: the template is %d bytes (max %d): %w", len(*e.Password), MaxPasswordTemplateBytes, fault.ErrInvalid)
+		}
+		pt, err := render.Parse(*e.Password, names)
+		if err != nil {
+			return fmt.Errorf("password: %w", err)
+		}
+		f.Password = pt
+		inputs = append(inputs, pt.Inputs()...)
+	}
+	seen := map[render.Input]bool{}
+	for _, in := range inputs {
+		if seen[in] {
+			continue
+		}
+		seen[in] = true
+		ref := refs[in.Name]
+		ref.Key = in.Key
+		if err := broker.ValidateKey(in.Key); err != nil {
+			return fmt.Errorf("%s: key %.140q is not a valid key: %w", in, in.Key, fault.ErrInvalid)
+		}
+		f.Inputs = append(f.Inputs, Input{Input: in, Ref: ref})
+		delete(names, in.Name)
+	}
+	if len(names) > 0 {
+		unread := slices.Sorted(maps.Keys(names))
+		return fmt.Errorf("refs.%s: the template reads none of its keys: %w", unread[0], fault.ErrInvalid)
+	}
+	return nil
+}
+
+// refAtVersion splits "ref@version" (the version a KV v2 version, > 0) and validates the ref.
+func refAtVersion(s string) (string, int, error) {
+	ref, v, pinned := strings.Cut(s, "@")
+	version := 0
+	if pinned {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			return "", 0, fmt.Errorf("version %.20q is not a positive number: %w", v, fault.ErrInvalid)
+		}
+		version = n
+	}
+	if err := broker.ValidateRef(ref); err != nil {
+		return "", 0, err
+	}
+	return ref, version, nil
+}
+
+// payload is what a publish delivers: the files, and what stands for each file's content in the
+// change digest.
+type payload struct {
+	files []tmpfs.File
+	// ident[i], when set, stands for files[i].Data in the digest (Server.digest): a digest of the
+	// inputs of a randomized conversion (pkcs12), so that the same inputs are no change.
+	ident [][]byte
+	// owned are the buffers rendering allocated (plain files' Data are the secrets' own values).
+	owned [][]byte
+}
+
+// clear zeroes what rendering allocated.
+func (p *payload) clear() {
+	for _, b := range p.owned {
+		clear(b)
+	}
+	for _, b := range p.ident {
+		clear(b)
+	}
+}
+
+// render turns the secrets fetched for the volume's refs (one per ref, in order) into its files:
+// plain values as they are, templates rendered, formats converted, all within the volume's size.
+// The pod's fsGroup (gid >= 0) also reads the files whose mode the user did not set. Errors name the
+// entry and never hold a value.
+func (v Volume) render(secrets []broker.Secret, gid int) (p payload, err error) {
+	defer func() {
+		if err != nil {
+			p.clear()
+			p = payload{}
+		}
+	}()
+	left := v.SizeLimit
+	p.files = make([]tmpfs.File, len(v.Files))
+	p.ident = make([][]byte, len(v.Files))
 	for i, f := range v.Files {
+		data, err := f.content(secrets, left, &p, i)
+		if err != nil {
+			return p, fmt.Errorf("secrets[%d] (file %q): %w", i, f.Name, err)
+		}
+		left -= int64(len(data))
 		mode := f.Mode
 		if gid >= 0 && f.Default {
 			mode |= 0o040
 		}
-		out[i] = tmpfs.File{Name: f.Name, Mode: mode, Data: secrets[i].Value}
+		p.files[i] = tmpfs.File{Name: f.Name, Mode: mode, Data: data}
 	}
-	return out
+	return p, nil
+}
+
+// content is the file's bytes: its value, or its template rendered, then converted; at most left
+// bytes. What it allocates is recorded in p.
+func (f FileSpec) content(secrets []broker.Secret, left int64, p *payload, i int) ([]byte, error) {
+	var data []byte
+	password := ""
+	if f.Template == nil {
+		data = secrets[f.reads[0]].Value
+	} else {
+		values := map[string]map[string]string{}
+		for j, in := range f.Inputs {
+			if values[in.Name] == nil {
+				values[in.Name] = map[string]string{}
+			}
+			values[in.Name][in.Key] = string(secrets[f.reads[j]].Value)
+		}
+		out, err := f.Template.Execute(values, left)
+		if err != nil {
+			return nil, fmt.Errorf("template: %w", err)
+		}
+		p.owned = append(p.owned, out)
+		data = out
+		if f.Password != nil {
+			pw, err := f.Password.Execute(values, MaxPasswordBytes)
+			if err != nil {
+				return nil, fmt.Errorf("password: %w", err)
+			}
+			password = string(pw)
+			clear(pw)
+		}
+	}
+	if f.Format != "" {
+		out, err := render.Convert(f.Format, data, password)
+		if err != nil {
+			return nil, fmt.Errorf("format %s: %w", f.Format, err)
+		}
+		p.owned = append(p.owned, out)
+		if f.Format.Randomized() {
+			h := sha256.New()
+			for _, b := range [][]byte{[]byte(f.Format), data, []byte(password)} {
+				h.Write(binary.BigEndian.AppendUint64(nil, uint64(len(b))))
+				h.Write(b)
+			}
+			p.ident[i] = h.Sum(nil)
+		}
+		data = out
+	}
+	if int64(len(data)) > left {
+		return nil, fmt.Errorf("the file is %d bytes: with the files before it, more than the volume's sizeLimit (%d bytes left): %w", len(data), left, fault.ErrTooLarge)
+	}
+	return data, nil
 }
 
 // Weight is what a publish of the volume counts against the publish bound (Options.MaxPublishBytes):
 // the most bytes of Vault's answers its fetch may hold (broker.AnswerBudget). The fetch holds at most
 // about twice that at its peak.
-func (v Volume) Weight() int64 { return broker.AnswerBudget(v.SizeLimit, len(v.Files)) }
+func (v Volume) Weight() int64 { return broker.AnswerBudget(v.SizeLimit, len(v.refs)) }
 
 // MaxWeight is the weight of the largest volume: the publish bound must hold at least one.
 var MaxWeight = broker.AnswerBudget(MaxSizeLimit, MaxEntries)
 
-// Refs returns the refs of the volume's files, in order.
-func (v Volume) Refs() []broker.SecretRef {
-	refs := make([]broker.SecretRef, len(v.Files))
-	for i, f := range v.Files {
-		refs[i] = f.Ref
-	}
-	return refs
-}
+// Refs returns the distinct refs (with their keys) the volume's files read, in the order of first
+// use: what the broker authorizes, fetches and audits, a template's like a plain entry's.
+func (v Volume) Refs() []broker.SecretRef { return slices.Clone(v.refs) }

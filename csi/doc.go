@@ -1,10 +1,11 @@
 // Package csi is the CSI Identity and Node server of keyward-broker (and its Secrets Store CSI Driver
 // provider API): it checks a request (read-only volume, kubelet's target path of the claimed pod,
-// strict attributes), bounds the publishes in flight, turns the request into a broker.Service call
-// and files in a tmpfs with their ..version, audits refusals through the broker, tells the pod of
+// strict attributes, templates checked before anything is fetched), bounds the publishes in flight,
+// turns the request into a broker.Service call and files in a tmpfs (rendered and converted by
+// csi/render) with their ..version, audits refusals through the broker, tells the pod of
 // swaps and refusals through Events, and maps errors to gRPC codes in one place.
 //
-// It may import the standard library, package broker, csi/podevents (its types), csi/tmpfs,
+// It may import the standard library, package broker, csi/podevents (its types), csi/render, csi/tmpfs,
 // internal/audit, internal/fault, internal/grpcserver, gRPC, the CSI spec, the Secrets Store CSI
 // Driver provider API, zap, golang.org/x/sync and a YAML decoder.
 package csi

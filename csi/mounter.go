@@ -62,9 +62,11 @@ func (nodeMounter) Open(target string, limit int64) (Mounted, error) {
 	return v, nil
 }
 
-// digest is a keyed hash of a set of files (names, modes, group, contents): equal digests, equal
-// sets. The key is random per process, so the digest says nothing about the values.
-func (s *Server) digest(files []tmpfs.File, gid int) [32]byte {
+// digest is a keyed hash of a payload's files (names, modes, group, contents): equal digests, equal
+// sets. A file of a randomized conversion (pkcs12) counts by its inputs (payload.ident), so the same
+// inputs encoded again are no change. The key is random per process, so the digest says nothing
+// about the values.
+func (s *Server) digest(p payload, gid int) [32]byte {
 	h := hmac.New(sha256.New, s.digestKey[:])
 	var n [8]byte
 	put := func(b []byte) {
@@ -73,9 +75,15 @@ func (s *Server) digest(files []tmpfs.File, gid int) [32]byte {
 		h.Write(b)
 	}
 	put([]byte(strconv.Itoa(gid)))
-	for _, f := range files {
+	for i, f := range p.files {
 		put([]byte(f.Name))
 		put([]byte(strconv.FormatUint(uint64(f.Mode), 8)))
+		if i < len(p.ident) && p.ident[i] != nil {
+			put([]byte("inputs"))
+			put(p.ident[i])
+			continue
+		}
+		put([]byte("data"))
 		put(f.Data)
 	}
 	var out [32]byte
@@ -129,13 +137,14 @@ type rotation struct {
 // intact (metadata only: nothing in the volume is opened). A swap writes the ..version after the
 // one in force (remembered, also across a withdrawal that cleared the files, or read back from the
 // volume after a restart); it returns the rotation when the count went up from a known one.
-func (s *Server) update(volumeID, target string, limit int64, files []tmpfs.File, gid int, env string, refs map[string]int) (*rotation, error) {
+func (s *Server) update(volumeID, target string, limit int64, p payload, gid int, env string, refs map[string]int) (*rotation, error) {
+	files := p.files
 	v, err := s.o.Mounter.Open(target, limit)
 	if err != nil {
 		return nil, err
 	}
 	defer v.Close()
-	sum := s.digest(files, gid)
+	sum := s.digest(p, gid)
 	s.deliveredMu.Lock()
 	d, known := s.delivered[volumeID]
 	s.deliveredMu.Unlock()

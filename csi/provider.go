@@ -71,6 +71,15 @@ func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) 
 		return nil, p.refuse(ctx, breq, err)
 	}
 	breq.Claimed, breq.Token, breq.Refs, breq.MaxBytes = vol.Claimed, vol.Token, vol.Refs(), vol.SizeLimit
+	for i, f := range vol.Files {
+		if f.Format.Randomized() {
+			// The Secrets Store CSI Driver rewrites a file whose bytes changed, and a PKCS#12 encoding
+			// differs every time: each rotation poll would rewrite the keystore (and wake every app
+			// watching it). Keyward's own driver compares the inputs instead.
+			return nil, p.refuse(ctx, breq, fmt.Errorf("secrets[%d] (file %q): format %s is not served through the Secrets Store CSI Driver, "+
+				"which would rewrite the keystore at every rotation poll: use Keyward's CSI driver (%s) or format pem: %w", i, f.Name, f.Format, DriverName, fault.ErrInvalid))
+		}
+	}
 	release, err := p.o.Limiter.acquire(ctx, vol.Weight())
 	if err != nil {
 		return nil, p.refuse(ctx, breq, err)
@@ -82,10 +91,17 @@ func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) 
 	if err != nil {
 		return nil, grpcserver.Status(err)
 	}
+	// The response holds the plain files' values until it is sent: those are not cleared here.
+	pl, err := vol.render(secrets, -1)
+	if err != nil {
+		return nil, p.refuse(ctx, breq, err)
+	}
 	resp := &provider.MountResponse{}
-	for i, f := range vol.Files {
-		resp.Files = append(resp.Files, &provider.File{Path: f.Name, Mode: int32(f.Mode.Perm()), Contents: secrets[i].Value})
-		resp.ObjectVersion = append(resp.ObjectVersion, &provider.ObjectVersion{Id: f.Ref.Ref + "#" + f.Ref.Key, Version: strconv.Itoa(secrets[i].Version)})
+	for _, f := range pl.files {
+		resp.Files = append(resp.Files, &provider.File{Path: f.Name, Mode: int32(f.Mode.Perm()), Contents: f.Data})
+	}
+	for i, r := range vol.Refs() {
+		resp.ObjectVersion = append(resp.ObjectVersion, &provider.ObjectVersion{Id: r.Ref + "#" + r.Key, Version: strconv.Itoa(secrets[i].Version)})
 	}
 	return resp, nil
 }

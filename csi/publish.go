@@ -103,14 +103,20 @@ func (s *Server) serve(ctx context.Context, volumeID, target string, breq broker
 		}
 		return false, err
 	}
-	files, env, refs := vol.files(secrets, gid), environmentOf(secrets), refVersions(secrets)
-	defer func() {
-		for _, f := range files {
-			clear(f.Data) // the bytes, not just the slices: nothing of the values is left for the GC
+	defer clearValues(secrets) // the bytes, not just the slices: nothing of the values is left for the GC
+	p, err := vol.render(secrets, gid)
+	if err != nil {
+		// The fetch was audited as allowed; what the pod gets is this refusal: audited too (same
+		// request ID), so the audit does not show a delivery that did not happen.
+		if aerr := s.o.Broker.Refuse(ctx, breq, err); aerr != nil {
+			s.o.Log.Error("audit record for a refused request not written", zap.Error(aerr))
 		}
-	}()
+		return breq.Published, err // a republish keeps the files it has
+	}
+	defer p.clear()
+	env, refs := environmentOf(secrets), refVersions(secrets)
 	if breq.Published {
-		rot, err := s.update(volumeID, target, vol.SizeLimit, files, gid, env, refs)
+		rot, err := s.update(volumeID, target, vol.SizeLimit, p, gid, env, refs)
 		if err != nil {
 			return true, fmt.Errorf("updating the files: %w", err)
 		}
@@ -120,7 +126,7 @@ func (s *Server) serve(ctx context.Context, volumeID, target string, breq broker
 		}
 		return true, nil
 	}
-	if err := s.publish(volumeID, target, vol.SizeLimit, files, gid, env, refs); err != nil {
+	if err := s.publish(volumeID, target, vol.SizeLimit, p, gid, env, refs); err != nil {
 		return false, fmt.Errorf("publishing: %w", err)
 	}
 	return true, nil
@@ -158,6 +164,13 @@ func (s *Server) checkPublish(req *csipb.NodePublishVolumeRequest) (Volume, int,
 	return vol, gid, nil
 }
 
+// clearValues zeroes the secrets' values.
+func clearValues(secrets []broker.Secret) {
+	for _, sec := range secrets {
+		clear(sec.Value)
+	}
+}
+
 // environmentOf is the environment secrets were read from: one, the pod's namespace's ("" if they
 // disagree, which the broker never returns).
 func environmentOf(secrets []broker.Secret) string {
@@ -179,7 +192,8 @@ func dirMode(gid int) os.FileMode {
 }
 
 // publish mounts and writes; on any failure it leaves no mount and no file behind.
-func (s *Server) publish(volumeID, target string, size int64, files []tmpfs.File, gid int, env string, refs map[string]int) (err error) {
+func (s *Server) publish(volumeID, target string, size int64, p payload, gid int, env string, refs map[string]int) (err error) {
+	files := p.files
 	created := false
 	if err := os.Mkdir(target, 0o750); err == nil {
 		created = true
@@ -214,6 +228,6 @@ func (s *Server) publish(volumeID, target string, size int64, files []tmpfs.File
 	if err := v.Swap(append(files[:len(files):len(files)], vf), gid, dirMode(gid)); err != nil {
 		return err
 	}
-	s.swapped(volumeID, v, s.digest(files, gid), env, ver, vf)
+	s.swapped(volumeID, v, s.digest(p, gid), env, ver, vf)
 	return nil
 }
