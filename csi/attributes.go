@@ -252,10 +252,10 @@ func parseSecretsUncached(raw string) (parsed, error) {
 		for _, in := range f.Inputs {
 			f.reads = append(f.reads, read(in.Ref))
 		}
+		if len(p.refs) > broker.MaxRefs {
+			return parsed{}, fmt.Errorf("secrets[%d] (file %q): with this entry the volume reads %d keys (max %d): %w", i, e.File, len(p.refs), broker.MaxRefs, fault.ErrInvalid)
+		}
 		p.files = append(p.files, f)
-	}
-	if len(p.refs) > broker.MaxRefs {
-		return parsed{}, fmt.Errorf("the volume reads %d keys (max %d): %w", len(p.refs), broker.MaxRefs, fault.ErrInvalid)
 	}
 	return p, nil
 }
