@@ -505,3 +505,57 @@ func TestProviderRendersTemplatesAndRefusesPKCS12(t *testing.T) {
 		t.Fatalf("fetched %d, refused %d", len(kb.asked)-asked, len(kb.refused))
 	}
 }
+
+// The README's examples (Rendered files) parse, and the first renders what its comments say.
+func TestReadmeRenderedExamples(t *testing.T) {
+	raw, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(raw), "### Rendered files")
+	if !ok {
+		t.Fatal("README has no Rendered files section")
+	}
+	section, _, _ = strings.Cut(section, "\n### ")
+	var lists []string
+	for _, block := range strings.Split(section, "```yaml\n")[1:] {
+		block, _, _ = strings.Cut(block, "```")
+		var entries []string
+		for _, l := range strings.Split(block, "\n") {
+			if e, ok := strings.CutPrefix(l, "    "); ok {
+				entries = append(entries, e)
+			}
+		}
+		lists = append(lists, strings.Join(entries, "\n"))
+	}
+	if len(lists) != 3 {
+		t.Fatalf("%d examples", len(lists))
+	}
+	for i, l := range lists {
+		if _, err := ParseVolume(attrs(l), nil, "keyward"); err != nil {
+			t.Fatalf("example %d: %v\n%s", i+1, err, l)
+		}
+	}
+	v, _ := ParseVolume(attrs(lists[0]), nil, "keyward")
+	values := map[string]string{"username": "payments", "password": "p@ss:w0rd", "host": "db.payments.svc"}
+	var secrets []broker.Secret
+	for _, r := range v.Refs() {
+		secrets = append(secrets, broker.Secret{Ref: r, Value: []byte(values[r.Key])})
+	}
+	p, err := v.render(secrets, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var comments []string
+	for _, l := range strings.Split(lists[0], "\n") {
+		if strings.HasPrefix(l, "- file: ") {
+			_, c, _ := strings.Cut(l, "#")
+			comments = append(comments, strings.TrimSpace(c))
+		}
+	}
+	for i, f := range p.files {
+		if string(f.Data) != comments[i] {
+			t.Errorf("%s renders %q, the README says %q", f.Name, f.Data, comments[i])
+		}
+	}
+}
