@@ -487,3 +487,17 @@ var MaxWeight = broker.AnswerBudget(MaxSizeLimit, MaxEntries)
 // Refs returns the distinct refs (with their keys) the volume's files read, in the order of first
 // use: what the broker authorizes, fetches and audits, a template's like a plain entry's.
 func (v Volume) Refs() []broker.SecretRef { return slices.Clone(v.refs) }
+
+// SecretsRefs parses a "secrets" attribute as a publish does and returns the refs (with their keys)
+// its files read, templates included: what the broker would authorize, for a dry run
+// (keywardctl policy check --secrets).
+func SecretsRefs(raw string) ([]broker.SecretRef, error) {
+	if len(raw) > MaxAttributeBytes {
+		return nil, fmt.Errorf("the secrets list is %d bytes (max %d): %w", len(raw), MaxAttributeBytes, fault.ErrInvalid)
+	}
+	p, err := parseSecretsUncached(raw)
+	if err != nil {
+		return nil, err
+	}
+	return p.refs, nil
+}

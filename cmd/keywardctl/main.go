@@ -29,6 +29,7 @@ Usage:
                                                           count etcd Secrets per key ID, list unencrypted
   keywardctl policy lint      FILE                         validate a policy file (the broker's own checks)
   keywardctl policy check     --policy F --namespace N --environment E --service-account S --ref R [--key K]
+  keywardctl policy check     --policy F --namespace N --environment E --service-account S --secrets FILE
                                                           the broker's decision and reason, offline
                                                           (exit 0 allow, 1 deny)
   keywardctl kms migrate      --kubeconfig K [--state F]   rewrite every Secret so it is re-encrypted under the

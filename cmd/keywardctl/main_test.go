@@ -36,6 +36,10 @@ func TestPolicyCheckAndLint(t *testing.T) {
 		"grants: [{namespace: payments, serviceAccount: api, paths: [\"payments/*\"]}]\n")
 	writeFile(t, bad, "environments: [{name: prod, vaultMount: kv, vaultPrefix: prod}]\n"+
 		"grants: [{namespace: payments, serviceAccount: api, paths: [\"billing/*\"]}]\n")
+	granted, notGranted, invalid := dir+"/granted.yaml", dir+"/not-granted.yaml", dir+"/invalid.yaml"
+	writeFile(t, granted, "- {ref: payments/db, key: password, file: pw}\n- {file: dsn, template: '{{ .db.host }}:{{ .db.password }}', refs: {db: payments/db}}\n")
+	writeFile(t, notGranted, "- {file: dsn, template: '{{ .db.password }}{{ .b.password }}', refs: {db: payments/db, b: billing/db}}\n")
+	writeFile(t, invalid, "- {file: f, template: '{{ env \"HOME\" }}', refs: {db: payments/db}}\n")
 	for _, tc := range []struct {
 		args []string
 		code int
@@ -52,6 +56,17 @@ func TestPolicyCheckAndLint(t *testing.T) {
 		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "api", "--ref", "payments/.."}, 1, `deny: ref "payments/.." has a ".." segment`},
 		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "api", "--ref", "payments/db", "--key", "a/b"}, 1, `deny: key "a/b"`},
 		{[]string{"policy", "check", "--policy", good}, 2, "required"},
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--service-account", "api", "--ref", "payments/db", "--secrets", granted}, 2, "one of --ref or --secrets"},
+		// A volume's secrets list: every ref and key it reads, a template's too; one deny denies.
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "api", "--secrets", granted}, 0,
+			"allow: payments/db#password: grant 0 (payments/api) path payments/* in environment prod; reads Vault kv/data/prod/payments/db key \"password\" (environment prod)\n" +
+				"allow: payments/db#host: grant 0"},
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "api", "--secrets", notGranted}, 1,
+			"allow: payments/db#password: grant 0"},
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "api", "--secrets", notGranted}, 1,
+			"deny: billing/db#password: no grant"},
+		{[]string{"policy", "check", "--policy", good, "--namespace", "payments", "--environment", "prod", "--service-account", "api", "--secrets", invalid}, 1,
+			`deny: secrets[0] (file "f"): template: line 1`},
 	} {
 		var out, errb bytes.Buffer
 		if code := run(tc.args, &out, &errb); code != tc.code || !strings.Contains(out.String()+errb.String(), tc.out) {
