@@ -439,7 +439,7 @@ func (f FileSpec) content(secrets []broker.Secret, left int64, p *payload, i int
 			}
 			values[in.Name][in.Key] = string(secrets[f.reads[j]].Value)
 		}
-		out, err := f.Template.Execute(values, left)
+		out, err := f.Template.Execute(values, left) // what the volume's sizeLimit has left
 		if err != nil {
 			return nil, fmt.Errorf("template: %w", err)
 		}

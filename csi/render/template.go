@@ -151,7 +151,7 @@ func sanitize(err error, limit int64) error {
 	var fe *funcError
 	switch {
 	case errors.Is(err, errOutput):
-		return fmt.Errorf("the rendered file exceeds %d bytes (the volume's sizeLimit less the files before it): %w", limit, fault.ErrTooLarge)
+		return fmt.Errorf("the output exceeds its limit of %d bytes: %w", limit, fault.ErrTooLarge)
 	case errors.As(err, &fe) && fe.tooLarge:
 		return fmt.Errorf("%s%s: %w", loc, fe.msg, fault.ErrTooLarge)
 	case errors.As(err, &fe):

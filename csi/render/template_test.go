@@ -148,7 +148,7 @@ func TestExecuteRenders(t *testing.T) {
 // The output is bounded by the limit, and what functions allocate by a budget: neither a long
 // output nor a chain of functions that doubles a value each step gets far.
 func TestExecuteBoundsOutputAndAllocations(t *testing.T) {
-	if _, err := render(t, `{{ .db.password }}{{ .db.password }}`, int64(len(canary))+5); !errors.Is(err, fault.ErrTooLarge) || !strings.Contains(err.Error(), "exceeds") {
+	if _, err := render(t, `{{ .db.password }}{{ .db.password }}`, int64(len(canary))+5); !errors.Is(err, fault.ErrTooLarge) || !strings.Contains(err.Error(), "the output exceeds its limit of 29 bytes") {
 		t.Fatalf("output past the limit: %v", err)
 	}
 	if out, err := render(t, `{{ .db.password }}`, int64(len(canary))); err != nil || out != canary {
