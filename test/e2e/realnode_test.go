@@ -208,6 +208,12 @@ func (r *realNode) deniedPod(t *testing.T) {
 	if strings.Contains(ev.Message, prodCanary) {
 		t.Fatal("the event carries the secret's value")
 	}
+	// The broker's own event on the pod, through the shipped RBAC (events: create, patch).
+	bev := r.brokerEvent(t, p, "SecretsDenied", "publish refused: ")
+	if !strings.Contains(bev.Message, "permission denied") || strings.Contains(bev.Message, prodCanary) {
+		t.Fatalf("the broker's SecretsDenied: %s", bev.Message)
+	}
+	t.Logf("the broker's event: %s %s (count %d)", bev.Reason, bev.Message, bev.Count)
 	// Still not started, a while later: kubelet keeps retrying and the broker keeps refusing.
 	time.Sleep(5 * time.Second)
 	cur, err := r.Kube.Client.CoreV1().Pods(p.Namespace).Get(ctx, p.Name, metav1.GetOptions{})
@@ -332,6 +338,41 @@ func (r *realNode) rotate(t *testing.T, reader *corev1.Pod) {
 		t.Fatalf("after the rotation, secretcheck's verdict: %+v", v)
 	}
 	t.Logf("the rotated value reached the running pod's file %s after the Vault write", onHost.Round(100*time.Millisecond))
+	// The app can poll ..version; the pod's events say what rotated. The reader was published by the
+	// broker pod killed before this step: its successor counted on from the volume.
+	raw, err := os.ReadFile(filepath.Join(r.VolumePath(reader), "..version"))
+	check(t, err)
+	ver, ok := csi.ParseVersion(raw)
+	if !ok || ver.Version != 2 || ver.Refs["payments-prod/db#password"] < 2 || strings.Contains(string(raw), "CANARY") {
+		t.Fatalf("..version after the rotation: %s", raw)
+	}
+	ev := r.brokerEvent(t, reader, "SecretsRotated", "secrets volume swapped, ..version 2: payments-prod/db#password version ")
+	if strings.Contains(ev.Message, "CANARY") {
+		t.Fatalf("SecretsRotated carries a value: %s", ev.Message)
+	}
+	t.Logf("..version %s; the pod's event: %s", strings.TrimSpace(string(raw)), ev.Message)
+}
+
+// brokerEvent waits for keyward-broker's event of reason on pod, its message starting with prefix,
+// from the node's broker.
+func (r *realNode) brokerEvent(t *testing.T, pod *corev1.Pod, reason, prefix string) corev1.Event {
+	t.Helper()
+	var found corev1.Event
+	eventually(t, time.Minute, reason+" on "+pod.Name, func() error {
+		evs, err := r.Kube.Client.CoreV1().Events(pod.Namespace).List(context.Background(),
+			metav1.ListOptions{FieldSelector: "involvedObject.name=" + pod.Name + ",reason=" + reason})
+		if err != nil {
+			return err
+		}
+		for _, ev := range evs.Items {
+			if strings.HasPrefix(ev.Message, prefix) && ev.Source.Component == "keyward-broker" && ev.Source.Host == r.Node.Name {
+				found = ev
+				return nil
+			}
+		}
+		return fmt.Errorf("%d %s events, none from keyward-broker starting %q", len(evs.Items), reason, prefix)
+	})
+	return found
 }
 
 // deletePod deletes the reader: kubelet unpublishes its volume, and nothing of it is left: no mount,
