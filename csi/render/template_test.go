@@ -137,6 +137,7 @@ func TestExecuteRenders(t *testing.T) {
 		`{{ index .tls "tls.crt" }}{{ len .db.user }}`:                              `CRT3`,
 		`{{ with .db.host }}{{ . }}{{ end }}{{ if eq .db.user "app" "x" }}!{{ end }}{{ if ne .db.user "app" }}?{{ end }}`: `db.internal!`,
 		`{{ $p := .db.password }}{{ if not $p }}empty{{ else }}{{ or .db.nl $p | trim }}{{ end }}`:                        `v`,
+		`{{ if and .db.user .db.host }}{{ and .db.user .db.host }}{{ end }}`:                                              `db.internal`,
 	} {
 		got, err := render(t, src, 1<<20)
 		if err != nil || got != want {
