@@ -13,6 +13,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/keyward/keyward/csi"
+	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/test/realnode"
 )
 
@@ -28,6 +30,11 @@ const keywardEnvImage = "keyward/keyward-env:dev"
 // value in the same container (no kubelet restart), and "signalled" (--on-change signal:HUP)
 // delivers SIGHUP, which kills secretcheck, whose status 129 keyward-env passes on. No value is in
 // the pod object, the events or any container log.
+//
+// Issue 14 end to end on the node: the volume also carries a rendered file (db-dsn, a template over
+// the same key) that the apps read as DB_DSN; the rotation changes it and ..version, posts
+// SecretsRotated on the pod, and keywardctl who-has, over the broker's verified audit stream on the
+// node's disk, reports the pod at the newest version.
 func TestRealNodeKeywardEnv(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("the real-node e2e runs kubelet and containerd and needs root")
@@ -46,6 +53,7 @@ func TestRealNodeKeywardEnv(t *testing.T) {
 		step{"the broker DaemonSet becomes Ready and registers with kubelet", r.deployBroker},
 		step{"an app sees its secret as environment variables; a missing file is refused", func(t *testing.T) { pod = r.envPod(t) }},
 		step{"a rotation restarts one app with the new value and signals the other", func(t *testing.T) { r.envRotation(t, pod) }},
+		step{"the rotation changed the rendered file and ..version, is on the pod's events and in who-has", func(t *testing.T) { r.envRotationSeen(t, pod) }},
 		step{"no value in the pod, its events or its logs", func(t *testing.T) { r.envNoValue(t, pod) }},
 	)
 }
@@ -54,15 +62,17 @@ func TestRealNodeKeywardEnv(t *testing.T) {
 func (r *realNode) envPod(t *testing.T) *corev1.Pod {
 	ctx := context.Background()
 	env := func(extra ...string) []string {
-		return append([]string{"--from", realnode.SecretsMount, "--env", "DB_PASSWORD=db-password"}, extra...)
+		return append([]string{"--from", realnode.SecretsMount, "--env", "DB_PASSWORD=db-password", "--env", "DB_DSN=db-dsn"}, extra...)
 	}
-	verify := []string{"secretcheck", "-dir", realnode.SecretsMount, "-expect-env", "DB_PASSWORD=db-password"}
+	verify := []string{"secretcheck", "-dir", realnode.SecretsMount, "-expect-env", "DB_PASSWORD=db-password", "-expect-env", "DB_DSN=db-dsn"}
 	p := realnode.SecretPod("payments-prod", "env-reader", "payments-prod/db", map[string][]string{
-		"app":       append(env("--env-all-prefix", "APP_", "--"), append(verify, "-expect-env", "APP_DB_PASSWORD=db-password")...),
+		"app":       append(env("--env-all-prefix", "APP_", "--"), append(verify, "-expect-env", "APP_DB_PASSWORD=db-password", "-expect-env", "APP_DB_DSN=db-dsn")...),
 		"missing":   append(env("--env", "OTHER=no-such-file", "--"), verify...),
 		"restarted": append(env("--on-change", "restart", "--min-interval", "1s", "--jitter", "2s", "--"), append(verify, "-hold")...),
 		"signalled": append(env("--on-change", "signal:HUP", "--min-interval", "1s", "--jitter", "2s", "--"), append(verify, "-hold")...),
 	})
+	// A rendered file beside the plain one (README "Rendered files"): a DSN over the same key.
+	p.Spec.Volumes[0].CSI.VolumeAttributes["secrets"] += dsnEntry
 	// The README's example: the init container copies keyward-env into an emptyDir; each
 	// application container runs it from there, its own arguments after "--".
 	p.Spec.Volumes = append(p.Spec.Volumes, corev1.Volume{Name: "keyward-bin", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}})
@@ -99,21 +109,18 @@ func (r *realNode) envPod(t *testing.T) *corev1.Pod {
 		t.Fatalf("the app container: exit %d, %v, verdict %+v", code, err, v)
 	}
 	var extra struct {
-		Pid int `json:"pid"`
-		Env []struct {
-			Name  string `json:"name"`
-			Bytes int    `json:"bytes"`
-		} `json:"env"`
+		Pid int      `json:"pid"`
+		Env []envVar `json:"env"`
 	}
 	json.Unmarshal([]byte(realnode.ContainerStatus(cur, "app").State.Terminated.Message), &extra)
 	if extra.Pid != 1 {
 		t.Errorf("secretcheck ran as PID %d, want 1: keyward-env (the container's first process) did not exec it in place", extra.Pid)
 	}
-	if len(extra.Env) != 2 || extra.Env[0].Bytes != len(prodCanary) || extra.Env[1].Bytes != len(prodCanary) {
-		t.Errorf("the app's variables: %+v, want APP_DB_PASSWORD and DB_PASSWORD of %d bytes", extra.Env, len(prodCanary))
+	if got, want := fmt.Sprint(extra.Env), fmt.Sprint(wantEnv(prodCanary, "APP_DB_DSN", "APP_DB_PASSWORD", "DB_DSN", "DB_PASSWORD")); got != want {
+		t.Errorf("the app's variables: %s, want %s", got, want)
 	}
 	st := realnode.ContainerStatus(cur, "missing").State.Terminated
-	if st.ExitCode != 4 || !strings.Contains(st.Message, "has no file no-such-file (it has: db-password)") {
+	if st.ExitCode != 4 || !strings.Contains(st.Message, "has no file no-such-file (it has: db-dsn, db-password)") {
 		t.Errorf("the missing container: exit %d, message %q; want 4 and the reason", st.ExitCode, st.Message)
 	}
 	t.Logf("app: PID %d, variables %+v; missing: exit %d, %q", extra.Pid, extra.Env, st.ExitCode, strings.TrimSpace(st.Message))
@@ -141,12 +148,38 @@ func (r *realNode) containerLog(t *testing.T, p *corev1.Pod, container string) s
 }
 
 type envVerdict struct {
-	Verdict string `json:"verdict"`
-	Pid     int    `json:"pid"`
-	Env     []struct {
-		Name  string `json:"name"`
-		Bytes int    `json:"bytes"`
-	} `json:"env"`
+	Verdict string   `json:"verdict"`
+	Pid     int      `json:"pid"`
+	Env     []envVar `json:"env"`
+}
+
+type envVar struct {
+	Name  string `json:"name"`
+	Bytes int    `json:"bytes"`
+}
+
+// dsnEntry is the template entry the env pod's volume adds: the file db-dsn rendered from the
+// password (userinfo leaves the canaries' letters, digits and '-' as they are).
+const dsnEntry = `- file: db-dsn
+  template: 'postgresql://{{ userinfo "api" .db.password }}@db:5432/payments'
+  refs: {db: payments-prod/db}
+`
+
+// dsn is db-dsn rendered with password.
+func dsn(password string) string { return "postgresql://api:" + password + "@db:5432/payments" }
+
+// wantEnv is secretcheck's report of the variables names (sorted) when the password is password:
+// the *_DSN ones hold dsn(password), the others the password.
+func wantEnv(password string, names ...string) []envVar {
+	var out []envVar
+	for _, n := range names {
+		b := len(password)
+		if strings.HasSuffix(n, "_DSN") {
+			b = len(dsn(password))
+		}
+		out = append(out, envVar{Name: n, Bytes: b})
+	}
+	return out
 }
 
 func verdictsIn(log string) []envVerdict {
@@ -174,7 +207,7 @@ func (r *realNode) envRotation(t *testing.T, p *corev1.Pod) {
 			return fmt.Errorf("%d verdicts in the restarted container's log", len(vs))
 		}
 		last := vs[len(vs)-1]
-		if last.Verdict != "pass" || len(last.Env) != 1 || last.Env[0].Bytes != len(rotatedValue) || last.Pid == vs[0].Pid {
+		if last.Verdict != "pass" || fmt.Sprint(last.Env) != fmt.Sprint(wantEnv(rotatedValue, "DB_DSN", "DB_PASSWORD")) || last.Pid == vs[0].Pid {
 			t.Fatalf("the restarted container's verdicts: %+v", vs)
 		}
 		return nil
@@ -197,10 +230,42 @@ func (r *realNode) envRotation(t *testing.T, p *corev1.Pod) {
 		t.Errorf("the restarted container: %+v, want running with no kubelet restart", st)
 	}
 	log := r.containerLog(t, p, "restarted")
-	if !strings.Contains(log, "keyward-env: restarting the application (pid ") || !strings.Contains(log, "): DB_PASSWORD changed") {
+	if !strings.Contains(log, "keyward-env: restarting the application (pid ") || !strings.Contains(log, "): DB_DSN, DB_PASSWORD changed") {
 		t.Errorf("keyward-env's report is not in the log:\n%s", log)
 	}
 	t.Logf("the rotation restarted the app %s after the Vault write (kubelet's republish, then --min-interval 1s --jitter 2s)", restarted.Round(100*time.Millisecond))
+}
+
+// envRotationSeen: after the rotation, the rendered file holds the new password, ..version counts
+// 2 with the new Vault version, the broker posted SecretsRotated on the pod, and who-has, over the
+// broker's audit stream on the node (verified first), reports the pod holding the newest version.
+func (r *realNode) envRotationSeen(t *testing.T, p *corev1.Pod) {
+	vol := r.VolumePath(p)
+	got, err := os.ReadFile(filepath.Join(vol, "db-dsn"))
+	check(t, err)
+	if string(got) != dsn(rotatedValue) {
+		t.Errorf("the rendered db-dsn after the rotation is not the template over the new password (%d bytes, want %d)", len(got), len(dsn(rotatedValue)))
+	}
+	raw, err := os.ReadFile(filepath.Join(vol, "..version"))
+	check(t, err)
+	ver, ok := csi.ParseVersion(raw)
+	if !ok || ver.Version != 2 || ver.Refs["payments-prod/db#password"] < 2 || strings.Contains(string(raw), "CANARY") {
+		t.Fatalf("..version after the rotation: %s", raw)
+	}
+	ev := r.brokerEvent(t, p, "SecretsRotated", "secrets volume swapped, ..version 2: payments-prod/db#password version ")
+	keyDir, logDir := r.BrokerDirs()
+	dir := filepath.Join(logDir, "broker-audit")
+	key, err := audit.ReadKey(filepath.Join(keyDir, "audit.key"))
+	check(t, err)
+	if rep, err := audit.VerifyDir(dir, audit.VerifyOptions{Key: key, Node: r.Node.Name, Stream: "broker"}); err != nil || rep.Problem != "" {
+		t.Fatalf("the broker's audit stream does not verify: %v %+v", err, rep)
+	}
+	code, out := ctl(t, nil, "who-has", "payments-prod/db#password", dir)
+	want := fmt.Sprintf("payments-prod/db#password: newest version %d; 1 of 1 pods have it", ver.Refs["payments-prod/db#password"])
+	if code != 0 || !strings.Contains(out, want) || !strings.Contains(out, "payments-prod/"+p.Name) || strings.Contains(out, "CANARY") {
+		t.Fatalf("who-has: exit %d, want %q and the pod:\n%s", code, want, out)
+	}
+	t.Logf("db-dsn rendered anew; ..version %s; the pod's event: %s; who-has:\n%s", strings.TrimSpace(string(raw)), ev.Message, out)
 }
 
 // envNoValue: neither value is in the pod object, the namespace's events or any container log.
