@@ -19,8 +19,9 @@ import (
 type Mode string
 
 const (
-	// ModePod logs in with Vault's kubernetes auth method as the pod, with the pod's own token, so
-	// Vault's policies are a second check and Vault's audit log names the pod. The default.
+	// ModePod logs in with Vault's kubernetes auth method with the pod's own token, so Vault's policies
+	// are a second check and Vault's audit log names the pod's service account. The token is shared by
+	// the service account's pods on the node (see tokens.go). The default.
 	ModePod Mode = "pod"
 	// ModeBroker uses the broker's own Vault token (from a file) for every pod; the broker's policy
 	// scoping is then the only check.
@@ -94,27 +95,43 @@ type Options struct {
 	// Observe, if set, is told of each request to Vault when it ends: op is "login", "read", "renew"
 	// or "revoke"; err is nil or wraps a fault class. For metrics; it must not block.
 	Observe func(op string, took time.Duration, err error)
+	// MaxTokens bounds the Vault tokens cached at once (one per namespace, service account, role and
+	// environment with a pod on the node; default 1024). A login for one more fails, unavailable.
+	MaxTokens int
 }
 
 // Source is broker.SecretSource over Vault KV v2.
 type Source struct {
-	o      Options
-	mu     sync.Mutex
-	tokens map[tokenKey]*vaultToken
-	flight singleflight.Group
+	o  Options
+	mu sync.Mutex
+	// tokens are the cached Vault tokens; holders the pods (UIDs) each key is held for, byPod the
+	// keys each pod holds: a token is revoked when its last holder is released.
+	tokens  map[tokenKey]*vaultToken
+	holders map[tokenKey]map[string]struct{}
+	byPod   map[string]map[tokenKey]struct{}
+	flight  singleflight.Group
 }
 
-// tokenKey names a cached Vault token: the pod's login with a role.
-type tokenKey struct{ podUID, role string }
+// tokenKey names a cached Vault token: a kubernetes-auth login of a service account with a role, for
+// an environment. Every field is from the authenticated identity or the policy's resolution, never
+// from the request: a pod can only ever be handed its own service account's token.
+type tokenKey struct{ namespace, serviceAccount, role, environment string }
 
-func (k tokenKey) String() string { return k.podUID + "|" + k.role }
+func (k tokenKey) String() string {
+	return k.namespace + "\x00" + k.serviceAccount + "\x00" + k.role + "\x00" + k.environment
+}
 
+// vaultToken is a cached Vault token. It is never logged: its String says only the hash of its
+// accessor.
 type vaultToken struct {
 	token     string
+	accessor  string // sha256 of Vault's accessor, hex, 12 digits: what logs may name
 	issued    time.Time
 	ttl       time.Duration
 	renewable bool
 }
+
+func (t *vaultToken) String() string { return "vault-token(accessor-sha256:" + t.accessor + ")" }
 
 var _ broker.SecretSource = (*Source)(nil)
 
@@ -138,7 +155,10 @@ func New(o Options) (*Source, error) {
 	default:
 		return nil, fmt.Errorf("vault: unknown mode %q (want pod or broker)", o.Mode)
 	}
-	return &Source{o: o, tokens: map[tokenKey]*vaultToken{}}, nil
+	if o.MaxTokens <= 0 {
+		o.MaxTokens = 1024
+	}
+	return &Source{o: o, tokens: map[tokenKey]*vaultToken{}, holders: map[tokenKey]map[string]struct{}{}, byPod: map[string]map[tokenKey]struct{}{}}, nil
 }
 
 // observe tells Options.Observe of a request to Vault that began at start.
@@ -148,7 +168,8 @@ func (s *Source) observe(op string, start time.Time, err error) {
 	}
 }
 
-// Tokens is how many Vault tokens the source holds for pods (pod mode; none in broker mode).
+// Tokens is how many Vault tokens the source holds for pods' service accounts (pod mode; none in
+// broker mode).
 func (s *Source) Tokens() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -2,6 +2,8 @@ package vault
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
@@ -12,8 +14,21 @@ import (
 	"github.com/keyward/keyward/internal/fault"
 )
 
-// token returns a Vault token for the pod with the ref's role: cached, renewed in the last third of
-// its TTL, or a fresh login. Concurrent logins for one pod collapse into one.
+// Vault tokens per service account per node. A kubernetes-auth Vault token carries the service
+// account's identity (Vault's token metadata and audit log name the namespace, the service account
+// and the role; never a pod), so one login serves every pod of the service account on this node: the
+// token is cached under (namespace, service account, Vault role, environment), held by the pods that
+// fetched with it, and revoked when the last of them is released (PodReleaser). Keyward's own
+// per-pod TokenReview and policy check run on every request before the source is asked (broker.Service):
+// the key is built from the authenticated identity and the policy's resolution, so a pod never
+// reaches another namespace's, service account's, role's or environment's token. The cache is memory
+// only, bounded by Options.MaxTokens, and no token reaches a log or an error (logs name a hash of
+// the token's accessor).
+
+// token returns a Vault token for the pod's service account with the ref's role: cached, renewed in
+// the last third of its TTL, or a fresh login with the pod's JWT. The pod becomes a holder of the
+// key first, so a release of the service account's other pods leaves the token in place. Concurrent
+// logins for one key collapse into one.
 func (s *Source) token(ctx context.Context, id broker.Identity, jwt broker.Token, r broker.Resolved) (string, error) {
 	if s.o.Mode == ModeBroker {
 		return s.o.BrokerToken.Reveal(), nil
@@ -21,10 +36,13 @@ func (s *Source) token(ctx context.Context, id broker.Identity, jwt broker.Token
 	if r.Role == "" {
 		return "", fmt.Errorf("environment %s has no Vault role: %w", r.Environment, fault.ErrDenied)
 	}
-	role := r.Role
-	key := tokenKey{id.PodUID, role}
+	if id.Namespace == "" || id.ServiceAccount == "" {
+		return "", fmt.Errorf("no service account in the identity: %w", fault.ErrUnauthenticated)
+	}
+	key := tokenKey{namespace: id.Namespace, serviceAccount: id.ServiceAccount, role: r.Role, environment: r.Environment}
 	now := s.o.Now()
 	s.mu.Lock()
+	s.holdLocked(key, id.PodUID)
 	t := s.tokens[key]
 	s.mu.Unlock()
 	if t != nil {
@@ -39,7 +57,7 @@ func (s *Source) token(ctx context.Context, id broker.Identity, jwt broker.Token
 		}
 	}
 	v, err, _ := s.flight.Do("login|"+key.String(), func() (any, error) {
-		return s.login(ctx, key, role, jwt)
+		return s.login(ctx, key, jwt)
 	})
 	if err != nil {
 		return "", err
@@ -47,7 +65,33 @@ func (s *Source) token(ctx context.Context, id broker.Identity, jwt broker.Token
 	return v.(*vaultToken).token, nil
 }
 
-func (s *Source) login(ctx context.Context, key tokenKey, role string, jwt broker.Token) (*vaultToken, error) {
+// holdLocked records that the pod holds key. Callers hold s.mu.
+func (s *Source) holdLocked(key tokenKey, podUID string) {
+	if podUID == "" {
+		podUID = "-" // a request without a pod UID (brokerbench, keywardctl) holds until ReleaseAll
+	}
+	h := s.holders[key]
+	if h == nil {
+		h = map[string]struct{}{}
+		s.holders[key] = h
+	}
+	h[podUID] = struct{}{}
+	k := s.byPod[podUID]
+	if k == nil {
+		k = map[tokenKey]struct{}{}
+		s.byPod[podUID] = k
+	}
+	k[key] = struct{}{}
+}
+
+func (s *Source) login(ctx context.Context, key tokenKey, jwt broker.Token) (*vaultToken, error) {
+	s.mu.Lock()
+	full := s.tokens[key] == nil && len(s.tokens) >= s.o.MaxTokens
+	s.mu.Unlock()
+	if full {
+		return nil, fmt.Errorf("%d Vault tokens cached, the bound: %w", s.o.MaxTokens, fault.ErrUnavailable)
+	}
+	role := key.role
 	c := s.client("")
 	start := time.Now()
 	sec, err := c.Logical().WriteWithContext(ctx, "auth/"+s.o.AuthMount+"/login", map[string]any{"role": role, "jwt": jwt.Reveal()})
@@ -56,19 +100,36 @@ func (s *Source) login(ctx context.Context, key tokenKey, role string, jwt broke
 	}
 	s.observe("login", start, err)
 	if err != nil {
-		return nil, err
+		return nil, err // nothing is cached: a failed login never poisons the cache
 	}
 	if sec == nil || sec.Auth == nil || sec.Auth.ClientToken == "" {
 		return nil, fmt.Errorf("login with role %s: no token in the answer: %w", role, fault.ErrUnavailable)
 	}
-	t := &vaultToken{token: sec.Auth.ClientToken, issued: s.o.Now(), ttl: time.Duration(sec.Auth.LeaseDuration) * time.Second, renewable: sec.Auth.Renewable}
+	t := &vaultToken{token: sec.Auth.ClientToken, accessor: hashAccessor(sec.Auth.Accessor), issued: s.o.Now(),
+		ttl: time.Duration(sec.Auth.LeaseDuration) * time.Second, renewable: sec.Auth.Renewable}
 	if t.ttl <= 0 {
 		t.ttl = time.Minute
 	}
 	s.mu.Lock()
-	s.tokens[key] = t
+	var replaced *vaultToken
+	if len(s.holders[key]) > 0 { // every holder released meanwhile: used once, not cached
+		replaced = s.tokens[key]
+		s.tokens[key] = t
+	}
 	s.mu.Unlock()
+	if replaced != nil && replaced.token != t.token {
+		s.o.Log.Debug("replaced a lapsed service-account Vault token", zap.Stringer("old", replaced), zap.Stringer("new", t))
+	}
 	return t, nil
+}
+
+// hashAccessor is what logs may name of a token: a prefix of its accessor's SHA-256.
+func hashAccessor(accessor string) string {
+	if accessor == "" {
+		return "none"
+	}
+	h := sha256.Sum256([]byte(accessor))
+	return hex.EncodeToString(h[:6])
 }
 
 func (s *Source) renew(ctx context.Context, key tokenKey, t *vaultToken) (*vaultToken, error) {
@@ -85,7 +146,7 @@ func (s *Source) renew(ctx context.Context, key tokenKey, t *vaultToken) (*vault
 		if sec == nil || sec.Auth == nil {
 			return nil, fmt.Errorf("renew: empty answer: %w", fault.ErrUnavailable)
 		}
-		nt := &vaultToken{token: t.token, issued: s.o.Now(), ttl: time.Duration(sec.Auth.LeaseDuration) * time.Second, renewable: sec.Auth.Renewable}
+		nt := &vaultToken{token: t.token, accessor: t.accessor, issued: s.o.Now(), ttl: time.Duration(sec.Auth.LeaseDuration) * time.Second, renewable: sec.Auth.Renewable}
 		s.mu.Lock()
 		if cur := s.tokens[key]; cur != nil && cur.token == t.token { // a released token stays released
 			s.tokens[key] = nt
@@ -101,10 +162,29 @@ func (s *Source) renew(ctx context.Context, key tokenKey, t *vaultToken) (*vault
 
 var _ broker.PodReleaser = (*Source)(nil)
 
-// Release forgets the Vault tokens the pod's logins returned and returns the function that revokes
-// them (revoke-self, with each token); nil if it held none.
+// Release drops the pod from the holders of its service accounts' tokens; the tokens it was the
+// last holder of are forgotten at once and revoked (revoke-self) by the function returned; nil if
+// there are none.
 func (s *Source) Release(podUID string) func(context.Context) error {
-	toks := s.detach(func(uid string) bool { return uid == podUID })
+	if s.o.Mode != ModePod || podUID == "" {
+		return nil
+	}
+	var toks []*vaultToken
+	s.mu.Lock()
+	for key := range s.byPod[podUID] {
+		h := s.holders[key]
+		delete(h, podUID)
+		if len(h) > 0 {
+			continue
+		}
+		delete(s.holders, key)
+		if t := s.tokens[key]; t != nil {
+			toks = append(toks, t)
+			delete(s.tokens, key)
+		}
+	}
+	delete(s.byPod, podUID)
+	s.mu.Unlock()
 	if len(toks) == 0 {
 		return nil
 	}
@@ -114,36 +194,39 @@ func (s *Source) Release(podUID string) func(context.Context) error {
 	}
 }
 
-// ReleaseAll revokes every pod's cached Vault token, for a clean shutdown. It returns how many were
-// revoked.
-func (s *Source) ReleaseAll(ctx context.Context) (int, error) {
-	return s.revoke(ctx, s.detach(func(string) bool { return true }))
+// Holders is how many pods hold a cached token (or a login in flight) of the service account's with
+// the role, for the environment: for tests and metrics.
+func (s *Source) Holders(namespace, serviceAccount, role, environment string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.holders[tokenKey{namespace, serviceAccount, role, environment}])
 }
 
-// detach removes the matching pods' tokens from the cache and returns them.
-func (s *Source) detach(match func(podUID string) bool) []string {
+// ReleaseAll revokes every cached Vault token, for a clean shutdown. It returns how many were
+// revoked.
+func (s *Source) ReleaseAll(ctx context.Context) (int, error) {
 	if s.o.Mode != ModePod {
-		return nil
+		return 0, nil
 	}
-	var toks []string
 	s.mu.Lock()
-	for k, t := range s.tokens {
-		if match(k.podUID) {
-			toks = append(toks, t.token)
-			delete(s.tokens, k)
-		}
+	toks := make([]*vaultToken, 0, len(s.tokens))
+	for _, t := range s.tokens {
+		toks = append(toks, t)
 	}
+	s.tokens = map[tokenKey]*vaultToken{}
+	s.holders = map[tokenKey]map[string]struct{}{}
+	s.byPod = map[string]map[tokenKey]struct{}{}
 	s.mu.Unlock()
-	return toks
+	return s.revoke(ctx, toks)
 }
 
 // revoke revokes tokens at Vault. A token Vault no longer accepts is not an error.
-func (s *Source) revoke(ctx context.Context, toks []string) (int, error) {
+func (s *Source) revoke(ctx context.Context, toks []*vaultToken) (int, error) {
 	n := 0
 	var first error
-	for _, tok := range toks {
+	for _, t := range toks {
 		start := time.Now()
-		err := s.client(tok).Auth().Token().RevokeSelfWithContext(ctx, "")
+		err := s.client(t.token).Auth().Token().RevokeSelfWithContext(ctx, "")
 		if err != nil {
 			err = mapErr("revoke", err)
 		}
@@ -155,7 +238,7 @@ func (s *Source) revoke(ctx context.Context, toks []string) (int, error) {
 		switch {
 		case errors.Is(err, fault.ErrDenied):
 			// Expired, already revoked, or the role's tokens lack revoke-self (Vault says 403 to all).
-			s.o.Log.Debug("Vault refused a token's revoke-self; it lapses at its TTL", zap.Error(err))
+			s.o.Log.Debug("Vault refused a token's revoke-self; it lapses at its TTL", zap.Stringer("token", t), zap.Error(err))
 		case first == nil:
 			first = err
 		}
@@ -163,16 +246,17 @@ func (s *Source) revoke(ctx context.Context, toks []string) (int, error) {
 	return n, first
 }
 
-// forget drops the pod's cached tokens for the refs' environments, if they are among used, and
-// returns them.
-func (s *Source) forget(id broker.Identity, refs []broker.Resolved, used map[string]bool) []string {
-	var toks []string
+// forget drops the cached tokens of the pod's service account for the refs' keys, if they are among
+// used (a concurrent request may have logged in afresh meanwhile: that token stays), and returns
+// them. The holders stay: the next request logs in again for them.
+func (s *Source) forget(id broker.Identity, refs []broker.Resolved, used map[string]bool) []*vaultToken {
+	var toks []*vaultToken
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, r := range refs {
-		k := tokenKey{id.PodUID, r.Role}
+		k := tokenKey{namespace: id.Namespace, serviceAccount: id.ServiceAccount, role: r.Role, environment: r.Environment}
 		if t := s.tokens[k]; t != nil && used[t.token] {
-			toks = append(toks, t.token)
+			toks = append(toks, t)
 			delete(s.tokens, k)
 		}
 	}

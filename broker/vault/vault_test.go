@@ -22,12 +22,13 @@ import (
 // only in faults (a 5xx, a login refused, a token refused mid-flight). The real Vault runs in the
 // integration tests (test/e2e).
 type fakeVault struct {
-	mu      sync.Mutex
-	logins  int
-	revoked []string
-	valid   map[string]bool // tokens Vault accepts
-	login   func(w http.ResponseWriter)
-	read    func(w http.ResponseWriter, token, path string)
+	mu       sync.Mutex
+	logins   int
+	renewals int
+	revoked  []string
+	valid    map[string]bool // tokens Vault accepts
+	login    func(w http.ResponseWriter)
+	read     func(w http.ResponseWriter, token, path string)
 }
 
 func (f *fakeVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -41,9 +42,14 @@ func (f *fakeVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			f.login(w)
 			return
 		}
-		t := fmt.Sprintf("s.pod-%d", f.logins)
-		f.valid[t] = true
-		json.NewEncoder(w).Encode(map[string]any{"auth": map[string]any{"client_token": t, "lease_duration": 600, "renewable": true}})
+		f.ServeHTTPLoginLocked(w)
+	case r.URL.Path == "/v1/auth/token/renew-self":
+		if !f.valid[tok] {
+			http.Error(w, `{"errors":["permission denied"]}`, http.StatusForbidden)
+			return
+		}
+		f.renewals++
+		json.NewEncoder(w).Encode(map[string]any{"auth": map[string]any{"client_token": tok, "lease_duration": 600, "renewable": true}})
 	case r.URL.Path == "/v1/auth/token/revoke-self":
 		if !f.valid[tok] {
 			http.Error(w, `{"errors":["permission denied"]}`, http.StatusForbidden)
@@ -61,6 +67,13 @@ func (f *fakeVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		http.NotFound(w, r)
 	}
+}
+
+// ServeHTTPLoginLocked answers a successful login; f.mu is held.
+func (f *fakeVault) ServeHTTPLoginLocked(w http.ResponseWriter) {
+	t := fmt.Sprintf("s.pod-%d", f.logins)
+	f.valid[t] = true
+	json.NewEncoder(w).Encode(map[string]any{"auth": map[string]any{"client_token": t, "accessor": "acc-" + t, "lease_duration": 600, "renewable": true}})
 }
 
 func kv(data map[string]any) func(http.ResponseWriter, string, string) {
