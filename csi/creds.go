@@ -19,15 +19,98 @@ type PodCredentials struct {
 
 	mu   sync.Mutex
 	pods map[string]string // volume ID -> pod UID of each volume holding the pod's files
+	// mounted holds the pods whose provider-API mounts keep their credentials (last Mount's time):
+	// while the node's pod informer (live) says the pod lives, until it is deleted or idle.
+	mounted map[string]time.Time
+	live    LivePods
+	idle    time.Duration
 	// inflight counts fetches running per pod UID (CSI publishes and provider mounts): a pod's
 	// credentials are not released while one may be using them.
 	inflight map[string]int
 	releases sync.WaitGroup // background revocations
 }
 
+// LivePods says whether a pod lives on this node (csi/podwatch.Watcher): trusted is false while it
+// cannot tell (not synced, its watch failing).
+type LivePods interface {
+	Live(podUID string) (live, trusted bool)
+}
+
 // NewPodCredentials returns a tracker releasing through b.
 func NewPodCredentials(b Broker, log *zap.Logger) *PodCredentials {
-	return &PodCredentials{broker: b, log: log, pods: map[string]string{}, inflight: map[string]int{}}
+	return &PodCredentials{broker: b, log: log, pods: map[string]string{}, inflight: map[string]int{}, mounted: map[string]time.Time{}}
+}
+
+// DefaultProviderIdle is how long a provider-API mount holds its pod's credentials without another
+// Mount (the Secrets Store CSI Driver's rotation poll is every 2 minutes by default).
+const DefaultProviderIdle = 10 * time.Minute
+
+// WatchPods makes provider-API mounts hold their pod's credentials while live says the pod lives on
+// the node (and it was mounted within idle; DefaultProviderIdle if 0): call PodDeleted when one is
+// deleted, and Sweep now and then. Without it (or while live cannot tell), every provider mount
+// releases its pod's credentials when it ends.
+func (s *PodCredentials) WatchPods(live LivePods, idle time.Duration) {
+	if idle <= 0 {
+		idle = DefaultProviderIdle
+	}
+	s.mu.Lock()
+	s.live, s.idle = live, idle
+	s.mu.Unlock()
+}
+
+// PodDeleted releases what provider mounts held for a pod deleted from the node.
+func (s *PodCredentials) PodDeleted(podUID string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.mounted[podUID]; !ok {
+		return
+	}
+	delete(s.mounted, podUID)
+	s.releaseLocked(podUID)
+}
+
+// Sweep releases the provider holds of pods not mounted within the idle time, or no longer live
+// (a deletion the informer saw while it was not trusted).
+func (s *PodCredentials) Sweep(now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for uid, at := range s.mounted {
+		live, trusted := false, false
+		if s.live != nil {
+			live, trusted = s.live.Live(uid)
+		}
+		if now.Sub(at) > s.idle || (trusted && !live) {
+			delete(s.mounted, uid)
+			s.releaseLocked(uid)
+		}
+	}
+}
+
+// endMount ends a provider-API mount's fetch: the pod's credentials stay held while the pod lives
+// on the node as the informer sees it (trusted), and are released otherwise, as before the informer.
+func (s *PodCredentials) endMount(podUID string, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.inflight[podUID]--; s.inflight[podUID] <= 0 {
+		delete(s.inflight, podUID)
+	}
+	if ok && s.live != nil {
+		// Under s.mu, as PodDeleted: a deletion the informer has processed is out of its store
+		// before its handler runs, so either Live says false here or PodDeleted follows.
+		if live, trusted := s.live.Live(podUID); live && trusted {
+			s.mounted[podUID] = time.Now()
+			return
+		}
+	}
+	delete(s.mounted, podUID)
+	s.releaseLocked(podUID)
+}
+
+// Held is how many pods provider mounts hold credentials for.
+func (s *PodCredentials) Held() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.mounted)
 }
 
 // Pod credentials follow the pod's volumes. A Vault token the broker obtained for a pod is released
@@ -84,6 +167,9 @@ func (s *PodCredentials) unpublished(volumeID, target string) {
 // it is running. Callers hold s.mu.
 func (s *PodCredentials) releaseLocked(podUID string) {
 	if podUID == "" || s.inflight[podUID] > 0 {
+		return
+	}
+	if _, held := s.mounted[podUID]; held {
 		return
 	}
 	for _, other := range s.pods {

@@ -85,8 +85,12 @@ func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) 
 		return nil, p.refuse(ctx, breq, err)
 	}
 	defer release()
+	// The pod's credentials (its service account's Vault token) stay held after a successful mount
+	// while the node's pod informer says the pod lives (PodCredentials.WatchPods), so the rotation
+	// polls of a live pod do not log in and revoke each time; a refused or failed mount releases them.
 	p.o.Credentials.begin(vol.Claimed.PodUID)
-	defer p.o.Credentials.end("", vol.Claimed.PodUID, false)
+	ok := false
+	defer func() { p.o.Credentials.endMount(vol.Claimed.PodUID, ok) }()
 	secrets, err := p.o.Broker.Fetch(ctx, breq)
 	if err != nil {
 		return nil, grpcserver.Status(err)
@@ -103,6 +107,7 @@ func (p *ProviderServer) Mount(ctx context.Context, req *provider.MountRequest) 
 	for i, r := range vol.Refs() {
 		resp.ObjectVersion = append(resp.ObjectVersion, &provider.ObjectVersion{Id: r.Ref + "#" + r.Key, Version: strconv.Itoa(secrets[i].Version)})
 	}
+	ok = true
 	return resp, nil
 }
 

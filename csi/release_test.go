@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -94,3 +95,72 @@ func TestReleaseFollowsThePodsVolumes(t *testing.T) {
 
 var _ Broker = (*releaseRecorder)(nil)
 var _ Broker = (*broker.Service)(nil)
+
+// livePods is a fake node pod informer.
+type livePods struct {
+	mu      sync.Mutex
+	pods    map[string]bool
+	trusted bool
+}
+
+func (l *livePods) Live(uid string) (bool, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.pods[uid], l.trusted
+}
+
+// Provider-API mounts hold their pod's credentials while the node's pod informer says the pod lives,
+// and release them when it is deleted (or idle, or the informer cannot tell: as before it, at the
+// end of each mount); a failed mount releases at once.
+func TestProviderMountsHoldWhileThePodLives(t *testing.T) {
+	rec := &releaseRecorder{}
+	s, err := NewServer(Options{NodeID: "n", Broker: rec, Auditor: discardAudit{}, Audience: "keyward", Log: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := func(step, pods string) {
+		t.Helper()
+		s.WaitReleases()
+		released, revoked := rec.take()
+		if released != pods || revoked != pods {
+			t.Fatalf("%s: released %q, revoked %q, want %q", step, released, revoked, pods)
+		}
+	}
+	c := s.o.Credentials
+	mount := func(pod string, ok bool) { c.begin(pod); c.endMount(pod, ok) }
+
+	mount("pod-a", true)
+	want("no informer: every mount releases", "pod-a")
+	live := &livePods{pods: map[string]bool{"pod-a": true, "pod-b": true}, trusted: true}
+	c.WatchPods(live, time.Minute)
+	mount("pod-a", true)
+	mount("pod-a", true)
+	mount("pod-x", true)
+	want("a live pod's mounts hold; an unknown pod's mount releases", "pod-x")
+	mount("pod-b", false)
+	want("a failed mount releases", "pod-b")
+	// A CSI volume of the same pod going does not release what the provider mount holds.
+	c.begin("pod-a")
+	c.end("v1", "pod-a", true)
+	c.unpublished("v1", "/t/1")
+	want("the pod's CSI volume went, its provider mount holds", "")
+	c.PodDeleted("pod-a")
+	want("the pod was deleted", "pod-a")
+	c.PodDeleted("pod-a")
+	want("a second delete event", "")
+
+	mount("pod-b", true)
+	c.Sweep(time.Now())
+	want("a recent mount of a live pod survives a sweep", "")
+	c.Sweep(time.Now().Add(2 * time.Minute))
+	want("an idle hold is swept", "pod-b")
+	mount("pod-b", true)
+	live.mu.Lock()
+	live.trusted = false
+	live.mu.Unlock()
+	mount("pod-b", true)
+	want("an untrusted informer: the mount releases as before", "pod-b")
+	if c.Held() != 0 {
+		t.Fatalf("%d holds left", c.Held())
+	}
+}

@@ -27,6 +27,7 @@ import (
 	"github.com/keyward/keyward/csi"
 	"github.com/keyward/keyward/csi/podevents"
 	"github.com/keyward/keyward/csi/podevents/restsink"
+	"github.com/keyward/keyward/csi/podwatch"
 	"github.com/keyward/keyward/csi/registration"
 	"github.com/keyward/keyward/csi/tmpfs"
 	"github.com/keyward/keyward/internal/audit"
@@ -306,6 +307,7 @@ func (d *wiring) serveProvider(ctx context.Context, done chan<- error) error {
 		plis.Close()
 		return err
 	}
+	d.watchPods(ctx)
 	ps := grpcserver.NewServer(d.log.Named("provider"), csi.DescribeProvider)
 	prov.Register(ps)
 	go func() {
@@ -318,6 +320,29 @@ func (d *wiring) serveProvider(ctx context.Context, done chan<- error) error {
 	}()
 	d.log.Info("serving the Secrets Store CSI Driver provider API", zap.String("socket", d.o.ProviderSock))
 	return nil
+}
+
+// watchPods runs the node's metadata-only pod informer (pods list and watch, spec.nodeName=<node>)
+// for the provider API: a provider mount then holds its pod's service-account Vault token while the
+// pod lives and releases it when the pod is deleted (or idle), instead of a login and a revocation
+// per Mount. Until the informer has synced, and while its watch fails, each mount releases as before.
+func (d *wiring) watchPods(ctx context.Context) {
+	w := podwatch.New(d.meta, d.o.NodeID)
+	w.OnDelete(d.creds.PodDeleted)
+	d.creds.WatchPods(w, 0)
+	w.Start(ctx)
+	go func() {
+		t := time.NewTicker(time.Minute)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-t.C:
+				d.creds.Sweep(now)
+			}
+		}
+	}()
 }
 
 // shutdown revokes the pods' Vault tokens once both servers have stopped and their handlers

@@ -61,6 +61,7 @@ var allowed = map[string][]string{
 	"broker/vault":           {"std", "broker", "internal/fault", "github.com/hashicorp/vault/api", "go.uber.org/zap", "golang.org/x/sync/"},
 	"csi":                    {"std", "broker", "csi/podevents", "csi/render", "csi/tmpfs", "internal/audit", "internal/fault", "internal/grpcserver", "github.com/container-storage-interface/spec/", "go.uber.org/zap", "golang.org/x/sync/", "google.golang.org/grpc", "google.golang.org/protobuf/types/known/wrapperspb", "sigs.k8s.io/secrets-store-csi-driver/provider/", "sigs.k8s.io/yaml"},
 	"csi/podevents":          {"std"},
+	"csi/podwatch":           {"std", "k8s.io/apimachinery/", "k8s.io/client-go/"},
 	"csi/podevents/restsink": {"std", "csi/podevents", "k8s.io/apimachinery/", "k8s.io/client-go/rest"},
 	"csi/render":             {"std", "internal/fault", "software.sslmate.com/src/go-pkcs12"},
 	"csi/registration":       {"std", "internal/grpcserver", "go.uber.org/zap", "google.golang.org/grpc", "k8s.io/kubelet/pkg/apis/pluginregistration/v1"},

@@ -195,20 +195,21 @@ func (s *csiScenario) refusedLeaveNothing(t *testing.T) {
 	s.e.pods["fresh-prod"] = freshProd
 }
 
-// Vault tokens live only while their pod has a volume: the two published pods hold one each; the
-// failed first publishes logged in and released theirs; a published and unpublished volume takes its
-// token with it.
+// Vault tokens live only while a pod of their service account has a volume: the two published pods
+// (two namespaces) hold one each; the failed first publishes logged in and released theirs; a second
+// pod of a published pod's service account shares its token, and unpublishing it leaves the token to
+// the first (the last pod's release revokes it: revokedGrant).
 func (s *csiScenario) tokensFollowVolumes(t *testing.T) {
 	wantPodTokens(t, s.e.vault, 2, "only the published pods hold Vault tokens")
 	fresh := s.e.pods["fresh-prod"]
 	if err := s.kl.publish(t, fresh, csiSecrets, ""); err != nil {
 		t.Fatal(err)
 	}
-	wantPodTokens(t, s.e.vault, 3, "a third published pod holds a token")
+	wantPodTokens(t, s.e.vault, 2, "a second pod of the service account shares its token")
 	if err := s.kl.unpublish(t, fresh); err != nil {
 		t.Fatal(err)
 	}
-	wantPodTokens(t, s.e.vault, 2, "unpublishing the pod's last volume revoked its token")
+	wantPodTokens(t, s.e.vault, 2, "unpublishing one of the service account's pods leaves the token to the other")
 }
 
 // Rotation in Vault reaches the file on republish; a reader never sees partial content.
