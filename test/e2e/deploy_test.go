@@ -31,6 +31,7 @@ import (
 	"github.com/keyward/keyward/broker/vault"
 	"github.com/keyward/keyward/csi/podevents"
 	"github.com/keyward/keyward/csi/podevents/restsink"
+	"github.com/keyward/keyward/csi/podwatch"
 	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/fault"
 	"github.com/keyward/keyward/test/harness"
@@ -164,6 +165,16 @@ func TestBrokerRBACIsExactlyEnough(t *testing.T) {
 	for i, r := range role.Rules {
 		rules := append(append([]rbacv1.PolicyRule{}, role.Rules[:i]...), role.Rules[i+1:]...)
 		variants = append(variants, variant{"without the " + r.Resources[0] + " rule", rules})
+		if r.Resources[0] == "pods" {
+			if fmt.Sprint(r.APIGroups, r.Resources, r.Verbs) != "[] [pods] [get list watch]" {
+				t.Fatalf("the pods rule is more than get (a rejected token's pod) and list, watch (the node's pod informer): %+v", r)
+			}
+			for _, verb := range r.Verbs { // each verb is needed on its own
+				only := r.DeepCopy()
+				only.Verbs = slices.DeleteFunc(slices.Clone(r.Verbs), func(v string) bool { return v == verb })
+				variants = append(variants, variant{"pods without " + verb, append(slices.Clone(rules), *only)})
+			}
+		}
 		if r.Resources[0] == "events" {
 			if fmt.Sprint(r.APIGroups, r.Resources, r.Verbs) != "[] [events] [create patch]" {
 				t.Fatalf("the events rule grows the role by more than events create, patch: %+v", r)
@@ -175,7 +186,7 @@ func TestBrokerRBACIsExactlyEnough(t *testing.T) {
 			}
 		}
 	}
-	if len(variants) != 7 {
+	if len(variants) != 10 {
 		t.Fatalf("expected the shipped rules to be tokenreviews, namespaces, pods and events; got %+v", role.Rules)
 	}
 	for i, v := range variants {
@@ -224,6 +235,17 @@ func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 	if !synced {
 		return errors.New("namespace informer never synced (cannot list namespaces)")
 	}
+	// The node's pod informer (the provider API's): list to sync, watch to see deletions as they happen.
+	pw := podwatch.New(meta, "node-1")
+	deleted := make(chan string, 64)
+	pw.OnDelete(func(uid string) { deleted <- uid })
+	pw.Start(ctx)
+	syncCtx, syncCancel = context.WithTimeout(ctx, 5*time.Second)
+	synced = pw.WaitForSync(syncCtx)
+	syncCancel()
+	if !synced {
+		return errors.New("pod informer never synced (cannot list pods)")
+	}
 	ns := fmt.Sprintf("late-%d", i)
 	pod, req := lateNamespace(t, e, ns)
 	svc := rbacService(t, e, cfg, meta, nsw, ns)
@@ -248,11 +270,29 @@ func brokerWith(t *testing.T, e *brokerEnv, cfg *rest.Config, i int) error {
 	for ctx.Err() == nil {
 		_, last = svc.Fetch(ctx, req)
 		if errors.Is(last, fault.ErrWithdrawn) {
-			return nil
+			break
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return fmt.Errorf("a deleted pod's republish was not recognized as a withdrawal: %v", last)
+	if !errors.Is(last, fault.ErrWithdrawn) {
+		return fmt.Errorf("a deleted pod's republish was not recognized as a withdrawal: %v", last)
+	}
+	// The deletion reaches the pod informer, and through its watch: without watch a relist finds it
+	// too, but the failed watch is on record (Err), and provider mounts then release as before.
+	for {
+		select {
+		case uid := <-deleted:
+			if uid != string(pod.UID) {
+				continue
+			}
+			if err := pw.Err(); err != nil {
+				return fmt.Errorf("pod informer cannot watch: %w", err)
+			}
+			return nil
+		case <-ctx.Done():
+			return fmt.Errorf("the pod informer never saw the pod's deletion (watch: %v)", pw.Err())
+		}
+	}
 }
 
 // podEvents posts a SecretsDenied event on pod twice through the broker's event recorder and

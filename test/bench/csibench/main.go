@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -48,8 +49,9 @@ type bench struct {
 }
 
 var (
-	only   = flag.String("only", "", "measure only this contender (for profiling; no ratios)")
-	memory = flag.Bool("memory", false, "measure only the driver's peak RSS when 64 publishes of 16 MiB volumes arrive at once, bounded (defaults) and unbounded")
+	only     = flag.String("only", "", "measure only this contender (for profiling; no ratios)")
+	shapesOn = flag.Bool("shapes", true, "also measure issue 16's shapes: a Deployment's cold start and a provider-API rotation poll")
+	memory   = flag.Bool("memory", false, "measure only the driver's peak RSS when 64 publishes of 16 MiB volumes arrive at once, bounded (defaults) and unbounded")
 )
 
 func main() {
@@ -83,7 +85,22 @@ func run(ops, rounds, volumes int) error {
 	if err := b.provision(ctx, 3*len([]int{1, 8, 32})*ops*rounds/2+64); err != nil {
 		return err
 	}
-	drv, sock, err := b.startDriver()
+	var sh *shapes
+	var extra []string
+	if *shapesOn && *only == "" {
+		if sh, err = b.provisionShapes(ctx, rounds); err != nil {
+			return err
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return err
+		}
+		addr := l.Addr().String()
+		l.Close()
+		sh.metrics = "http://" + addr + "/metrics"
+		extra = []string{"--provider-socket", filepath.Join(b.dir, "provider.sock"), "--metrics-address", addr}
+	}
+	drv, sock, err := b.startDriver(extra...)
 	if err != nil {
 		return err
 	}
@@ -226,6 +243,18 @@ func run(ops, rounds, volumes int) error {
 		rate("warm", 8)/rate("floor", 8), float64(pct(results["warm"][8].lat, .99))/float64(pct(results["floor"][8].lat, .99)))
 	fmt.Printf("cold/naive ops/s at 1, 8, 32: %.2f %.2f %.2f (target >= 1)\n", rate("cold", 1)/rate("naive", 1), rate("cold", 8)/rate("naive", 8), rate("cold", 32)/rate("naive", 32))
 
+	if sh != nil {
+		conn, err := sh.dial(filepath.Join(b.dir, "provider.sock"))
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		sh.floorTok = floorTok
+		if err := sh.measure(ctx, rounds); err != nil {
+			return err
+		}
+	}
+
 	// RSS with many published volumes (one pod, many volumes: the driver's per-volume state).
 	for i := range volumes {
 		if err := b.publish(ctx, b.pods[0], b.tokens[0], b.target(b.pods[0], "rss-"+strconv.Itoa(i))); err != nil {
@@ -276,7 +305,7 @@ func (b *bench) provision(ctx context.Context, pods int) error {
 	if err := v.KubernetesAuth(ctx, "kubernetes", k); err != nil {
 		return err
 	}
-	if err := v.GrantEnvironment(ctx, "kubernetes", "kv", "prod", []string{"payments"}, []string{"api"}, "keyward"); err != nil {
+	if err := v.GrantEnvironment(ctx, "kubernetes", "kv", "prod", []string{"payments"}, []string{"*"}, "keyward"); err != nil {
 		return err
 	}
 	cfg := vaultapi.DefaultConfig()
@@ -296,7 +325,7 @@ func (b *bench) startDriver(args ...string) (*exec.Cmd, string, error) {
 // startDriverEnv starts the driver with env added to the environment and args to its flags.
 func (b *bench) startDriverEnv(env []string, args ...string) (*exec.Cmd, string, error) {
 	dir := b.dir
-	os.WriteFile(filepath.Join(dir, "policy.yaml"), []byte("environments: [{name: prod, vaultMount: kv, vaultPrefix: prod, vaultRole: prod}]\ngrants: [{namespace: payments, serviceAccount: api, paths: [\"payments/*\"]}]\n"), 0o600)
+	os.WriteFile(filepath.Join(dir, "policy.yaml"), []byte("environments: [{name: prod, vaultMount: kv, vaultPrefix: prod, vaultRole: prod}]\ngrants: [{namespace: payments, serviceAccount: \"*\", paths: [\"payments/*\"]}]\n"), 0o600)
 	os.WriteFile(filepath.Join(dir, "broker.yaml"), []byte(fmt.Sprintf("policyFile: %s\nvault: {address: %s, allowInsecureHTTP: true}\n",
 		filepath.Join(dir, "policy.yaml"), b.env.Vault.Addr)), 0o600)
 	os.WriteFile(filepath.Join(dir, "audit.key"), []byte(strings.Repeat("k", 32)), 0o600)
@@ -345,7 +374,7 @@ func (b *bench) publish(ctx context.Context, p *corev1.Pod, tok, target string) 
 func (b *bench) publishVolume(ctx context.Context, p *corev1.Pod, tok, target string, attrs map[string]string) error {
 	tokens, _ := json.Marshal(map[string]map[string]string{"keyward": {"token": tok}})
 	vc := map[string]string{csi.AttrTokens: string(tokens), csi.AttrPodName: p.Name,
-		csi.AttrPodNamespace: p.Namespace, csi.AttrPodUID: string(p.UID), csi.AttrSAName: "api"}
+		csi.AttrPodNamespace: p.Namespace, csi.AttrPodUID: string(p.UID), csi.AttrSAName: p.Spec.ServiceAccountName}
 	for k, v := range attrs {
 		vc[k] = v
 	}

@@ -1,0 +1,271 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	provider "sigs.k8s.io/secrets-store-csi-driver/provider/v1alpha1"
+
+	"github.com/keyward/keyward/csi"
+)
+
+// Issue 16's two shapes, measured in the same run as the rest, alternating with their baselines:
+//
+//	deploy  300 new pods of 10 service accounts published at concurrency 8 (a Deployment's
+//	        replicas starting together) vs the naive per-pod floor (TokenReview + login + 5 reads)
+//	poll    a Secrets Store rotation poll: the provider API re-mounting 300 live pods with fresh
+//	        tokens at concurrency 8 vs the cached-token floor (TokenReview + 5 reads)
+//
+// Vault logins and TokenReviews per mount come from the driver's own metrics (TokenReviews by
+// Vault during logins are one per login).
+const (
+	shapePods = 300
+	shapeSAs  = 10
+	shapeConc = 8
+)
+
+type shapes struct {
+	b        *bench
+	metrics  string // the driver's /metrics URL
+	prov     provider.CSIDriverProviderClient
+	live     []*corev1.Pod // the poll's live pods
+	deploy   [][]*corev1.Pod
+	dtokens  [][]string
+	floorTok string
+}
+
+// provisionShapes creates the deploy pods (rounds x 300, 10 service accounts) and the poll's 300 live pods.
+func (b *bench) provisionShapes(ctx context.Context, rounds int) (*shapes, error) {
+	k := b.env.Kube
+	s := &shapes{b: b}
+	for i := range shapeSAs {
+		if _, err := k.CreateServiceAccount(ctx, "payments", fmt.Sprintf("sa-%d", i)); err != nil {
+			return nil, err
+		}
+	}
+	fmt.Fprintf(os.Stderr, "csibench: creating %d deploy pods and %d live pods\n", rounds*shapePods, shapePods)
+	for r := range rounds {
+		var pods []*corev1.Pod
+		var toks []string
+		for i := range shapePods {
+			p, err := k.CreatePod(ctx, "payments", fmt.Sprintf("deploy-%d-%d", r, i), fmt.Sprintf("sa-%d", i%shapeSAs), "node-1")
+			if err != nil {
+				return nil, err
+			}
+			tok, err := k.PodToken(ctx, p, []string{"keyward"}, time.Hour)
+			if err != nil {
+				return nil, err
+			}
+			pods, toks = append(pods, p), append(toks, tok)
+		}
+		s.deploy, s.dtokens = append(s.deploy, pods), append(s.dtokens, toks)
+	}
+	for i := range shapePods {
+		p, err := k.CreatePod(ctx, "payments", fmt.Sprintf("live-%d", i), fmt.Sprintf("sa-%d", i%shapeSAs), "node-1")
+		if err != nil {
+			return nil, err
+		}
+		s.live = append(s.live, p)
+	}
+	return s, nil
+}
+
+// counters are the driver's Vault logins and TokenReviews so far.
+func (s *shapes) counters() (logins, reviews float64) {
+	resp, err := http.Get(s.metrics)
+	if err != nil {
+		return -1, -1
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		l := sc.Text()
+		f := strings.Fields(l)
+		if len(f) != 2 {
+			continue
+		}
+		v, _ := strconv.ParseFloat(f[1], 64)
+		switch {
+		case strings.HasPrefix(l, "keyward_broker_vault_request_duration_seconds_count{") && strings.Contains(l, `op="login"`):
+			logins += v
+		case strings.HasPrefix(l, "keyward_broker_tokenreview_duration_seconds_count{"):
+			reviews += v
+		}
+	}
+	return logins, reviews
+}
+
+func (s *shapes) mount(ctx context.Context, p *corev1.Pod, tok string) error {
+	tokens, _ := json.Marshal(map[string]map[string]string{"keyward": {"token": tok}})
+	attrs, _ := json.Marshal(map[string]string{"secretProviderClass": "payments", csi.AttrSecrets: secrets, csi.AttrTokens: string(tokens),
+		csi.AttrPodName: p.Name, csi.AttrPodNamespace: p.Namespace, csi.AttrPodUID: string(p.UID), csi.AttrSAName: p.Spec.ServiceAccountName})
+	resp, err := s.prov.Mount(ctx, &provider.MountRequest{Attributes: string(attrs), TargetPath: "/ignored", Permission: "420"})
+	if err == nil && len(resp.GetFiles()) != 5 {
+		err = fmt.Errorf("%d files", len(resp.GetFiles()))
+	}
+	return err
+}
+
+// naiveRead is TokenReview + Vault login + 5 reads (no writes: the floor of a mount that logs in).
+func (s *shapes) naive(ctx context.Context, jwt string) error {
+	if err := s.review(ctx, jwt); err != nil {
+		return err
+	}
+	tok, err := s.b.login(ctx, jwt)
+	if err != nil {
+		return err
+	}
+	return s.b.reads(ctx, tok)
+}
+
+func (s *shapes) review(ctx context.Context, jwt string) error {
+	tr, err := s.b.env.Kube.Client.AuthenticationV1().TokenReviews().Create(ctx, &authenticationv1.TokenReview{
+		Spec: authenticationv1.TokenReviewSpec{Token: jwt, Audiences: []string{"keyward"}}}, metav1.CreateOptions{})
+	if err != nil || !tr.Status.Authenticated {
+		return fmt.Errorf("review: %v", err)
+	}
+	return nil
+}
+
+// runN runs op(i) for i in 0..n-1 at concurrency conc; it returns the elapsed time.
+func runN(n, conc int, op func(i int) error) (time.Duration, error) {
+	var next atomic.Int64
+	var first error
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range conc {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n {
+					return
+				}
+				if err := op(i); err != nil {
+					mu.Lock()
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return time.Since(start), first
+}
+
+// measureShapes runs rounds of the four contenders, alternating, and prints rates, ratios and the
+// logins and reviews per mount.
+func (s *shapes) measure(ctx context.Context, rounds int) error {
+	// The live pods' first mounts (the pods' start) happen before the clock: the poll re-mounts them.
+	// Their fresh tokens for each round are minted before the clock too.
+	if _, err := runN(len(s.live), shapeConc, func(i int) error {
+		tok, err := s.b.env.Kube.PodToken(ctx, s.live[i], []string{"keyward"}, time.Hour)
+		if err != nil {
+			return err
+		}
+		return s.mount(ctx, s.live[i], tok)
+	}); err != nil {
+		return fmt.Errorf("poll warm-up: %w", err)
+	}
+	type res struct {
+		n               int
+		el              time.Duration
+		logins, reviews float64
+	}
+	results := map[string]*res{"deploy": {}, "naive": {}, "poll": {}, "cachedfloor": {}}
+	order := []string{"deploy", "naive", "poll", "cachedfloor"}
+	for r := range rounds {
+		fresh := make([]string, len(s.live))
+		for i, p := range s.live {
+			tok, err := s.b.env.Kube.PodToken(ctx, p, []string{"keyward"}, time.Hour)
+			if err != nil {
+				return err
+			}
+			fresh[i] = tok
+		}
+		for j := range order {
+			name := order[(j+r)%len(order)]
+			var op func(i int) error
+			switch name {
+			case "deploy":
+				op = func(i int) error {
+					p := s.deploy[r][i]
+					return s.b.publish(ctx, p, s.dtokens[r][i], s.b.target(p, "deploy"))
+				}
+			case "naive":
+				op = func(i int) error { return s.naive(ctx, s.dtokens[r][i]) }
+			case "poll":
+				op = func(i int) error { return s.mount(ctx, s.live[i], fresh[i]) }
+			case "cachedfloor":
+				op = func(i int) error {
+					if err := s.review(ctx, fresh[i]); err != nil {
+						return err
+					}
+					return s.b.reads(ctx, s.floorTok)
+				}
+			}
+			l0, r0 := s.counters()
+			el, err := runN(shapePods, shapeConc, op)
+			if err != nil {
+				return fmt.Errorf("%s round %d: %w", name, r, err)
+			}
+			l1, r1 := s.counters()
+			rr := results[name]
+			rr.n += shapePods
+			rr.el += el
+			if name == "deploy" || name == "poll" {
+				rr.logins += l1 - l0
+				rr.reviews += r1 - r0
+			}
+		}
+	}
+	rate := func(name string) float64 { return float64(results[name].n) / results[name].el.Seconds() }
+	fmt.Printf("\nissue 16 shapes: %d pods of %d service accounts per round, concurrency %d, %d rounds\n", shapePods, shapeSAs, shapeConc, rounds)
+	fmt.Printf("%-12s %8s %22s %26s\n", "", "mounts/s", "Vault logins/mount", "TokenReviews/mount")
+	per := map[string]string{
+		"naive":       fmt.Sprintf("%22s %26s", "1", "2 (own + Vault's)"),
+		"cachedfloor": fmt.Sprintf("%22s %26s", "0", "1"),
+	}
+	names := append([]string(nil), order...)
+	sort.Strings(names)
+	for _, name := range names {
+		rr := results[name]
+		line, ok := per[name]
+		if !ok {
+			lg := rr.logins / float64(rr.n)
+			line = fmt.Sprintf("%22.3f %26s", lg, fmt.Sprintf("%.3f (+%.3f Vault's)", rr.reviews/float64(rr.n), lg))
+		}
+		fmt.Printf("%-12s %8.1f %s\n", name, rate(name), line)
+	}
+	fmt.Printf("deploy/naive: %.2f (target >= 1.5); poll/cachedfloor: %.2f (target >= 0.9)\n",
+		rate("deploy")/rate("naive"), rate("poll")/rate("cachedfloor"))
+	return nil
+}
+
+// startProviderDriver restarts nothing: it dials the provider socket of the running driver.
+func (s *shapes) dial(sock string) (*grpc.ClientConn, error) {
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	s.prov = provider.NewCSIDriverProviderClient(conn)
+	return conn, nil
+}
