@@ -57,6 +57,14 @@ func (s *Source) token(ctx context.Context, id broker.Identity, jwt broker.Token
 		}
 	}
 	v, err, _ := s.flight.Do("login|"+key.String(), func() (any, error) {
+		// A login that finished between the look-up above and this flight has cached a fresh
+		// token: use it rather than log in again (t, if any, is the one found wanting).
+		s.mu.Lock()
+		cur := s.tokens[key]
+		s.mu.Unlock()
+		if cur != nil && cur != t && s.o.Now().Sub(cur.issued) < cur.ttl*2/3 {
+			return cur, nil
+		}
 		return s.login(ctx, key, jwt)
 	})
 	if err != nil {
