@@ -5,15 +5,19 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	vaultapi "github.com/hashicorp/vault/api"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	authenticationv1 "k8s.io/api/authentication/v1"
@@ -21,6 +25,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	provider "sigs.k8s.io/secrets-store-csi-driver/provider/v1alpha1"
 
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/keyward/keyward/csi"
 )
 
@@ -29,6 +34,8 @@ import (
 //	deploy  300 new pods of 10 service accounts, new to the driver in each round, published at
 //	        concurrency 8 (a Deployment's replicas starting together: 10 logins) vs the naive
 //	        per-pod floor (TokenReview + login + 5 reads)
+//	deploybroker  the same start (its own 300 pods and 10 service accounts) through a second driver
+//	        in vault.mode broker: no login, the broker's own Vault token for every pod
 //	poll    a Secrets Store rotation poll: the provider API re-mounting 300 live pods with fresh
 //	        tokens at concurrency 8 vs the cached-token floor (TokenReview + 5 reads)
 //
@@ -48,6 +55,13 @@ type shapes struct {
 	deploy   [][]*corev1.Pod
 	dtokens  [][]string
 	floorTok string
+	// The same Deployment start through a second driver in vault.mode broker (its own Vault token
+	// for every pod: no login), with pods and service accounts of its own.
+	bdeploy  [][]*corev1.Pod
+	btokens  [][]string
+	bnode    csipb.NodeClient
+	bdir     string
+	bmetrics string
 }
 
 // provisionShapes creates the deploy pods (rounds x 300, 10 service accounts) and the poll's 300 live pods.
@@ -59,7 +73,7 @@ func (b *bench) provisionShapes(ctx context.Context, rounds int) (*shapes, error
 	sa := func(set string, i int) string { return fmt.Sprintf("sa-%s-%d", set, i%shapeSAs) }
 	sets := []string{"live"}
 	for r := range rounds {
-		sets = append(sets, fmt.Sprint("r", r))
+		sets = append(sets, fmt.Sprint("r", r), fmt.Sprint("b", r))
 	}
 	for _, set := range sets {
 		for i := range shapeSAs {
@@ -68,22 +82,33 @@ func (b *bench) provisionShapes(ctx context.Context, rounds int) (*shapes, error
 			}
 		}
 	}
-	fmt.Fprintf(os.Stderr, "csibench: creating %d deploy pods and %d live pods\n", rounds*shapePods, shapePods)
-	for r := range rounds {
+	fmt.Fprintf(os.Stderr, "csibench: creating %d deploy pods (pod and broker mode) and %d live pods\n", 2*rounds*shapePods, shapePods)
+	newPods := func(prefix, set string) ([]*corev1.Pod, []string, error) {
 		var pods []*corev1.Pod
 		var toks []string
 		for i := range shapePods {
-			p, err := k.CreatePod(ctx, "payments", fmt.Sprintf("deploy-%d-%d", r, i), sa(fmt.Sprint("r", r), i), "node-1")
+			p, err := k.CreatePod(ctx, "payments", fmt.Sprintf("%s-%d", prefix, i), sa(set, i), "node-1")
 			if err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 			tok, err := k.PodToken(ctx, p, []string{"keyward"}, time.Hour)
 			if err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 			pods, toks = append(pods, p), append(toks, tok)
 		}
+		return pods, toks, nil
+	}
+	for r := range rounds {
+		pods, toks, err := newPods(fmt.Sprint("deploy-", r), fmt.Sprint("r", r))
+		if err != nil {
+			return nil, err
+		}
 		s.deploy, s.dtokens = append(s.deploy, pods), append(s.dtokens, toks)
+		if pods, toks, err = newPods(fmt.Sprint("bdeploy-", r), fmt.Sprint("b", r)); err != nil {
+			return nil, err
+		}
+		s.bdeploy, s.btokens = append(s.bdeploy, pods), append(s.btokens, toks)
 	}
 	for i := range shapePods {
 		p, err := k.CreatePod(ctx, "payments", fmt.Sprintf("live-%d", i), sa("live", i), "node-1")
@@ -95,9 +120,56 @@ func (b *bench) provisionShapes(ctx context.Context, rounds int) (*shapes, error
 	return s, nil
 }
 
+// startBrokerMode starts the second driver, in vault.mode broker with a Vault token that reads the
+// environment's KV tree (what deploy/vault's broker-mode policy grants), and returns its stop.
+func (s *shapes) startBrokerMode(ctx context.Context) (func(), error) {
+	v := s.b.env.Vault.Client
+	if err := v.Sys().PutPolicyWithContext(ctx, "bench-broker-mode", `path "kv/data/prod/*" { capabilities = ["read"] }`); err != nil {
+		return nil, err
+	}
+	sec, err := v.Auth().Token().CreateWithContext(ctx, &vaultapi.TokenCreateRequest{Policies: []string{"bench-broker-mode"}, TTL: "2h"})
+	if err != nil {
+		return nil, err
+	}
+	s.bdir = filepath.Join(s.b.dir, "broker-mode")
+	if err := os.MkdirAll(s.bdir, 0o700); err != nil {
+		return nil, err
+	}
+	tokFile := filepath.Join(s.bdir, "vault-token")
+	if err := os.WriteFile(tokFile, []byte(sec.Auth.ClientToken), 0o600); err != nil {
+		return nil, err
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	addr := l.Addr().String()
+	l.Close()
+	s.bmetrics = "http://" + addr + "/metrics"
+	drv, sock, err := s.b.startDriverIn(s.bdir, ", mode: broker, tokenFile: "+tokFile, nil, "--metrics-address", addr)
+	if err != nil {
+		return nil, err
+	}
+	stop := func() { drv.Process.Signal(syscall.SIGTERM); drv.Wait() }
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		stop()
+		return nil, err
+	}
+	if err := waitReady(ctx, conn); err != nil {
+		stop()
+		return nil, err
+	}
+	s.bnode = csipb.NewNodeClient(conn)
+	return func() { conn.Close(); stop() }, nil
+}
+
 // counters are the driver's Vault logins and TokenReviews so far.
-func (s *shapes) counters() (logins, reviews float64) {
-	resp, err := http.Get(s.metrics)
+func (s *shapes) counters() (logins, reviews float64) { return countersAt(s.metrics) }
+
+// countersAt reads a driver's Vault logins and TokenReviews from its /metrics.
+func countersAt(url string) (logins, reviews float64) {
+	resp, err := http.Get(url)
 	if err != nil {
 		return -1, -1
 	}
@@ -200,8 +272,8 @@ func (s *shapes) measure(ctx context.Context, rounds int) error {
 		el              time.Duration
 		logins, reviews float64
 	}
-	results := map[string]*res{"deploy": {}, "naive": {}, "poll": {}, "cachedfloor": {}}
-	order := []string{"deploy", "naive", "poll", "cachedfloor"}
+	results := map[string]*res{"deploy": {}, "deploybroker": {}, "naive": {}, "poll": {}, "cachedfloor": {}}
+	order := []string{"deploy", "naive", "deploybroker", "poll", "cachedfloor"}
 	for r := range rounds {
 		fresh := make([]string, len(s.live))
 		for i, p := range s.live {
@@ -220,6 +292,11 @@ func (s *shapes) measure(ctx context.Context, rounds int) error {
 					p := s.deploy[r][i]
 					return s.b.publish(ctx, p, s.dtokens[r][i], s.b.target(p, "deploy"))
 				}
+			case "deploybroker":
+				op = func(i int) error {
+					p := s.bdeploy[r][i]
+					return s.b.publishVia(ctx, s.bnode, p, s.btokens[r][i], targetIn(s.bdir, p, "deploy"), map[string]string{csi.AttrSecrets: secrets})
+				}
 			case "naive":
 				op = func(i int) error { return s.naive(ctx, s.dtokens[r][i]) }
 			case "poll":
@@ -232,16 +309,20 @@ func (s *shapes) measure(ctx context.Context, rounds int) error {
 					return s.b.reads(ctx, s.floorTok)
 				}
 			}
-			l0, r0 := s.counters()
+			url := s.metrics
+			if name == "deploybroker" {
+				url = s.bmetrics
+			}
+			l0, r0 := countersAt(url)
 			el, err := runN(shapePods, shapeConc, op)
 			if err != nil {
 				return fmt.Errorf("%s round %d: %w", name, r, err)
 			}
-			l1, r1 := s.counters()
+			l1, r1 := countersAt(url)
 			rr := results[name]
 			rr.n += shapePods
 			rr.el += el
-			if name == "deploy" || name == "poll" {
+			if name == "deploy" || name == "poll" || name == "deploybroker" {
 				rr.logins += l1 - l0
 				rr.reviews += r1 - r0
 			}
@@ -265,8 +346,8 @@ func (s *shapes) measure(ctx context.Context, rounds int) error {
 		}
 		fmt.Printf("%-12s %8.1f %s\n", name, rate(name), line)
 	}
-	fmt.Printf("deploy/naive: %.2f (target >= 1.5); poll/cachedfloor: %.2f (target >= 0.9)\n",
-		rate("deploy")/rate("naive"), rate("poll")/rate("cachedfloor"))
+	fmt.Printf("deploy/naive: %.2f (target >= 1.5); poll/cachedfloor: %.2f (target >= 0.9); broker mode: deploybroker/naive %.2f, deploy/deploybroker %.2f\n",
+		rate("deploy")/rate("naive"), rate("poll")/rate("cachedfloor"), rate("deploybroker")/rate("naive"), rate("deploy")/rate("deploybroker"))
 	return nil
 }
 

@@ -114,6 +114,13 @@ func run(ops, rounds, volumes int) error {
 	if err := waitReady(ctx, conn); err != nil {
 		return err
 	}
+	if sh != nil {
+		stop, err := sh.startBrokerMode(ctx)
+		if err != nil {
+			return fmt.Errorf("the broker-mode driver: %w", err)
+		}
+		defer stop()
+	}
 	// Warm volumes: one per worker, published once before the clock starts.
 	for i := range 32 {
 		if err := b.publish(ctx, b.pods[i], b.tokens[i], b.target(b.pods[i], "warm")); err != nil {
@@ -268,8 +275,11 @@ func run(ops, rounds, volumes int) error {
 }
 
 // target is kubelet's path of the pod's volume named kind; kubelet creates its parent.
-func (b *bench) target(p *corev1.Pod, kind string) string {
-	t := filepath.Join(b.dir, "kubelet/pods", string(p.UID), "volumes/kubernetes.io~csi", kind, "mount")
+func (b *bench) target(p *corev1.Pod, kind string) string { return targetIn(b.dir, p, kind) }
+
+// targetIn is target for the driver whose kubelet directory is in dir.
+func targetIn(dir string, p *corev1.Pod, kind string) string {
+	t := filepath.Join(dir, "kubelet/pods", string(p.UID), "volumes/kubernetes.io~csi", kind, "mount")
 	os.MkdirAll(filepath.Dir(t), 0o750)
 	return t
 }
@@ -324,16 +334,24 @@ func (b *bench) startDriver(args ...string) (*exec.Cmd, string, error) {
 
 // startDriverEnv starts the driver with env added to the environment and args to its flags.
 func (b *bench) startDriverEnv(env []string, args ...string) (*exec.Cmd, string, error) {
-	dir := b.dir
+	return b.startDriverIn(b.dir, "", env, args...)
+}
+
+// startDriverIn starts a driver whose files (config, audit, kubelet directory, socket) are in dir,
+// with vaultExtra added to its config's vault map (", mode: broker, tokenFile: F").
+func (b *bench) startDriverIn(dir, vaultExtra string, env []string, args ...string) (*exec.Cmd, string, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, "", err
+	}
 	os.WriteFile(filepath.Join(dir, "policy.yaml"), []byte("environments: [{name: prod, vaultMount: kv, vaultPrefix: prod, vaultRole: prod}]\ngrants: [{namespace: payments, serviceAccount: \"*\", paths: [\"payments/*\"]}]\n"), 0o600)
-	os.WriteFile(filepath.Join(dir, "broker.yaml"), []byte(fmt.Sprintf("policyFile: %s\nvault: {address: %s, allowInsecureHTTP: true}\n",
-		filepath.Join(dir, "policy.yaml"), b.env.Vault.Addr)), 0o600)
+	os.WriteFile(filepath.Join(dir, "broker.yaml"), []byte(fmt.Sprintf("policyFile: %s\nvault: {address: %s, allowInsecureHTTP: true%s}\n",
+		filepath.Join(dir, "policy.yaml"), b.env.Vault.Addr, vaultExtra)), 0o600)
 	os.WriteFile(filepath.Join(dir, "audit.key"), []byte(strings.Repeat("k", 32)), 0o600)
 	kc, err := b.env.Kube.WriteKubeconfig(filepath.Join(dir, "kubeconfig"), "")
 	if err != nil {
 		return nil, "", err
 	}
-	bin := filepath.Join(dir, "keyward-broker")
+	bin := filepath.Join(b.dir, "keyward-broker")
 	if _, err := os.Stat(bin); err != nil {
 		if out, err := exec.Command("go", "build", "-o", bin, "github.com/keyward/keyward/cmd/keyward-broker").CombinedOutput(); err != nil {
 			return nil, "", fmt.Errorf("build: %v: %s", err, out)
@@ -372,13 +390,18 @@ func (b *bench) publish(ctx context.Context, p *corev1.Pod, tok, target string) 
 
 // publishVolume publishes with the given user attributes (the pod's and the token's are added).
 func (b *bench) publishVolume(ctx context.Context, p *corev1.Pod, tok, target string, attrs map[string]string) error {
+	return b.publishVia(ctx, b.node, p, tok, target, attrs)
+}
+
+// publishVia publishes through node.
+func (b *bench) publishVia(ctx context.Context, node csipb.NodeClient, p *corev1.Pod, tok, target string, attrs map[string]string) error {
 	tokens, _ := json.Marshal(map[string]map[string]string{"keyward": {"token": tok}})
 	vc := map[string]string{csi.AttrTokens: string(tokens), csi.AttrPodName: p.Name,
 		csi.AttrPodNamespace: p.Namespace, csi.AttrPodUID: string(p.UID), csi.AttrSAName: p.Spec.ServiceAccountName}
 	for k, v := range attrs {
 		vc[k] = v
 	}
-	_, err := b.node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
+	_, err := node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
 		VolumeId: "v-" + filepath.Base(filepath.Dir(target)) + "-" + string(p.UID), TargetPath: target, Readonly: true,
 		VolumeCapability: &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}},
 			AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY}},
