@@ -164,9 +164,6 @@ func (s *shapes) startBrokerMode(ctx context.Context) (func(), error) {
 	return func() { conn.Close(); stop() }, nil
 }
 
-// counters are the driver's Vault logins and TokenReviews so far.
-func (s *shapes) counters() (logins, reviews float64) { return countersAt(s.metrics) }
-
 // countersAt reads a driver's Vault logins and TokenReviews from its /metrics.
 func countersAt(url string) (logins, reviews float64) {
 	resp, err := http.Get(url)
