@@ -43,15 +43,15 @@ func (r *releaseRecorder) take() (released, revoked string) {
 	return released, revoked
 }
 
-// A pod's credentials are released when no volume of the pod holds its files and no publish of it
-// is running, and only then; a volume published before a restart is attributed by kubelet's path.
-func TestReleaseFollowsThePodsVolumes(t *testing.T) {
+// releaseServer is a server over a releaseRecorder, and want, which waits for the releases and
+// checks that exactly pods (sorted, comma-separated) were released and revoked since the last call.
+func releaseServer(t *testing.T) (*Server, func(step, pods string)) {
 	rec := &releaseRecorder{}
 	s, err := NewServer(Options{NodeID: "n", Broker: rec, Auditor: discardAudit{}, Audience: "keyward", Log: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := func(step, pods string) {
+	return s, func(step, pods string) {
 		t.Helper()
 		s.WaitReleases()
 		released, revoked := rec.take()
@@ -59,6 +59,12 @@ func TestReleaseFollowsThePodsVolumes(t *testing.T) {
 			t.Fatalf("%s: released %q, revoked %q, want %q", step, released, revoked, pods)
 		}
 	}
+}
+
+// A pod's credentials are released when no volume of the pod holds its files and no publish of it
+// is running, and only then; a volume published before a restart is attributed by kubelet's path.
+func TestReleaseFollowsThePodsVolumes(t *testing.T) {
+	s, want := releaseServer(t)
 	c := s.o.Credentials
 	publish := func(vol, pod string, holdsFiles bool) { c.begin(pod); c.end(vol, pod, holdsFiles) }
 
@@ -113,19 +119,7 @@ func (l *livePods) Live(uid string) (bool, bool) {
 // and release them when it is deleted (or idle, or the informer cannot tell: as before it, at the
 // end of each mount); a failed mount releases at once.
 func TestProviderMountsHoldWhileThePodLives(t *testing.T) {
-	rec := &releaseRecorder{}
-	s, err := NewServer(Options{NodeID: "n", Broker: rec, Auditor: discardAudit{}, Audience: "keyward", Log: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := func(step, pods string) {
-		t.Helper()
-		s.WaitReleases()
-		released, revoked := rec.take()
-		if released != pods || revoked != pods {
-			t.Fatalf("%s: released %q, revoked %q, want %q", step, released, revoked, pods)
-		}
-	}
+	s, want := releaseServer(t)
 	c := s.o.Credentials
 	mount := func(pod string, ok bool) { c.begin(pod); c.endMount(pod, ok) }
 
