@@ -20,7 +20,9 @@ type Options struct {
 	Authenticator Authenticator
 	Authorizer    Authorizer
 	Source        SecretSource
-	Auditor       audit.Auditor
+	// Leases issues the dynamic refs (pki, database); nil: dynamic refs are refused.
+	Leases  LeaseSource
+	Auditor audit.Auditor
 	// Audiences the pod's token must be issued for (the broker's own audience, e.g. "keyward").
 	Audiences []string
 	// Node is the node this broker serves. When set, a token bound to a pod on another node (or to
@@ -85,6 +87,10 @@ type Request struct {
 	// now (it was relabelled), the request is refused as a withdrawal: the files came from an
 	// environment the namespace has left.
 	Environment string
+	// Volume owns the dynamic credentials the request gets (LeaseRequest.Volume): required for a
+	// dynamic ref. Adopt is LeaseRequest.Adopt.
+	Volume string
+	Adopt  map[string]string
 }
 
 // DefaultMaxBytes bounds a request's values when the request does not say.
@@ -131,7 +137,11 @@ func (s *Service) Fetch(ctx context.Context, req Request) (secrets []Secret, err
 	}
 	ev.Object = object(req.Refs, resolved)
 	ev.Reason = reasons(resolved)
-	secrets, err = s.fetch(ctx, id, req, resolved)
+	secrets, leases, err := s.fetch(ctx, id, req, resolved)
+	for _, l := range leases {
+		ev.Object.Leases = append(ev.Object.Leases, audit.Lease{Name: l.Name, Action: string(l.Action), LeaseSHA256: l.Hash,
+			TTLSeconds: int64(l.TTL / time.Second), Serial: l.Serial})
+	}
 	if len(secrets) == 1 {
 		ev.Object.Version = secrets[0].Version
 	}
@@ -200,19 +210,54 @@ func moved(id Identity, req Request, resolved []Resolved) error {
 	return nil
 }
 
-// fetch reads the resolved refs from the source, within the request's size bound.
-func (s *Service) fetch(ctx context.Context, id Identity, req Request, resolved []Resolved) ([]Secret, error) {
+// fetch reads the resolved refs from the sources (stored values from Source, dynamic credentials from
+// Leases), within the request's size bound; it also returns what it did with the leases.
+func (s *Service) fetch(ctx context.Context, id Identity, req Request, resolved []Resolved) ([]Secret, []Lease, error) {
 	maxBytes := req.MaxBytes
 	if maxBytes <= 0 {
 		maxBytes = DefaultMaxBytes
 	}
-	secrets, err := s.o.Source.Fetch(ctx, id, req.Token, resolved, maxBytes)
-	if err != nil {
-		return nil, err
+	var stored, dynamic []Resolved
+	var storedAt, dynamicAt []int
+	for i, r := range resolved {
+		if r.Dynamic() {
+			dynamic, dynamicAt = append(dynamic, r), append(dynamicAt, i)
+		} else {
+			stored, storedAt = append(stored, r), append(storedAt, i)
+		}
 	}
-	if len(secrets) != len(resolved) {
-		clearSecrets(secrets)
-		return nil, fmt.Errorf("source returned %d of %d secrets: %w", len(secrets), len(resolved), fault.ErrUnavailable)
+	if len(dynamic) > 0 && (s.o.Leases == nil || req.Volume == "") {
+		return nil, nil, fmt.Errorf("%s: dynamic credentials are issued for a CSI volume only (they are revoked when it is unpublished): %w", dynamic[0].SecretRef, fault.ErrInvalid)
+	}
+	secrets := make([]Secret, len(resolved))
+	var leases []Lease
+	if len(dynamic) > 0 {
+		got, ls, err := s.o.Leases.Lease(ctx, id, req.Token, LeaseRequest{Volume: req.Volume, Refs: dynamic, Adopt: req.Adopt})
+		if err == nil && len(got) != len(dynamic) {
+			clearSecrets(got)
+			err = fmt.Errorf("lease source returned %d of %d secrets: %w", len(got), len(dynamic), fault.ErrUnavailable)
+		}
+		if err != nil {
+			return nil, ls, err
+		}
+		leases = ls
+		for j, i := range dynamicAt {
+			secrets[i] = got[j]
+		}
+	}
+	if len(stored) > 0 {
+		got, err := s.o.Source.Fetch(ctx, id, req.Token, stored, maxBytes)
+		if err == nil && len(got) != len(stored) {
+			clearSecrets(got)
+			err = fmt.Errorf("source returned %d of %d secrets: %w", len(got), len(stored), fault.ErrUnavailable)
+		}
+		if err != nil {
+			clearSecrets(secrets)
+			return nil, leases, err
+		}
+		for j, i := range storedAt {
+			secrets[i] = got[j]
+		}
 	}
 	var total int64
 	for i, sec := range secrets {
@@ -221,9 +266,9 @@ func (s *Service) fetch(ctx context.Context, id Identity, req Request, resolved 
 	}
 	if total > maxBytes {
 		clearSecrets(secrets)
-		return nil, fmt.Errorf("the secrets hold %d bytes, more than the volume's %d: %w", total, maxBytes, fault.ErrTooLarge)
+		return nil, leases, fmt.Errorf("the secrets hold %d bytes, more than the volume's %d: %w", total, maxBytes, fault.ErrTooLarge)
 	}
-	return secrets, nil
+	return secrets, leases, nil
 }
 
 // podGone turns a rejected token on a republish into a withdrawal when the pod is confirmed gone.
@@ -279,6 +324,15 @@ func clearSecrets(secrets []Secret) {
 	for _, sec := range secrets {
 		clear(sec.Value)
 	}
+}
+
+// ReleaseVolume forgets the dynamic credentials a volume holds and returns the function that revokes
+// their leases (see LeaseSource); nil when there are none.
+func (s *Service) ReleaseVolume(volume string) func(context.Context) error {
+	if s.o.Leases == nil || volume == "" {
+		return nil
+	}
+	return s.o.Leases.ReleaseVolume(volume)
 }
 
 // Release forgets what the source holds for a pod whose volumes are gone and returns the function

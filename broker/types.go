@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
+	"time"
 
 	"github.com/keyward/keyward/internal/fault"
 )
@@ -38,10 +40,123 @@ func (t Token) Empty() bool                { return t == "" }
 
 // SecretRef names a value a pod asks for: Ref is a path relative to the pod's environment
 // ("payments/db"), Key a key inside that KV v2 secret, Version a KV v2 version (0: the latest).
+//
+// A dynamic ref (Kind pki or database) names a credential Vault issues for the volume instead: Ref is
+// then the Vault role (of the environment's PKI or database mount), Key the part of the credential
+// the file holds (KindPKI: cert, key, chain; KindDatabase: username, password), Version is 0, and PKI
+// says which certificate (KindPKI only). The refs of one volume with the same Kind, Ref and PKI share
+// one credential (one lease).
 type SecretRef struct {
 	Ref     string
 	Key     string
 	Version int
+	Kind    Kind
+	PKI     PKIRequest
+}
+
+// Kind is where a ref's value comes from.
+type Kind string
+
+// The kinds.
+const (
+	// KindKV: a key of a KV v2 secret (the zero Kind).
+	KindKV Kind = ""
+	// KindPKI: a certificate the environment's PKI mount issues (or signs) for the volume.
+	KindPKI Kind = "pki"
+	// KindDatabase: credentials the environment's database mount creates for the volume.
+	KindDatabase Kind = "database"
+)
+
+// Dynamic reports whether the ref names an issued credential (a lease) rather than a stored value.
+func (r SecretRef) Dynamic() bool { return r.Kind != KindKV }
+
+// PKIRequest is the certificate a KindPKI ref asks for. It is comparable: refs asking for the same
+// certificate share it.
+type PKIRequest struct {
+	CommonName string
+	// AltNames are the subject alternative names (DNS names or IP addresses), comma-separated, in
+	// the order given.
+	AltNames string
+	// TTL is the certificate's lifetime (0: the role's default).
+	TTL time.Duration
+	// LocalKey: the private key is generated in the driver's memory and only a CSR goes to Vault
+	// (Vault's sign endpoint), so the key never leaves the node; otherwise Vault generates it (issue).
+	LocalKey bool
+}
+
+// The parts of dynamic credentials a file may hold.
+var dynamicKeys = map[Kind][]string{
+	KindPKI:      {"cert", "key", "chain"},
+	KindDatabase: {"username", "password"},
+}
+
+// DynamicKeys lists the parts of a kind's credential a file may hold.
+func DynamicKeys(k Kind) []string { return dynamicKeys[k] }
+
+// Limits of dynamic refs.
+const (
+	MaxRoleLen     = 128
+	MaxAltNames    = 32
+	MaxNameLen     = 253
+	MinCertTTL     = time.Minute
+	MaxCertTTL     = 8760 * time.Hour
+	maxAltNamesLen = MaxAltNames * (MaxNameLen + 1)
+)
+
+var (
+	roleRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?$`)
+	// hostRE is a DNS name (a leading "*." wildcard allowed) or an IP address's characters.
+	hostRE = regexp.MustCompile(`^(\*\.)?[A-Za-z0-9]([A-Za-z0-9:.-]*[A-Za-z0-9])?$`)
+)
+
+// ValidateRole checks a Vault role name a dynamic ref names (Vault's own rule for role names, bounded).
+func ValidateRole(role string) error {
+	if !roleRE.MatchString(role) {
+		return fmt.Errorf("role %.140q: want 1..%d of [A-Za-z0-9_.-], starting and ending with a letter or digit: %w", role, MaxRoleLen, fault.ErrInvalid)
+	}
+	return nil
+}
+
+// validateDynamic checks a dynamic ref: its kind, role, part and (PKI) certificate request.
+func (r SecretRef) validateDynamic() error {
+	keys, ok := dynamicKeys[r.Kind]
+	if !ok {
+		return fmt.Errorf("source %.40q: want pki or database: %w", r.Kind, fault.ErrInvalid)
+	}
+	if err := ValidateRole(r.Ref); err != nil {
+		return err
+	}
+	if !slices.Contains(keys, r.Key) {
+		return fmt.Errorf("key %.140q of a %s credential: want one of %s: %w", r.Key, r.Kind, strings.Join(keys, ", "), fault.ErrInvalid)
+	}
+	if r.Version != 0 {
+		return fmt.Errorf("a %s credential has no version: %w", r.Kind, fault.ErrInvalid)
+	}
+	if r.Kind != KindPKI {
+		if r.PKI != (PKIRequest{}) {
+			return fmt.Errorf("commonName, altNames, ttl and generate are for pki: %w", fault.ErrInvalid)
+		}
+		return nil
+	}
+	p := r.PKI
+	if len(p.CommonName) > MaxNameLen || !hostRE.MatchString(p.CommonName) {
+		return fmt.Errorf("commonName %.140q: want a DNS name of at most %d bytes: %w", p.CommonName, MaxNameLen, fault.ErrInvalid)
+	}
+	if p.AltNames != "" {
+		names := strings.Split(p.AltNames, ",")
+		if len(names) > MaxAltNames || len(p.AltNames) > maxAltNamesLen {
+			return fmt.Errorf("%d altNames (max %d): %w", len(names), MaxAltNames, fault.ErrInvalid)
+		}
+		for _, n := range names {
+			if len(n) > MaxNameLen || !hostRE.MatchString(n) {
+				return fmt.Errorf("altName %.140q: want a DNS name or IP address: %w", n, fault.ErrInvalid)
+			}
+		}
+	}
+	if p.TTL != 0 && (p.TTL < MinCertTTL || p.TTL > MaxCertTTL) {
+		return fmt.Errorf("ttl %s: want between %s and %s (or none: the role's default): %w", p.TTL, MinCertTTL, MaxCertTTL, fault.ErrInvalid)
+	}
+	return nil
 }
 
 // Limits on refs and keys.
@@ -59,6 +174,12 @@ var (
 // Validate checks a ref before anything matches or reads it: the ref (ValidateRef), the key
 // (ValidateKey) and the version (not negative). Errors wrap fault.ErrInvalid.
 func (r SecretRef) Validate() error {
+	if r.Dynamic() {
+		return r.validateDynamic()
+	}
+	if r.PKI != (PKIRequest{}) {
+		return fmt.Errorf("commonName, altNames, ttl and generate are for pki: %w", fault.ErrInvalid)
+	}
 	if err := ValidateRef(r.Ref); err != nil {
 		return err
 	}
@@ -105,7 +226,12 @@ func ValidateKey(key string) error {
 	return nil
 }
 
+// String names the ref: "ref#key", "ref#key@version", or for a dynamic ref "kind:role#part"
+// (the certificate's request is not part of the name).
 func (r SecretRef) String() string {
+	if r.Dynamic() {
+		return string(r.Kind) + ":" + r.Ref + "#" + r.Key
+	}
 	s := r.Ref + "#" + r.Key
 	if r.Version > 0 {
 		s += fmt.Sprintf("@%d", r.Version)
@@ -136,6 +262,8 @@ type Secret struct {
 	// Environment is the environment the value was read from: the pod's namespace's when it was
 	// allowed (Resolved.Environment).
 	Environment string
+	// Lease, for a dynamic ref, is the hash of the lease the value belongs to (Lease.Hash).
+	Lease string
 }
 
 func (s Secret) String() string {
@@ -178,4 +306,61 @@ type PodChecker interface {
 // volumes.
 type PodReleaser interface {
 	Release(podUID string) (revoke func(context.Context) error)
+}
+
+// Lease is what may be said of a dynamic credential's lease: in audit records, logs and the volume's
+// metadata. Never the lease ID, which only the source's memory holds.
+type Lease struct {
+	// Name is the credential's name: "kind:role" (LeaseName).
+	Name string
+	// Hash is a prefix of the lease ID's SHA-256, hex ("" when Vault gave the credential no lease).
+	Hash string
+	// TTL is the lease's duration when it was issued or last renewed; Expires when it ends.
+	TTL     time.Duration
+	Expires time.Time
+	// Serial is a certificate's serial number (KindPKI).
+	Serial string
+	Action LeaseAction
+}
+
+// LeaseAction is what a request did with a lease.
+type LeaseAction string
+
+// The actions.
+const (
+	// LeaseIssued: a new credential (the volume had none).
+	LeaseIssued LeaseAction = "issued"
+	// LeaseReused: the volume's credential, outside its renewal window.
+	LeaseReused LeaseAction = "reused"
+	// LeaseRenewed: the volume's credential, renewed inside its renewal window.
+	LeaseRenewed LeaseAction = "renewed"
+	// LeaseReissued: a new credential replacing the volume's (inside its renewal window, for a
+	// certificate or a lease that cannot be renewed, or after a driver restart).
+	LeaseReissued LeaseAction = "reissued"
+)
+
+// LeaseName names the credential a dynamic ref belongs to: "kind:role" (the parts of one credential
+// share it).
+func LeaseName(r SecretRef) string { return string(r.Kind) + ":" + r.Ref }
+
+// LeaseRequest asks for the dynamic credentials of one volume.
+type LeaseRequest struct {
+	// Volume owns the leases: they live until ReleaseVolume.
+	Volume string
+	// Refs are the volume's dynamic refs, allowed.
+	Refs []Resolved
+	// Adopt, after a driver restart, maps each lease name (LeaseName) to the lease hash the volume's
+	// metadata recorded, for the source to find those leases again.
+	Adopt map[string]string
+}
+
+// LeaseSource issues dynamic credentials (certificates, database credentials) for volumes and holds
+// their leases for as long as each volume lives: reused while fresh, renewed or reissued inside their
+// renewal window, revoked when the volume goes (ReleaseVolume).
+type LeaseSource interface {
+	// Lease returns one Secret per ref (in order) and what it did with each lease.
+	Lease(ctx context.Context, id Identity, token Token, req LeaseRequest) ([]Secret, []Lease, error)
+	// ReleaseVolume forgets the volume's leases at once and returns the function that revokes them
+	// at Vault (nil if it held none).
+	ReleaseVolume(volume string) (revoke func(context.Context) error)
 }

@@ -63,6 +63,23 @@ type Object struct {
 	Version     int    `json:"version"`
 	Versions    []int  `json:"versions,omitempty"`
 	KeyID       string `json:"key_id"`
+	// Leases, on a request for dynamic credentials, says what was done with each lease. Never the
+	// lease ID: its hash.
+	Leases []Lease `json:"leases,omitempty"`
+}
+
+// Lease is a dynamic credential's lease in an audit record.
+type Lease struct {
+	// Name is "kind:role" ("pki:payments-web", "database:payments-ro").
+	Name string `json:"name"`
+	// Action: issued, reused, renewed or reissued.
+	Action string `json:"action"`
+	// LeaseSHA256 is a prefix of the lease ID's SHA-256, hex.
+	LeaseSHA256 string `json:"lease_sha256"`
+	// TTLSeconds is the lease's duration when issued or last renewed.
+	TTLSeconds int64 `json:"ttl_s"`
+	// Serial is a certificate's serial number.
+	Serial string `json:"serial,omitempty"`
 }
 
 // Event is one audit record; its JSON tags are the file's schema (Log appends "seq" and "mac"). It
