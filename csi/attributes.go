@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"sigs.k8s.io/yaml"
 
@@ -60,6 +61,28 @@ type Entry struct {
 	// Password is a template over Refs rendering the PKCS#12 password (written for pkcs12, read for
 	// pem); template entries only; absent, the password is empty.
 	Password *string `json:"password,omitempty"`
+	// PKI names a certificate the environment's PKI mount issues for the volume, Database credentials
+	// its database mount creates: Key then says which part the file holds (cert, key, chain;
+	// username, password). The entries of a volume naming the same one share one credential.
+	PKI      *PKIEntry      `json:"pki,omitempty"`
+	Database *DatabaseEntry `json:"database,omitempty"`
+}
+
+// PKIEntry is the certificate a pki entry asks for.
+type PKIEntry struct {
+	Role       string   `json:"role"`
+	CommonName string   `json:"commonName"`
+	AltNames   []string `json:"altNames,omitempty"`
+	// TTL is a Go duration ("24h"); empty: the role's default.
+	TTL string `json:"ttl,omitempty"`
+	// Generate says where the private key is made: "vault" (the default: Vault's issue endpoint
+	// returns it) or "local" (in the driver's memory; only a CSR goes to Vault's sign endpoint).
+	Generate string `json:"generate,omitempty"`
+}
+
+// DatabaseEntry is the credential a database entry asks for.
+type DatabaseEntry struct {
+	Role string `json:"role"`
 }
 
 // MaxPasswordBytes bounds a rendered PKCS#12 password (and MaxPasswordTemplateBytes its template).
@@ -279,6 +302,9 @@ func (e Entry) spec() (FileSpec, error) {
 		return FileSpec{}, err
 	}
 	f.Format = format
+	if e.PKI != nil || e.Database != nil {
+		return f, e.dynamic(&f)
+	}
 	if e.Template == "" {
 		switch {
 		case e.Refs != nil:
@@ -294,6 +320,48 @@ func (e Entry) spec() (FileSpec, error) {
 		return f, nil
 	}
 	return f, e.template(&f)
+}
+
+// dynamic validates an entry naming a dynamic credential (pki or database).
+func (e Entry) dynamic(f *FileSpec) error {
+	switch {
+	case e.PKI != nil && e.Database != nil:
+		return errors.New("an entry names pki or database, not both")
+	case e.Ref != "" || e.Version != 0 || e.Template != "" || e.Refs != nil || e.Password != nil:
+		return errors.New("a pki or database entry names its credential and the part in key: ref, version, template, refs and password are for stored secrets")
+	case e.Format != "":
+		return errors.New("format is for stored secrets: a pki entry's files are PEM")
+	}
+	ref := broker.SecretRef{Key: e.Key}
+	if e.Database != nil {
+		ref.Kind, ref.Ref = broker.KindDatabase, e.Database.Role
+	} else {
+		p := e.PKI
+		ref.Kind, ref.Ref = broker.KindPKI, p.Role
+		ref.PKI = broker.PKIRequest{CommonName: p.CommonName, AltNames: strings.Join(p.AltNames, ",")}
+		if len(p.AltNames) > broker.MaxAltNames {
+			return fmt.Errorf("pki: %d altNames (max %d)", len(p.AltNames), broker.MaxAltNames)
+		}
+		if p.TTL != "" {
+			d, err := time.ParseDuration(p.TTL)
+			if err != nil {
+				return fmt.Errorf("pki: ttl %.40q: want a duration like \"24h\"", p.TTL)
+			}
+			ref.PKI.TTL = d
+		}
+		switch p.Generate {
+		case "", "vault":
+		case "local":
+			ref.PKI.LocalKey = true
+		default:
+			return fmt.Errorf("pki: generate %.40q: want vault or local", p.Generate)
+		}
+	}
+	if err := ref.Validate(); err != nil {
+		return err
+	}
+	f.Ref = ref
+	return nil
 }
 
 // template validates a template entry: its refs, its template and password (csi/render), and that
@@ -483,6 +551,16 @@ func (v Volume) Weight() int64 { return broker.AnswerBudget(v.SizeLimit, len(v.r
 
 // MaxWeight is the weight of the largest volume: the publish bound must hold at least one.
 var MaxWeight = broker.AnswerBudget(MaxSizeLimit, MaxEntries)
+
+// Dynamic reports whether the volume names dynamic credentials (pki or database entries).
+func (v Volume) Dynamic() bool {
+	for _, r := range v.refs {
+		if r.Dynamic() {
+			return true
+		}
+	}
+	return false
+}
 
 // Refs returns the distinct refs (with their keys) the volume's files read, in the order of first
 // use: what the broker authorizes, fetches and audits, a template's like a plain entry's.

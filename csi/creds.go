@@ -14,6 +14,7 @@ import (
 type PodCredentials struct {
 	broker interface {
 		Release(podUID string) (revoke func(context.Context) error)
+		ReleaseVolume(volumeID string) (revoke func(context.Context) error)
 	}
 	log *zap.Logger
 
@@ -66,7 +67,7 @@ func (s *PodCredentials) PodDeleted(podUID string) {
 		return
 	}
 	delete(s.mounted, podUID)
-	s.releaseLocked(podUID)
+	s.releaseLocked(podUID, nil)
 }
 
 // Sweep releases the provider holds of pods not mounted within the idle time, or no longer live
@@ -81,7 +82,7 @@ func (s *PodCredentials) Sweep(now time.Time) {
 		}
 		if now.Sub(at) > s.idle || (trusted && !live) {
 			delete(s.mounted, uid)
-			s.releaseLocked(uid)
+			s.releaseLocked(uid, nil)
 		}
 	}
 }
@@ -103,7 +104,7 @@ func (s *PodCredentials) endMount(podUID string, ok bool) {
 		}
 	}
 	delete(s.mounted, podUID)
-	s.releaseLocked(podUID)
+	s.releaseLocked(podUID, nil)
 }
 
 // Held is how many pods provider mounts hold credentials for.
@@ -142,7 +143,16 @@ func (s *PodCredentials) end(volumeID, podUID string, holdsFiles bool) {
 		return
 	}
 	delete(s.pods, volumeID)
-	s.releaseLocked(podUID)
+	s.releaseLocked(podUID, s.releaseVolume(volumeID))
+}
+
+// releaseVolume forgets the dynamic credentials of a volume that holds no files (provider mounts,
+// with no volume, hold none).
+func (s *PodCredentials) releaseVolume(volumeID string) func(context.Context) error {
+	if volumeID == "" {
+		return nil
+	}
+	return s.broker.ReleaseVolume(volumeID)
 }
 
 // podUIDInPath finds the pod UID in a kubelet target path (.../pods/<uid>/volumes/...), for volumes
@@ -160,25 +170,18 @@ func (s *PodCredentials) unpublished(volumeID, target string) {
 			uid = m[1]
 		}
 	}
-	s.releaseLocked(uid)
+	s.releaseLocked(uid, s.releaseVolume(volumeID))
 }
 
-// releaseLocked releases the pod's credentials unless a volume of the pod holds files or a publish of
-// it is running. Callers hold s.mu.
-func (s *PodCredentials) releaseLocked(podUID string) {
-	if podUID == "" || s.inflight[podUID] > 0 {
-		return
+// releaseLocked runs revokeVolume (a released volume's leases; nil: none) and releases the pod's
+// credentials unless a volume of the pod holds files or a publish of it is running. The leases are
+// revoked first, with the token that issued them, then the token. Callers hold s.mu.
+func (s *PodCredentials) releaseLocked(podUID string, revokeVolume func(context.Context) error) {
+	var revoke func(context.Context) error
+	if s.podReleasable(podUID) {
+		revoke = s.broker.Release(podUID) // forgets now: no later request can pick the token up
 	}
-	if _, held := s.mounted[podUID]; held {
-		return
-	}
-	for _, other := range s.pods {
-		if other == podUID {
-			return
-		}
-	}
-	revoke := s.broker.Release(podUID) // forgets now: no later request can pick the token up
-	if revoke == nil {
+	if revoke == nil && revokeVolume == nil {
 		return
 	}
 	s.releases.Add(1)
@@ -186,12 +189,37 @@ func (s *PodCredentials) releaseLocked(podUID string) {
 		defer s.releases.Done()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
+		if revokeVolume != nil {
+			if err := revokeVolume(ctx); err != nil {
+				s.log.Warn("revoking a volume's leases failed; they end at their TTL or with their token", zap.String("pod_uid", podUID), zap.Error(err))
+			}
+		}
+		if revoke == nil {
+			return
+		}
 		if err := revoke(ctx); err != nil {
 			s.log.Warn("revoking the pod's Vault token failed; it lapses at its TTL", zap.String("pod_uid", podUID), zap.Error(err))
 			return
 		}
 		s.log.Debug("revoked the pod's Vault token", zap.String("pod_uid", podUID))
 	}()
+}
+
+// podReleasable: no volume of the pod holds files, no publish of it runs, no provider mount holds it.
+// Callers hold s.mu.
+func (s *PodCredentials) podReleasable(podUID string) bool {
+	if podUID == "" || s.inflight[podUID] > 0 {
+		return false
+	}
+	if _, held := s.mounted[podUID]; held {
+		return false
+	}
+	for _, other := range s.pods {
+		if other == podUID {
+			return false
+		}
+	}
+	return true
 }
 
 // volumes is how many volumes are known to hold a pod's files.

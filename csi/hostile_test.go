@@ -87,7 +87,8 @@ func (b *hostileBroker) Refuse(_ context.Context, _ broker.Request, err error) e
 	return nil
 }
 
-func (b *hostileBroker) Release(string) func(context.Context) error { return nil }
+func (b *hostileBroker) Release(string) func(context.Context) error       { return nil }
+func (b *hostileBroker) ReleaseVolume(string) func(context.Context) error { return nil }
 
 func (b *hostileBroker) set(value string, err error) {
 	b.mu.Lock()

@@ -109,6 +109,25 @@ func (s *Server) deliveredEnvironment(volumeID string) string {
 	return s.delivered[volumeID].environment
 }
 
+// deliveredLeases reads, after a driver restart, the lease hashes a published volume's ..version
+// names (nil if there are none or it cannot be read: the leases are then issued afresh and the old
+// ones lapse).
+func (s *Server) deliveredLeases(volumeID, target string, limit int64) map[string]string {
+	v, err := s.o.Mounter.Open(target, limit)
+	if err != nil {
+		s.o.Log.Warn("republish: the volume could not be opened to find its leases", zap.String("volume_id", volumeID), zap.Error(err))
+		return nil
+	}
+	defer v.Close()
+	b, err := v.ReadVersion()
+	if err != nil {
+		s.o.Log.Warn("republish: the volume's ..version could not be read to find its leases", zap.String("volume_id", volumeID), zap.Error(err))
+		return nil
+	}
+	d, _ := ParseVersion(b)
+	return d.Leases
+}
+
 // forget forgets what a volume delivers (its files were cleared, or a swap failed), but not its
 // ..version count: a later swap into the same volume counts on.
 func (s *Server) forget(volumeID string) {
@@ -137,7 +156,7 @@ type rotation struct {
 // intact (metadata only: nothing in the volume is opened). A swap writes the ..version after the
 // one in force (remembered, also across a withdrawal that cleared the files, or read back from the
 // volume after a restart); it returns the rotation when the count went up from a known one.
-func (s *Server) update(volumeID, target string, limit int64, p payload, gid int, env string, refs map[string]int) (*rotation, error) {
+func (s *Server) update(volumeID, target string, limit int64, p payload, gid int, env string, what VersionDoc) (*rotation, error) {
 	files := p.files
 	v, err := s.o.Mounter.Open(target, limit)
 	if err != nil {
@@ -166,7 +185,7 @@ func (s *Server) update(volumeID, target string, limit int64, p payload, gid int
 			prev, _ = ParseVersion(b)
 		}
 	}
-	next, bumped := nextVersion(prev, refs, !known || d.digest == sum)
+	next, bumped := nextVersion(prev, what, !known || d.digest == sum)
 	vf := next.file()
 	if err := v.Swap(append(files[:len(files):len(files)], vf), gid, dirMode(gid)); errors.Is(err, tmpfs.ErrScrub) {
 		s.o.Log.Warn("republish: the new files are in force; an old file could not be overwritten first", zap.String("volume_id", volumeID), zap.Error(err))
@@ -178,7 +197,7 @@ func (s *Server) update(volumeID, target string, limit int64, p payload, gid int
 	if !bumped || prev.Version == 0 {
 		return nil, nil
 	}
-	return &rotation{version: next.Version, changes: changes(prev.Refs, refs)}, nil
+	return &rotation{version: next.Version, changes: changes(prev.Refs, what.Refs)}, nil
 }
 
 // clear removes a published volume's files.

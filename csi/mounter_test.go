@@ -147,6 +147,7 @@ type seamBroker struct {
 }
 
 func (b seamBroker) Release(podUID string) func(context.Context) error { return b.rec.Release(podUID) }
+func (b seamBroker) ReleaseVolume(string) func(context.Context) error  { return nil }
 
 // A first publish that fails at any step leaves no mount, no directory and no credentials behind.
 func TestAFailedPublishLeavesNothing(t *testing.T) {

@@ -61,9 +61,12 @@ func (s *Server) nodePublish(ctx context.Context, req *csipb.NodePublishVolumeRe
 		err = fmt.Errorf("inspecting the target: %v: %w", err, fault.ErrUnavailable)
 		return failed(err), s.refuse(ctx, breq, err)
 	}
-	breq.Published = published
+	breq.Published, breq.Volume = published, req.GetVolumeId()
 	if published {
 		breq.Environment = s.deliveredEnvironment(req.GetVolumeId())
+		if breq.Environment == "" && vol.Dynamic() { // a restart: the volume's metadata names its leases
+			breq.Adopt = s.deliveredLeases(req.GetVolumeId(), req.GetTargetPath(), vol.SizeLimit)
+		}
 	}
 	podUID := vol.Claimed.PodUID
 	s.o.Credentials.begin(podUID)
@@ -114,9 +117,9 @@ func (s *Server) serve(ctx context.Context, volumeID, target string, breq broker
 		return breq.Published, err // a republish keeps the files it has
 	}
 	defer p.clear()
-	env, refs := environmentOf(secrets), refVersions(secrets)
+	env, what := environmentOf(secrets), delivered(secrets)
 	if breq.Published {
-		rot, err := s.update(volumeID, target, vol.SizeLimit, p, gid, env, refs)
+		rot, err := s.update(volumeID, target, vol.SizeLimit, p, gid, env, what)
 		if err != nil {
 			return true, fmt.Errorf("updating the files: %w", err)
 		}
@@ -126,7 +129,7 @@ func (s *Server) serve(ctx context.Context, volumeID, target string, breq broker
 		}
 		return true, nil
 	}
-	if err := s.publish(volumeID, target, vol.SizeLimit, p, gid, env, refs); err != nil {
+	if err := s.publish(volumeID, target, vol.SizeLimit, p, gid, env, what); err != nil {
 		return false, fmt.Errorf("publishing: %w", err)
 	}
 	return true, nil
@@ -192,7 +195,7 @@ func dirMode(gid int) os.FileMode {
 }
 
 // publish mounts and writes; on any failure it leaves no mount and no file behind.
-func (s *Server) publish(volumeID, target string, size int64, p payload, gid int, env string, refs map[string]int) (err error) {
+func (s *Server) publish(volumeID, target string, size int64, p payload, gid int, env string, what VersionDoc) (err error) {
 	files := p.files
 	created := false
 	if err := os.Mkdir(target, 0o750); err == nil {
@@ -223,7 +226,8 @@ func (s *Server) publish(volumeID, target string, size int64, p payload, gid int
 		return err
 	}
 	defer v.Close()
-	ver := VersionDoc{Version: 1, Refs: refs}
+	ver := what
+	ver.Version = 1
 	vf := ver.file()
 	if err := v.Swap(append(files[:len(files):len(files)], vf), gid, dirMode(gid)); err != nil {
 		return err

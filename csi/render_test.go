@@ -69,7 +69,8 @@ func (b *kvBroker) Refuse(_ context.Context, _ broker.Request, err error) error 
 	return nil
 }
 
-func (b *kvBroker) Release(string) func(context.Context) error { return nil }
+func (b *kvBroker) Release(string) func(context.Context) error       { return nil }
+func (b *kvBroker) ReleaseVolume(string) func(context.Context) error { return nil }
 
 func (b *kvBroker) set(refKey, value string, version int) {
 	b.mu.Lock()

@@ -18,7 +18,8 @@ import (
 
 type sanityBroker struct{}
 
-func (sanityBroker) Release(string) func(context.Context) error { return nil }
+func (sanityBroker) Release(string) func(context.Context) error       { return nil }
+func (sanityBroker) ReleaseVolume(string) func(context.Context) error { return nil }
 
 func (sanityBroker) Refuse(context.Context, broker.Request, error) error { return nil }
 

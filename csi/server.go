@@ -35,6 +35,10 @@ type Broker interface {
 	// access was revoked) and returns the function that revokes them at Vault (nil if none): a pod's
 	// Vault token must not outlive its volumes.
 	Release(podUID string) (revoke func(context.Context) error)
+	// ReleaseVolume forgets, at once, the dynamic credentials issued for a volume that holds no files
+	// (unpublished, withdrawn, or a first publish that failed) and returns the function that revokes
+	// their leases (nil if none).
+	ReleaseVolume(volumeID string) (revoke func(context.Context) error)
 }
 
 // DefaultKubeletDir is kubelet's default --root-dir.

@@ -16,22 +16,33 @@ import (
 //
 // Version counts the swaps of changed content, from 1 at the first publish; it only grows, across
 // driver restarts too (a restarted driver reads it back from the volume). Refs maps each delivered
-// "ref#key" to the Vault KV version it was read at. It never holds a value.
+// "ref#key" to the Vault KV version it was read at. Leases maps each dynamic credential the volume
+// holds ("pki:payments-web") to the hash of its lease ID, never the ID: after a driver restart the
+// broker finds the leases again by it (broker/vault's adopt). It never holds a value.
 type VersionDoc struct {
-	Version uint64         `json:"version"`
-	Refs    map[string]int `json:"refs"`
+	Version uint64            `json:"version"`
+	Refs    map[string]int    `json:"refs"`
+	Leases  map[string]string `json:"leases,omitempty"`
 }
 
 // versionMode: the file says nothing secret, so every reader of the volume may poll it.
 const versionMode = 0o444
 
-// refVersions is "ref#key" -> the Vault version each secret was read at.
-func refVersions(secrets []broker.Secret) map[string]int {
-	m := make(map[string]int, len(secrets))
+// delivered is what the secrets are, for the ..version file (its Version unset): "ref#key" -> the
+// Vault version each stored secret was read at, and each dynamic credential's lease hash.
+func delivered(secrets []broker.Secret) VersionDoc {
+	d := VersionDoc{Refs: make(map[string]int, len(secrets))}
 	for _, s := range secrets {
-		m[s.Ref.Ref+"#"+s.Ref.Key] = s.Version
+		if s.Ref.Dynamic() {
+			if d.Leases == nil {
+				d.Leases = map[string]string{}
+			}
+			d.Leases[broker.LeaseName(s.Ref)] = s.Lease
+			continue
+		}
+		d.Refs[s.Ref.Ref+"#"+s.Ref.Key] = s.Version
 	}
-	return m
+	return d
 }
 
 // file is the ..version file of d.
@@ -62,10 +73,12 @@ func changes(prev, next map[string]int) []podevents.Change {
 
 // nextVersion is the ..version a swap writes, after prev (zero: none known): the count goes up
 // unless the same refs at the same versions are swapped in again with content known to be the same
-// (sameContent), as the first republish after a driver restart does.
-func nextVersion(prev VersionDoc, refs map[string]int, sameContent bool) (next VersionDoc, bumped bool) {
-	if prev.Version > 0 && sameContent && maps.Equal(prev.Refs, refs) {
-		return VersionDoc{Version: prev.Version, Refs: refs}, false
+// (sameContent), as the first republish after a driver restart does. A new lease is new content.
+func nextVersion(prev VersionDoc, what VersionDoc, sameContent bool) (next VersionDoc, bumped bool) {
+	what.Version = prev.Version
+	if prev.Version > 0 && sameContent && maps.Equal(prev.Refs, what.Refs) && maps.Equal(prev.Leases, what.Leases) {
+		return what, false
 	}
-	return VersionDoc{Version: prev.Version + 1, Refs: refs}, true
+	what.Version++
+	return what, true
 }

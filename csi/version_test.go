@@ -180,10 +180,19 @@ func TestNextVersion(t *testing.T) {
 		{"same versions, other content", VersionDoc{Version: 4, Refs: a}, a, false, 5, true},
 		{"new version", VersionDoc{Version: 4, Refs: a}, b, true, 5, true},
 	} {
-		next, bumped := nextVersion(tc.prev, tc.refs, tc.same)
+		next, bumped := nextVersion(tc.prev, VersionDoc{Refs: tc.refs}, tc.same)
 		if next.Version != tc.want || bumped != tc.bumped {
 			t.Errorf("%s: %d %v, want %d %v", tc.name, next.Version, bumped, tc.want, tc.bumped)
 		}
+	}
+	// A reissued lease is new content even where the stored refs and the digest say nothing changed
+	// (the first republish after a restart).
+	l1 := VersionDoc{Version: 4, Refs: a, Leases: map[string]string{"pki:payments-web": "aaaa"}}
+	if next, bumped := nextVersion(l1, VersionDoc{Refs: a, Leases: map[string]string{"pki:payments-web": "bbbb"}}, true); next.Version != 5 || !bumped {
+		t.Errorf("reissued lease: %d %v, want 5 true", next.Version, bumped)
+	}
+	if next, bumped := nextVersion(l1, VersionDoc{Refs: a, Leases: map[string]string{"pki:payments-web": "aaaa"}}, true); next.Version != 4 || bumped {
+		t.Errorf("same lease: %d %v, want 4 false", next.Version, bumped)
 	}
 	if _, ok := ParseVersion([]byte(`{"version":0}`)); ok {
 		t.Error("version 0 parsed")

@@ -98,6 +98,14 @@ type Options struct {
 	// MaxTokens bounds the Vault tokens cached at once (one per namespace, service account, role and
 	// environment with a pod on the node; default 1024). A login for one more fails, unavailable.
 	MaxTokens int
+	// RenewWindow is the part of a lease's TTL, at its end, in which a republish renews or reissues
+	// it (default DefaultRenewWindow, the last third).
+	RenewWindow float64
+	// Budget, if set, is asked before each credential is issued (not reused or renewed): an error
+	// (wrapping fault.ErrTooLarge: over budget) refuses the issue (policy.Authorizer.TakeIssue).
+	Budget func(id broker.Identity, now time.Time) error
+	// MaxLeases bounds the leases held at once (default DefaultMaxLeases).
+	MaxLeases int
 }
 
 // Source is broker.SecretSource over Vault KV v2.
@@ -110,6 +118,11 @@ type Source struct {
 	holders map[tokenKey]map[string]struct{}
 	byPod   map[string]map[tokenKey]struct{}
 	flight  singleflight.Group
+
+	// lmu guards the volumes' dynamic credentials (leases.go).
+	lmu        sync.Mutex
+	volumes    map[string]*volumeLeases
+	leaseCount int
 }
 
 // tokenKey names a cached Vault token: a kubernetes-auth login of a service account with a role, for
@@ -158,7 +171,14 @@ func New(o Options) (*Source, error) {
 	if o.MaxTokens <= 0 {
 		o.MaxTokens = 1024
 	}
-	return &Source{o: o, tokens: map[tokenKey]*vaultToken{}, holders: map[tokenKey]map[string]struct{}{}, byPod: map[string]map[tokenKey]struct{}{}}, nil
+	if o.RenewWindow <= 0 || o.RenewWindow >= 1 {
+		o.RenewWindow = DefaultRenewWindow
+	}
+	if o.MaxLeases <= 0 {
+		o.MaxLeases = DefaultMaxLeases
+	}
+	return &Source{o: o, tokens: map[tokenKey]*vaultToken{}, holders: map[tokenKey]map[string]struct{}{}, byPod: map[string]map[tokenKey]struct{}{},
+		volumes: map[string]*volumeLeases{}}, nil
 }
 
 // observe tells Options.Observe of a request to Vault that began at start.
