@@ -35,3 +35,33 @@ if [ "${EXAMPLE_SECRETS:-1}" = 1 ]; then
   vault kv put "$kv/prod/payments-prod/db" password=change-me
   vault kv put "$kv/dev/payments-dev/db" password=change-me
 fi
+# Dynamic secrets (PKI certificates and database credentials tied to a pod's lifetime): an example,
+# commented out, of what test/harness does (Vault.EnablePKI, PKIRole, EnableDatabase, DatabaseRole,
+# PutDynamicPolicy). Per environment a pki and a database mount; Vault role names of a namespace start
+# with the namespace and a dash (payments-prod-web), which namespace-dynamic.hcl scopes a login's token
+# to; the policy <env>-dynamic joins <env>-read on the environment's kubernetes-auth role. Mind the
+# prefix caveat in namespace-dynamic.hcl. PG_HOST, PG_USER and PG_PASSWORD_FILE name the database
+# and a superuser (or a role with CREATEROLE) for Vault.
+# for env in prod dev; do
+#   vault secrets enable -path="pki-$env" -max-lease-ttl=87600h pki
+#   vault write -field=certificate "pki-$env/root/generate/internal" common_name="keyward $env root" \
+#     ttl=87600h key_type=ec key_bits=256 > "pki-$env-ca.pem"
+#   vault write "pki-$env/config/urls" issuing_certificates="$VAULT_ADDR/v1/pki-$env/ca" \
+#     crl_distribution_points="$VAULT_ADDR/v1/pki-$env/crl"
+#   vault secrets enable -path="db-$env" database
+#   vault write "db-$env/config/pg" plugin_name=postgresql-database-plugin allowed_roles='*' \
+#     connection_url="postgresql://{{username}}:{{password}}@$PG_HOST:5432/postgres?sslmode=verify-full" \
+#     username="$PG_USER" password=@"$PG_PASSWORD_FILE" verify_connection=true
+#   sed -e "s|@PKI_MOUNT@|pki-$env|g" -e "s|@DB_MOUNT@|db-$env|g" -e "s|@AUTH_ACCESSOR@|$accessor|g" \
+#     "$here/namespace-dynamic.hcl" | vault policy write "$env-dynamic" -
+#   vault write "auth/$auth/role/$env" bound_service_account_names='*' \
+#     bound_service_account_namespaces="${namespaces[$env]}" audience=keyward \
+#     token_policies="$env-read,$env-dynamic" token_ttl=10m
+# done
+# and per namespace its roles, e.g. for payments-prod:
+#   vault write pki-prod/roles/payments-prod-web allowed_domains=payments-prod.svc.cluster.local \
+#     allow_subdomains=true allow_bare_domains=true generate_lease=true no_store=false \
+#     key_type=ec key_bits=256 max_ttl=24h
+#   vault write db-prod/roles/payments-prod-ro db_name=pg default_ttl=1h max_ttl=24h \
+#     creation_statements="CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'; GRANT CONNECT ON DATABASE postgres TO \"{{name}}\";" \
+#     revocation_statements="SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}'; REVOKE CONNECT ON DATABASE postgres FROM \"{{name}}\"; DROP ROLE IF EXISTS \"{{name}}\";"

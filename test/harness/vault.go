@@ -194,15 +194,11 @@ func (v *Vault) EnvironmentPolicy(ctx context.Context, authMount, kvMount, prefi
 	if err != nil {
 		return "", err
 	}
-	auths, err := v.Client.Sys().ListAuthWithContext(ctx)
+	accessor, err := v.authAccessor(ctx, authMount)
 	if err != nil {
 		return "", err
 	}
-	auth, ok := auths[strings.Trim(authMount, "/")+"/"]
-	if !ok || auth.Accessor == "" {
-		return "", fmt.Errorf("no auth method enabled at %s: enable it before writing a policy that names it", authMount)
-	}
-	return strings.NewReplacer("@KV_MOUNT@", kvMount, "@ENV_PREFIX@", prefix, "@AUTH_ACCESSOR@", auth.Accessor).Replace(string(tmpl)), nil
+	return strings.NewReplacer("@KV_MOUNT@", kvMount, "@ENV_PREFIX@", prefix, "@AUTH_ACCESSOR@", accessor).Replace(string(tmpl)), nil
 }
 
 // RepoFile is the absolute path of rel, a path inside this repository (deploy/..., found from the
