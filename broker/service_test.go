@@ -407,3 +407,90 @@ func TestRepublishAfterTheNamespaceMovedIsWithdrawn(t *testing.T) {
 		})
 	}
 }
+
+// fakeLeases answers dynamic refs; it records what it was asked.
+type fakeLeases struct {
+	got      broker.LeaseRequest
+	err      error
+	released []string
+}
+
+func (f *fakeLeases) Lease(_ context.Context, _ broker.Identity, _ broker.Token, r broker.LeaseRequest) ([]broker.Secret, []broker.Lease, error) {
+	f.got = r
+	recs := []broker.Lease{{Name: "database:payments-ro", Hash: "00aa", TTL: time.Hour, Action: broker.LeaseIssued}}
+	if f.err != nil {
+		return nil, recs, f.err
+	}
+	out := make([]broker.Secret, len(r.Refs))
+	for i, ref := range r.Refs {
+		out[i] = broker.Secret{Ref: ref.SecretRef, Value: []byte("CANARY-lease-" + ref.Key), Lease: "00aa"}
+	}
+	return out, recs, nil
+}
+
+func (f *fakeLeases) ReleaseVolume(v string) func(context.Context) error {
+	f.released = append(f.released, v)
+	return nil
+}
+
+// Dynamic refs go to the lease source with the volume (and the restart adoption hashes), stored refs
+// to the source, and the answer keeps the request's order; the record says what was done with each
+// lease (its hash, never an ID). Without a volume (the provider API, keywardctl) or a lease source,
+// a dynamic ref is refused before anything is issued; a lease source's failure keeps its records.
+func TestDynamicRefsGoToTheLeaseSource(t *testing.T) {
+	db := func(key string) broker.SecretRef {
+		return broker.SecretRef{Kind: broker.KindDatabase, Ref: "payments-ro", Key: key}
+	}
+	mixed := req("payments/db")
+	mixed.Refs = []broker.SecretRef{db("username"), mixed.Refs[0], db("password")}
+	mixed.Volume, mixed.Adopt = "vol-1", map[string]string{"database:payments-ro": "00aa"}
+	newDyn := func(leases *fakeLeases, aud *fakeAudit, src *fakeSource) *broker.Service {
+		o := broker.Options{Authenticator: fakeAuthn{id: pod}, Authorizer: fakeAuthz{}, Source: src, Auditor: aud, Audiences: []string{"keyward"}}
+		if leases != nil {
+			o.Leases = leases
+		}
+		s, err := broker.NewService(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	leases, aud, src := &fakeLeases{}, &fakeAudit{}, &fakeSource{}
+	secs, err := newDyn(leases, aud, src).Fetch(context.Background(), mixed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := []string{string(secs[0].Value), string(secs[1].Value), string(secs[2].Value)}; fmt.Sprint(got) != "[CANARY-lease-username CANARY-payments/db CANARY-lease-password]" {
+		t.Fatalf("values in order: %v", got)
+	}
+	if leases.got.Volume != "vol-1" || len(leases.got.Refs) != 2 || leases.got.Adopt["database:payments-ro"] != "00aa" || src.calls != 1 {
+		t.Fatalf("lease request %+v, source calls %d", leases.got, src.calls)
+	}
+	ls := aud.evs[0].Object.Leases
+	if len(ls) != 1 || ls[0].Name != "database:payments-ro" || ls[0].Action != "issued" || ls[0].LeaseSHA256 != "00aa" || ls[0].TTLSeconds != 3600 {
+		t.Fatalf("audited leases %+v", ls)
+	}
+
+	noVolume := mixed
+	noVolume.Volume = ""
+	for name, s := range map[string]*broker.Service{"no volume": newDyn(&fakeLeases{}, &fakeAudit{}, &fakeSource{}), "no lease source": newDyn(nil, &fakeAudit{}, &fakeSource{})} {
+		r := mixed
+		if name == "no volume" {
+			r = noVolume
+		}
+		if _, err := s.Fetch(context.Background(), r); !errors.Is(err, fault.ErrInvalid) || !strings.Contains(err.Error(), "CSI volume") {
+			t.Errorf("%s: %v, want InvalidArgument", name, err)
+		}
+	}
+
+	failing, aud := &fakeLeases{err: fmt.Errorf("budget: %w", fault.ErrTooLarge)}, &fakeAudit{}
+	if _, err := newDyn(failing, aud, &fakeSource{}).Fetch(context.Background(), mixed); !errors.Is(err, fault.ErrTooLarge) {
+		t.Fatalf("over budget: %v", err)
+	}
+	if ev := aud.evs[0]; ev.Code != "ResourceExhausted" || len(ev.Object.Leases) != 1 || strings.Contains(fmt.Sprintf("%+v", ev), "CANARY") {
+		t.Fatalf("refusal record %+v", ev)
+	}
+	if s := newDyn(leases, &fakeAudit{}, &fakeSource{}); s.ReleaseVolume("vol-1") != nil || fmt.Sprint(leases.released) != "[vol-1]" {
+		t.Fatalf("ReleaseVolume went to %v", leases.released)
+	}
+}

@@ -153,3 +153,53 @@ func TestParsedSecretsAreMemoizedAndBounded(t *testing.T) {
 		t.Fatalf("%d cached lists, bound %d", n, maxParsedSecrets)
 	}
 }
+
+// Dynamic entries: the parts of one certificate (or one database credential) share one ref apart from
+// the key, so they share one lease; anything that mixes a dynamic entry with a stored secret's fields,
+// names an unknown part, or asks for a malformed certificate is refused before anything is issued.
+func TestParseDynamicEntries(t *testing.T) {
+	const pki = `{role: payments-web, commonName: api.payments.svc, altNames: [api.local, 10.0.0.1], ttl: 2h, generate: local}`
+	v, err := ParseVolume(attrs("- {file: tls.crt, key: cert, pki: "+pki+"}\n- {file: tls.key, key: key, pki: "+pki+"}\n"+
+		"- {file: user, key: username, database: {role: payments-ro}}\n- {file: pw, key: password, database: {role: payments-ro}}\n"+
+		"- {file: kv, ref: payments/db, key: password}"), nil, "keyward")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refs := v.Refs()
+	if len(refs) != 5 || !v.Dynamic() {
+		t.Fatalf("refs %+v", refs)
+	}
+	c, k, u := refs[0], refs[1], refs[2]
+	if c.Kind != "pki" || c.Ref != "payments-web" || c.Key != "cert" || k.Key != "key" || c.PKI != k.PKI ||
+		c.PKI.CommonName != "api.payments.svc" || c.PKI.AltNames != "api.local,10.0.0.1" || c.PKI.TTL.String() != "2h0m0s" || !c.PKI.LocalKey {
+		t.Fatalf("pki refs %+v %+v", c, k)
+	}
+	if u.Kind != "database" || u.Ref != "payments-ro" || u.Key != "username" || refs[3].Key != "password" || refs[4].Dynamic() {
+		t.Fatalf("database refs %+v %+v; kv %+v", u, refs[3], refs[4])
+	}
+	if kv, _ := ParseVolume(attrs("- {file: kv, ref: payments/db, key: password}"), nil, "keyward"); kv.Dynamic() {
+		t.Fatal("a KV-only volume is dynamic")
+	}
+	for name, tc := range map[string]struct{ entry, msg string }{
+		"both sources":       {"{file: f, key: cert, pki: " + pki + ", database: {role: payments-ro}}", "not both"},
+		"pki with ref":       {"{file: f, key: cert, ref: payments/db, pki: " + pki + "}", "ref, version"},
+		"database template":  {"{file: f, key: password, template: x, database: {role: payments-ro}}", "ref, version"},
+		"pki format":         {"{file: f, key: cert, format: pkcs12, pki: " + pki + "}", "format"},
+		"unknown part":       {"{file: f, key: password, pki: " + pki + "}", "cert, key, chain"},
+		"database part":      {"{file: f, key: cert, database: {role: payments-ro}}", "username, password"},
+		"no role":            {"{file: f, key: username, database: {role: \"\"}}", "role"},
+		"role with slash":    {"{file: f, key: username, database: {role: a/b}}", "role"},
+		"no common name":     {"{file: f, key: cert, pki: {role: payments-web}}", "commonName"},
+		"bad common name":    {"{file: f, key: cert, pki: {role: payments-web, commonName: \"a b\"}}", "commonName"},
+		"bad alt name":       {"{file: f, key: cert, pki: {role: payments-web, commonName: a.b, altNames: [\"x/y\"]}}", "altName"},
+		"ttl too short":      {"{file: f, key: cert, pki: {role: payments-web, commonName: a.b, ttl: 1s}}", "ttl"},
+		"ttl not a duration": {"{file: f, key: cert, pki: {role: payments-web, commonName: a.b, ttl: soon}}", "ttl"},
+		"generate elsewhere": {"{file: f, key: cert, pki: {role: payments-web, commonName: a.b, generate: hsm}}", "generate"},
+		"unknown pki field":  {"{file: f, key: cert, pki: {role: payments-web, commonName: a.b, keyType: rsa}}", "unknown field"},
+	} {
+		_, err := ParseVolume(attrs("- "+tc.entry), nil, "keyward")
+		if !errors.Is(err, fault.ErrInvalid) || !strings.Contains(err.Error(), tc.msg) {
+			t.Errorf("%s: %v, want InvalidArgument mentioning %q", name, err, tc.msg)
+		}
+	}
+}
