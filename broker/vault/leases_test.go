@@ -60,6 +60,9 @@ func (f *leaseVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		json.NewDecoder(r.Body).Decode(&body)
 		f.renewed++
 		json.NewEncoder(w).Encode(map[string]any{"lease_duration": body.Increment, "renewable": true})
+	case p == "/v1/auth/token/revoke-self":
+		f.revoked = append(f.revoked, "token:"+r.Header.Get("X-Vault-Token"))
+		w.WriteHeader(http.StatusNoContent)
 	case strings.HasPrefix(p, "/v1/sys/leases/revoke/"):
 		if f.revokeCode != 0 {
 			http.Error(w, `{"errors":["permission denied"]}`, f.revokeCode)
@@ -228,5 +231,25 @@ func TestLeaseFaults(t *testing.T) {
 	}
 	if f.revoked[len(f.revoked)-1] != "database-prod/creds/payments-ro/LEASEID-bad" || s.Leases() != 0 {
 		t.Fatalf("the unusable lease was not revoked: %v, %d held", f.revoked, s.Leases())
+	}
+}
+
+// A clean shutdown (ReleaseAll) leaves the Vault tokens that hold published volumes' leases: revoking
+// them would revoke the pods' credentials with them across a driver upgrade. Tokens holding none are
+// revoked.
+func TestShutdownKeepsTokensHoldingLeases(t *testing.T) {
+	f := &leaseVault{}
+	s, _, _ := newLeaseSource(t, f, Options{})
+	if _, _, err := leaseOf(t, s, "vol-1"); err != nil {
+		t.Fatal(err)
+	}
+	other := pod
+	other.ServiceAccount, other.PodUID = "worker", "uid-2" // a second service account: its own token, no lease
+	if _, err := s.token(context.Background(), other, "jwt-CANARY", dbRefs()[0]); err != nil {
+		t.Fatal(err)
+	}
+	n, err := s.ReleaseAll(context.Background())
+	if err != nil || n != 1 || fmt.Sprint(f.revoked) != "[token:s.tok-2]" {
+		t.Fatalf("ReleaseAll revoked %d (%v): %v; want only the token without leases", n, err, f.revoked)
 	}
 }

@@ -210,16 +210,38 @@ func (s *Source) Holders(namespace, serviceAccount, role, environment string) in
 	return len(s.holders[tokenKey{namespace, serviceAccount, role, environment}])
 }
 
-// ReleaseAll revokes every cached Vault token, for a clean shutdown. It returns how many were
-// revoked.
+// ReleaseAll revokes every cached Vault token, for a clean shutdown, except those that issued the
+// leases of dynamic credentials published volumes still hold: Vault would revoke the leases with the
+// token, and the pods keep their volumes across a driver restart (an upgrade). Those tokens lapse at
+// their TTL; the next driver finds their leases by hash at the volumes' first republish and replaces
+// them (leases.go). It returns how many were revoked.
 func (s *Source) ReleaseAll(ctx context.Context) (int, error) {
 	if s.o.Mode != ModePod {
 		return 0, nil
 	}
+	leased := map[string]bool{}
+	s.lmu.Lock()
+	for _, vl := range s.volumes {
+		for _, l := range vl.cur {
+			leased[l.token] = true
+		}
+		for _, l := range vl.retired {
+			leased[l.token] = true
+		}
+	}
+	s.lmu.Unlock()
 	s.mu.Lock()
 	toks := make([]*vaultToken, 0, len(s.tokens))
+	kept := 0
 	for _, t := range s.tokens {
+		if leased[t.token] {
+			kept++
+			continue
+		}
 		toks = append(toks, t)
+	}
+	if kept > 0 {
+		s.o.Log.Info("shutdown: Vault tokens holding published volumes' leases are left to lapse at their TTL, not revoked", zap.Int("tokens", kept))
 	}
 	s.tokens = map[tokenKey]*vaultToken{}
 	s.holders = map[tokenKey]map[string]struct{}{}
