@@ -2,11 +2,13 @@ package policy
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"fmt"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -31,22 +33,59 @@ type Environment struct {
 	VaultPrefix string `json:"vaultPrefix"`
 	// VaultRole is the role of Vault's kubernetes auth method pods of this environment log in with.
 	VaultRole string `json:"vaultRole,omitempty"`
+	// PKIMount and DatabaseMount are the environment's PKI and database secrets engines, which issue
+	// its dynamic refs (broker.KindPKI, broker.KindDatabase); empty: the environment issues none of
+	// that kind. No two environments share one (nor does either equal a vaultMount).
+	PKIMount      string `json:"pkiMount,omitempty"`
+	DatabaseMount string `json:"databaseMount,omitempty"`
 }
 
-// Grant lets pods of Namespace running as ServiceAccount ("*": any) read refs matching Paths. A path
-// is an exact ref, or a prefix ending in "/*" that covers every ref below it.
+// Mount returns the environment's mount for a dynamic kind ("" if it names none).
+func (e Environment) Mount(k broker.Kind) string {
+	switch k {
+	case broker.KindPKI:
+		return e.PKIMount
+	case broker.KindDatabase:
+		return e.DatabaseMount
+	}
+	return ""
+}
+
+// Grant lets pods of Namespace running as ServiceAccount ("*": any) read refs matching Paths and have
+// credentials issued by the Vault roles matching PKIRoles and DatabaseRoles. A path is an exact ref,
+// or a prefix ending in "/*" that covers every ref below it. A role is an exact Vault role name, or a
+// prefix ending in "*" ("payments-*"); either starts with the namespace and a dash.
 type Grant struct {
 	Namespace      string   `json:"namespace"`
 	ServiceAccount string   `json:"serviceAccount"`
-	Paths          []string `json:"paths"`
+	Paths          []string `json:"paths,omitempty"`
+	PKIRoles       []string `json:"pkiRoles,omitempty"`
+	DatabaseRoles  []string `json:"databaseRoles,omitempty"`
+}
+
+// Roles returns the grant's role patterns for a dynamic kind.
+func (g Grant) Roles(k broker.Kind) []string {
+	switch k {
+	case broker.KindPKI:
+		return g.PKIRoles
+	case broker.KindDatabase:
+		return g.DatabaseRoles
+	}
+	return nil
 }
 
 // Policy is the policy file.
 type Policy struct {
 	Environments []Environment `json:"environments"`
 	Grants       []Grant       `json:"grants"`
+	// IssueBudgets bound how fast dynamic credentials are issued (absent: DefaultBudgets).
+	IssueBudgets *IssueBudgets `json:"issueBudgets,omitempty"`
 	envs         map[string]Environment
-	hash         string
+	budgets      Budgets // in force: IssueBudgets, or the defaults
+	// namespaces are the namespaces the grants name, longest first: a role belongs to the longest
+	// one it starts with (and a dash).
+	namespaces []string
+	hash       string
 }
 
 var (
@@ -95,7 +134,7 @@ func (p *Policy) validate() error {
 		if _, dup := p.envs[e.Name]; dup {
 			return fmt.Errorf("%s: environment %q defined twice", where, e.Name)
 		}
-		if !segmentRE.MatchString(e.VaultMount) {
+		if !oneSegment(e.VaultMount) {
 			return fmt.Errorf("%s: vaultMount %q must be one path segment", where, e.VaultMount)
 		}
 		if err := broker.ValidateRef(e.VaultPrefix); err != nil {
@@ -109,6 +148,30 @@ func (p *Policy) validate() error {
 		}
 		p.envs[e.Name] = e
 	}
+	// Issuers: a PKI or database mount belongs to one environment, and is neither a KV mount nor the
+	// other kind's mount (a mount is one secrets engine).
+	mounts := map[string]string{} // every mount named so far -> what names it
+	for _, e := range p.Environments {
+		mounts[e.VaultMount] = fmt.Sprintf("environment %q's vaultMount", e.Name)
+	}
+	for i, e := range p.Environments {
+		for _, m := range []struct{ field, mount string }{{"pkiMount", e.PKIMount}, {"databaseMount", e.DatabaseMount}} {
+			if m.mount == "" {
+				continue
+			}
+			if !oneSegment(m.mount) {
+				return fmt.Errorf("environments[%d]: %s %q must be one path segment", i, m.field, m.mount)
+			}
+			if other, taken := mounts[m.mount]; taken {
+				return fmt.Errorf("environments[%d]: %s %q is also %s: environments must not share issuers, and an issuer is not a KV mount",
+					i, m.field, m.mount, other)
+			}
+			mounts[m.mount] = fmt.Sprintf("environment %q's %s", e.Name, m.field)
+		}
+	}
+	if err := p.validateBudgets(); err != nil {
+		return err
+	}
 	for i, g := range p.Grants {
 		where := fmt.Sprintf("grants[%d]", i)
 		if !dnsLabel.MatchString(g.Namespace) {
@@ -117,8 +180,8 @@ func (p *Policy) validate() error {
 		if g.ServiceAccount != "*" && !saName.MatchString(g.ServiceAccount) {
 			return fmt.Errorf("%s: serviceAccount %q: want a service account name or \"*\"", where, g.ServiceAccount)
 		}
-		if len(g.Paths) == 0 {
-			return fmt.Errorf("%s: no paths", where)
+		if len(g.Paths) == 0 && len(g.PKIRoles) == 0 && len(g.DatabaseRoles) == 0 {
+			return fmt.Errorf("%s: no paths, pkiRoles or databaseRoles: a grant grants something", where)
 		}
 		for _, path := range g.Paths {
 			base := strings.TrimSuffix(path, "/*")
@@ -131,9 +194,70 @@ func (p *Policy) validate() error {
 					where, path, g.Namespace, g.Namespace)
 			}
 		}
+		for _, f := range []struct {
+			field string
+			roles []string
+		}{{"pkiRoles", g.PKIRoles}, {"databaseRoles", g.DatabaseRoles}} {
+			for _, role := range f.roles {
+				if err := validateRolePattern(g.Namespace, role); err != nil {
+					return fmt.Errorf("%s: %s: %v", where, f.field, err)
+				}
+			}
+		}
+		if !slices.Contains(p.namespaces, g.Namespace) {
+			p.namespaces = append(p.namespaces, g.Namespace)
+		}
+	}
+	slices.SortFunc(p.namespaces, func(a, b string) int { return len(b) - len(a) })
+	return nil
+}
+
+// validateRolePattern checks a role a grant of namespace ns names: a Vault role name (or a prefix
+// ending in "*") that starts with ns and a dash, the names of ns's roles in Vault (the Vault policy
+// deploy/vault/namespace-dynamic.hcl lets a namespace's token use only those).
+func validateRolePattern(ns, role string) error {
+	base, prefix := strings.CutSuffix(role, "*")
+	name := base
+	if prefix {
+		// A prefix may end where a name may not ("payments-"): check it as the start of a name.
+		name = base + "0"
+		if len(name) > broker.MaxRoleLen {
+			return fmt.Errorf("role %.140q: longer than a role name (%d)", role, broker.MaxRoleLen)
+		}
+	}
+	if err := broker.ValidateRole(name); err != nil {
+		return fmt.Errorf("role %.140q: want a Vault role name (1..%d of [A-Za-z0-9_.-], starting and ending with a letter or digit), or a prefix of one ending in \"*\"",
+			role, broker.MaxRoleLen)
+	}
+	if !strings.HasPrefix(base, ns+"-") {
+		return fmt.Errorf("role %q reaches outside namespace %q: a grant may name only roles starting with %q", role, ns, ns+"-")
 	}
 	return nil
 }
+
+// matchesRole reports whether a role pattern (exact, or a prefix ending in "*") matches role.
+func matchesRole(pattern, role string) bool {
+	if base, ok := strings.CutSuffix(pattern, "*"); ok {
+		return strings.HasPrefix(role, base)
+	}
+	return pattern == role
+}
+
+// roleOwner is the longest namespace the grants name that a Vault role starts with (and a dash): the
+// role belongs to it or to a still longer namespace. So a pattern "payments-*" of namespace payments
+// does not reach "payments-eu-web", a role of namespace payments-eu ("" if no granted namespace
+// prefixes it).
+func (p *Policy) roleOwner(role string) string {
+	for _, ns := range p.namespaces {
+		if strings.HasPrefix(role, ns+"-") {
+			return ns
+		}
+	}
+	return ""
+}
+
+// oneSegment reports whether a mount is one path segment (not "." or "..").
+func oneSegment(m string) bool { return segmentRE.MatchString(m) && m != "." && m != ".." }
 
 // under reports whether path is prefix or below it, segment-wise.
 func under(path, prefix string) bool {
@@ -156,9 +280,10 @@ type Namespaces interface {
 
 // Authorizer is broker.Authorizer over a policy that can be swapped at run time.
 type Authorizer struct {
-	pol atomic.Pointer[Policy]
-	gen atomic.Uint64 // policies in force since start: 1, then one more per Set
-	ns  Namespaces
+	pol     atomic.Pointer[Policy]
+	gen     atomic.Uint64 // policies in force since start: 1, then one more per Set
+	ns      Namespaces
+	budgets budgets
 }
 
 var _ broker.Authorizer = (*Authorizer)(nil)
@@ -168,14 +293,17 @@ func NewAuthorizer(p *Policy, ns Namespaces) *Authorizer {
 	a := &Authorizer{ns: ns}
 	a.pol.Store(p)
 	a.gen.Store(1)
+	a.budgets.init(p.budgets)
 	return a
 }
 
 // Policy returns the policy in force.
 func (a *Authorizer) Policy() *Policy { return a.pol.Load() }
 
-// Set swaps in a new, already validated policy.
+// Set swaps in a new, already validated policy. Its issue budgets apply to the buckets in use at
+// once: each keeps its tokens (at most the new burst) and refills at the new rate.
 func (a *Authorizer) Set(p *Policy) {
+	a.budgets.setRates(p.budgets)
 	a.pol.Store(p)
 	a.gen.Add(1)
 }
@@ -202,6 +330,9 @@ func (p *Policy) decide(ns Namespaces, id broker.Identity, ref broker.SecretRef)
 	if !known {
 		return broker.Resolved{}, fmt.Errorf("namespace %q is in environment %q, which the policy does not define: %w", id.Namespace, envName, fault.ErrDenied)
 	}
+	if ref.Dynamic() {
+		return p.decideDynamic(env, id, ref)
+	}
 	for i, g := range p.Grants {
 		if g.Namespace != id.Namespace || (g.ServiceAccount != "*" && g.ServiceAccount != id.ServiceAccount) {
 			continue
@@ -216,6 +347,36 @@ func (p *Policy) decide(ns Namespaces, id broker.Identity, ref broker.SecretRef)
 		}
 	}
 	return broker.Resolved{}, fmt.Errorf("no grant lets %s/%s read %s: %w", id.Namespace, id.ServiceAccount, ref.Ref, fault.ErrDenied)
+}
+
+// decideDynamic allows a dynamic ref (ref.Ref is a Vault role) only if env names the kind's mount and
+// a grant of the pod's namespace and service account names the role for that kind; it resolves to the
+// role of env's mount. Grant paths never allow a dynamic ref, nor roles a KV ref.
+func (p *Policy) decideDynamic(env Environment, id broker.Identity, ref broker.SecretRef) (broker.Resolved, error) {
+	field := map[broker.Kind]string{broker.KindPKI: "pkiMount", broker.KindDatabase: "databaseMount"}[ref.Kind]
+	mount := env.Mount(ref.Kind)
+	if field == "" || mount == "" {
+		return broker.Resolved{}, fmt.Errorf("environment %q has no %s: it issues no %s credentials: %w", env.Name, cmp.Or(field, "mount for "+string(ref.Kind)), ref.Kind, fault.ErrDenied)
+	}
+	// The role is the namespace's: it starts with its name and a dash, and no longer namespace of the
+	// grants also prefixes it (payments-eu-web is payments-eu's, not payments').
+	if !strings.HasPrefix(ref.Ref, id.Namespace+"-") || len(p.roleOwner(ref.Ref)) > len(id.Namespace) {
+		return broker.Resolved{}, fmt.Errorf("%s role %q is not one of namespace %q's roles (%s-*): %w", ref.Kind, ref.Ref, id.Namespace, id.Namespace, fault.ErrDenied)
+	}
+	for i, g := range p.Grants {
+		if g.Namespace != id.Namespace || (g.ServiceAccount != "*" && g.ServiceAccount != id.ServiceAccount) {
+			continue
+		}
+		for _, pat := range g.Roles(ref.Kind) {
+			if matchesRole(pat, ref.Ref) {
+				return broker.Resolved{
+					SecretRef: ref, Environment: env.Name, Mount: mount, Path: ref.Ref, Role: env.VaultRole,
+					Reason: fmt.Sprintf("grant %d (%s/%s) %sRoles %s in environment %s", i, g.Namespace, g.ServiceAccount, ref.Kind, pat, env.Name),
+				}, nil
+			}
+		}
+	}
+	return broker.Resolved{}, fmt.Errorf("no grant lets %s/%s use %s role %s: %w", id.Namespace, id.ServiceAccount, ref.Kind, ref.Ref, fault.ErrDenied)
 }
 
 // Environment returns an environment of the policy in force.

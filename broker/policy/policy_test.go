@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -246,18 +247,39 @@ func waitFor(t *testing.T, f func() bool) {
 func FuzzParse(f *testing.F) {
 	f.Add([]byte(good))
 	f.Add([]byte("environments: [{name: a, vaultMount: kv, vaultPrefix: a}]\ngrants: [{namespace: a, serviceAccount: '*', paths: ['a/*']}]"))
+	f.Add([]byte(dynamicPolicy + "issueBudgets: {pod: {burst: 1, perHour: 2}}\n"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		p, err := Parse(b)
 		if err != nil {
 			return
 		}
-		// Every accepted grant stays inside its namespace or shared/.
+		// Every accepted grant stays inside its namespace or shared/, and names only its namespace's roles.
 		for _, g := range p.Grants {
 			for _, path := range g.Paths {
 				first, _, _ := strings.Cut(strings.TrimSuffix(path, "/*"), "/")
 				if first != g.Namespace && first != "shared" {
 					t.Fatalf("accepted grant %+v", g)
 				}
+			}
+			for _, role := range append(slices.Clone(g.PKIRoles), g.DatabaseRoles...) {
+				if !strings.HasPrefix(role, g.Namespace+"-") {
+					t.Fatalf("accepted grant %+v", g)
+				}
+			}
+		}
+		// No two environments share a mount (a KV mount may serve several, under disjoint prefixes).
+		seen := map[string]bool{}
+		for _, e := range p.Environments {
+			for _, m := range []string{e.PKIMount, e.DatabaseMount} {
+				if m != "" && seen[m] {
+					t.Fatalf("accepted a shared issuer %q", m)
+				}
+				seen[m] = true
+			}
+		}
+		for _, e := range p.Environments {
+			if e.VaultMount != "" && (seen[e.VaultMount]) {
+				t.Fatalf("accepted an issuer that is a KV mount %q", e.VaultMount)
 			}
 		}
 	})
