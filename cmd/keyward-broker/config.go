@@ -31,6 +31,9 @@ type Config struct {
 		Mode      string `json:"mode,omitempty"`
 		AuthMount string `json:"authMount,omitempty"`
 		TokenFile string `json:"tokenFile,omitempty"`
+		// LeaseRenewWindow is the part of a dynamic credential's lease TTL, at its end, in which a
+		// republish renews or reissues it (default 0.333: the last third; between 0.05 and 0.95).
+		LeaseRenewWindow float64 `json:"leaseRenewWindow,omitempty"`
 	} `json:"vault"`
 }
 
@@ -77,6 +80,8 @@ func (c Config) validate() error {
 		return errors.New("tokenReviewCacheTTL above 1m would let deleted pods keep access too long")
 	case c.RefusalAuditBurst < 1 || c.RefusalAuditInterval.Duration < 0:
 		return errors.New("refusalAuditBurst must be at least 1 and refusalAuditInterval positive")
+	case c.Vault.LeaseRenewWindow != 0 && (c.Vault.LeaseRenewWindow < 0.05 || c.Vault.LeaseRenewWindow > 0.95):
+		return fmt.Errorf("vault.leaseRenewWindow %g: want between 0.05 and 0.95 of a lease's TTL", c.Vault.LeaseRenewWindow)
 	}
 	return nil
 }

@@ -25,6 +25,8 @@ type metricSources struct {
 	suppressed       func() uint64
 	volumes          func() int
 	podTokens        func() int
+	leases           func() int
+	budgetRefusals   func() (pod, namespace uint64)
 	policy           func() (generation uint64, hash string)
 	registered       func() bool            // nil: registration with kubelet is off
 	registerFailures func() uint64          // with registered
@@ -118,6 +120,22 @@ func registerMetrics(reg prometheus.Registerer, m *brokerMetrics, s metricSource
 				Help:        "Events on pods (SecretsRotated, SecretsDenied) by result: created, patched (a repeat), failed (the apiserver refused or did not answer), limited (rate limit), dropped (queue full).",
 				ConstLabels: prometheus.Labels{"result": result}},
 				func() float64 { return float64(n(s.podEvents())) }))
+		}
+	}
+	if s.leases != nil {
+		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "keyward", Subsystem: "broker", Name: "leases",
+			Help: "Leases of dynamic credentials (certificates, database credentials) the broker holds for published volumes, replaced ones not yet ended included."},
+			func() float64 { return float64(s.leases()) }))
+	}
+	if s.budgetRefusals != nil {
+		for scope, n := range map[string]func() uint64{
+			"pod":       func() uint64 { p, _ := s.budgetRefusals(); return p },
+			"namespace": func() uint64 { _, ns := s.budgetRefusals(); return ns },
+		} {
+			cs = append(cs, prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "keyward", Subsystem: "broker", Name: "issue_budget_refusals_total",
+				Help:        "Dynamic credentials refused because the pod's or the namespace's issue budget (policy issueBudgets) was spent: answered ResourceExhausted and audited.",
+				ConstLabels: prometheus.Labels{"scope": scope}},
+				func() float64 { return float64(n()) }))
 		}
 	}
 	cs = append(cs, m.publishes, m.publishDuration, m.tokenReviews, m.vault,

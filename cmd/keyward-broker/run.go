@@ -180,7 +180,7 @@ func (d *wiring) wire(ctx context.Context) error {
 	}
 	if d.svc, err = broker.NewService(broker.Options{
 		Authenticator: tokenreview.New(tokenreview.Options{Client: d.metrics.reviewer(d.reviewer), CacheTTL: d.cfg.TokenReviewCacheTTL.Duration}),
-		Authorizer:    d.authz, Source: d.src, Auditor: d.audit, Audiences: []string{d.cfg.Audience},
+		Authorizer:    d.authz, Source: d.src, Leases: d.src, Auditor: d.audit, Audiences: []string{d.cfg.Audience},
 		Node: d.o.NodeID, Pods: tokenreview.PodLookup{Client: d.meta},
 		RefusalBurst: d.cfg.RefusalAuditBurst, RefusalInterval: d.cfg.RefusalAuditInterval.Duration,
 	}); err != nil {
@@ -229,7 +229,7 @@ func (d *wiring) checks() checks {
 func (d *wiring) metricSources() metricSources {
 	s := metricSources{noswap: d.noswap, auditHealth: d.audit.Health, auditFailures: d.audit.WriteFailures,
 		inFlight: d.limiter.InFlight, waits: d.limiter.Waits, suppressed: d.svc.SuppressedRefusals,
-		volumes: d.node.Volumes, podTokens: d.src.Tokens, podEvents: d.events.Stats,
+		volumes: d.node.Volumes, podTokens: d.src.Tokens, podEvents: d.events.Stats, leases: d.src.Leases, budgetRefusals: d.authz.BudgetRefusals,
 		policy: func() (uint64, string) { return d.authz.Generation(), d.authz.Policy().Hash() }}
 	if d.reg != nil {
 		s.registered, s.registerFailures = d.reg.Registered, d.reg.Failures
@@ -243,7 +243,8 @@ func (d *wiring) vaultSource() (*vault.Source, error) {
 	if err != nil {
 		return nil, err
 	}
-	vo := vault.Options{Client: vc, Mode: vault.Mode(v.Mode), AuthMount: v.AuthMount, Log: d.log.Named("vault"), Observe: d.metrics.vaultRequest}
+	vo := vault.Options{Client: vc, Mode: vault.Mode(v.Mode), AuthMount: v.AuthMount, Log: d.log.Named("vault"), Observe: d.metrics.vaultRequest,
+		Budget: d.authz.TakeIssue, RenewWindow: v.LeaseRenewWindow}
 	if vo.Mode == vault.ModeBroker {
 		b, err := os.ReadFile(v.TokenFile)
 		if err != nil {

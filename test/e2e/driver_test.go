@@ -98,6 +98,8 @@ type driverOptions struct {
 	provider bool
 	// auditDisk, when set, is the size of a tmpfs mounted as the audit directory (a disk that fills).
 	auditDisk int64
+	// policy is the driver's policy file ("": brokerPolicy).
+	policy string
 }
 
 // driver is keyward-broker, the binary, serving CSI to a simulated kubelet.
@@ -125,7 +127,11 @@ func startDriver(t *testing.T, e *brokerEnv, o driverOptions) *driver {
 	if err := os.Mkdir(d.registry, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	os.WriteFile(d.policy, []byte(brokerPolicy), 0o600)
+	pol := brokerPolicy
+	if o.policy != "" {
+		pol = o.policy
+	}
+	os.WriteFile(d.policy, []byte(pol), 0o600)
 	var err error
 	if d.kubecfg, err = e.kube.WriteKubeconfig(filepath.Join(dir, "kubeconfig"), ""); err != nil {
 		t.Fatal(err)
