@@ -15,11 +15,11 @@ environments:
   - {name: prod, vaultMount: kv, vaultPrefix: prod, vaultRole: prod, pkiMount: pki-prod, databaseMount: database-prod}
   - {name: dev, vaultMount: kv, vaultPrefix: dev, vaultRole: dev, pkiMount: pki-dev}
 grants:
-  - {namespace: payments, serviceAccount: api, paths: ["payments/*"], pkiRoles: ["payments-*"], databaseRoles: ["payments-ro"]}
-  - {namespace: payments, serviceAccount: "*", databaseRoles: ["payments-report"]}
-  - {namespace: billing, serviceAccount: api, pkiRoles: ["billing-web"], databaseRoles: ["billing-ro"]}
-  - {namespace: payments-eu, serviceAccount: api, pkiRoles: ["payments-eu-web"]}
-  - {namespace: web, serviceAccount: api, pkiRoles: ["web-site"]}
+  - {namespace: payments, serviceAccount: api, paths: ["payments/*"], pkiRoles: ["payments_*"], databaseRoles: ["payments_ro"]}
+  - {namespace: payments, serviceAccount: "*", databaseRoles: ["payments_report"]}
+  - {namespace: billing, serviceAccount: api, pkiRoles: ["billing_web"], databaseRoles: ["billing_ro"]}
+  - {namespace: payments-eu, serviceAccount: api, pkiRoles: ["payments-eu_web"]}
+  - {namespace: web, serviceAccount: api, pkiRoles: ["web_site"]}
 `
 
 func TestParseDynamicInvariants(t *testing.T) {
@@ -28,15 +28,15 @@ func TestParseDynamicInvariants(t *testing.T) {
 		return env + "grants: [{namespace: payments, serviceAccount: api, " + field + ": [\"" + role + "\"]}]\n"
 	}
 	for name, tc := range map[string]struct{ yaml, want string }{
-		// No cross-namespace: a namespace's roles start with its name and a dash.
-		"pki role of another namespace":      {grant("pkiRoles", "billing-web"), `role "billing-web" reaches outside namespace "payments"`},
-		"database role of another namespace": {grant("databaseRoles", "billing-ro"), "reaches outside namespace"},
+		// No cross-namespace: a namespace's roles start with its name and an underscore.
+		"pki role of another namespace":      {grant("pkiRoles", "billing_web"), `role "billing_web" reaches outside namespace "payments"`},
+		"database role of another namespace": {grant("databaseRoles", "billing_ro"), "reaches outside namespace"},
 		"role without the dash":              {grant("pkiRoles", "paymentsweb"), "reaches outside namespace"},
 		"pattern without the dash":           {grant("pkiRoles", "payments*"), "reaches outside namespace"},
 		"pattern of everything":              {grant("databaseRoles", "*"), "reaches outside namespace"},
 		"role of the bare prefix":            {grant("pkiRoles", "payments-"), "want a Vault role name"},
 		"role with a slash":                  {grant("pkiRoles", "payments-a/b"), "want a Vault role name"},
-		"wildcard in the middle":             {grant("pkiRoles", "payments-*-web"), "want a Vault role name"},
+		"wildcard in the middle":             {grant("pkiRoles", "payments_*-web"), "want a Vault role name"},
 		"role too long":                      {grant("pkiRoles", "payments-"+strings.Repeat("a", broker.MaxRoleLen)), "want a Vault role name"},
 		"pattern too long":                   {grant("pkiRoles", "payments-"+strings.Repeat("a", broker.MaxRoleLen)+"*"), "longer than a role name"},
 		"a grant of nothing":                 {env + "grants: [{namespace: payments, serviceAccount: api, pkiRoles: []}]\n", "no paths"},
@@ -64,9 +64,9 @@ func TestParseDynamicInvariants(t *testing.T) {
 	}
 	for name, y := range map[string]string{
 		"the policy":             dynamicPolicy,
-		"roles only":             grant("pkiRoles", "payments-web"),
-		"a prefix pattern":       grant("databaseRoles", "payments-r*"),
-		"the namespace's prefix": grant("pkiRoles", "payments-*"),
+		"roles only":             grant("pkiRoles", "payments_web"),
+		"a prefix pattern":       grant("databaseRoles", "payments_r*"),
+		"the namespace's prefix": grant("pkiRoles", "payments_*"),
 		"no dynamic mounts":      good,
 	} {
 		if _, err := Parse([]byte(y)); err != nil {
@@ -97,26 +97,26 @@ func TestAuthorizeDynamic(t *testing.T) {
 		wantMount  string
 		wantReason string // allowed: the reason; denied: a part of the error
 	}{
-		{"pki role by pattern", id("payments", "api"), pki("payments-web", "cert"), "pki-prod", "grant 0 (payments/api) pkiRoles payments-* in environment prod"},
-		{"pki key part", id("payments", "api"), pki("payments-web", "key"), "pki-prod", "grant 0 (payments/api) pkiRoles payments-*"},
-		{"database role", id("payments", "api"), db("payments-ro", "password"), "database-prod", "grant 0 (payments/api) databaseRoles payments-ro in environment prod"},
-		{"database role of any service account", id("payments", "worker"), db("payments-report", "username"), "database-prod", "grant 1 (payments/*) databaseRoles payments-report"},
-		{"exact pki role", id("billing", "api"), pki("billing-web", "chain"), "pki-prod", "grant 2 (billing/api) pkiRoles billing-web"},
-		{"the longer namespace's own role", id("payments-eu", "api"), pki("payments-eu-web", "cert"), "pki-prod", "grant 3"},
+		{"pki role by pattern", id("payments", "api"), pki("payments_web", "cert"), "pki-prod", "grant 0 (payments/api) pkiRoles payments_* in environment prod"},
+		{"pki key part", id("payments", "api"), pki("payments_web", "key"), "pki-prod", "grant 0 (payments/api) pkiRoles payments_*"},
+		{"database role", id("payments", "api"), db("payments_ro", "password"), "database-prod", "grant 0 (payments/api) databaseRoles payments_ro in environment prod"},
+		{"database role of any service account", id("payments", "worker"), db("payments_report", "username"), "database-prod", "grant 1 (payments/*) databaseRoles payments_report"},
+		{"exact pki role", id("billing", "api"), pki("billing_web", "chain"), "pki-prod", "grant 2 (billing/api) pkiRoles billing_web"},
+		{"the longer namespace's own role", id("payments-eu", "api"), pki("payments-eu_web", "cert"), "pki-prod", "grant 3"},
 
-		{"other namespace's database role", id("payments", "api"), db("billing-ro", "password"), "", `database role "billing-ro" is not one of namespace "payments"'s roles`},
-		{"other namespace's pki role", id("payments", "api"), pki("billing-web", "cert"), "", "is not one of namespace"},
-		{"a role the pattern matches but a longer namespace owns", id("payments", "api"), pki("payments-eu-web", "cert"), "", `pki role "payments-eu-web" is not one of namespace "payments"'s roles`},
-		{"a role not granted", id("payments", "api"), db("payments-rw", "password"), "", "no grant lets payments/api use database role payments-rw"},
-		{"other service account", id("payments", "worker"), pki("payments-web", "cert"), "", "no grant lets payments/worker use pki role payments-web"},
-		{"pki roles do not grant database", id("payments", "api"), db("payments-web", "password"), "", "no grant lets payments/api use database role payments-web"},
-		{"database roles do not grant pki", id("billing", "api"), pki("billing-ro", "cert"), "", "no grant lets billing/api use pki role billing-ro"},
-		{"environment without a databaseMount", id("payments-dev", "api"), db("payments-ro", "password"), "", `environment "dev" has no databaseMount`},
-		{"no grant for the namespace", id("payments-dev", "api"), pki("payments-dev-web", "cert"), "", "no grant lets payments-dev/api"},
-		{"no environment label", id("nolabel", "api"), pki("nolabel-web", "cert"), "", "no keyward.dev/environment label"},
+		{"other namespace's database role", id("payments", "api"), db("billing_ro", "password"), "", `database role "billing_ro" is not one of namespace "payments"'s roles`},
+		{"other namespace's pki role", id("payments", "api"), pki("billing_web", "cert"), "", "is not one of namespace"},
+		{"another namespace's role its name prefixes", id("payments", "api"), pki("payments-eu_web", "cert"), "", `pki role "payments-eu_web" is not one of namespace "payments"'s roles`},
+		{"a role not granted", id("payments", "api"), db("payments_rw", "password"), "", "no grant lets payments/api use database role payments_rw"},
+		{"other service account", id("payments", "worker"), pki("payments_web", "cert"), "", "no grant lets payments/worker use pki role payments_web"},
+		{"pki roles do not grant database", id("payments", "api"), db("payments_web", "password"), "", "no grant lets payments/api use database role payments_web"},
+		{"database roles do not grant pki", id("billing", "api"), pki("billing_ro", "cert"), "", "no grant lets billing/api use pki role billing_ro"},
+		{"environment without a databaseMount", id("payments-dev", "api"), db("payments_ro", "password"), "", `environment "dev" has no databaseMount`},
+		{"no grant for the namespace", id("payments-dev", "api"), pki("payments-dev_web", "cert"), "", "no grant lets payments-dev/api"},
+		{"no environment label", id("nolabel", "api"), pki("nolabel_web", "cert"), "", "no keyward.dev/environment label"},
 		// A KV grant path never allows a dynamic ref, nor a role a KV ref, of the same name.
 		{"a KV path does not allow a dynamic ref", id("payments", "api"), db("payments/db", "password"), "", `database role "payments/db" is not one of namespace "payments"'s roles`},
-		{"a role does not allow a KV ref", id("billing", "api"), broker.SecretRef{Ref: "billing-web", Key: "cert"}, "", "no grant lets billing/api read billing-web"},
+		{"a role does not allow a KV ref", id("billing", "api"), broker.SecretRef{Ref: "billing_web", Key: "cert"}, "", "no grant lets billing/api read billing_web"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, err := a.Authorize(context.Background(), tc.id, tc.ref)
@@ -144,7 +144,7 @@ func TestDynamicEnvironmentIsolation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref := broker.SecretRef{Kind: broker.KindPKI, Ref: "payments-web", Key: "cert"}
+	ref := broker.SecretRef{Kind: broker.KindPKI, Ref: "payments_web", Key: "cert"}
 	for env, mount := range map[string]string{"prod": "pki-prod", "dev": "pki-dev"} {
 		a := NewAuthorizer(p, StaticNamespaces{"payments": env})
 		r, err := a.Authorize(context.Background(), broker.Identity{Namespace: "payments", ServiceAccount: "api"}, ref)

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"regexp"
-	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -54,7 +53,7 @@ func (e Environment) Mount(k broker.Kind) string {
 // Grant lets pods of Namespace running as ServiceAccount ("*": any) read refs matching Paths and have
 // credentials issued by the Vault roles matching PKIRoles and DatabaseRoles. A path is an exact ref,
 // or a prefix ending in "/*" that covers every ref below it. A role is an exact Vault role name, or a
-// prefix ending in "*" ("payments-*"); either starts with the namespace and a dash.
+// prefix ending in "*" ("payments_*"); either starts with the namespace and RoleSeparator.
 type Grant struct {
 	Namespace      string   `json:"namespace"`
 	ServiceAccount string   `json:"serviceAccount"`
@@ -82,10 +81,7 @@ type Policy struct {
 	IssueBudgets *IssueBudgets `json:"issueBudgets,omitempty"`
 	envs         map[string]Environment
 	budgets      Budgets // in force: IssueBudgets, or the defaults
-	// namespaces are the namespaces the grants name, longest first: a role belongs to the longest
-	// one it starts with (and a dash).
-	namespaces []string
-	hash       string
+	hash         string
 }
 
 var (
@@ -204,16 +200,18 @@ func (p *Policy) validate() error {
 				}
 			}
 		}
-		if !slices.Contains(p.namespaces, g.Namespace) {
-			p.namespaces = append(p.namespaces, g.Namespace)
-		}
 	}
-	slices.SortFunc(p.namespaces, func(a, b string) int { return len(b) - len(a) })
 	return nil
 }
 
+// RoleSeparator ends the namespace at the start of a Vault role name ("payments_web"): an underscore,
+// which a namespace name (a DNS label) cannot hold, so the roles of namespace "payments" ("payments_*")
+// never include those of "payments-eu" ("payments-eu_web"), in this policy and in Vault's
+// (deploy/vault/namespace-dynamic.hcl globs the same prefix).
+const RoleSeparator = "_"
+
 // validateRolePattern checks a role a grant of namespace ns names: a Vault role name (or a prefix
-// ending in "*") that starts with ns and a dash, the names of ns's roles in Vault (the Vault policy
+// ending in "*") that starts with ns and RoleSeparator, the names of ns's roles in Vault (the Vault policy
 // deploy/vault/namespace-dynamic.hcl lets a namespace's token use only those).
 func validateRolePattern(ns, role string) error {
 	base, prefix := strings.CutSuffix(role, "*")
@@ -229,8 +227,8 @@ func validateRolePattern(ns, role string) error {
 		return fmt.Errorf("role %.140q: want a Vault role name (1..%d of [A-Za-z0-9_.-], starting and ending with a letter or digit), or a prefix of one ending in \"*\"",
 			role, broker.MaxRoleLen)
 	}
-	if !strings.HasPrefix(base, ns+"-") {
-		return fmt.Errorf("role %q reaches outside namespace %q: a grant may name only roles starting with %q", role, ns, ns+"-")
+	if !strings.HasPrefix(base, ns+RoleSeparator) {
+		return fmt.Errorf("role %q reaches outside namespace %q: a grant may name only roles starting with %q", role, ns, ns+RoleSeparator)
 	}
 	return nil
 }
@@ -241,19 +239,6 @@ func matchesRole(pattern, role string) bool {
 		return strings.HasPrefix(role, base)
 	}
 	return pattern == role
-}
-
-// roleOwner is the longest namespace the grants name that a Vault role starts with (and a dash): the
-// role belongs to it or to a still longer namespace. So a pattern "payments-*" of namespace payments
-// does not reach "payments-eu-web", a role of namespace payments-eu ("" if no granted namespace
-// prefixes it).
-func (p *Policy) roleOwner(role string) string {
-	for _, ns := range p.namespaces {
-		if strings.HasPrefix(role, ns+"-") {
-			return ns
-		}
-	}
-	return ""
 }
 
 // oneSegment reports whether a mount is one path segment (not "." or "..").
@@ -358,10 +343,10 @@ func (p *Policy) decideDynamic(env Environment, id broker.Identity, ref broker.S
 	if field == "" || mount == "" {
 		return broker.Resolved{}, fmt.Errorf("environment %q has no %s: it issues no %s credentials: %w", env.Name, cmp.Or(field, "mount for "+string(ref.Kind)), ref.Kind, fault.ErrDenied)
 	}
-	// The role is the namespace's: it starts with its name and a dash, and no longer namespace of the
-	// grants also prefixes it (payments-eu-web is payments-eu's, not payments').
-	if !strings.HasPrefix(ref.Ref, id.Namespace+"-") || len(p.roleOwner(ref.Ref)) > len(id.Namespace) {
-		return broker.Resolved{}, fmt.Errorf("%s role %q is not one of namespace %q's roles (%s-*): %w", ref.Kind, ref.Ref, id.Namespace, id.Namespace, fault.ErrDenied)
+	// The role is the namespace's: it starts with its name and the separator, which no namespace name
+	// holds (payments-eu_web is payments-eu's, never payments').
+	if !strings.HasPrefix(ref.Ref, id.Namespace+RoleSeparator) {
+		return broker.Resolved{}, fmt.Errorf("%s role %q is not one of namespace %q's roles (%s%s*): %w", ref.Kind, ref.Ref, id.Namespace, id.Namespace, RoleSeparator, fault.ErrDenied)
 	}
 	for i, g := range p.Grants {
 		if g.Namespace != id.Namespace || (g.ServiceAccount != "*" && g.ServiceAccount != id.ServiceAccount) {

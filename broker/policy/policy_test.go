@@ -262,7 +262,7 @@ func FuzzParse(f *testing.F) {
 				}
 			}
 			for _, role := range append(slices.Clone(g.PKIRoles), g.DatabaseRoles...) {
-				if !strings.HasPrefix(role, g.Namespace+"-") {
+				if !strings.HasPrefix(role, g.Namespace+"_") {
 					t.Fatalf("accepted grant %+v", g)
 				}
 			}

@@ -81,7 +81,7 @@ type leaseClock struct {
 	now time.Time
 }
 
-func (c *leaseClock) Now() time.Time           { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *leaseClock) Now() time.Time          { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
 func (c *leaseClock) advance(d time.Duration) { c.mu.Lock(); c.now = c.now.Add(d); c.mu.Unlock() }
 
 func newLeaseSource(t *testing.T, f *leaseVault, o Options) (*Source, *leaseClock, *observer.ObservedLogs) {
@@ -148,7 +148,9 @@ func TestLeaseReuseRenewReissueRelease(t *testing.T) {
 		t.Fatalf("renewal refused: %v %+v", err, rec)
 	}
 	clock.advance(41 * time.Second)
-	f.renew = func(w http.ResponseWriter) { json.NewEncoder(w).Encode(map[string]any{"lease_duration": 5, "renewable": true}) } // its max TTL
+	f.renew = func(w http.ResponseWriter) { // its max TTL is near: 5s more
+		json.NewEncoder(w).Encode(map[string]any{"lease_duration": 5, "renewable": true})
+	}
 	if _, rec, err = leaseOf(t, s, "vol-1"); err != nil || rec.Action != broker.LeaseReissued || f.issued != 3 {
 		t.Fatalf("renewal short of the window: %v %+v", err, rec)
 	}

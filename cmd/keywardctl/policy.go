@@ -48,8 +48,8 @@ func policyCommand(e streams, args []string) error {
 		envName := fs.String("environment", "", "the namespace's keyward.dev/environment label (empty: none)")
 		sa := fs.String("service-account", "", "the pod's service account")
 		ref := fs.String("ref", "", "the ref the pod asks for, e.g. payments/db")
-		pkiRole := fs.String("pki-role", "", "instead of --ref: the Vault PKI role a certificate is asked of, e.g. payments-web")
-		dbRole := fs.String("database-role", "", "instead of --ref: the Vault database role credentials are asked of, e.g. payments-ro")
+		pkiRole := fs.String("pki-role", "", "instead of --ref: the Vault PKI role a certificate is asked of, e.g. payments_web")
+		dbRole := fs.String("database-role", "", "instead of --ref: the Vault database role credentials are asked of, e.g. payments_ro")
 		key := fs.String("key", "value", "the key inside the secret (with --pki-role: cert, key or chain; with --database-role: username or password; default: all of them)")
 		secrets := fs.String("secrets", "", "instead of --ref and --key: a file holding a volume's secrets list (its secrets attribute); every ref and key it reads is checked, templates' included")
 		if _, err := parse(fs, args[1:]); err != nil {

@@ -1,53 +1,52 @@
 # Keyward's Vault policy for dynamic secrets, templated per namespace: PKI certificates and database
 # credentials tied to a pod's lifetime. The broker issues them with the pod's kubernetes-auth Vault
 # token (vault.mode: pod), so Vault re-checks each one: a token may use only the Vault roles named
-# after its own namespace, "<namespace>-<name>" (for namespace payments: payments-web, payments-ro),
+# after its own namespace, "<namespace>_<name>" (for namespace payments: payments_web, payments_ro),
 # and revoke, list and look up only their leases. The namespace is the one Vault's kubernetes auth
 # method recorded for the login (the entity alias's service_account_namespace metadata).
 #
-# Name roles with care: Vault's globs match prefixes, so namespace "payments" also matches the roles
-# of a namespace "payments-eu" ("payments-eu-web" starts with "payments-"). Do not create roles for a
-# namespace whose name is another's name plus a dash and more, or keep such namespaces in different
-# environments (each environment has its own policy, mounts and kubernetes-auth role).
+# The separator is an underscore because a namespace name (a DNS label) cannot hold one: the glob
+# "payments_*" never reaches the roles of namespace "payments-eu" ("payments-eu_web"), as
+# "payments-*" would.
 #
 # deploy/vault/setup.sh writes one copy per environment, substituting the pki and database mounts and
 # the accessor of the kubernetes auth method (known only once it is enabled); the tests write it the
 # same way (test/harness's Vault.PutDynamicPolicy).
 
 # Issue a certificate (Vault makes the key) or sign a CSR (the pod's key never leaves it).
-path "@PKI_MOUNT@/issue/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}-*" {
+path "@PKI_MOUNT@/issue/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}_*" {
   capabilities = ["update"]
 }
-path "@PKI_MOUNT@/sign/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}-*" {
+path "@PKI_MOUNT@/sign/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}_*" {
   capabilities = ["update"]
 }
 
 # Database credentials: a new login role per read, dropped when its lease is revoked or expires.
-path "@DB_MOUNT@/creds/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}-*" {
+path "@DB_MOUNT@/creds/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}_*" {
   capabilities = ["read"]
 }
 
 # Revoke one lease by its ID in the path (sys/leases/revoke/<lease id>; a lease ID starts with the
 # path that created it): only leases of the namespace's own roles.
-path "sys/leases/revoke/@PKI_MOUNT@/issue/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}-*" {
+path "sys/leases/revoke/@PKI_MOUNT@/issue/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}_*" {
   capabilities = ["update"]
 }
-path "sys/leases/revoke/@PKI_MOUNT@/sign/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}-*" {
+path "sys/leases/revoke/@PKI_MOUNT@/sign/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}_*" {
   capabilities = ["update"]
 }
-path "sys/leases/revoke/@DB_MOUNT@/creds/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}-*" {
+path "sys/leases/revoke/@DB_MOUNT@/creds/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}_*" {
   capabilities = ["update"]
 }
 
 # List the lease IDs under the namespace's own roles (LIST sys/leases/lookup/<mount>/issue/<role>/):
 # how the broker finds a volume's leases again after a restart. sys/leases/lookup/* is a sudo path.
-path "sys/leases/lookup/@PKI_MOUNT@/issue/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}-*" {
+path "sys/leases/lookup/@PKI_MOUNT@/issue/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}_*" {
   capabilities = ["list", "sudo"]
 }
-path "sys/leases/lookup/@PKI_MOUNT@/sign/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}-*" {
+path "sys/leases/lookup/@PKI_MOUNT@/sign/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}_*" {
   capabilities = ["list", "sudo"]
 }
-path "sys/leases/lookup/@DB_MOUNT@/creds/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}-*" {
+path "sys/leases/lookup/@DB_MOUNT@/creds/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}_*" {
   capabilities = ["list", "sudo"]
 }
 

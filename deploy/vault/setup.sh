@@ -38,9 +38,9 @@ fi
 # Dynamic secrets (PKI certificates and database credentials tied to a pod's lifetime): an example,
 # commented out, of what test/harness does (Vault.EnablePKI, PKIRole, EnableDatabase, DatabaseRole,
 # PutDynamicPolicy). Per environment a pki and a database mount; Vault role names of a namespace start
-# with the namespace and a dash (payments-prod-web), which namespace-dynamic.hcl scopes a login's token
-# to; the policy <env>-dynamic joins <env>-read on the environment's kubernetes-auth role. Mind the
-# prefix caveat in namespace-dynamic.hcl. PG_HOST, PG_USER and PG_PASSWORD_FILE name the database
+# with the namespace and an underscore (payments-prod_web), which namespace-dynamic.hcl scopes a
+# login's token to; the policy <env>-dynamic joins <env>-read on the environment's kubernetes-auth
+# role. PG_HOST, PG_USER and PG_PASSWORD_FILE name the database
 # and a superuser (or a role with CREATEROLE) for Vault.
 # for env in prod dev; do
 #   vault secrets enable -path="pki-$env" -max-lease-ttl=87600h pki
@@ -59,9 +59,9 @@ fi
 #     token_policies="$env-read,$env-dynamic" token_ttl=10m
 # done
 # and per namespace its roles, e.g. for payments-prod:
-#   vault write pki-prod/roles/payments-prod-web allowed_domains=payments-prod.svc.cluster.local \
+#   vault write pki-prod/roles/payments-prod_web allowed_domains=payments-prod.svc.cluster.local \
 #     allow_subdomains=true allow_bare_domains=true generate_lease=true no_store=false \
 #     key_type=ec key_bits=256 max_ttl=24h
-#   vault write db-prod/roles/payments-prod-ro db_name=pg default_ttl=1h max_ttl=24h \
+#   vault write db-prod/roles/payments-prod_ro db_name=pg default_ttl=1h max_ttl=24h \
 #     creation_statements="CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'; GRANT CONNECT ON DATABASE postgres TO \"{{name}}\";" \
 #     revocation_statements="SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}'; REVOKE CONNECT ON DATABASE postgres FROM \"{{name}}\"; DROP ROLE IF EXISTS \"{{name}}\";"

@@ -32,19 +32,19 @@ grants:
   - namespace: payments-prod
     serviceAccount: api
     paths: ["payments-prod/*", "shared/tls/*"]
-    pkiRoles: ["payments-prod-*"]
-    databaseRoles: ["payments-prod-*"]
+    pkiRoles: ["payments-prod_*"]
+    databaseRoles: ["payments-prod_*"]
   - {namespace: other-prod, serviceAccount: api, paths: ["other-prod/*"]}
 BUDGETS
 `
 
 // dynamicSecrets is a volume with a certificate (its three parts) and database credentials.
 const dynamicSecrets = `
-- {file: tls.crt, key: cert, pki: {role: payments-prod-web, commonName: api.payments.svc, altNames: [api.payments.svc.cluster.local, 127.0.0.1], ttl: 60s}}
-- {file: tls.key, key: key, pki: {role: payments-prod-web, commonName: api.payments.svc, altNames: [api.payments.svc.cluster.local, 127.0.0.1], ttl: 60s}}
-- {file: ca.crt, key: chain, mode: "0444", pki: {role: payments-prod-web, commonName: api.payments.svc, altNames: [api.payments.svc.cluster.local, 127.0.0.1], ttl: 60s}}
-- {file: db-user, key: username, database: {role: payments-prod-ro}}
-- {file: db-password, key: password, database: {role: payments-prod-ro}}
+- {file: tls.crt, key: cert, pki: {role: payments-prod_web, commonName: api.payments.svc, altNames: [api.payments.svc.cluster.local, 127.0.0.1], ttl: 60s}}
+- {file: tls.key, key: key, pki: {role: payments-prod_web, commonName: api.payments.svc, altNames: [api.payments.svc.cluster.local, 127.0.0.1], ttl: 60s}}
+- {file: ca.crt, key: chain, mode: "0444", pki: {role: payments-prod_web, commonName: api.payments.svc, altNames: [api.payments.svc.cluster.local, 127.0.0.1], ttl: 60s}}
+- {file: db-user, key: username, database: {role: payments-prod_ro}}
+- {file: db-password, key: password, database: {role: payments-prod_ro}}
 - {file: kv-password, ref: payments-prod/db, key: password}
 `
 
@@ -74,10 +74,10 @@ func newDynamicEnv(t *testing.T) *dynamicEnv {
 	}
 	for _, step := range []func() error{
 		func() error {
-			return v.PKIRole(ctx, "pki-prod", "payments-prod-web", []string{"payments.svc", "payments.svc.cluster.local"}, time.Hour)
+			return v.PKIRole(ctx, "pki-prod", "payments-prod_web", []string{"payments.svc", "payments.svc.cluster.local"}, time.Hour)
 		},
 		func() error { return v.EnableDatabase(ctx, "database-prod", e.pg) },
-		func() error { return v.DatabaseRole(ctx, "database-prod", "payments-prod-ro", dbTTL, 10*time.Minute) },
+		func() error { return v.DatabaseRole(ctx, "database-prod", "payments-prod_ro", dbTTL, 10*time.Minute) },
 		func() error { return v.PutDynamicPolicy(ctx, "kubernetes", "pki-prod", "database-prod", "prod") },
 		func() error {
 			return v.KubernetesRole(ctx, "kubernetes", "prod", []string{"payments-prod", "other-prod"}, []string{"*"}, []string{"prod-read", "prod-dynamic"}, audience)
@@ -124,8 +124,8 @@ func (e *dynamicEnv) leaseByHash(t *testing.T, prefix, hash string) string {
 }
 
 const (
-	pkiLeases = "pki-prod/issue/payments-prod-web/"
-	dbLeases  = "database-prod/creds/payments-prod-ro/"
+	pkiLeases = "pki-prod/issue/payments-prod_web/"
+	dbLeases  = "database-prod/creds/payments-prod_ro/"
 )
 
 // delivered is what a publish of dynamicSecrets put in the volume.
@@ -162,7 +162,7 @@ func (e *dynamicEnv) read(t *testing.T, target string) delivered {
 		t.Fatalf("certificate subject %s, IPs %v", d.cert.Subject, d.cert.IPAddresses)
 	}
 	ver := versionOf(t, target)
-	d.pkiLease, d.dbLease, d.version = ver.Leases["pki:payments-prod-web"], ver.Leases["database:payments-prod-ro"], ver.Version
+	d.pkiLease, d.dbLease, d.version = ver.Leases["pki:payments-prod_web"], ver.Leases["database:payments-prod_ro"], ver.Version
 	if d.pkiLease == "" || d.dbLease == "" || len(ver.Leases) != 2 || ver.Refs["payments-prod/db#password"] == 0 {
 		t.Fatalf("..version: %+v", ver)
 	}
@@ -251,9 +251,9 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 			if first.kvSecret != prodCanary {
 				t.Fatalf("kv-password %.20q", first.kvSecret)
 			}
-			recs := wantActions(t, d, pod, map[string]string{"pki:payments-prod-web": "issued", "database:payments-prod-ro": "issued"})
+			recs := wantActions(t, d, pod, map[string]string{"pki:payments-prod_web": "issued", "database:payments-prod_ro": "issued"})
 			for _, l := range recs {
-				if l.Name == "pki:payments-prod-web" && l.Serial != serial(first.cert) {
+				if l.Name == "pki:payments-prod_web" && l.Serial != serial(first.cert) {
 					t.Errorf("audited serial %q, certificate's %q", l.Serial, serial(first.cert))
 				}
 			}
@@ -278,7 +278,7 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 				t.Fatalf("a republish outside the window changed the credentials: user %v serial %v version %d->%d",
 					again.user != first.user, serial(again.cert) != serial(first.cert), first.version, again.version)
 			}
-			wantActions(t, d, pod, map[string]string{"pki:payments-prod-web": "reused", "database:payments-prod-ro": "reused"})
+			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web": "reused", "database:payments-prod_ro": "reused"})
 			if n, m := len(e.leaseIDs(t, pkiLeases)), len(e.leaseIDs(t, dbLeases)); n != 1 || m != 1 {
 				t.Fatalf("leases at Vault after a reuse: %d certificates, %d database credentials; want 1 and 1", n, m)
 			}
@@ -288,7 +288,7 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 			if err := d.kl.publish(t, pod, dynamicSecrets, ""); err != nil {
 				t.Fatal(err)
 			}
-			wantActions(t, d, pod, map[string]string{"pki:payments-prod-web": "reused", "database:payments-prod-ro": "renewed"})
+			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web": "reused", "database:payments-prod_ro": "renewed"})
 			got := e.read(t, target)
 			if got.user != first.user || got.dbLease != first.dbLease {
 				t.Fatal("renewing the database lease changed the credentials")
@@ -297,7 +297,7 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 			if err := d.kl.publish(t, pod, dynamicSecrets, ""); err != nil {
 				t.Fatal(err)
 			}
-			wantActions(t, d, pod, map[string]string{"pki:payments-prod-web": "reissued"})
+			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web": "reissued"})
 			renewed = e.read(t, target)
 			if serial(renewed.cert) == serial(first.cert) || renewed.pkiLease == first.pkiLease || renewed.version <= first.version {
 				t.Fatal("the certificate inside its window was not reissued (same serial, lease or ..version)")
@@ -317,7 +317,7 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 			if err := d.kl.publish(t, pod, dynamicSecrets, ""); err != nil {
 				t.Fatal(err)
 			}
-			wantActions(t, d, pod, map[string]string{"pki:payments-prod-web": "reissued", "database:payments-prod-ro": "reissued"})
+			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web": "reissued", "database:payments-prod_ro": "reissued"})
 			restarted = e.read(t, target)
 			if restarted.user == renewed.user || restarted.version <= renewed.version {
 				t.Fatalf("after the restart: same database user %v, ..version %d -> %d", restarted.user == renewed.user, renewed.version, restarted.version)
@@ -411,8 +411,8 @@ func TestIssueBudgetsStopACrashLoop(t *testing.T) {
 	metrics := fmt.Sprintf("127.0.0.1:%d", port)
 	d := startDriver(t, e.brokerEnv, driverOptions{policy: pol, metrics: metrics})
 	const dbOnly = `
-- {file: db-user, key: username, database: {role: payments-prod-ro}}
-- {file: db-password, key: password, database: {role: payments-prod-ro}}
+- {file: db-user, key: username, database: {role: payments-prod_ro}}
+- {file: db-password, key: password, database: {role: payments-prod_ro}}
 `
 	crash := e.pods["payments-prod"]
 	for i := 0; i < 2; i++ {

@@ -54,17 +54,17 @@ func TestVaultDatabaseCredsEndWithTheirLease(t *testing.T) {
 	if err := v.EnableDatabase(ctx, db, pg); err != nil {
 		t.Fatal(err)
 	}
-	if err := v.DatabaseRole(ctx, db, "payments-ro", 10*time.Minute, time.Hour); err != nil {
+	if err := v.DatabaseRole(ctx, db, "payments_ro", 10*time.Minute, time.Hour); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("database engine set up in %v", time.Since(start).Round(time.Millisecond))
-	s, err := v.Client.Logical().ReadWithContext(ctx, db+"/creds/payments-ro")
+	s, err := v.Client.Logical().ReadWithContext(ctx, db+"/creds/payments_ro")
 	if err != nil {
 		t.Fatal(err)
 	}
 	user, _ := s.Data["username"].(string)
 	password, _ := s.Data["password"].(string)
-	if user == "" || password == "" || !strings.HasPrefix(s.LeaseID, db+"/creds/payments-ro/") || s.LeaseDuration != 600 {
+	if user == "" || password == "" || !strings.HasPrefix(s.LeaseID, db+"/creds/payments_ro/") || s.LeaseDuration != 600 {
 		t.Fatalf("creds: user %q, lease %q for %d s", user, s.LeaseID, s.LeaseDuration)
 	}
 	if err := pg.CanLogin(ctx, user, password); err != nil {
@@ -107,7 +107,7 @@ func TestVaultPKICertificateRevokedWithItsLease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := v.PKIRole(ctx, pki, "payments-web", []string{"payments.svc.cluster.local"}, time.Hour); err != nil {
+	if err := v.PKIRole(ctx, pki, "payments_web", []string{"payments.svc.cluster.local"}, time.Hour); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("pki engine set up in %v", time.Since(start).Round(time.Millisecond))
@@ -115,13 +115,13 @@ func TestVaultPKICertificateRevokedWithItsLease(t *testing.T) {
 	if !roots.AppendCertsFromPEM(caPEM) {
 		t.Fatalf("EnablePKI returned no PEM certificate")
 	}
-	s, err := v.Client.Logical().WriteWithContext(ctx, pki+"/issue/payments-web", map[string]any{
+	s, err := v.Client.Logical().WriteWithContext(ctx, pki+"/issue/payments_web", map[string]any{
 		"common_name": "web.payments.svc.cluster.local", "ttl": "10m",
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.HasPrefix(s.LeaseID, pki+"/issue/payments-web/") {
+	if !strings.HasPrefix(s.LeaseID, pki+"/issue/payments_web/") {
 		t.Fatalf("issued certificate has lease %q", s.LeaseID)
 	}
 	block, _ := pem.Decode([]byte(s.Data["certificate"].(string)))
@@ -138,7 +138,7 @@ func TestVaultPKICertificateRevokedWithItsLease(t *testing.T) {
 	if k, ok := cert.PublicKey.(*ecdsa.PublicKey); !ok || k.Curve != elliptic.P256() {
 		t.Fatalf("key %T, want EC P-256", cert.PublicKey)
 	}
-	if _, err := v.Client.Logical().WriteWithContext(ctx, pki+"/issue/payments-web", map[string]any{"common_name": "web.billing.svc.cluster.local"}); err == nil {
+	if _, err := v.Client.Logical().WriteWithContext(ctx, pki+"/issue/payments_web", map[string]any{"common_name": "web.billing.svc.cluster.local"}); err == nil {
 		t.Fatal("the role issued for a domain it does not allow")
 	}
 	if err := revoke(ctx, v.Client, s.LeaseID); err != nil {
@@ -183,7 +183,10 @@ func TestVaultDynamicPolicyScopesToTheNamespace(t *testing.T) {
 	ctx := ctxT(t)
 	k, v := env.Kube, env.Vault
 	n := named()
-	ns, other := n("payments"), n("billing")
+	// The other namespace's name extends this one's: with a dash between namespace and role name, the
+	// glob "payments-4-*" would reach its roles ("payments-4-eu-web"); the underscore closes that.
+	ns := n("payments")
+	other := ns + "-eu"
 	pki, db, auth, envName := n("dyn-pki"), n("dyn-db"), n("dyn-kubernetes"), n("dyn")
 	if _, err := v.EnablePKI(ctx, pki); err != nil {
 		t.Fatal(err)
@@ -192,10 +195,10 @@ func TestVaultDynamicPolicyScopesToTheNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, owner := range []string{ns, other} {
-		if err := v.PKIRole(ctx, pki, owner+"-web", []string{owner + ".svc"}, time.Hour); err != nil {
+		if err := v.PKIRole(ctx, pki, owner+"_web", []string{owner + ".svc"}, time.Hour); err != nil {
 			t.Fatal(err)
 		}
-		if err := v.DatabaseRole(ctx, db, owner+"-ro", 10*time.Minute, time.Hour); err != nil {
+		if err := v.DatabaseRole(ctx, db, owner+"_ro", 10*time.Minute, time.Hour); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -211,41 +214,41 @@ func TestVaultDynamicPolicyScopesToTheNamespace(t *testing.T) {
 	c := podVaultClient(t, ctx, auth, envName, ns)
 
 	// Issue and sign: own roles only.
-	issued, err := c.Logical().WriteWithContext(ctx, pki+"/issue/"+ns+"-web", map[string]any{"common_name": "web." + ns + ".svc"})
-	if err != nil || !strings.HasPrefix(issued.LeaseID, pki+"/issue/"+ns+"-web/") {
+	issued, err := c.Logical().WriteWithContext(ctx, pki+"/issue/"+ns+"_web", map[string]any{"common_name": "web." + ns + ".svc"})
+	if err != nil || !strings.HasPrefix(issued.LeaseID, pki+"/issue/"+ns+"_web/") {
 		t.Fatalf("issue for its own role: %v (lease %v)", err, issued)
 	}
-	_, err = c.Logical().WriteWithContext(ctx, pki+"/issue/"+other+"-web", map[string]any{"common_name": "web." + other + ".svc"})
+	_, err = c.Logical().WriteWithContext(ctx, pki+"/issue/"+other+"_web", map[string]any{"common_name": "web." + other + ".svc"})
 	wantDenied(t, "issue for another namespace's role", err)
-	signed, err := c.Logical().WriteWithContext(ctx, pki+"/sign/"+ns+"-web", map[string]any{"csr": csr(t, "api."+ns+".svc"), "common_name": "api." + ns + ".svc"})
-	if err != nil || !strings.HasPrefix(signed.LeaseID, pki+"/sign/"+ns+"-web/") {
+	signed, err := c.Logical().WriteWithContext(ctx, pki+"/sign/"+ns+"_web", map[string]any{"csr": csr(t, "api."+ns+".svc"), "common_name": "api." + ns + ".svc"})
+	if err != nil || !strings.HasPrefix(signed.LeaseID, pki+"/sign/"+ns+"_web/") {
 		t.Fatalf("sign for its own role: %v (lease %v)", err, signed)
 	}
-	_, err = c.Logical().WriteWithContext(ctx, pki+"/sign/"+other+"-web", map[string]any{"csr": csr(t, "api."+other+".svc"), "common_name": "api." + other + ".svc"})
+	_, err = c.Logical().WriteWithContext(ctx, pki+"/sign/"+other+"_web", map[string]any{"csr": csr(t, "api."+other+".svc"), "common_name": "api." + other + ".svc"})
 	wantDenied(t, "sign for another namespace's role", err)
 
 	// Database credentials: own roles only.
-	creds, err := c.Logical().ReadWithContext(ctx, db+"/creds/"+ns+"-ro")
+	creds, err := c.Logical().ReadWithContext(ctx, db+"/creds/"+ns+"_ro")
 	if err != nil {
 		t.Fatalf("creds of its own role: %v", err)
 	}
 	if err := pg.CanLogin(ctx, creds.Data["username"].(string), creds.Data["password"].(string)); err != nil {
 		t.Fatalf("login with the pod's credential: %v", err)
 	}
-	_, err = c.Logical().ReadWithContext(ctx, db+"/creds/"+other+"-ro")
+	_, err = c.Logical().ReadWithContext(ctx, db+"/creds/"+other+"_ro")
 	wantDenied(t, "creds of another namespace's role", err)
 
 	// Listing lease IDs: under its own roles only (a sudo path: the policy grants sudo there).
-	keys, err := c.Logical().ListWithContext(ctx, "sys/leases/lookup/"+pki+"/issue/"+ns+"-web/")
-	if err != nil || keys == nil || !slices.Contains(keys.Data["keys"].([]any), any(strings.TrimPrefix(issued.LeaseID, pki+"/issue/"+ns+"-web/"))) {
+	keys, err := c.Logical().ListWithContext(ctx, "sys/leases/lookup/"+pki+"/issue/"+ns+"_web/")
+	if err != nil || keys == nil || !slices.Contains(keys.Data["keys"].([]any), any(strings.TrimPrefix(issued.LeaseID, pki+"/issue/"+ns+"_web/"))) {
 		t.Fatalf("list the leases of its own role: %v %v", keys, err)
 	}
-	for _, prefix := range []string{pki + "/sign/" + ns + "-web/", db + "/creds/" + ns + "-ro/"} {
+	for _, prefix := range []string{pki + "/sign/" + ns + "_web/", db + "/creds/" + ns + "_ro/"} {
 		if keys, err := c.Logical().ListWithContext(ctx, "sys/leases/lookup/"+prefix); err != nil || keys == nil || len(keys.Data["keys"].([]any)) != 1 {
 			t.Fatalf("list the leases under %s: %v %v", prefix, keys, err)
 		}
 	}
-	for _, prefix := range []string{pki + "/issue/" + other + "-web/", db + "/creds/" + other + "-ro/", pki + "/issue/", db + "/creds/"} {
+	for _, prefix := range []string{pki + "/issue/" + other + "_web/", db + "/creds/" + other + "_ro/", pki + "/issue/", db + "/creds/"} {
 		_, err = c.Logical().ListWithContext(ctx, "sys/leases/lookup/"+prefix)
 		wantDenied(t, "list leases under "+prefix, err)
 	}
@@ -255,12 +258,12 @@ func TestVaultDynamicPolicyScopesToTheNamespace(t *testing.T) {
 
 	// Revoking: another namespace's leases (made with the root token) stay; its own go.
 	theirs := []string{}
-	if s, err := v.Client.Logical().WriteWithContext(ctx, pki+"/issue/"+other+"-web", map[string]any{"common_name": "web." + other + ".svc"}); err != nil {
+	if s, err := v.Client.Logical().WriteWithContext(ctx, pki+"/issue/"+other+"_web", map[string]any{"common_name": "web." + other + ".svc"}); err != nil {
 		t.Fatal(err)
 	} else {
 		theirs = append(theirs, s.LeaseID)
 	}
-	if s, err := v.Client.Logical().ReadWithContext(ctx, db+"/creds/"+other+"-ro"); err != nil {
+	if s, err := v.Client.Logical().ReadWithContext(ctx, db+"/creds/"+other+"_ro"); err != nil {
 		t.Fatal(err)
 	} else {
 		theirs = append(theirs, s.LeaseID)
