@@ -24,7 +24,7 @@ build: ## Build keyward-kms, keyward-broker, keyward-env and keywardctl into bin
 images: ## Build the OCI images (keyward-broker, keyward-kms, keyward-env, pause, secretcheck) into bin/images/, reproducibly
 	$(GO) run ./test/tools/mkimage -out $(BIN)/images -tag $(IMAGE_TAG) -version $(VERSION) -module-deps '$(KMS_MODULE_DEPS)'
 
-deps: ## Install SoftHSM2 and the node runtime (containerd, runc, CNI); build etcd, Kubernetes and Vault (cached)
+deps: ## Install SoftHSM2, PostgreSQL and the node runtime (containerd, runc, CNI); build etcd, Kubernetes and Vault (cached)
 	test/tools/deps.sh
 
 test: deps lint ## Lint, then unit, integration and e2e tests with -race against the real components

@@ -8,7 +8,9 @@
 #   3. brokerbench: the broker core against the direct TokenReview + login + reads.
 #   4. csibench: CSI publishes warm/cold vs the floor and the naive path, CPU per publish of every
 #      process, and the driver's RSS with 1000 volumes.
-#   5. nodebench (optional: root and the node runtime, else it says why it skips): 200 pods with a
+#   5. leasebench: dynamic credentials issued per 1000 republishes of the same pods' volumes, Keyward
+#      (leases held per volume) vs a naive issue-per-publish contender, with real Vault and PostgreSQL.
+#   6. nodebench (optional: root and the node runtime, else it says why it skips): 200 pods with a
 #      secrets volume on a real node, the broker deployed from deploy/overlays/dev, vs the same pods
 #      with an emptyDir (the floor), alternating. It waits for the machine's node lock; NODEBENCH=0
 #      leaves it out.
@@ -25,6 +27,9 @@ go run ./test/bench/brokerbench ${BROKERBENCH_ARGS:-}
 echo
 echo "== CSI publish: keyward-broker warm/cold vs the floor (5 reads) and the naive path, and RSS at 1000 volumes"
 go run ./test/bench/csibench ${CSIBENCH_ARGS:-}
+echo
+echo "== Dynamic credentials: leases issued per 1000 republishes, keyward vs issue-per-publish"
+go run ./test/bench/leasebench ${LEASEBENCH_ARGS:-}
 if [ "${NODEBENCH:-1}" != 0 ]; then
   echo
   echo "== Real node: 200 pods with a secrets volume vs the same pods with an emptyDir (the floor)"

@@ -48,7 +48,11 @@ func run(nPods, republishes int) error {
 		return err
 	}
 	defer env.Stop()
-	pg, err := harness.StartPostgres(ctx, filepath.Join(env.Dir, "postgres"))
+	pgDir := filepath.Join(env.Dir, "postgres")
+	if err := os.Mkdir(pgDir, 0o700); err != nil {
+		return err
+	}
+	pg, err := harness.StartPostgres(ctx, pgDir)
 	if err != nil {
 		return err
 	}
