@@ -311,7 +311,7 @@ type PodReleaser interface {
 // Lease is what may be said of a dynamic credential's lease: in audit records, logs and the volume's
 // metadata. Never the lease ID, which only the source's memory holds.
 type Lease struct {
-	// Name is the credential's name: "kind:role" (LeaseName).
+	// Name is the credential's name (LeaseName).
 	Name string
 	// Hash is a prefix of the lease ID's SHA-256, hex ("" when Vault gave the credential no lease).
 	Hash string
@@ -339,9 +339,15 @@ const (
 	LeaseReissued LeaseAction = "reissued"
 )
 
-// LeaseName names the credential a dynamic ref belongs to: "kind:role" (the parts of one credential
-// share it).
-func LeaseName(r SecretRef) string { return string(r.Kind) + ":" + r.Ref }
+// LeaseName names the credential a dynamic ref belongs to: "database:role", or "pki:role/commonName"
+// (the parts of one credential share it). A volume's credentials have distinct names: it may not ask
+// for two certificates of one role and common name that differ otherwise (csi refuses such a list).
+func LeaseName(r SecretRef) string {
+	if r.Kind == KindPKI {
+		return string(r.Kind) + ":" + r.Ref + "/" + r.PKI.CommonName
+	}
+	return string(r.Kind) + ":" + r.Ref
+}
 
 // LeaseRequest asks for the dynamic credentials of one volume.
 type LeaseRequest struct {

@@ -248,6 +248,7 @@ func parseSecretsUncached(raw string) (parsed, error) {
 	names := map[string]bool{}
 	p := parsed{files: make([]FileSpec, 0, len(entries))}
 	index := map[broker.SecretRef]int{}
+	credentials := map[string]broker.PKIRequest{} // lease name -> the certificate asked for
 	read := func(r broker.SecretRef) int {
 		i, ok := index[r]
 		if !ok {
@@ -277,6 +278,13 @@ func parseSecretsUncached(raw string) (parsed, error) {
 		}
 		if len(p.refs) > broker.MaxRefs {
 			return parsed{}, fmt.Errorf("secrets[%d] (file %q): with this entry the volume reads %d keys (max %d): %w", i, e.File, len(p.refs), broker.MaxRefs, fault.ErrInvalid)
+		}
+		if f.Ref.Dynamic() {
+			name := broker.LeaseName(f.Ref)
+			if other, ok := credentials[name]; ok && other != f.Ref.PKI {
+				return parsed{}, fmt.Errorf("secrets[%d] (file %q): a second certificate %s that differs in altNames, ttl or generate: one volume has one certificate per role and common name: %w", i, e.File, name, fault.ErrInvalid)
+			}
+			credentials[name] = f.Ref.PKI
 		}
 		p.files = append(p.files, f)
 	}

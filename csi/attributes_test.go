@@ -196,6 +196,8 @@ func TestParseDynamicEntries(t *testing.T) {
 		"ttl not a duration": {"{file: f, key: cert, pki: {role: payments-web, commonName: a.b, ttl: soon}}", "ttl"},
 		"generate elsewhere": {"{file: f, key: cert, pki: {role: payments-web, commonName: a.b, generate: hsm}}", "generate"},
 		"unknown pki field":  {"{file: f, key: cert, pki: {role: payments-web, commonName: a.b, keyType: rsa}}", "unknown field"},
+		"two certificates, one name": {"{file: f, key: cert, pki: {role: payments-web, commonName: a.b}}\n- {file: g, key: key, pki: {role: payments-web, commonName: a.b, ttl: 2h}}",
+			"one certificate per role and common name"},
 	} {
 		_, err := ParseVolume(attrs("- "+tc.entry), nil, "keyward")
 		if !errors.Is(err, fault.ErrInvalid) || !strings.Contains(err.Error(), tc.msg) {

@@ -17,7 +17,7 @@ import (
 // Version counts the swaps of changed content, from 1 at the first publish; it only grows, across
 // driver restarts too (a restarted driver reads it back from the volume). Refs maps each delivered
 // "ref#key" to the Vault KV version it was read at. Leases maps each dynamic credential the volume
-// holds ("pki:payments-web") to the hash of its lease ID, never the ID: after a driver restart the
+// holds ("pki:payments_web/api.payments.svc") to the hash of its lease ID, never the ID: after a driver restart the
 // broker finds the leases again by it (broker/vault's adopt). It never holds a value.
 type VersionDoc struct {
 	Version uint64            `json:"version"`

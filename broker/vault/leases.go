@@ -64,7 +64,9 @@ type leaseKey struct {
 	pki   broker.PKIRequest
 }
 
-func (k leaseKey) name() string { return string(k.kind) + ":" + k.role }
+func (k leaseKey) name() string {
+	return broker.LeaseName(broker.SecretRef{Kind: k.kind, Ref: k.role, PKI: k.pki})
+}
 
 // lease is a credential the source issued and holds. Its id and values never leave this memory
 // except as the secrets delivered to the volume.
@@ -84,10 +86,19 @@ func (l *lease) expires() time.Time { return l.issued.Add(l.ttl) }
 
 func (l *lease) String() string { return "lease(" + l.key.name() + ", sha256:" + l.hash + ")" }
 
-// volumeLeases are a volume's credentials: those in use, and those replaced but not yet ended.
+// volumeLeases are a volume's credentials: those in use, and those replaced but not yet ended (their
+// values already cleared: they are never delivered again), and the pod they were issued for.
 type volumeLeases struct {
+	owner   string // pod UID
 	cur     map[leaseKey]*lease
 	retired []*lease
+}
+
+// clearValues zeroes a lease's values (a private key, a password) once nothing will deliver them.
+func (l *lease) clearValues() {
+	for _, v := range l.values {
+		clear(v)
+	}
 }
 
 // leaseHash is what may be said of a lease ID: a prefix of its SHA-256, hex.
@@ -101,11 +112,30 @@ func leaseHash(id string) string {
 
 var _ broker.LeaseSource = (*Source)(nil)
 
-// Lease implements broker.LeaseSource.
+// Lease implements broker.LeaseSource. As Fetch does, a refusal in pod mode may be a cached token
+// revoked behind the broker's back (or a Vault restart): that token is forgotten and the request
+// tried once more with a fresh login.
 func (s *Source) Lease(ctx context.Context, id broker.Identity, jwt broker.Token, req broker.LeaseRequest) ([]broker.Secret, []broker.Lease, error) {
 	if req.Volume == "" {
 		return nil, nil, fmt.Errorf("dynamic credentials need a volume: %w", fault.ErrInvalid)
 	}
+	used := map[string]bool{}
+	out, records, err := s.leaseAll(ctx, id, jwt, req, used)
+	if err != nil && errors.Is(err, fault.ErrDenied) && s.o.Mode == ModePod {
+		if old := s.forget(id, req.Refs, used); len(old) > 0 {
+			if _, rerr := s.revoke(ctx, old); rerr != nil {
+				s.o.Log.Info("revoking a Vault token refused an issue failed; it lapses at its TTL", zap.Error(rerr))
+			}
+			var more []broker.Lease
+			out, more, err = s.leaseAll(ctx, id, jwt, req, used)
+			records = append(records, more...)
+		}
+	}
+	return out, records, err
+}
+
+// leaseAll is Lease, once; it records the Vault tokens it used.
+func (s *Source) leaseAll(ctx context.Context, id broker.Identity, jwt broker.Token, req broker.LeaseRequest, used map[string]bool) ([]broker.Secret, []broker.Lease, error) {
 	out := make([]broker.Secret, len(req.Refs))
 	var records []broker.Lease
 	fail := func(err error) ([]broker.Secret, []broker.Lease, error) {
@@ -121,7 +151,7 @@ func (s *Source) Lease(ctx context.Context, id broker.Identity, jwt broker.Token
 		if l == nil {
 			var rec broker.Lease
 			var err error
-			l, rec, err = s.leaseFor(ctx, id, jwt, req, r, k)
+			l, rec, err = s.leaseFor(ctx, id, jwt, req, r, k, used)
 			if err != nil {
 				return fail(err)
 			}
@@ -138,16 +168,21 @@ func (s *Source) Lease(ctx context.Context, id broker.Identity, jwt broker.Token
 }
 
 // leaseFor returns the volume's credential for k: reused, renewed or issued, and what it did.
-func (s *Source) leaseFor(ctx context.Context, id broker.Identity, jwt broker.Token, req broker.LeaseRequest, r broker.Resolved, k leaseKey) (*lease, broker.Lease, error) {
+func (s *Source) leaseFor(ctx context.Context, id broker.Identity, jwt broker.Token, req broker.LeaseRequest, r broker.Resolved, k leaseKey, used map[string]bool) (*lease, broker.Lease, error) {
 	tok, err := s.token(ctx, id, jwt, r)
 	if err != nil {
 		return nil, broker.Lease{}, err
 	}
+	used[tok] = true
 	now := s.o.Now()
 	s.lmu.Lock()
 	vl := s.volumes[req.Volume]
 	var cur *lease
 	if vl != nil {
+		if vl.owner != id.PodUID { // kubelet derives a volume's ID from its pod: never another pod's
+			s.lmu.Unlock()
+			return nil, broker.Lease{}, fmt.Errorf("volume %s holds another pod's credentials: %w", req.Volume, fault.ErrInvalid)
+		}
 		cur = vl.cur[k]
 	}
 	s.lmu.Unlock()
@@ -180,7 +215,7 @@ func (s *Source) leaseFor(ctx context.Context, id broker.Identity, jwt broker.To
 	if err != nil {
 		return nil, broker.Lease{}, err
 	}
-	if err := s.keep(req.Volume, l); err != nil {
+	if err := s.keep(req.Volume, id.PodUID, l); err != nil {
 		s.revokeLeases(ctx, []*lease{l})
 		return nil, broker.Lease{}, err
 	}
@@ -192,15 +227,15 @@ func record(l *lease, a broker.LeaseAction) broker.Lease {
 }
 
 // keep makes l the volume's credential for its key, retiring the one it replaces.
-func (s *Source) keep(volume string, l *lease) error {
+func (s *Source) keep(volume, owner string, l *lease) error {
 	s.lmu.Lock()
 	defer s.lmu.Unlock()
+	if s.leaseCount >= s.o.MaxLeases {
+		return fmt.Errorf("%d leases held, the bound: %w", s.o.MaxLeases, fault.ErrUnavailable)
+	}
 	vl := s.volumes[volume]
 	if vl == nil {
-		if s.leaseCount >= s.o.MaxLeases {
-			return fmt.Errorf("%d leases held, the bound: %w", s.o.MaxLeases, fault.ErrUnavailable)
-		}
-		vl = &volumeLeases{cur: map[leaseKey]*lease{}}
+		vl = &volumeLeases{owner: owner, cur: map[leaseKey]*lease{}}
 		s.volumes[volume] = vl
 	}
 	now := s.o.Now()
@@ -214,6 +249,7 @@ func (s *Source) keep(volume string, l *lease) error {
 	}
 	vl.retired = kept
 	if old := vl.cur[l.key]; old != nil {
+		old.clearValues()
 		vl.retired = append(vl.retired, old)
 	}
 	vl.cur[l.key] = l
@@ -236,6 +272,7 @@ func (s *Source) ReleaseVolume(volume string) func(context.Context) error {
 	var ls []*lease
 	if vl != nil {
 		for _, l := range vl.cur {
+			l.clearValues()
 			ls = append(ls, l)
 		}
 		ls = append(ls, vl.retired...)

@@ -32,6 +32,8 @@ type leaseVault struct {
 	renew      func(w http.ResponseWriter)
 	creds      func(w http.ResponseWriter)
 	revokeCode int
+	// refused are tokens Vault no longer accepts (revoked behind the broker's back).
+	refused map[string]bool
 }
 
 func (f *leaseVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -42,6 +44,10 @@ func (f *leaseVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.logins++
 		json.NewEncoder(w).Encode(map[string]any{"auth": map[string]any{"client_token": fmt.Sprintf("s.tok-%d", f.logins), "accessor": "acc", "lease_duration": 600, "renewable": true}})
 	case strings.HasPrefix(p, "/v1/database-prod/creds/"):
+		if f.refused[r.Header.Get("X-Vault-Token")] {
+			http.Error(w, `{"errors":["permission denied"]}`, http.StatusForbidden)
+			return
+		}
 		if f.creds != nil {
 			f.creds(w)
 			return
@@ -253,5 +259,56 @@ func TestShutdownKeepsTokensHoldingLeases(t *testing.T) {
 	n, err := s.ReleaseAll(context.Background())
 	if err != nil || n != 1 || fmt.Sprint(f.revoked) != "[token:s.tok-2]" {
 		t.Fatalf("ReleaseAll revoked %d (%v): %v; want only the token without leases", n, err, f.revoked)
+	}
+}
+
+// A cached token Vault refuses (revoked behind the broker's back, or Vault restarted) is forgotten and
+// the issue tried once more with a fresh login, as a KV read is.
+func TestLeaseRetriesOnceWithAFreshLogin(t *testing.T) {
+	f := &leaseVault{refused: map[string]bool{}}
+	s, _, _ := newLeaseSource(t, f, Options{})
+	if _, _, err := leaseOf(t, s, "vol-1"); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	f.refused["s.tok-1"] = true
+	f.mu.Unlock()
+	s.ReleaseVolume("vol-1") // a new volume of the same pod: an issue with the cached token
+	if _, rec, err := leaseOf(t, s, "vol-2"); err != nil || rec.Action != broker.LeaseIssued || f.logins != 2 || s.Tokens() != 1 {
+		t.Fatalf("after the token was refused: %v %+v, %d logins, %d tokens", err, rec, f.logins, s.Tokens())
+	}
+	f.mu.Lock()
+	f.refused["s.tok-2"], f.refused["s.tok-3"] = true, true
+	f.mu.Unlock()
+	s.ReleaseVolume("vol-2")
+	if _, _, err := leaseOf(t, s, "vol-3"); !errors.Is(err, fault.ErrDenied) || f.logins != 3 {
+		t.Fatalf("refused after a fresh login too: %v, %d logins (want one retry)", err, f.logins)
+	}
+}
+
+// A volume's credentials are its pod's: a request naming the volume for another pod is refused (kubelet
+// derives volume IDs from pods, so this is a bug or an attack, never a reuse), and a released volume's
+// values are zeroed in memory.
+func TestVolumeLeasesAreTheirPodsOnly(t *testing.T) {
+	f := &leaseVault{}
+	s, _, _ := newLeaseSource(t, f, Options{})
+	if _, _, err := leaseOf(t, s, "vol-1"); err != nil {
+		t.Fatal(err)
+	}
+	s.lmu.Lock()
+	var held *lease
+	for _, l := range s.volumes["vol-1"].cur {
+		held = l
+	}
+	s.lmu.Unlock()
+	other := pod
+	other.PodName, other.PodUID = "api-1", "uid-other"
+	_, _, err := s.Lease(context.Background(), other, "jwt-CANARY", broker.LeaseRequest{Volume: "vol-1", Refs: dbRefs()})
+	if !errors.Is(err, fault.ErrInvalid) || f.issued != 1 {
+		t.Fatalf("another pod's request for the volume: %v, %d issued", err, f.issued)
+	}
+	s.ReleaseVolume("vol-1")
+	if v := string(held.values["password"]); strings.Contains(v, "CANARY") {
+		t.Fatalf("a released lease's password is still in memory: %q", v)
 	}
 }

@@ -87,9 +87,9 @@ func TestCheckRefsDynamic(t *testing.T) {
 	if err := checkRefs(streams{stdout: &out}, policy.NewAuthorizer(p, policy.StaticNamespaces{"payments": "prod"}), id, refs); err != nil {
 		t.Fatalf("%v: %s", err, out.String())
 	}
-	want := "allow: pki:payments_web (cert, key): grant 0 (payments/api) pkiRoles payments_* in environment prod; issues Vault pki-prod/issue/payments_web (cert, key) (environment prod)\n" +
+	want := "allow: pki:payments_web/web.payments.svc (cert, key): grant 0 (payments/api) pkiRoles payments_* in environment prod; issues Vault pki-prod/issue/payments_web (cert, key) (environment prod)\n" +
 		"allow: payments/db#host: grant 0 (payments/api) path payments/* in environment prod; reads Vault kv/data/prod/payments/db key \"host\" (environment prod)\n" +
-		"allow: pki:payments_mtls (cert): grant 0 (payments/api) pkiRoles payments_* in environment prod; issues Vault pki-prod/sign/payments_mtls (cert) (environment prod)\n" +
+		"allow: pki:payments_mtls/mtls (cert): grant 0 (payments/api) pkiRoles payments_* in environment prod; issues Vault pki-prod/sign/payments_mtls (cert) (environment prod)\n" +
 		"allow: database:payments_ro (username, password): grant 0 (payments/api) databaseRoles payments_ro in environment prod; issues Vault database-prod/creds/payments_ro (username, password) (environment prod)\n"
 	if out.String() != want {
 		t.Fatalf("output\n%s\nwant\n%s", out.String(), want)
@@ -103,7 +103,7 @@ func TestCheckRefsDynamic(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 	for _, line := range []string{
-		`deny: pki:payments_web (cert, key): environment "dev" has no pkiMount`,
+		`deny: pki:payments_web/web.payments.svc (cert, key): environment "dev" has no pkiMount`,
 		"allow: payments/db#host: grant 0 (payments/api) path payments/* in environment dev",
 		`deny: database:payments_ro (username, password): environment "dev" has no databaseMount`,
 		`deny: database:billing_ro (password): environment "dev" has no databaseMount`,

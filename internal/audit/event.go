@@ -70,7 +70,7 @@ type Object struct {
 
 // Lease is a dynamic credential's lease in an audit record.
 type Lease struct {
-	// Name is "kind:role" ("pki:payments-web", "database:payments-ro").
+	// Name is the credential's name (broker.LeaseName): "pki:payments_web/api.payments.svc", "database:payments_ro".
 	Name string `json:"name"`
 	// Action: issued, reused, renewed or reissued.
 	Action string `json:"action"`

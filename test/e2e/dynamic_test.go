@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -46,6 +48,8 @@ const dynamicSecrets = `
 - {file: db-user, key: username, database: {role: payments-prod_ro}}
 - {file: db-password, key: password, database: {role: payments-prod_ro}}
 - {file: kv-password, ref: payments-prod/db, key: password}
+- {file: local.crt, key: cert, pki: {role: payments-prod_web, commonName: local.payments.svc, generate: local, ttl: 60s}}
+- {file: local.key, key: key, pki: {role: payments-prod_web, commonName: local.payments.svc, generate: local, ttl: 60s}}
 `
 
 // dynamicEnv is the broker env with a real PostgreSQL, and Vault's PKI and database engines set up
@@ -125,17 +129,19 @@ func (e *dynamicEnv) leaseByHash(t *testing.T, prefix, hash string) string {
 
 const (
 	pkiLeases = "pki-prod/issue/payments-prod_web/"
-	dbLeases  = "database-prod/creds/payments-prod_ro/"
+	// Certificates whose key the driver made: Vault signed a CSR.
+	signLeases = "pki-prod/sign/payments-prod_web/"
+	dbLeases   = "database-prod/creds/payments-prod_ro/"
 )
 
 // delivered is what a publish of dynamicSecrets put in the volume.
 type delivered struct {
-	cert               *x509.Certificate
-	user, password     string
-	pkiLease, dbLease  string // hashes, from ..version
-	version            uint64
-	certPEM, keyPEM    []byte
-	chainPEM, kvSecret string
+	cert, local                   *x509.Certificate
+	user, password                string
+	pkiLease, dbLease, localLease string // hashes, from ..version
+	version                       uint64
+	certPEM, keyPEM               []byte
+	chainPEM, kvSecret            string
 }
 
 func (e *dynamicEnv) read(t *testing.T, target string) delivered {
@@ -161,9 +167,24 @@ func (e *dynamicEnv) read(t *testing.T, target string) delivered {
 	if d.cert.Subject.CommonName != "api.payments.svc" || len(d.cert.IPAddresses) != 1 || !d.cert.IPAddresses[0].Equal([]byte{127, 0, 0, 1}) {
 		t.Fatalf("certificate subject %s, IPs %v", d.cert.Subject, d.cert.IPAddresses)
 	}
+	// The certificate whose key the driver generated: a pair, signed by the same CA, a P-256 key.
+	localPair, err := tls.X509KeyPair([]byte(readFile(t, filepath.Join(target, "local.crt"))), []byte(readFile(t, filepath.Join(target, "local.key"))))
+	if err != nil {
+		t.Fatalf("local.crt and local.key are not a key pair: %v", err)
+	}
+	if d.local, err = x509.ParseCertificate(localPair.Certificate[0]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.local.Verify(x509.VerifyOptions{Roots: e.ca, Intermediates: inter, DNSName: "local.payments.svc"}); err != nil {
+		t.Fatalf("the locally keyed certificate does not verify: %v", err)
+	}
+	if k, ok := d.local.PublicKey.(*ecdsa.PublicKey); !ok || k.Curve != elliptic.P256() {
+		t.Fatalf("the locally generated key is %T, want ECDSA P-256", d.local.PublicKey)
+	}
 	ver := versionOf(t, target)
-	d.pkiLease, d.dbLease, d.version = ver.Leases["pki:payments-prod_web"], ver.Leases["database:payments-prod_ro"], ver.Version
-	if d.pkiLease == "" || d.dbLease == "" || len(ver.Leases) != 2 || ver.Refs["payments-prod/db#password"] == 0 {
+	d.pkiLease, d.dbLease, d.version = ver.Leases["pki:payments-prod_web/api.payments.svc"], ver.Leases["database:payments-prod_ro"], ver.Version
+	d.localLease = ver.Leases["pki:payments-prod_web/local.payments.svc"]
+	if d.pkiLease == "" || d.dbLease == "" || d.localLease == "" || len(ver.Leases) != 3 || ver.Refs["payments-prod/db#password"] == 0 {
 		t.Fatalf("..version: %+v", ver)
 	}
 	return d
@@ -251,17 +272,18 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 			if first.kvSecret != prodCanary {
 				t.Fatalf("kv-password %.20q", first.kvSecret)
 			}
-			recs := wantActions(t, d, pod, map[string]string{"pki:payments-prod_web": "issued", "database:payments-prod_ro": "issued"})
+			recs := wantActions(t, d, pod, map[string]string{"pki:payments-prod_web/api.payments.svc": "issued", "database:payments-prod_ro": "issued"})
 			for _, l := range recs {
-				if l.Name == "pki:payments-prod_web" && l.Serial != serial(first.cert) {
+				if l.Name == "pki:payments-prod_web/api.payments.svc" && l.Serial != serial(first.cert) {
 					t.Errorf("audited serial %q, certificate's %q", l.Serial, serial(first.cert))
 				}
 			}
 			pk, db := e.leaseByHash(t, pkiLeases, first.pkiLease), e.leaseByHash(t, dbLeases, first.dbLease)
-			if pk == "" || db == "" {
-				t.Fatalf("the ..version's lease hashes name no lease at Vault: pki %q db %q", pk, db)
+			local := e.leaseByHash(t, signLeases, first.localLease)
+			if pk == "" || db == "" || local == "" {
+				t.Fatalf("the ..version's lease hashes name no lease at Vault: pki %q db %q sign %q", pk, db, local)
 			}
-			allLeaseIDs = append(allLeaseIDs, pk, db)
+			allLeaseIDs = append(allLeaseIDs, pk, db, local)
 			if v := readFile(t, filepath.Join(target, "..version")); strings.Contains(v, pk) || strings.Contains(v, db) {
 				t.Fatalf("..version holds a lease ID: %s", v)
 			}
@@ -278,9 +300,9 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 				t.Fatalf("a republish outside the window changed the credentials: user %v serial %v version %d->%d",
 					again.user != first.user, serial(again.cert) != serial(first.cert), first.version, again.version)
 			}
-			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web": "reused", "database:payments-prod_ro": "reused"})
-			if n, m := len(e.leaseIDs(t, pkiLeases)), len(e.leaseIDs(t, dbLeases)); n != 1 || m != 1 {
-				t.Fatalf("leases at Vault after a reuse: %d certificates, %d database credentials; want 1 and 1", n, m)
+			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web/api.payments.svc": "reused", "database:payments-prod_ro": "reused"})
+			if n, m, l := len(e.leaseIDs(t, pkiLeases)), len(e.leaseIDs(t, dbLeases)), len(e.leaseIDs(t, signLeases)); n != 1 || m != 1 || l != 1 {
+				t.Fatalf("leases at Vault after a reuse: %d certificates, %d database credentials, %d signed; want 1 each", n, m, l)
 			}
 		}},
 		step{"renewed and reissued inside the window", func(t *testing.T) {
@@ -288,7 +310,7 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 			if err := d.kl.publish(t, pod, dynamicSecrets, ""); err != nil {
 				t.Fatal(err)
 			}
-			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web": "reused", "database:payments-prod_ro": "renewed"})
+			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web/api.payments.svc": "reused", "database:payments-prod_ro": "renewed"})
 			got := e.read(t, target)
 			if got.user != first.user || got.dbLease != first.dbLease {
 				t.Fatal("renewing the database lease changed the credentials")
@@ -297,7 +319,7 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 			if err := d.kl.publish(t, pod, dynamicSecrets, ""); err != nil {
 				t.Fatal(err)
 			}
-			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web": "reissued"})
+			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web/api.payments.svc": "reissued"})
 			renewed = e.read(t, target)
 			if serial(renewed.cert) == serial(first.cert) || renewed.pkiLease == first.pkiLease || renewed.version <= first.version {
 				t.Fatal("the certificate inside its window was not reissued (same serial, lease or ..version)")
@@ -317,7 +339,7 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 			if err := d.kl.publish(t, pod, dynamicSecrets, ""); err != nil {
 				t.Fatal(err)
 			}
-			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web": "reissued", "database:payments-prod_ro": "reissued"})
+			wantActions(t, d, pod, map[string]string{"pki:payments-prod_web/api.payments.svc": "reissued", "database:payments-prod_ro": "reissued"})
 			restarted = e.read(t, target)
 			if restarted.user == renewed.user || restarted.version <= renewed.version {
 				t.Fatalf("after the restart: same database user %v, ..version %d -> %d", restarted.user == renewed.user, renewed.version, restarted.version)
@@ -335,6 +357,10 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 		}},
 		step{"revoked when the volume is unpublished", func(t *testing.T) {
 			pk, db := e.leaseByHash(t, pkiLeases, restarted.pkiLease), e.leaseByHash(t, dbLeases, restarted.dbLease)
+			local := e.leaseByHash(t, signLeases, restarted.localLease)
+			if pk == "" || db == "" || local == "" {
+				t.Fatal("the leases after the restart are not at Vault")
+			}
 			if err := d.kl.unpublish(t, pod); err != nil {
 				t.Fatal(err)
 			}
@@ -345,7 +371,7 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 				if ok, err := e.pg.RoleExists(ctx, restarted.user); err != nil || ok {
 					return fmt.Errorf("the database role still exists (%v)", err)
 				}
-				if slices.Contains(e.leaseIDs(t, pkiLeases), pk) || slices.Contains(e.leaseIDs(t, dbLeases), db) {
+				if slices.Contains(e.leaseIDs(t, pkiLeases), pk) || slices.Contains(e.leaseIDs(t, dbLeases), db) || slices.Contains(e.leaseIDs(t, signLeases), local) {
 					return fmt.Errorf("the leases are still at Vault")
 				}
 				return nil
@@ -468,6 +494,49 @@ func TestIssueBudgetsStopACrashLoop(t *testing.T) {
 	eventually(t, 15*time.Second, "every lease revoked", func() error {
 		if n := len(e.leaseIDs(t, dbLeases)); n != 0 {
 			return fmt.Errorf("%d database leases left", n)
+		}
+		return nil
+	})
+}
+
+// A republish refused as a withdrawal (the grant was taken away) clears the files and revokes the
+// volume's leases at once: the database login stops working while the pod still runs.
+func TestDynamicCredentialsRevokedWhenAccessIsWithdrawn(t *testing.T) {
+	e := newDynamicEnv(t)
+	pol := strings.Replace(dynamicPolicy, "BUDGETS", "", 1)
+	d := startDriver(t, e.brokerEnv, driverOptions{policy: pol})
+	ctx := context.Background()
+	pod := e.pods["payments-prod"]
+	const dbOnly = `
+- {file: db-user, key: username, database: {role: payments-prod_ro}}
+- {file: db-password, key: password, database: {role: payments-prod_ro}}
+`
+	if err := d.kl.publish(t, pod, dbOnly, ""); err != nil {
+		t.Fatal(err)
+	}
+	target := d.kl.target(t, pod)
+	user, password := readFile(t, filepath.Join(target, "db-user")), readFile(t, filepath.Join(target, "db-password"))
+	if err := e.pg.CanLogin(ctx, user, password); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(d.policy, []byte(strings.Replace(pol, `databaseRoles: ["payments-prod_*"]`, "", 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 15*time.Second, "the republish refused once the policy is reloaded", func() error {
+		if err := d.kl.publish(t, pod, dbOnly, ""); status.Code(err) != codes.PermissionDenied {
+			return fmt.Errorf("republish: %v", err)
+		}
+		return nil
+	})
+	if _, err := os.Stat(filepath.Join(target, "db-user")); !os.IsNotExist(err) {
+		t.Fatalf("the withdrawn volume's files are still there: %v", err)
+	}
+	eventually(t, 15*time.Second, "the withdrawn volume's lease revoked", func() error {
+		if err := e.pg.CanLogin(ctx, user, password); err == nil {
+			return fmt.Errorf("the login still works")
+		}
+		if n := len(e.leaseIDs(t, dbLeases)); n != 0 {
+			return fmt.Errorf("%d database leases at Vault", n)
 		}
 		return nil
 	})
