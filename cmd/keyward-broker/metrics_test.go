@@ -45,6 +45,9 @@ type sourceStub struct {
 	auditErr         atomic.Value
 	auditFailures    atomic.Uint64
 	volumes, tokens  atomic.Int64
+	leases           atomic.Int64
+	podRefusals      atomic.Uint64
+	nsRefusals       atomic.Uint64
 	generation       atomic.Uint64
 	registered       atomic.Bool
 	registerFailures atomic.Uint64
@@ -60,7 +63,9 @@ func (s *sourceStub) sources() metricSources {
 			return g, map[uint64]string{1: "aaaa", 2: "bbbb"}[g]
 		},
 		registered: s.registered.Load, registerFailures: s.registerFailures.Load,
-		podEvents: func() podevents.Stats { return podevents.Stats{Created: 3, Patched: 2, Limited: 1} }}
+		leases:         func() int { return int(s.leases.Load()) },
+		budgetRefusals: func() (uint64, uint64) { return s.podRefusals.Load(), s.nsRefusals.Load() },
+		podEvents:      func() podevents.Stats { return podevents.Stats{Created: 3, Patched: 2, Limited: 1} }}
 }
 
 // Every metric operators rely on moves with what it counts: publishes by result and code with their
@@ -79,7 +84,9 @@ func TestMetricsFollowTheBroker(t *testing.T) {
 		`keyward_broker_policy_info{hash="aaaa"} 1`, "keyward_broker_kubelet_registered 0",
 		"keyward_broker_kubelet_registration_failures_total 0", "keyward_broker_tmpfs_noswap 1",
 		`keyward_broker_pod_events_total{result="created"} 3`, `keyward_broker_pod_events_total{result="patched"} 2`,
-		`keyward_broker_pod_events_total{result="limited"} 1`, `keyward_broker_pod_events_total{result="dropped"} 0`)
+		`keyward_broker_pod_events_total{result="limited"} 1`, `keyward_broker_pod_events_total{result="dropped"} 0`,
+		"keyward_broker_leases 0", `keyward_broker_issue_budget_refusals_total{scope="pod"} 0`,
+		`keyward_broker_issue_budget_refusals_total{scope="namespace"} 0`)
 
 	// The hooks the packages call.
 	m.Published(csi.Publish{Result: csi.ResultPublished, Code: "OK", Duration: 30 * time.Millisecond})
@@ -104,6 +111,9 @@ func TestMetricsFollowTheBroker(t *testing.T) {
 	st.generation.Store(2)
 	st.registered.Store(true)
 	st.registerFailures.Store(1)
+	st.leases.Store(7)
+	st.podRefusals.Store(2)
+	st.nsRefusals.Store(5)
 
 	got := scrapeRegistry(t, reg)
 	wantLines(t, got,
@@ -119,7 +129,9 @@ func TestMetricsFollowTheBroker(t *testing.T) {
 		`keyward_broker_vault_request_duration_seconds_count{code="Unavailable",op="read"} 1`,
 		"keyward_broker_volumes 3", "keyward_broker_pod_vault_tokens 2", "keyward_audit_write_failures_total 4",
 		"keyward_audit_healthy 0", "keyward_broker_policy_generation 2", `keyward_broker_policy_info{hash="bbbb"} 1`,
-		"keyward_broker_kubelet_registered 1", "keyward_broker_kubelet_registration_failures_total 1")
+		"keyward_broker_kubelet_registered 1", "keyward_broker_kubelet_registration_failures_total 1",
+		"keyward_broker_leases 7", `keyward_broker_issue_budget_refusals_total{scope="pod"} 2`,
+		`keyward_broker_issue_budget_refusals_total{scope="namespace"} 5`)
 	if strings.Contains(got, `hash="aaaa"`) {
 		t.Error("the replaced policy's hash is still reported")
 	}

@@ -251,7 +251,9 @@ func wantActions(t *testing.T, d *driver, pod *corev1.Pod, want map[string]strin
 // revoked); lease IDs appear in no log, audit record or file.
 func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 	e := newDynamicEnv(t)
-	pol := strings.Replace(dynamicPolicy, "BUDGETS", "", 1)
+	// Three credentials, two certificates reissued every 30 s: more than the default pod budget
+	// (burst 5) allows in this test's minute, as it should.
+	pol := strings.Replace(dynamicPolicy, "BUDGETS", "issueBudgets: {pod: {burst: 20, perHour: 100}}", 1)
 	d := startDriver(t, e.brokerEnv, driverOptions{policy: pol, config: "  leaseRenewWindow: 0.5\n"})
 	ctx := context.Background()
 	pod := e.pods["payments-prod"]
