@@ -24,6 +24,11 @@ type process struct {
 }
 
 func startProcess(name, dir, bin string, args, env []string) (*process, error) {
+	return startProcessAs(name, dir, bin, args, env, nil)
+}
+
+// startProcessAs is startProcess running the component as cred's user (nil: this process's).
+func startProcessAs(name, dir, bin string, args, env []string, cred *syscall.Credential) (*process, error) {
 	logPath := filepath.Join(dir, name+".log")
 	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
@@ -34,7 +39,7 @@ func startProcess(name, dir, bin string, args, env []string) (*process, error) {
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// The component dies with the test binary even if the test binary is killed.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL, Credential: cred}
 	if err := cmd.Start(); err != nil {
 		logFile.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
