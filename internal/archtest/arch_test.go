@@ -85,6 +85,9 @@ var allowed = map[string][]string{
 	"kms/pkcs11":             {"std", "kms", "internal/fault", "internal/config", "go.uber.org/zap", "github.com/miekg/pkcs11"},
 	"kms/plugin":             {"std", "kms", "internal/audit", "internal/fault", "internal/grpcserver", "go.uber.org/zap", "google.golang.org/grpc", "github.com/prometheus/client_golang/", "k8s.io/kms/"},
 	"proto":                  {"std"},
+	"proto/keyward/audit/v1": {"std", "google.golang.org/protobuf/", "google.golang.org/grpc"},
+	"proto/keyward/admin/v1": {"std", "google.golang.org/protobuf/", "google.golang.org/grpc"},
+	"internal/apiserver":     {"std", "internal/audit", "internal/fault", "internal/grpcserver", "proto/keyward/audit/v1", "proto/keyward/admin/v1", "go.uber.org/zap", "google.golang.org/grpc", "google.golang.org/protobuf/"},
 }
 
 func wiring(rel string) bool {
