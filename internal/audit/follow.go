@@ -39,11 +39,11 @@ var ErrNoStream = errors.New("no audit segment in the directory")
 
 // Cursor reads a stream directory's records in order. It is not safe for concurrent use.
 type Cursor struct {
-	dir     string
-	next    uint64 // the seq of the next record to return
-	seg     string
-	f       *os.File
-	br      *bufio.Reader
+	dir  string
+	next uint64 // the seq of the next record to return
+	seg  string
+	f    *os.File
+	br   *bufio.Reader
 }
 
 // OpenCursor opens a cursor on dir whose first record is from (0: the oldest record on disk). A from
