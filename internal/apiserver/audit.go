@@ -48,6 +48,9 @@ type AuditOptions struct {
 	Stall          time.Duration
 	Buffer         int
 	MaxSubscribers int
+	// Done, when closed, ends every subscription at once with Unavailable naming where to resume
+	// (the daemon is stopping: its graceful stop need not wait out the subscribers).
+	Done <-chan struct{}
 }
 
 // AuditServer is the AuditStream service over a stream's segment files. Each subscription reads
@@ -224,6 +227,8 @@ func (s *AuditServer) subscribe(req *auditv1.SubscribeRequest, ss grpc.ServerStr
 			return ss.Context().Err()
 		case <-st.Done():
 			return fmt.Errorf("the audit stream closed (the daemon is stopping); resume with from_seq %d: %w", sent.Load()+1, fault.ErrUnavailable)
+		case <-s.o.Done:
+			return fmt.Errorf("the daemon is stopping; resume with from_seq %d: %w", sent.Load()+1, fault.ErrUnavailable)
 		}
 	}
 }
