@@ -68,7 +68,7 @@ func auditFollow(e streams, args []string) error {
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := followContext()
 	defer stop()
 	fl := &follower{e: e, a: &a, stream: *stream, v: audit.NewChainVerifier(audit.VerifyOptions{Key: key, Node: a.node, Stream: *stream}),
 		stateFile: *stateFile, until: *until, print: *output == "json", filter: &f, next: *fromSeq}
@@ -79,11 +79,19 @@ func auditFollow(e streams, args []string) error {
 	if serr := fl.saveState(); err == nil {
 		err = serr
 	}
-	if errors.Is(err, context.Canceled) && ctx.Err() != nil {
+	if err != nil && ctx.Err() != nil { // interrupted
+		if errors.Is(err, audit.ErrTampered) {
+			return err
+		}
 		fmt.Fprintf(e.stderr, "keywardctl: stopped after record %d, verified\n", fl.last())
 		return nil
 	}
 	return err
+}
+
+// followContext ends follow on SIGINT or SIGTERM (a variable: tests end it themselves).
+var followContext = func() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 }
 
 type follower struct {
