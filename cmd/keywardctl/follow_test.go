@@ -277,4 +277,3 @@ func TestAuditFollowFailsOnTamperingAndGaps(t *testing.T) {
 		}
 	})
 }
-
