@@ -133,8 +133,20 @@ func (s *AuditServer) subscribe(req *auditv1.SubscribeRequest, ss grpc.ServerStr
 	sendErr := make(chan error, 1)
 	var sent atomic.Uint64 // seq of the last record handed to the transport
 	sent.Store(cur.Pos() - 1)
+	quit := make(chan struct{})
 	go func() {
-		for m := range queue {
+		for {
+			var m *auditv1.SubscribeResponse
+			select {
+			case <-quit: // the handler returned: nothing more is sent (what is queued is dropped)
+				return
+			case m = <-queue:
+			}
+			select {
+			case <-quit:
+				return
+			default:
+			}
 			if err := ss.Send(m); err != nil {
 				sendErr <- err
 				return
@@ -143,9 +155,10 @@ func (s *AuditServer) subscribe(req *auditv1.SubscribeRequest, ss grpc.ServerStr
 				sent.Store(r.GetSeq())
 			}
 		}
-		sendErr <- nil
 	}()
-	defer close(queue)
+	// A Send blocked on a subscriber that reads nothing returns once the stream ends, which is when
+	// this handler returns: it cannot be waited for here.
+	defer close(quit)
 
 	every, interval := uint64(req.GetCheckpointEvery()), time.Duration(req.GetCheckpointSeconds())*time.Second
 	if every == 0 {
