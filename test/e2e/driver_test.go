@@ -98,6 +98,8 @@ type driverOptions struct {
 	provider bool
 	// auditDisk, when set, is the size of a tmpfs mounted as the audit directory (a disk that fills).
 	auditDisk int64
+	// args are added to the driver's flags.
+	args []string
 }
 
 // driver is keyward-broker, the binary, serving CSI to a simulated kubelet.
@@ -141,6 +143,7 @@ func startDriver(t *testing.T, e *brokerEnv, o driverOptions) *driver {
 		d.providerSock = filepath.Join(dir, "provider.sock")
 		d.args = append(d.args, "--provider-socket", d.providerSock)
 	}
+	d.args = append(d.args, o.args...)
 	if o.auditDisk > 0 {
 		smallDisk(t, d.auditLog, o.auditDisk)
 	}
