@@ -11,6 +11,8 @@ import (
 	"os"
 	"sort"
 	"strconv"
+	"text/tabwriter"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -49,8 +51,6 @@ type target struct{ node, addr string }
 // targets resolves the flags to the daemons to ask, by node name.
 func (a *apiFlags) targets(ctx context.Context) ([]target, error) {
 	switch {
-	case a.ca == "" || a.cert == "" || a.key == "":
-		return nil, fmt.Errorf("--ca, --cert and --key are required: the API takes TLS client certificates only: %w", errUsage)
 	case a.addr != "":
 		if a.allNodes {
 			return nil, fmt.Errorf("--addr names one daemon; --all-nodes needs the apiserver: %w", errUsage)
@@ -115,6 +115,9 @@ func endpointTargets(slices []discoveryv1.EndpointSlice, node string) ([]target,
 // dial connects to one daemon's API: TLS 1.3, the client certificate, the server verified against
 // the CA for --server-name (or the address's host when --addr is given without it being changed).
 func (a *apiFlags) dial(t target) (*grpc.ClientConn, error) {
+	if a.ca == "" || a.cert == "" || a.key == "" {
+		return nil, fmt.Errorf("--ca, --cert and --key are required: the API takes TLS client certificates only: %w", errUsage)
+	}
 	pem, err := os.ReadFile(a.ca)
 	if err != nil {
 		return nil, err
@@ -129,4 +132,30 @@ func (a *apiFlags) dial(t target) (*grpc.ClientConn, error) {
 	}
 	cfg := &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{kp}, MinVersion: tls.VersionTLS13, ServerName: a.serverName}
 	return grpc.NewClient(t.addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+}
+
+// nodesCommand lists the nodes' API endpoints as keywardctl finds them (the EndpointSlices of the
+// broker's API Service): where volumes, status, who-has --live and audit follow connect.
+func nodesCommand(e streams, args []string) error {
+	fs := newFlags("nodes", e)
+	var a apiFlags
+	a.bind(fs, true)
+	if _, err := parse(fs, args); err != nil {
+		return err
+	}
+	if a.node == "" && a.addr == "" {
+		a.allNodes = true
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ts, err := a.targets(ctx)
+	if err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tAPI")
+	for _, t := range ts {
+		fmt.Fprintf(tw, "%s\t%s\n", t.node, t.addr)
+	}
+	return tw.Flush()
 }

@@ -54,6 +54,8 @@ Usage:
   keywardctl status           (--all-nodes | --node N | --addr HOST:PORT) API [-o json]
                                                           health with reasons, policy generation and hash,
                                                           Vault tokens held (exit 1 if a node is unhealthy)
+  keywardctl nodes            [--node N] --kubeconfig K   the nodes' API endpoints, from the EndpointSlices
+                                                          of the broker's API Service
   keywardctl version | help
 
 API is --ca CA.pem --cert CLIENT.pem --key CLIENT-key.pem [--server-name N]: Keyward's API takes TLS
@@ -115,6 +117,8 @@ func dispatch(e streams, args []string) error {
 		return volumesCommand(e, args[1:])
 	case "status":
 		return statusCommand(e, args[1:])
+	case "nodes":
+		return nodesCommand(e, args[1:])
 	default:
 		return fmt.Errorf("unknown command %q: %w", args[0], errUsage)
 	}

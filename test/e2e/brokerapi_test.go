@@ -14,6 +14,9 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/keyward/keyward/internal/apiserver/apitest"
 	adminv1 "github.com/keyward/keyward/proto/keyward/admin/v1"
@@ -109,6 +112,36 @@ func TestBrokerAdminAPIShowsLiveVolumesAndNoSecrets(t *testing.T) {
 		len(toks) != 1 || toks[0].GetNamespace() != "payments-prod" || len(toks[0].GetAccessorSha256()) != 12 {
 		t.Fatalf("volumes %v, tokens %v", vols, toks)
 	}
+	// keywardctl finds the nodes through the EndpointSlices of the broker's API Service, as in a
+	// cluster (deploy/components/api). The apiserver refuses loopback addresses in EndpointSlices
+	// and this test dials nothing else, so it checks what keywardctl resolves (keywardctl nodes),
+	// with a documentation address (TEST-NET-1) that is never dialed.
+	if _, err := e.kube.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "keyward-system"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	portName, ready, notReady := "api", true, false
+	nodeA, nodeB := "node-1", "node-2"
+	p32 := int32(9443)
+	if _, err := e.kube.Client.DiscoveryV1().EndpointSlices("keyward-system").Create(ctx, &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: "keyward-broker-api-1", Labels: map[string]string{discoveryv1.LabelServiceName: "keyward-broker-api"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints: []discoveryv1.Endpoint{{Addresses: []string{"192.0.2.10"}, NodeName: &nodeA, Conditions: discoveryv1.EndpointConditions{Ready: &ready}},
+			{Addresses: []string{"192.0.2.11"}, NodeName: &nodeB, Conditions: discoveryv1.EndpointConditions{Ready: &notReady}}},
+		Ports: []discoveryv1.EndpointPort{{Name: &portName, Port: &p32}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	kubeconfig, err := e.kube.WriteKubeconfig(harness.Dir(t)+"/kubeconfig", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, out := ctl(t, nil, "nodes", "--kubeconfig", kubeconfig); code != 0 || !strings.Contains(out, "node-1  192.0.2.10:9443") || strings.Contains(out, "node-2") {
+		t.Fatalf("keywardctl nodes: %d\n%s", code, out)
+	}
+	if code, out := ctl(t, nil, "volumes", "--node", "node-2", "--kubeconfig", kubeconfig); code != 1 || !strings.Contains(out, `no ready endpoint of the broker's API on node "node-2"`) {
+		t.Fatalf("keywardctl volumes --node node-2 (not ready): %d\n%s", code, out)
+	}
+
 	if err := d.kl.unpublish(t, pod); err != nil {
 		t.Fatal(err)
 	}
