@@ -19,6 +19,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/keyward/keyward/internal/apiserver/apitest"
+	"github.com/keyward/keyward/internal/audit"
 	adminv1 "github.com/keyward/keyward/proto/keyward/admin/v1"
 	"github.com/keyward/keyward/test/harness"
 )
@@ -27,7 +28,9 @@ import (
 // publish, its Admin service shows the live volume (pod, ref, the Vault version delivered), the
 // pod's service-account Vault token by accessor hash, the policy and health; keywardctl volumes,
 // who-has --live and status read them; and no answer carries the secret value, the Vault token or
-// its accessor (canary scan of every Admin answer, with Vault's own list of live accessors).
+// its accessor (canary scan of every Admin answer, with Vault's own list of live accessors);
+// keywardctl audit follow reads and verifies the broker's stream (mount records in full, the rest
+// elided) up to its newest record.
 func TestBrokerAdminAPIShowsLiveVolumesAndNoSecrets(t *testing.T) {
 	e := newBrokerEnv(t)
 	pki := apitest.New(t, harness.Dir(t))
@@ -140,6 +143,19 @@ func TestBrokerAdminAPIShowsLiveVolumesAndNoSecrets(t *testing.T) {
 	}
 	if code, out := ctl(t, nil, "volumes", "--node", "node-2", "--kubeconfig", kubeconfig); code != 1 || !strings.Contains(out, `no ready endpoint of the broker's API on node "node-2"`) {
 		t.Fatalf("keywardctl volumes --node node-2 (not ready): %d\n%s", code, out)
+	}
+
+	// The broker's own audit stream, followed and verified by keywardctl up to the newest record.
+	key, _ := audit.ReadKey(d.key)
+	rep, err := audit.VerifyDir(d.auditLog, audit.VerifyOptions{Key: key, Node: "node-1", Stream: "broker"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader, readerKey := pki.Client("keyward-security-team")
+	code, out = ctl(t, nil, "audit", "follow", "--node", "node-1", "--key-file", d.key, "--until-seq", fmt.Sprint(rep.LastSeq), "--event", "mount",
+		"--addr", addr, "--server-name", "localhost", "--ca", pki.CAFile, "--cert", reader, "--key", readerKey)
+	if code != 0 || !strings.Contains(out, `"event":"mount"`) || !strings.Contains(out, `"pod":"api-0"`) || strings.Contains(out, prodCanary) {
+		t.Fatalf("keywardctl audit follow on the broker: %d\n%s", code, out)
 	}
 
 	if err := d.kl.unpublish(t, pod); err != nil {
