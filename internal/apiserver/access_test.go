@@ -336,3 +336,36 @@ func TestAdminAnswersCarryNoSecrets(t *testing.T) {
 	}
 	_ = credentials.TLSInfo{}
 }
+
+// A rotated server certificate (the files replaced, as cert-manager or a Secret update does) serves
+// the next connection without a restart.
+func TestServerCertificateRotates(t *testing.T) {
+	e := newEnv(t, 1<<20, 10)
+	l := e.open()
+	defer l.Close()
+	addr, _ := e.serve(l, AuditOptions{}, AdminOptions{})
+	pem, _ := os.ReadFile(e.pki.CAFile)
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	serial := func() string {
+		c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS13})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		return c.ConnectionState().PeerCertificates[0].SerialNumber.String()
+	}
+	before := serial()
+	cert, key := e.pki.Server("keyward-api-rotated")
+	for _, f := range [][2]string{{cert, e.pki.ServerCert}, {key, e.pki.ServerKey}} {
+		b, _ := os.ReadFile(f[0])
+		if err := os.WriteFile(f[1], b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		later := time.Now().Add(time.Second) // a modification time the server has not seen
+		os.Chtimes(f[1], later, later)
+	}
+	if after := serial(); after == before {
+		t.Fatalf("still serving certificate %s after the rotation", before)
+	}
+}

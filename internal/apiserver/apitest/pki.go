@@ -50,6 +50,9 @@ func New(t testing.TB, dir string) *PKI {
 	return p
 }
 
+// Server issues another server certificate for the loopback addresses (a rotation) under name.
+func (p *PKI) Server(name string) (certFile, keyFile string) { return p.issue(name, true) }
+
 // Client issues a client certificate with common name cn and returns its files.
 func (p *PKI) Client(cn string) (certFile, keyFile string) { return p.issue(cn, false) }
 
