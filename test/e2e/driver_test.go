@@ -92,14 +92,14 @@ func (k *kubelet) unpublish(t *testing.T, pod *corev1.Pod) error {
 type driverOptions struct {
 	// config is appended to the driver's config file.
 	config string
+	// args are added to the driver's flags.
+	args []string
 	// metrics is the metrics address ("": off).
 	metrics string
 	// provider also serves the Secrets Store CSI Driver provider API.
 	provider bool
 	// auditDisk, when set, is the size of a tmpfs mounted as the audit directory (a disk that fills).
 	auditDisk int64
-	// args are added to the driver's flags.
-	args []string
 }
 
 // driver is keyward-broker, the binary, serving CSI to a simulated kubelet.
