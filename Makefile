@@ -1,7 +1,7 @@
 # Keyward — see README.md. `make` lists the targets.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help build images deps test bench lint fmt demo clean
+.PHONY: help build images deps test bench lint fmt demo clean proto
 
 GO           ?= go
 BIN          := bin
@@ -44,6 +44,9 @@ fmt: ## Format the Go code
 
 demo: deps ## The whole flow on loopback: HSM, KMS plugin, etcd, apiserver, Vault, CSI driver (as root)
 	$(GO) run ./test/demo
+
+proto: ## Regenerate proto/**/*.pb.go from the .proto files (buf, protoc-gen-go, protoc-gen-go-grpc pinned in test/harness/versions.env)
+	test/tools/protogen.sh
 
 clean: ## Remove bin/ (the component cache in ~/.cache/keyward stays)
 	rm -rf $(BIN)

@@ -141,6 +141,7 @@ func (s *Server) unpublished(volumeID string) {
 	s.deliveredMu.Lock()
 	delete(s.delivered, volumeID)
 	delete(s.counted, volumeID)
+	delete(s.live, volumeID)
 	s.deliveredMu.Unlock()
 }
 

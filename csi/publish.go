@@ -127,11 +127,13 @@ func (s *Server) serve(ctx context.Context, volumeID, target string, breq broker
 			c := vol.Claimed
 			s.o.Events.Rotated(podevents.Pod{Namespace: c.Namespace, Name: c.PodName, UID: c.PodUID}, rot.version, rot.changes)
 		}
+		s.deliveredTo(volumeID, vol.Claimed)
 		return true, nil
 	}
 	if err := s.publish(volumeID, target, vol.SizeLimit, p, gid, env, what); err != nil {
 		return false, fmt.Errorf("publishing: %w", err)
 	}
+	s.deliveredTo(volumeID, vol.Claimed)
 	return true, nil
 }
 

@@ -137,7 +137,9 @@ type Server struct {
 	delivered   map[string]delivery
 	// counted is each published volume's ..version count, kept while its files are cleared (a
 	// withdrawal) so that a later swap counts on; dropped at unpublish.
-	counted   map[string]uint64
+	counted map[string]uint64
+	// live is whom each delivered volume's files are for, and when (LiveVolumes; live.go).
+	live      map[string]livePod
 	digestKey [32]byte
 }
 

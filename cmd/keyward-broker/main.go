@@ -13,6 +13,7 @@ import (
 
 	"github.com/keyward/keyward/csi"
 	"github.com/keyward/keyward/csi/registration"
+	"github.com/keyward/keyward/internal/apiserver"
 	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/daemon"
 	"github.com/keyward/keyward/internal/metricsserver"
@@ -42,6 +43,8 @@ type Options struct {
 	// KubeletRegistrationPath is the CSI socket's path as kubelet sees it.
 	KubeletRegistrationDir  string
 	KubeletRegistrationPath string
+	// API is Keyward's own API listener (off unless --api-address is set).
+	API apiserver.Options
 }
 
 func (o *Options) bind(fs *flag.FlagSet) {
@@ -62,6 +65,7 @@ func (o *Options) bind(fs *flag.FlagSet) {
 	fs.StringVar(&o.MetricsAddress, "metrics-address", "127.0.0.1:9465", "loopback address for /metrics, /healthz and /livez (empty: off)")
 	fs.StringVar(&o.HealthAddress, "health-address", "", "also serve /healthz and /livez (never /metrics) on this address, which may be the pod's (e.g. :9808, for kubelet's httpGet probes; empty: off)")
 	fs.StringVar(&o.KubeletRegistrationDir, "kubelet-registration-dir", registration.DefaultDir, "kubelet's plugin registration directory: register the driver with kubelet through a socket there, as node-driver-registrar would (empty: off, e.g. when that sidecar runs; the default is skipped with a warning if it does not exist)")
+	o.API.Bind(fs)
 	fs.StringVar(&o.KubeletRegistrationPath, "kubelet-registration-path", "/var/lib/kubelet/plugins/"+csi.DriverName+"/csi.sock", "the CSI socket's path as kubelet sees it on the host (what kubelet is told to call)")
 }
 
@@ -80,6 +84,9 @@ func (o Options) Validate() error {
 		return errors.New("--max-concurrent-publishes must be positive")
 	case o.MaxPublishBytes < csi.MaxWeight:
 		return fmt.Errorf("--max-publish-bytes must hold at least one publish of the largest volume, %d", csi.MaxWeight)
+	}
+	if err := o.API.Validate(); err != nil {
+		return err
 	}
 	if o.KubeletRegistrationDir != "" && !filepath.IsAbs(o.KubeletRegistrationPath) {
 		return errors.New("--kubelet-registration-path must be the CSI socket's absolute path on the host")

@@ -93,6 +93,11 @@ func run(o Options, log *zap.Logger) error {
 		defer d.reg.Stop()
 		context.AfterFunc(ctx, d.reg.Stop) // on SIGTERM kubelet deregisters the driver at once, as with the sidecar
 	}
+	wait, err := d.serveAPI(ctx)
+	if err != nil {
+		return err
+	}
+	defer wait() // before the audit log closes: subscriptions end with the context, telling where to resume
 	for _, addr := range []string{o.MetricsAddress, o.HealthAddress} {
 		if addr == "" {
 			continue

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 
+	"github.com/keyward/keyward/internal/apiserver"
 	"github.com/keyward/keyward/internal/audit"
 	"github.com/keyward/keyward/internal/daemon"
 	"github.com/keyward/keyward/internal/grpcserver"
@@ -36,6 +37,8 @@ type Options struct {
 	Audit          audit.Flags
 	LogLevel       string
 	Grace          time.Duration
+	// API is Keyward's own API listener (off unless --api-address is set).
+	API apiserver.Options
 }
 
 func (o *Options) bind(fs *flag.FlagSet) {
@@ -46,6 +49,7 @@ func (o *Options) bind(fs *flag.FlagSet) {
 	o.Audit.Bind(fs, "/var/log/keyward/kms-audit")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.DurationVar(&o.Grace, "grace", 10*time.Second, "how long in-flight calls may take to finish on SIGTERM")
+	o.API.Bind(fs)
 }
 
 // Validate reports the first problem with the options.
@@ -61,6 +65,9 @@ func (o Options) Validate() error {
 		return o.Audit.Validate()
 	case o.Grace <= 0:
 		return errors.New("--grace must be positive")
+	}
+	if err := o.API.Validate(); err != nil {
+		return err
 	}
 	if o.MetricsAddress != "" {
 		return metricsserver.CheckLoopback("--metrics-address", o.MetricsAddress)
@@ -148,6 +155,13 @@ func run(o Options, log *zap.Logger) error {
 		}
 		defer srv.Close()
 	}
+	if o.API.Enabled() {
+		wait, err := serveAPI(ctx, o, log.Named("api"), auditLog, svc)
+		if err != nil {
+			return err
+		}
+		defer wait() // before the audit log closes
+	}
 	gs := grpcserver.NewServer(log.Named("grpc"), nil)
 	plugin.NewGRPCServer(svc).Register(gs)
 	kid, _ := wrapper.KeyID(ctx)
@@ -192,4 +206,31 @@ func serveHTTP(addr string, reg *prometheus.Registry, svc *plugin.Service) (*htt
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	metricsserver.HandleHealth(mux, svc.Healthz, svc.Livez)
 	return metricsserver.Serve(addr, mux)
+}
+
+// serveAPI serves Keyward's API (the node's kms audit stream, and Admin's GetHealth) until ctx ends;
+// the function returned waits for it to stop.
+func serveAPI(ctx context.Context, o Options, log *zap.Logger, auditLog *audit.Log, svc *plugin.Service) (func(), error) {
+	srv, err := apiserver.Listen(o.API, log)
+	if err != nil {
+		return nil, err
+	}
+	as, err := apiserver.NewAuditServer(apiserver.AuditOptions{Stream: auditLog, Done: ctx.Done()})
+	if err != nil {
+		return nil, err
+	}
+	as.Register(srv.GRPC)
+	apiserver.NewAdminServer(apiserver.AdminOptions{Node: o.NodeName, Component: "kms", Version: version.Version,
+		Health: func() []apiserver.Check {
+			return []apiserver.Check{{Name: "hsm", Err: svc.Healthz()}, {Name: "live", Err: svc.Livez()}, {Name: "audit", Err: auditLog.Health()}}
+		}}).Register(srv.GRPC)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ctx, o.Grace); err != nil {
+			log.Error("API stopped", zap.Error(err))
+		}
+	}()
+	log.Info("serving Keyward's API", zap.Stringer("api", o.API), zap.String("listening", srv.Addr().String()))
+	return func() { <-done }, nil
 }

@@ -12,7 +12,7 @@ import (
 
 func auditCommand(e streams, args []string) error {
 	if len(args) == 0 {
-		return fmt.Errorf("audit: want verify, query or node-key: %w", errUsage)
+		return fmt.Errorf("audit: want verify, query, follow or node-key: %w", errUsage)
 	}
 	switch args[0] {
 	case "verify":
@@ -21,6 +21,8 @@ func auditCommand(e streams, args []string) error {
 		return auditQuery(e, args[1:])
 	case "node-key":
 		return auditNodeKey(e, args[1:])
+	case "follow":
+		return auditFollow(e, args[1:])
 	default:
 		return fmt.Errorf("audit: unknown command %q: %w", args[0], errUsage)
 	}

@@ -43,7 +43,24 @@ Usage:
                                                           which pods received which Vault version of REF,
                                                           from the broker audit streams (one DIR per node),
                                                           and whether it is the newest any pod received
+  keywardctl who-has          REF[#KEY] --live (--all-nodes | --node N | --addr HOST:PORT) API
+                                                          the same, from the nodes' live volumes (Admin API)
+  keywardctl audit follow     --node N --key-file F (--addr HOST:PORT | --kubeconfig K) API [--stream broker|kms]
+                              [--from-seq N] [--state FILE] [--until-seq N] [--event E,..] [--decision D,..] [--namespace NS]
+                                                          follow a node's audit stream (AuditStream API),
+                                                          verifying the chain; exit 1 on a gap or a bad MAC
+  keywardctl volumes          (--all-nodes | --node N | --addr HOST:PORT) API [--namespace NS] [-o json]
+                                                          live volumes: pod, refs, Vault versions, since
+  keywardctl status           (--all-nodes | --node N | --addr HOST:PORT) API [-o json]
+                                                          health with reasons, policy generation and hash,
+                                                          Vault tokens held (exit 1 if a node is unhealthy)
+  keywardctl nodes            [--node N] --kubeconfig K   the nodes' API endpoints, from the EndpointSlices
+                                                          of the broker's API Service
   keywardctl version | help
+
+API is --ca CA.pem --cert CLIENT.pem --key CLIENT-key.pem [--server-name N]: Keyward's API takes TLS
+client certificates only; nodes are found through the EndpointSlices of the broker's API Service
+(--kubeconfig, --keyward-namespace, --service) unless --addr names one daemon.
 
 Exit codes: 0 success, 1 the operation failed or found a problem, 2 bad usage.
 `
@@ -96,6 +113,12 @@ func dispatch(e streams, args []string) error {
 		return policyCommand(e, args[1:])
 	case "who-has":
 		return whoHas(e, args[1:])
+	case "volumes":
+		return volumesCommand(e, args[1:])
+	case "status":
+		return statusCommand(e, args[1:])
+	case "nodes":
+		return nodesCommand(e, args[1:])
 	default:
 		return fmt.Errorf("unknown command %q: %w", args[0], errUsage)
 	}

@@ -20,15 +20,28 @@ func whoHas(e streams, args []string) error {
 	since := fs.Duration("since", 0, "only deliveries newer than this (e.g. 10m: pods republished lately, i.e. running)")
 	all := fs.Bool("all", false, "also list volumes unpublished since their last delivery")
 	output := fs.String("o", "table", "output: table or json")
+	live := fs.Bool("live", false, "ask the nodes' Admin API for their live volumes (every node of the DaemonSet, or --node / --addr) instead of reading audit streams")
+	var a apiFlags
+	a.bind(fs, true)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) < 2 {
-		return fmt.Errorf("who-has takes REF[#KEY] and one or more audit stream DIRs (one per node): %w", errUsage)
-	}
 	if *output != "table" && *output != "json" {
 		return fmt.Errorf("-o %q: want table or json: %w", *output, errUsage)
+	}
+	if *live {
+		if len(pos) != 1 || *since > 0 || *all {
+			return fmt.Errorf("who-has --live takes REF[#KEY] only (no DIRs, --since or --all: it shows the volumes live now): %w", errUsage)
+		}
+		if a.node == "" && a.addr == "" {
+			a.allNodes = true
+		}
+		ref, key, _ := strings.Cut(pos[0], "#")
+		return whoHasLive(e, &a, ref, key, *env, *namespace, *output)
+	}
+	if len(pos) < 2 {
+		return fmt.Errorf("who-has takes REF[#KEY] and one or more audit stream DIRs (one per node): %w", errUsage)
 	}
 	ref, key, _ := strings.Cut(pos[0], "#")
 	q := holdersQuery{ref: ref, key: key, environment: *env, namespace: *namespace, all: *all}
@@ -43,8 +56,12 @@ func whoHas(e streams, args []string) error {
 		}
 		recs = append(recs, r...)
 	}
-	res := q.holders(recs)
-	if *output == "json" {
+	return printHolders(e, q.holders(recs), *output, pos[0])
+}
+
+// printHolders prints who-has's answer.
+func printHolders(e streams, res []Holders, output, asked string) error {
+	if output == "json" {
 		enc := json.NewEncoder(e.stdout)
 		enc.SetIndent("", "  ")
 		return enc.Encode(res)
@@ -70,7 +87,7 @@ func whoHas(e streams, args []string) error {
 		fmt.Fprintf(e.stdout, "%s %s: newest version %d; %d of %d pods have it\n", r.Environment, r.Ref, r.Newest, r.Current, len(r.Pods))
 	}
 	if len(res) == 0 {
-		fmt.Fprintf(e.stdout, "no pod received %s in these streams\n", pos[0])
+		fmt.Fprintf(e.stdout, "no pod received %s in these streams\n", asked)
 	}
 	return nil
 }

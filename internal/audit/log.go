@@ -155,6 +155,10 @@ type Log struct {
 	cpTime time.Time
 	cps    checkpointSigner
 
+	// advanced is closed (and forgotten) when durableSeq moves on: readers following the stream
+	// wait on it (Durable); the writer never waits for them.
+	advanced chan struct{}
+
 	kick          chan struct{} // asks the background loop to sync now (pend is large)
 	stop, stopped chan struct{}
 }
@@ -469,6 +473,7 @@ func (l *Log) newSegmentLocked(ev Event) error {
 	l.prev = mac
 	l.writtenSeq, l.writtenMAC, l.durableSeq, l.durableMAC = l.seq, mac, l.seq, mac
 	l.size, l.pend, l.pendOff = int64(len(line)), l.pend[:0], int64(len(line))
+	l.advanceLocked()
 	l.recoveredLocked()
 	return nil
 }
@@ -518,6 +523,7 @@ func (l *Log) flushLocked() {
 		l.size += int64(len(bt.buf))
 		if syncNow {
 			l.durableSeq, l.durableMAC = bt.last, bt.lastMAC
+			l.advanceLocked()
 		} else {
 			l.pend = append(l.pend, bt.buf...)
 			if len(l.pend) > maxPend {
@@ -561,11 +567,41 @@ func (l *Log) syncedLocked(n int, seq uint64, mac []byte) {
 	l.pend = l.pend[:copy(l.pend, l.pend[n:])]
 	l.pendOff += int64(n)
 	l.durableSeq, l.durableMAC = seq, mac
+	l.advanceLocked()
 	if l.syncErr != nil {
 		l.syncErr = nil
 		l.recoveredLocked()
 	}
 }
+
+// advanceLocked tells the readers waiting in Durable that the durable head moved.
+func (l *Log) advanceLocked() {
+	if l.advanced != nil {
+		close(l.advanced)
+		l.advanced = nil
+	}
+}
+
+// Durable returns the seq of the newest durable record (fsynced: it can no longer be rolled back)
+// and a channel closed when that moves on. Records up to it are whole in the segment files, where a
+// Cursor reads them.
+func (l *Log) Durable() (uint64, <-chan struct{}) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.advanced == nil {
+		l.advanced = make(chan struct{})
+	}
+	return l.durableSeq, l.advanced
+}
+
+// Done is closed when the log is closed.
+func (l *Log) Done() <-chan struct{} { return l.stop }
+
+// Dir is the stream's directory; Node, Stream and KeyID name it (KeyID never reveals the key).
+func (l *Log) Dir() string    { return l.o.Dir }
+func (l *Log) Node() string   { return l.o.Node }
+func (l *Log) Stream() string { return l.o.Stream }
+func (l *Log) KeyID() string  { return l.keyID }
 
 // Health is nil while records are being written and synced, else why not: then every Record fails
 // (and the daemons report not ready). It clears by itself when the disk recovers.

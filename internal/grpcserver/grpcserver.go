@@ -96,6 +96,24 @@ func LoggingInterceptor(log *zap.Logger, describe Describer) grpc.UnaryServerInt
 	}
 }
 
+// StreamLoggingInterceptor logs one line per streaming RPC when it ends, as LoggingInterceptor does
+// for unary ones (method, code, duration, the status message; never a message of the stream).
+func StreamLoggingInterceptor(log *zap.Logger) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		start := time.Now()
+		err := handler(srv, ss)
+		st := status.Convert(err)
+		fields := []zap.Field{zap.String("method", info.FullMethod), zap.String("code", st.Code().String()),
+			zap.Duration("duration", time.Since(start))}
+		if err != nil {
+			log.Info("rpc failed", append(fields, zap.String("message", st.Message()))...)
+		} else if ce := log.Check(zap.DebugLevel, "rpc"); ce != nil {
+			ce.Write(fields...)
+		}
+		return err
+	}
+}
+
 // ErrHandlersRunning is returned by Serve when handlers were still running after being cut: the
 // caller must not assume no handler runs any more.
 var ErrHandlersRunning = errors.New("grpc handlers still running after the server was stopped")

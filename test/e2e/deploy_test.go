@@ -79,11 +79,12 @@ func TestDeployManifestsServerSideDryRun(t *testing.T) {
 	objects := map[string][]*unstructured.Unstructured{
 		"overlays/dev":  render(t, "../../deploy/overlays/dev"),
 		"overlays/prod": render(t, "../../deploy/overlays/prod"),
+		"overlays/api":  render(t, "../../deploy/overlays/api"),
 		"control-plane": {readObject(t, "../../deploy/control-plane/keyward-kms.yaml")},
 	}
 	kinds := dryRun(t, kube, objects)
 	for _, k := range []string{"Namespace", "CSIDriver", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "NetworkPolicy", "Pod",
-		"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} {
+		"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "Service", "Role", "RoleBinding"} {
 		if !kinds[k] {
 			t.Errorf("no %s among the manifests", k)
 		}

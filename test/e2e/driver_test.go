@@ -92,6 +92,8 @@ func (k *kubelet) unpublish(t *testing.T, pod *corev1.Pod) error {
 type driverOptions struct {
 	// config is appended to the driver's config file.
 	config string
+	// args are added to the driver's flags.
+	args []string
 	// metrics is the metrics address ("": off).
 	metrics string
 	// provider also serves the Secrets Store CSI Driver provider API.
@@ -147,6 +149,7 @@ func startDriver(t *testing.T, e *brokerEnv, o driverOptions) *driver {
 		d.providerSock = filepath.Join(dir, "provider.sock")
 		d.args = append(d.args, "--provider-socket", d.providerSock)
 	}
+	d.args = append(d.args, o.args...)
 	if o.auditDisk > 0 {
 		smallDisk(t, d.auditLog, o.auditDisk)
 	}

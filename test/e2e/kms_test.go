@@ -38,6 +38,8 @@ type kmsPlugin struct {
 	hsm                                              *harness.SoftHSM
 	proc                                             *proc
 	client                                           kmsapi.KeyManagementServiceClient
+	// extraArgs are added to keyward-kms's flags at the next start.
+	extraArgs []string
 }
 
 func newKMSPlugin(t *testing.T) *kmsPlugin {
@@ -78,8 +80,9 @@ healthInterval: 300ms
 func (p *kmsPlugin) start(t *testing.T) {
 	t.Helper()
 	p.proc = startFor(t, p.owner, p.env, filepath.Join(p.dir, "keyward-kms.log"), "keyward-kms",
-		"--socket", p.socket, "--config", p.config, "--metrics-address", p.metrics,
-		"--node-name", "node-1", "--audit-dir", p.auditLog, "--audit-key-file", p.auditKey, "--log-level", "debug", "--grace", "5s")
+		append([]string{"--socket", p.socket, "--config", p.config, "--metrics-address", p.metrics,
+			"--node-name", "node-1", "--audit-dir", p.auditLog, "--audit-key-file", p.auditKey, "--log-level", "debug", "--grace", "5s"},
+			p.extraArgs...)...)
 	p.waitHealthz(t, "ok", 30*time.Second)
 }
 

@@ -12,4 +12,5 @@ start=$SECONDS
 "$here/build-kube-scheduler.sh"
 "$here/build-kubectl.sh"
 "$here/build-vault.sh"
+"$here/build-protogen.sh"
 echo "deps: ready in $((SECONDS - start)) s (cache: ${KEYWARD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/keyward})" >&2
