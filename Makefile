@@ -45,7 +45,7 @@ fmt: ## Format the Go code
 demo: deps ## The whole flow on loopback: HSM, KMS plugin, etcd, apiserver, Vault, CSI driver (as root)
 	$(GO) run ./test/demo
 
-proto: ## Regenerate proto/**/*.pb.go from the .proto files (buf, protoc-gen-go, protoc-gen-go-grpc pinned in test/harness/versions.env)
+proto: ## Regenerate proto/**/*.pb.go from the .proto files (Debian protoc; protoc-gen-go, protoc-gen-go-grpc pinned in test/harness/versions.env)
 	test/tools/protogen.sh
 
 clean: ## Remove bin/ (the component cache in ~/.cache/keyward stays)

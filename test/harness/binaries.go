@@ -57,7 +57,6 @@ var binaries = map[string]struct{ versionVar, script string }{
 	"kube-controller-manager": {"KUBE_VERSION", "test/tools/build-kube-controller-manager.sh"},
 	"kube-scheduler":          {"KUBE_VERSION", "test/tools/build-kube-scheduler.sh"},
 	"kubectl":                 {"KUBE_VERSION", "test/tools/build-kubectl.sh"},
-	"buf":                     {"BUF_VERSION", "test/tools/build-protogen.sh"},
 	"protoc-gen-go":           {"PROTOC_GEN_GO_VERSION", "test/tools/build-protogen.sh"},
 	"protoc-gen-go-grpc":      {"PROTOC_GEN_GO_GRPC_VERSION", "test/tools/build-protogen.sh"},
 }

@@ -6,10 +6,11 @@
 # engine. The harness starts its own containerd and its own postgres, each with its own config, data
 # directory, socket and port; the packaged services are not used: when this script installs them it
 # stops what the packages started and keeps them from starting again (PostgreSQL's main cluster on
-# port 5432 set to start manually).
+# port 5432 set to start manually). protobuf-compiler and libprotobuf-dev: protoc and the well-known
+# .proto files, for `make proto` and its staleness test (proto/).
 # Idempotent: does nothing when they are present. Needs root (or sudo) the first time.
 set -euo pipefail
-PKGS="softhsm2 opensc containerd runc containernetworking-plugins postgresql postgresql-client"
+PKGS="softhsm2 opensc containerd runc containernetworking-plugins protobuf-compiler libprotobuf-dev postgresql postgresql-client"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -12,7 +12,7 @@ if [ "${KEYWARD_PROTOGEN_NO_BUILD:-}" != 1 ]; then
 fi
 plugins="$(mktemp -d)"
 trap 'rm -rf "$plugins"' EXIT
-for t in "buf:$BUF_VERSION" "protoc-gen-go:$PROTOC_GEN_GO_VERSION" "protoc-gen-go-grpc:$PROTOC_GEN_GO_GRPC_VERSION"; do
+for t in "protoc-gen-go:$PROTOC_GEN_GO_VERSION" "protoc-gen-go-grpc:$PROTOC_GEN_GO_GRPC_VERSION"; do
   name="${t%%:*}" version="${t#*:}"
   if ! cached "$name-$version"; then
     echo "protogen: $name $version is not built (looked in $KEYWARD_BIN): run \`make deps\` or test/tools/build-protogen.sh" >&2
@@ -20,5 +20,20 @@ for t in "buf:$BUF_VERSION" "protoc-gen-go:$PROTOC_GEN_GO_VERSION" "protoc-gen-g
   fi
   ln -s "$KEYWARD_BIN/$name-$version" "$plugins/$name"
 done
+# protoc and the well-known types (google/protobuf/*.proto) are Debian's: the version is pinned, as
+# it is written into every generated file.
+if ! command -v protoc >/dev/null || [ ! -f /usr/include/google/protobuf/timestamp.proto ]; then
+  echo "protogen: protoc or the well-known .proto files are missing: run \`make deps\` (Debian protobuf-compiler, libprotobuf-dev)" >&2
+  exit 1
+fi
+have="$(protoc --version)"
+if [ "$have" != "libprotoc $PROTOC_VERSION" ]; then
+  echo "protogen: $have, want libprotoc $PROTOC_VERSION (test/harness/versions.env): the generated code names the version" >&2
+  exit 1
+fi
 cd "$root/proto"
-PATH="$plugins:$PATH" buf generate --template buf.gen.yaml -o "$out"
+mkdir -p "$out"
+PATH="$plugins:$PATH" protoc -I . -I /usr/include \
+  --go_out="$out" --go_opt=paths=source_relative \
+  --go-grpc_out="$out" --go-grpc_opt=paths=source_relative \
+  $(find keyward -name '*.proto' | sort)
