@@ -257,6 +257,20 @@ func (s *Source) keep(volume, owner string, l *lease) error {
 	return nil
 }
 
+// VolumeLeases lists each volume's credentials in use (retired ones left out), as audit records name
+// them: never a lease ID. For the Admin API.
+func (s *Source) VolumeLeases() map[string][]broker.Lease {
+	s.lmu.Lock()
+	defer s.lmu.Unlock()
+	out := make(map[string][]broker.Lease, len(s.volumes))
+	for id, vl := range s.volumes {
+		for _, l := range vl.cur {
+			out[id] = append(out[id], record(l, ""))
+		}
+	}
+	return out
+}
+
 // Leases is how many leases the source holds (in use and retired): for tests and metrics.
 func (s *Source) Leases() int {
 	s.lmu.Lock()

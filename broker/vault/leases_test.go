@@ -301,6 +301,12 @@ func TestVolumeLeasesAreTheirPodsOnly(t *testing.T) {
 		held = l
 	}
 	s.lmu.Unlock()
+	// The Admin API's view: the name and hash, never the lease ID.
+	vls := s.VolumeLeases()["vol-1"]
+	if len(vls) != 1 || vls[0].Name != "database:payments-ro" || vls[0].Hash != leaseHash("database-prod/creds/payments-ro/LEASEID-1") ||
+		strings.Contains(fmt.Sprintf("%+v", vls), "LEASEID") {
+		t.Fatalf("VolumeLeases: %+v", vls)
+	}
 	other := pod
 	other.PodName, other.PodUID = "api-1", "uid-other"
 	_, _, err := s.Lease(context.Background(), other, "jwt-CANARY", broker.LeaseRequest{Volume: "vol-1", Refs: dbRefs()})

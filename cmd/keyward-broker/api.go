@@ -42,9 +42,14 @@ func (d *wiring) adminOptions() apiserver.AdminOptions {
 	return apiserver.AdminOptions{Node: d.o.NodeID, Component: "broker", Version: version.Version,
 		Volumes: func() []apiserver.Volume {
 			var out []apiserver.Volume
+			leases := d.src.VolumeLeases()
 			for _, v := range d.node.LiveVolumes() {
-				out = append(out, apiserver.Volume{ID: v.VolumeID, Namespace: v.Pod.Namespace, Pod: v.Pod.PodName, PodUID: v.Pod.PodUID,
-					ServiceAccount: v.Pod.ServiceAccount, Environment: v.Environment, Refs: v.Refs, Version: v.Version, Since: v.Since, LastAt: v.Last})
+				av := apiserver.Volume{ID: v.VolumeID, Namespace: v.Pod.Namespace, Pod: v.Pod.PodName, PodUID: v.Pod.PodUID,
+					ServiceAccount: v.Pod.ServiceAccount, Environment: v.Environment, Refs: v.Refs, Version: v.Version, Since: v.Since, LastAt: v.Last}
+				for _, l := range leases[v.VolumeID] {
+					av.Leases = append(av.Leases, apiserver.Lease{Name: l.Name, SHA256: l.Hash, Serial: l.Serial, TTL: l.TTL, Expires: l.Expires})
+				}
+				out = append(out, av)
 			}
 			return out
 		},

@@ -77,6 +77,11 @@ func volumesCommand(e streams, args []string) error {
 				fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%s\t%s\t%d\t%d\t%s\n", r.GetNode(), v.GetNamespace(), v.GetPod(), v.GetVolumeId(), v.GetEnvironment(),
 					ref.GetRef(), ref.GetVaultVersion(), v.GetVersion(), v.GetSince().AsTime().Format(time.RFC3339))
 			}
+			// A dynamic credential shows its lease's hash and end where a stored secret shows its version.
+			for _, l := range v.GetLeases() {
+				fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%s\t%s\tlease %s, ends %s\t%d\t%s\n", r.GetNode(), v.GetNamespace(), v.GetPod(), v.GetVolumeId(), v.GetEnvironment(),
+					l.GetName(), l.GetLeaseSha256(), l.GetExpires().AsTime().Format(time.RFC3339), v.GetVersion(), v.GetSince().AsTime().Format(time.RFC3339))
+			}
 		}
 	}
 	return tw.Flush()

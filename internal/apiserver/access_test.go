@@ -301,7 +301,8 @@ func TestAdminAnswersCarryNoSecrets(t *testing.T) {
 	admin := AdminOptions{Node: "node-a", Component: "broker", Version: "test",
 		Volumes: func() []Volume {
 			return []Volume{{ID: "csi-1", Namespace: "payments", Pod: "api-0", PodUID: "uid-1", ServiceAccount: "api", Environment: "prod",
-				Refs: map[string]int{"payments/db#password": 7}, Version: 2, Since: time.Now().Add(-time.Hour), LastAt: time.Now()}}
+				Refs: map[string]int{"payments/db#password": 7}, Version: 2, Since: time.Now().Add(-time.Hour), LastAt: time.Now(),
+				Leases: []Lease{{Name: "database:payments_ro", SHA256: "01a024f2f759400f", TTL: time.Hour, Expires: time.Now().Add(time.Hour)}}}}
 		},
 		VaultTokens: func() (string, []VaultToken) {
 			return "pod", []VaultToken{{AccessorSHA256: "0a1b2c3d4e5f", Namespace: "payments", ServiceAccount: "api", Role: "prod",
@@ -319,6 +320,10 @@ func TestAdminAnswersCarryNoSecrets(t *testing.T) {
 	vols, err := cli.ListVolumes(ctx, &adminv1.ListVolumesRequest{})
 	if err != nil || len(vols.GetVolumes()) != 1 || vols.GetVolumes()[0].GetRefs()[0].GetVaultVersion() != 7 {
 		t.Fatalf("ListVolumes: %v %v", vols, err)
+	}
+	if ls := vols.GetVolumes()[0].GetLeases(); len(ls) != 1 || ls[0].GetName() != "database:payments_ro" || ls[0].GetLeaseSha256() != "01a024f2f759400f" ||
+		ls[0].GetTtl().AsDuration() != time.Hour {
+		t.Fatalf("ListVolumes leases: %v", ls)
 	}
 	toks, err := cli.ListVaultTokens(ctx, &adminv1.ListVaultTokensRequest{})
 	if err != nil || len(toks.GetTokens()) != 1 || toks.GetTokens()[0].GetTtl().AsDuration() != time.Hour {

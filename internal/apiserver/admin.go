@@ -21,6 +21,16 @@ type Volume struct {
 	Refs          map[string]int
 	Version       uint64
 	Since, LastAt time.Time
+	// Leases are the volume's dynamic credentials in use.
+	Leases []Lease
+}
+
+// Lease is a dynamic credential's lease: its name, a hash of its ID (never the ID), TTL, end, and a
+// certificate's serial.
+type Lease struct {
+	Name, SHA256, Serial string
+	TTL                  time.Duration
+	Expires              time.Time
 }
 
 // VaultToken is a cached Vault token as the Admin service shows it: a hash of its accessor, never
@@ -81,6 +91,10 @@ func (s *AdminServer) ListVolumes(_ context.Context, req *adminv1.ListVolumesReq
 			pv.Refs = append(pv.Refs, &adminv1.RefVersion{Ref: ref, VaultVersion: int64(ver)})
 		}
 		sort.Slice(pv.Refs, func(i, j int) bool { return pv.Refs[i].Ref < pv.Refs[j].Ref })
+		for _, l := range v.Leases {
+			pv.Leases = append(pv.Leases, &adminv1.Lease{Name: l.Name, LeaseSha256: l.SHA256, Ttl: durationpb.New(l.TTL), Expires: ts(l.Expires), Serial: l.Serial})
+		}
+		sort.Slice(pv.Leases, func(i, j int) bool { return pv.Leases[i].Name < pv.Leases[j].Name })
 		out.Volumes = append(out.Volumes, pv)
 	}
 	sort.Slice(out.Volumes, func(i, j int) bool {

@@ -141,6 +141,8 @@ type Volume struct {
 	// republish).
 	Since         *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=since,proto3" json:"since,omitempty"`
 	LastDelivered *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=last_delivered,json=lastDelivered,proto3" json:"last_delivered,omitempty"`
+	// The volume's dynamic credentials (pki and database entries) in use: never a lease ID.
+	Leases        []*Lease `protobuf:"bytes,11,rep,name=leases,proto3" json:"leases,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -245,6 +247,94 @@ func (x *Volume) GetLastDelivered() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Volume) GetLeases() []*Lease {
+	if x != nil {
+		return x.Leases
+	}
+	return nil
+}
+
+// A dynamic credential's lease as the broker holds it for a volume.
+type Lease struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "pki:<role>/<commonName>" or "database:<role>".
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The first 8 bytes of the SHA-256 of the lease ID, hex (what ..version and audit records name).
+	LeaseSha256 string `protobuf:"bytes,2,opt,name=lease_sha256,json=leaseSha256,proto3" json:"lease_sha256,omitempty"`
+	// The lease's duration when it was issued or last renewed, and when it ends.
+	Ttl     *durationpb.Duration   `protobuf:"bytes,3,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	Expires *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expires,proto3" json:"expires,omitempty"`
+	// A certificate's serial number.
+	Serial        string `protobuf:"bytes,5,opt,name=serial,proto3" json:"serial,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Lease) Reset() {
+	*x = Lease{}
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Lease) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Lease) ProtoMessage() {}
+
+func (x *Lease) ProtoReflect() protoreflect.Message {
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Lease.ProtoReflect.Descriptor instead.
+func (*Lease) Descriptor() ([]byte, []int) {
+	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Lease) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Lease) GetLeaseSha256() string {
+	if x != nil {
+		return x.LeaseSha256
+	}
+	return ""
+}
+
+func (x *Lease) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *Lease) GetExpires() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Expires
+	}
+	return nil
+}
+
+func (x *Lease) GetSerial() string {
+	if x != nil {
+		return x.Serial
+	}
+	return ""
+}
+
 type RefVersion struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ref           string                 `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
@@ -255,7 +345,7 @@ type RefVersion struct {
 
 func (x *RefVersion) Reset() {
 	*x = RefVersion{}
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -267,7 +357,7 @@ func (x *RefVersion) String() string {
 func (*RefVersion) ProtoMessage() {}
 
 func (x *RefVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -280,7 +370,7 @@ func (x *RefVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefVersion.ProtoReflect.Descriptor instead.
 func (*RefVersion) Descriptor() ([]byte, []int) {
-	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RefVersion) GetRef() string {
@@ -305,7 +395,7 @@ type ListVaultTokensRequest struct {
 
 func (x *ListVaultTokensRequest) Reset() {
 	*x = ListVaultTokensRequest{}
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -317,7 +407,7 @@ func (x *ListVaultTokensRequest) String() string {
 func (*ListVaultTokensRequest) ProtoMessage() {}
 
 func (x *ListVaultTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -330,7 +420,7 @@ func (x *ListVaultTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVaultTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListVaultTokensRequest) Descriptor() ([]byte, []int) {
-	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 type ListVaultTokensResponse struct {
@@ -346,7 +436,7 @@ type ListVaultTokensResponse struct {
 
 func (x *ListVaultTokensResponse) Reset() {
 	*x = ListVaultTokensResponse{}
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -358,7 +448,7 @@ func (x *ListVaultTokensResponse) String() string {
 func (*ListVaultTokensResponse) ProtoMessage() {}
 
 func (x *ListVaultTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -371,7 +461,7 @@ func (x *ListVaultTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVaultTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListVaultTokensResponse) Descriptor() ([]byte, []int) {
-	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ListVaultTokensResponse) GetNode() string {
@@ -415,7 +505,7 @@ type VaultToken struct {
 
 func (x *VaultToken) Reset() {
 	*x = VaultToken{}
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -427,7 +517,7 @@ func (x *VaultToken) String() string {
 func (*VaultToken) ProtoMessage() {}
 
 func (x *VaultToken) ProtoReflect() protoreflect.Message {
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -440,7 +530,7 @@ func (x *VaultToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VaultToken.ProtoReflect.Descriptor instead.
 func (*VaultToken) Descriptor() ([]byte, []int) {
-	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *VaultToken) GetAccessorSha256() string {
@@ -521,7 +611,7 @@ type GetPolicyRequest struct {
 
 func (x *GetPolicyRequest) Reset() {
 	*x = GetPolicyRequest{}
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -533,7 +623,7 @@ func (x *GetPolicyRequest) String() string {
 func (*GetPolicyRequest) ProtoMessage() {}
 
 func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -546,7 +636,7 @@ func (x *GetPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyRequest.ProtoReflect.Descriptor instead.
 func (*GetPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 type GetPolicyResponse struct {
@@ -559,7 +649,7 @@ type GetPolicyResponse struct {
 
 func (x *GetPolicyResponse) Reset() {
 	*x = GetPolicyResponse{}
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -571,7 +661,7 @@ func (x *GetPolicyResponse) String() string {
 func (*GetPolicyResponse) ProtoMessage() {}
 
 func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -584,7 +674,7 @@ func (x *GetPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPolicyResponse.ProtoReflect.Descriptor instead.
 func (*GetPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetPolicyResponse) GetGeneration() uint64 {
@@ -609,7 +699,7 @@ type GetHealthRequest struct {
 
 func (x *GetHealthRequest) Reset() {
 	*x = GetHealthRequest{}
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -621,7 +711,7 @@ func (x *GetHealthRequest) String() string {
 func (*GetHealthRequest) ProtoMessage() {}
 
 func (x *GetHealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -634,7 +724,7 @@ func (x *GetHealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHealthRequest.ProtoReflect.Descriptor instead.
 func (*GetHealthRequest) Descriptor() ([]byte, []int) {
-	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 type GetHealthResponse struct {
@@ -651,7 +741,7 @@ type GetHealthResponse struct {
 
 func (x *GetHealthResponse) Reset() {
 	*x = GetHealthResponse{}
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -663,7 +753,7 @@ func (x *GetHealthResponse) String() string {
 func (*GetHealthResponse) ProtoMessage() {}
 
 func (x *GetHealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -676,7 +766,7 @@ func (x *GetHealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHealthResponse.ProtoReflect.Descriptor instead.
 func (*GetHealthResponse) Descriptor() ([]byte, []int) {
-	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetHealthResponse) GetNode() string {
@@ -726,7 +816,7 @@ type HealthCheck struct {
 
 func (x *HealthCheck) Reset() {
 	*x = HealthCheck{}
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -738,7 +828,7 @@ func (x *HealthCheck) String() string {
 func (*HealthCheck) ProtoMessage() {}
 
 func (x *HealthCheck) ProtoReflect() protoreflect.Message {
-	mi := &file_keyward_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_keyward_admin_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -751,7 +841,7 @@ func (x *HealthCheck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthCheck.ProtoReflect.Descriptor instead.
 func (*HealthCheck) Descriptor() ([]byte, []int) {
-	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_keyward_admin_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *HealthCheck) GetName() string {
@@ -784,7 +874,7 @@ const file_keyward_admin_v1_admin_proto_rawDesc = "" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\"]\n" +
 	"\x13ListVolumesResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x122\n" +
-	"\avolumes\x18\x02 \x03(\v2\x18.keyward.admin.v1.VolumeR\avolumes\"\xfa\x02\n" +
+	"\avolumes\x18\x02 \x03(\v2\x18.keyward.admin.v1.VolumeR\avolumes\"\xab\x03\n" +
 	"\x06Volume\x12\x1b\n" +
 	"\tvolume_id\x18\x01 \x01(\tR\bvolumeId\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x10\n" +
@@ -796,7 +886,14 @@ const file_keyward_admin_v1_admin_proto_rawDesc = "" +
 	"\aversion\x18\b \x01(\x04R\aversion\x120\n" +
 	"\x05since\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x05since\x12A\n" +
 	"\x0elast_delivered\x18\n" +
-	" \x01(\v2\x1a.google.protobuf.TimestampR\rlastDelivered\"C\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\rlastDelivered\x12/\n" +
+	"\x06leases\x18\v \x03(\v2\x17.keyward.admin.v1.LeaseR\x06leases\"\xb9\x01\n" +
+	"\x05Lease\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
+	"\flease_sha256\x18\x02 \x01(\tR\vleaseSha256\x12+\n" +
+	"\x03ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x124\n" +
+	"\aexpires\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\aexpires\x12\x16\n" +
+	"\x06serial\x18\x05 \x01(\tR\x06serial\"C\n" +
 	"\n" +
 	"RefVersion\x12\x10\n" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x12#\n" +
@@ -854,46 +951,50 @@ func file_keyward_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_keyward_admin_v1_admin_proto_rawDescData
 }
 
-var file_keyward_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_keyward_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_keyward_admin_v1_admin_proto_goTypes = []any{
 	(*ListVolumesRequest)(nil),      // 0: keyward.admin.v1.ListVolumesRequest
 	(*ListVolumesResponse)(nil),     // 1: keyward.admin.v1.ListVolumesResponse
 	(*Volume)(nil),                  // 2: keyward.admin.v1.Volume
-	(*RefVersion)(nil),              // 3: keyward.admin.v1.RefVersion
-	(*ListVaultTokensRequest)(nil),  // 4: keyward.admin.v1.ListVaultTokensRequest
-	(*ListVaultTokensResponse)(nil), // 5: keyward.admin.v1.ListVaultTokensResponse
-	(*VaultToken)(nil),              // 6: keyward.admin.v1.VaultToken
-	(*GetPolicyRequest)(nil),        // 7: keyward.admin.v1.GetPolicyRequest
-	(*GetPolicyResponse)(nil),       // 8: keyward.admin.v1.GetPolicyResponse
-	(*GetHealthRequest)(nil),        // 9: keyward.admin.v1.GetHealthRequest
-	(*GetHealthResponse)(nil),       // 10: keyward.admin.v1.GetHealthResponse
-	(*HealthCheck)(nil),             // 11: keyward.admin.v1.HealthCheck
-	(*timestamppb.Timestamp)(nil),   // 12: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),     // 13: google.protobuf.Duration
+	(*Lease)(nil),                   // 3: keyward.admin.v1.Lease
+	(*RefVersion)(nil),              // 4: keyward.admin.v1.RefVersion
+	(*ListVaultTokensRequest)(nil),  // 5: keyward.admin.v1.ListVaultTokensRequest
+	(*ListVaultTokensResponse)(nil), // 6: keyward.admin.v1.ListVaultTokensResponse
+	(*VaultToken)(nil),              // 7: keyward.admin.v1.VaultToken
+	(*GetPolicyRequest)(nil),        // 8: keyward.admin.v1.GetPolicyRequest
+	(*GetPolicyResponse)(nil),       // 9: keyward.admin.v1.GetPolicyResponse
+	(*GetHealthRequest)(nil),        // 10: keyward.admin.v1.GetHealthRequest
+	(*GetHealthResponse)(nil),       // 11: keyward.admin.v1.GetHealthResponse
+	(*HealthCheck)(nil),             // 12: keyward.admin.v1.HealthCheck
+	(*timestamppb.Timestamp)(nil),   // 13: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),     // 14: google.protobuf.Duration
 }
 var file_keyward_admin_v1_admin_proto_depIdxs = []int32{
 	2,  // 0: keyward.admin.v1.ListVolumesResponse.volumes:type_name -> keyward.admin.v1.Volume
-	3,  // 1: keyward.admin.v1.Volume.refs:type_name -> keyward.admin.v1.RefVersion
-	12, // 2: keyward.admin.v1.Volume.since:type_name -> google.protobuf.Timestamp
-	12, // 3: keyward.admin.v1.Volume.last_delivered:type_name -> google.protobuf.Timestamp
-	6,  // 4: keyward.admin.v1.ListVaultTokensResponse.tokens:type_name -> keyward.admin.v1.VaultToken
-	12, // 5: keyward.admin.v1.VaultToken.issued:type_name -> google.protobuf.Timestamp
-	13, // 6: keyward.admin.v1.VaultToken.ttl:type_name -> google.protobuf.Duration
-	12, // 7: keyward.admin.v1.VaultToken.expires:type_name -> google.protobuf.Timestamp
-	11, // 8: keyward.admin.v1.GetHealthResponse.checks:type_name -> keyward.admin.v1.HealthCheck
-	0,  // 9: keyward.admin.v1.Admin.ListVolumes:input_type -> keyward.admin.v1.ListVolumesRequest
-	4,  // 10: keyward.admin.v1.Admin.ListVaultTokens:input_type -> keyward.admin.v1.ListVaultTokensRequest
-	7,  // 11: keyward.admin.v1.Admin.GetPolicy:input_type -> keyward.admin.v1.GetPolicyRequest
-	9,  // 12: keyward.admin.v1.Admin.GetHealth:input_type -> keyward.admin.v1.GetHealthRequest
-	1,  // 13: keyward.admin.v1.Admin.ListVolumes:output_type -> keyward.admin.v1.ListVolumesResponse
-	5,  // 14: keyward.admin.v1.Admin.ListVaultTokens:output_type -> keyward.admin.v1.ListVaultTokensResponse
-	8,  // 15: keyward.admin.v1.Admin.GetPolicy:output_type -> keyward.admin.v1.GetPolicyResponse
-	10, // 16: keyward.admin.v1.Admin.GetHealth:output_type -> keyward.admin.v1.GetHealthResponse
-	13, // [13:17] is the sub-list for method output_type
-	9,  // [9:13] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	4,  // 1: keyward.admin.v1.Volume.refs:type_name -> keyward.admin.v1.RefVersion
+	13, // 2: keyward.admin.v1.Volume.since:type_name -> google.protobuf.Timestamp
+	13, // 3: keyward.admin.v1.Volume.last_delivered:type_name -> google.protobuf.Timestamp
+	3,  // 4: keyward.admin.v1.Volume.leases:type_name -> keyward.admin.v1.Lease
+	14, // 5: keyward.admin.v1.Lease.ttl:type_name -> google.protobuf.Duration
+	13, // 6: keyward.admin.v1.Lease.expires:type_name -> google.protobuf.Timestamp
+	7,  // 7: keyward.admin.v1.ListVaultTokensResponse.tokens:type_name -> keyward.admin.v1.VaultToken
+	13, // 8: keyward.admin.v1.VaultToken.issued:type_name -> google.protobuf.Timestamp
+	14, // 9: keyward.admin.v1.VaultToken.ttl:type_name -> google.protobuf.Duration
+	13, // 10: keyward.admin.v1.VaultToken.expires:type_name -> google.protobuf.Timestamp
+	12, // 11: keyward.admin.v1.GetHealthResponse.checks:type_name -> keyward.admin.v1.HealthCheck
+	0,  // 12: keyward.admin.v1.Admin.ListVolumes:input_type -> keyward.admin.v1.ListVolumesRequest
+	5,  // 13: keyward.admin.v1.Admin.ListVaultTokens:input_type -> keyward.admin.v1.ListVaultTokensRequest
+	8,  // 14: keyward.admin.v1.Admin.GetPolicy:input_type -> keyward.admin.v1.GetPolicyRequest
+	10, // 15: keyward.admin.v1.Admin.GetHealth:input_type -> keyward.admin.v1.GetHealthRequest
+	1,  // 16: keyward.admin.v1.Admin.ListVolumes:output_type -> keyward.admin.v1.ListVolumesResponse
+	6,  // 17: keyward.admin.v1.Admin.ListVaultTokens:output_type -> keyward.admin.v1.ListVaultTokensResponse
+	9,  // 18: keyward.admin.v1.Admin.GetPolicy:output_type -> keyward.admin.v1.GetPolicyResponse
+	11, // 19: keyward.admin.v1.Admin.GetHealth:output_type -> keyward.admin.v1.GetHealthResponse
+	16, // [16:20] is the sub-list for method output_type
+	12, // [12:16] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_keyward_admin_v1_admin_proto_init() }
@@ -907,7 +1008,7 @@ func file_keyward_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keyward_admin_v1_admin_proto_rawDesc), len(file_keyward_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
