@@ -38,6 +38,15 @@ func eachNode(ctx context.Context, a *apiFlags, f func(t target, c adminv1.Admin
 	return nil
 }
 
+// answeredAs checks that a daemon answers as the node asked for (t.node; with --addr and no --node
+// there is none to compare): a node's answers are never shown under another node's name.
+func answeredAs(t target, node string) error {
+	if t.node != "" && node != t.node {
+		return fmt.Errorf("node %s (%s) answered as node %q: not the node asked for", t.node, t.addr, node)
+	}
+	return nil
+}
+
 func adminContext() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 30*time.Second)
 }
@@ -59,6 +68,9 @@ func volumesCommand(e streams, args []string) error {
 		r, err := c.ListVolumes(ctx, &adminv1.ListVolumesRequest{Namespace: *namespace})
 		if err != nil {
 			return fmt.Errorf("node %s (%s): %w", t.node, t.addr, err)
+		}
+		if err := answeredAs(t, r.GetNode()); err != nil {
+			return err
 		}
 		all = append(all, r)
 		return nil
@@ -113,6 +125,9 @@ func statusCommand(e streams, args []string) error {
 		if err != nil {
 			return fmt.Errorf("node %s (%s): %w", t.node, t.addr, err)
 		}
+		if err := answeredAs(t, h.GetNode()); err != nil {
+			return err
+		}
 		ns := nodeStatus{Health: mustJSON(h)}
 		policy, tokens := "-", "-"
 		if p, err := c.GetPolicy(ctx, &adminv1.GetPolicyRequest{}); err == nil {
@@ -121,6 +136,9 @@ func statusCommand(e streams, args []string) error {
 			return fmt.Errorf("node %s: %w", t.node, err)
 		}
 		if v, err := c.ListVaultTokens(ctx, &adminv1.ListVaultTokensRequest{}); err == nil {
+			if err := answeredAs(t, v.GetNode()); err != nil {
+				return err
+			}
 			tokens, ns.VaultTokens = fmt.Sprintf("%d (%s mode)", len(v.GetTokens()), v.GetMode()), mustJSON(v)
 		} else if status.Code(err) != codes.Unimplemented {
 			return fmt.Errorf("node %s: %w", t.node, err)
@@ -165,6 +183,9 @@ func whoHasLive(e streams, a *apiFlags, ref, key, env, namespace, output string)
 		r, err := c.ListVolumes(ctx, &adminv1.ListVolumesRequest{Namespace: namespace})
 		if err != nil {
 			return fmt.Errorf("node %s (%s): %w", t.node, t.addr, err)
+		}
+		if err := answeredAs(t, r.GetNode()); err != nil {
+			return err
 		}
 		for _, v := range r.GetVolumes() {
 			if env != "" && v.GetEnvironment() != env {

@@ -92,3 +92,27 @@ func TestEndpointTargets(t *testing.T) {
 		t.Fatal("a node whose endpoint is not ready was found")
 	}
 }
+
+// A daemon answering as another node than the one asked for (a wrong endpoint, or a server
+// impersonating the node's API) is refused, not shown under the node's name.
+func TestAdminAnswersMustBeTheNodeAskedFor(t *testing.T) {
+	n := newAPINode(t, 1<<20, 10)
+	n.shutdown()
+	n.admin = apiserver.AdminOptions{Node: "node-b", Component: "broker", Version: "v-test",
+		Volumes:     func() []apiserver.Volume { return nil },
+		VaultTokens: func() (string, []apiserver.VaultToken) { return "pod", nil },
+		Health:      func() []apiserver.Check { return []apiserver.Check{{Name: "audit"}} }}
+	n.start()
+	for _, cmd := range [][]string{{"volumes"}, {"status"}, {"who-has", "payments/db#password", "--live"}} {
+		var out, errb syncBuf
+		args := append(append(cmd, "--node", "node-a"), n.apiArgs("operator")...)
+		if code := run(args, &out, &errb); code != 1 || !strings.Contains(errb.String(), `answered as node "node-b"`) {
+			t.Errorf("%s: exit %d: %s", cmd[0], code, errb.String())
+		}
+		// Asked for node-b, it is node-b.
+		args = append(append(cmd, "--node", "node-b"), n.apiArgs("operator")...)
+		if code := run(args, &out, &errb); code != 0 {
+			t.Errorf("%s --node node-b: exit %d: %s", cmd[0], code, errb.String())
+		}
+	}
+}

@@ -17,11 +17,13 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyward/keyward/internal/apiserver"
 	"github.com/keyward/keyward/internal/audit"
 	auditv1 "github.com/keyward/keyward/proto/keyward/audit/v1"
 )
 
-// followState is what --state keeps between runs: the last record verified.
+// followState is what --state keeps between runs: the last record verified (a whole record whose
+// MAC was checked here; never an elided one, which the server alone vouches for).
 type followState struct {
 	Node   string `json:"node"`
 	Stream string `json:"stream"`
@@ -41,6 +43,7 @@ func auditFollow(e streams, args []string) error {
 	masterFile := fs.String("master-key-file", "", "file holding the master key node keys are derived from (instead of --key-file)")
 	stream := fs.String("stream", "broker", "the stream: broker (the DaemonSet) or kms (keyward-kms; give its --addr)")
 	fromSeq := fs.Uint64("from-seq", 0, "the first record to read (0: the oldest on disk); ignored when --state holds a position")
+	fromMAC := fs.String("from-mac", "", "with --from-seq N: the MAC (hex) of record N-1, which the chain continues from (from audit verify, a checkpoint or a record kept); needed unless N is 1 or begins a segment")
 	stateFile := fs.String("state", "", "file keeping the last verified record (seq and mac): a later run resumes right after it, with the chain checked across")
 	until := fs.Uint64("until-seq", 0, "exit 0 once this record is verified (0: follow until interrupted)")
 	retry := fs.Duration("retry", 2*time.Minute, "how long to keep reconnecting to a daemon that is unavailable (restarting) before failing")
@@ -64,16 +67,24 @@ func auditFollow(e streams, args []string) error {
 	if *output != "json" && *output != "none" {
 		return fmt.Errorf("-o %q: want json or none: %w", *output, errUsage)
 	}
+	if *fromMAC != "" && *fromSeq < 2 {
+		return fmt.Errorf("--from-mac is the MAC of the record before --from-seq N (N > 1): %w", errUsage)
+	}
 	key, err := verifyKey(*keyFile, *masterFile, a.node)
 	if err != nil {
 		return err
 	}
 	ctx, stop := followContext()
 	defer stop()
-	fl := &follower{e: e, a: &a, stream: *stream, v: audit.NewChainVerifier(audit.VerifyOptions{Key: key, Node: a.node, Stream: *stream}),
+	fl := &follower{e: e, a: &a, stream: *stream, keyID: audit.KeyID(key), v: audit.NewChainVerifier(audit.VerifyOptions{Key: key, Node: a.node, Stream: *stream}),
 		stateFile: *stateFile, until: *until, print: *output == "json", filter: &f, next: *fromSeq}
 	if err := fl.loadState(); err != nil {
 		return err
+	}
+	if fl.next == *fromSeq && *fromMAC != "" { // no --state position: resume from the given MAC
+		if err := fl.v.Resume(*fromSeq-1, *fromMAC); err != nil {
+			return fmt.Errorf("--from-mac: %v: %w", err, errUsage)
+		}
 	}
 	err = fl.run(ctx, *retry)
 	if serr := fl.saveState(); err == nil {
@@ -83,7 +94,7 @@ func auditFollow(e streams, args []string) error {
 		if errors.Is(err, audit.ErrTampered) {
 			return err
 		}
-		fmt.Fprintf(e.stderr, "keywardctl: stopped after record %d, verified\n", fl.last())
+		fmt.Fprintf(e.stderr, "keywardctl: stopped after record %d, verified%s\n", fl.last(), fl.unverified())
 		return nil
 	}
 	return err
@@ -98,6 +109,7 @@ type follower struct {
 	e         streams
 	a         *apiFlags
 	stream    string
+	keyID     string // of the node's key: checkpoints must name it
 	v         *audit.ChainVerifier
 	stateFile string
 	until     uint64
@@ -108,7 +120,16 @@ type follower struct {
 	ever      bool   // any subscription received records
 }
 
-func (fl *follower) last() uint64 { seq, _ := fl.v.Head(); return seq }
+// last is the last record verified (elided records after it are not, until a whole one proves them).
+func (fl *follower) last() uint64 { seq, _ := fl.v.Verified(); return seq }
+
+// unverified says which records after the last verified one arrived elided, unproven.
+func (fl *follower) unverified() string {
+	if head, _ := fl.v.Head(); head > fl.last() {
+		return fmt.Sprintf("; records %d..%d arrived elided and are not verified (no whole record after them)", fl.last()+1, head)
+	}
+	return ""
+}
 
 func (fl *follower) loadState() error {
 	if fl.stateFile == "" {
@@ -135,9 +156,10 @@ func (fl *follower) loadState() error {
 	return nil
 }
 
-// saveState writes the last verified record, atomically.
+// saveState writes the last verified record, atomically: a later run resumes after it, so elided
+// records after it are asked for again and proven by the whole record that follows them.
 func (fl *follower) saveState() error {
-	seq, mac := fl.v.Head()
+	seq, mac := fl.v.Verified()
 	if fl.stateFile == "" || seq == 0 {
 		return nil
 	}
@@ -167,8 +189,8 @@ func (fl *follower) run(ctx context.Context, retry time.Duration) error {
 		}
 		st, isStatus := status.FromError(err)
 		switch {
-		case errors.Is(err, audit.ErrTampered):
-			return fmt.Errorf("node %s's %s stream after record %d: %w", fl.a.node, fl.stream, fl.last(), err)
+		case errors.Is(err, audit.ErrTampered), errors.Is(err, errUsage):
+			return fmt.Errorf("node %s's %s stream after record %d verified: %w", fl.a.node, fl.stream, fl.last(), err)
 		case isStatus && st.Code() == codes.OutOfRange:
 			if m := resumeAt.FindStringSubmatch(st.Message()); m != nil && fl.next > 0 {
 				oldest, _ := strconv.ParseUint(m[1], 10, 64)
@@ -188,7 +210,7 @@ func (fl *follower) run(ctx context.Context, retry time.Duration) error {
 		if time.Since(failingSince) > retry {
 			return fmt.Errorf("node %s unavailable for %s (last record verified %d): %w", fl.a.node, retry, fl.last(), err)
 		}
-		fmt.Fprintf(fl.e.stderr, "keywardctl: node %s: %s; resuming after record %d\n", fl.a.node, status.Convert(err).Message(), fl.last())
+		fmt.Fprintf(fl.e.stderr, "keywardctl: node %s: %s; resuming at record %d (verified up to %d)\n", fl.a.node, status.Convert(err).Message(), fl.next, fl.last())
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -219,14 +241,15 @@ func (fl *follower) subscribe(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	asked := fl.next
 	for {
 		m, err := sub.Recv()
 		if err != nil {
 			return err
 		}
 		if cp := m.GetCheckpoint(); cp != nil {
-			if seq, mac := fl.v.Head(); cp.GetSeq() != seq || cp.GetMac() != mac {
-				return fmt.Errorf("%w: the daemon's checkpoint names record %d with mac %s, the chain verified here is at %d with %s", audit.ErrTampered, cp.GetSeq(), cp.GetMac(), seq, mac)
+			if err := fl.checkpoint(cp); err != nil {
+				return err
 			}
 			if err := fl.saveState(); err != nil {
 				return err
@@ -234,7 +257,14 @@ func (fl *follower) subscribe(ctx context.Context) error {
 			continue
 		}
 		r := m.GetRecord()
-		begins := fl.last() == 0
+		if fl.records == 0 && asked > 0 && r.GetSeq() != asked {
+			return fmt.Errorf("%w: asked for records from %d, the daemon sent record %d first", audit.ErrTampered, asked, r.GetSeq())
+		}
+		begins, _ := fl.v.Head()
+		if begins == 0 && asked > 1 && fmt.Sprintf("audit-%020d.jsonl", r.GetSeq()) != r.GetSegment() {
+			return fmt.Errorf("--from-seq %d is in the middle of segment %s: give --from-mac, the MAC of record %d, to continue the chain from it (a segment's first record or 1 needs none): %w",
+				asked, r.GetSegment(), asked-1, errUsage)
+		}
 		if len(r.GetLine()) == 0 {
 			err = fl.v.Elided(r.GetSeq(), r.GetMac())
 		} else {
@@ -243,18 +273,43 @@ func (fl *follower) subscribe(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if begins && r.GetSeq() > 1 {
+		if begins == 0 && asked > 1 {
+			fmt.Fprintf(fl.e.stderr, "keywardctl: node %s's %s stream from record %d, the first of %s: its header's link to record %d is taken as given\n",
+				fl.a.node, fl.stream, r.GetSeq(), r.GetSegment(), r.GetSeq()-1)
+		} else if begins == 0 && r.GetSeq() > 1 {
 			fmt.Fprintf(fl.e.stderr, "keywardctl: node %s's %s stream starts at record %d on disk: records 1..%d were deleted there (the segment header's link to them is taken as given)\n",
 				fl.a.node, fl.stream, r.GetSeq(), r.GetSeq()-1)
 		}
 		fl.next, fl.records, fl.ever = r.GetSeq()+1, fl.records+1, true
-		if fl.print && len(r.GetLine()) > 0 {
+		// A record a checkpoint names arrives whole even if the filter does not select it: printed
+		// only if selected.
+		if fl.print && len(r.GetLine()) > 0 && apiserver.Selects(fl.filter, r.GetLine()) {
 			if _, err := fmt.Fprintf(fl.e.stdout, "%s\n", r.GetLine()); err != nil {
 				return err
 			}
 		}
-		if fl.until > 0 && r.GetSeq() >= fl.until {
+		if fl.until > 0 && fl.last() >= fl.until { // verified: an elided record is not
 			return nil
 		}
 	}
+}
+
+// checkpoint checks a checkpoint of the stream: it must be of the node, stream and key asked for,
+// and name the last record, verified here (a checkpoint never names an elided record).
+func (fl *follower) checkpoint(cp *auditv1.Checkpoint) error {
+	switch {
+	case cp.GetNode() != fl.a.node || cp.GetStream() != fl.stream:
+		return fmt.Errorf("%w: the daemon's checkpoint is node %q's %q stream, not node %q's %q", audit.ErrTampered, cp.GetNode(), cp.GetStream(), fl.a.node, fl.stream)
+	case cp.GetKeyId() != fl.keyID:
+		return fmt.Errorf("%w: the daemon's checkpoint names key %s, the node's key is %s", audit.ErrTampered, cp.GetKeyId(), fl.keyID)
+	}
+	head, _ := fl.v.Head()
+	seq, mac := fl.v.Verified()
+	switch {
+	case cp.GetSeq() == head && head != seq:
+		return fmt.Errorf("%w: the daemon's checkpoint names record %d, which it sent elided (unverified; the last record verified is %d)", audit.ErrTampered, cp.GetSeq(), seq)
+	case cp.GetSeq() != seq || cp.GetMac() != mac:
+		return fmt.Errorf("%w: the daemon's checkpoint names record %d with mac %s, the chain verified here is at %d with %s", audit.ErrTampered, cp.GetSeq(), cp.GetMac(), seq, mac)
+	}
+	return nil
 }

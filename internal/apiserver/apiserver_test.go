@@ -329,3 +329,93 @@ func (f fixedStream) Done() <-chan struct{}              { return nil }
 func from(seq uint64) *auditv1.SubscribeRequest_FromSeq {
 	return &auditv1.SubscribeRequest_FromSeq{FromSeq: seq}
 }
+
+// A filtered subscription never sends a checkpoint naming an elided record: the record a checkpoint
+// names (by count or by time) is sent whole, even when the filter does not select it, so every
+// checkpoint re-anchors the subscriber's chain on a record it verified itself.
+func TestCheckpointsNameOnlyWholeRecords(t *testing.T) {
+	e := newEnv(t, 1<<20, 10)
+	l := e.open()
+	defer l.Close()
+	record(t, l, 40)
+	waitDurable(t, l, 41)
+	addr, _ := e.serve(l, AuditOptions{}, AdminOptions{})
+	cli := auditv1.NewAuditStreamClient(e.dial(addr, e.readerC[0], e.readerC[1]))
+	none := &auditv1.Filter{Namespace: "no-such-namespace"} // selects only the stream's own records
+	// recv takes one message: the record (whole or elided, checked) or the checkpoint (checked
+	// against what was verified: the last record verified must be the one it names).
+	recv := func(st grpc.ServerStreamingClient[auditv1.SubscribeResponse], sub *subscriber) (*auditv1.Record, *auditv1.Checkpoint) {
+		t.Helper()
+		m, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cp := m.GetCheckpoint(); cp != nil {
+			if seq, mac := sub.v.Verified(); cp.GetSeq() != seq || cp.GetMac() != mac {
+				head, _ := sub.v.Head()
+				t.Fatalf("checkpoint names record %d; verified up to %d (head %d): it names an elided record", cp.GetSeq(), seq, head)
+			}
+			return nil, cp
+		}
+		r := m.GetRecord()
+		if len(r.GetLine()) == 0 {
+			err = sub.v.Elided(r.GetSeq(), r.GetMac())
+		} else {
+			err = sub.v.Record(r.GetLine(), r.GetSeq() == 1)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r, nil
+	}
+
+	t.Run("by count", func(t *testing.T) {
+		st, err := cli.Subscribe(context.Background(), &auditv1.SubscribeRequest{Filter: none, CheckpointEvery: 7})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sub := newSubscriber(e.key)
+		cps := 0
+		for seq := uint64(0); seq < 41; {
+			r, cp := recv(st, sub)
+			if cp != nil {
+				cps++
+				continue
+			}
+			seq = r.GetSeq()
+			if whole := len(r.GetLine()) > 0; whole != (seq == 1 || seq%7 == 0) {
+				t.Errorf("record %d whole: %v (only the genesis and the checkpointed ones should be)", seq, whole)
+			}
+		}
+		if cps != 5 {
+			t.Errorf("%d checkpoints, want 5", cps)
+		}
+	})
+	t.Run("by time", func(t *testing.T) {
+		st, err := cli.Subscribe(context.Background(), &auditv1.SubscribeRequest{Filter: none, CheckpointEvery: 1 << 30, CheckpointSeconds: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sub := newSubscriber(e.key)
+		for seq := uint64(0); seq < 41; {
+			r, _ := recv(st, sub)
+			if r != nil {
+				seq = r.GetSeq()
+			}
+		}
+		// The checkpoint interval passes with record 41, elided, the last sent: no checkpoint may
+		// name it; the next record is sent whole and checkpointed.
+		time.Sleep(1500 * time.Millisecond)
+		record(t, l, 1)
+		r, cp := recv(st, sub)
+		if cp != nil {
+			t.Fatalf("a checkpoint after an elided record: %v", cp)
+		}
+		if r.GetSeq() != 42 || len(r.GetLine()) == 0 {
+			t.Fatalf("record %d whole: %v; want 42, whole (a checkpoint is due)", r.GetSeq(), len(r.GetLine()) > 0)
+		}
+		if _, cp := recv(st, sub); cp == nil || cp.GetSeq() != 42 {
+			t.Fatalf("no checkpoint naming record 42: %v", cp)
+		}
+	})
+}

@@ -169,6 +169,7 @@ func (s *AuditServer) subscribe(req *auditv1.SubscribeRequest, ss grpc.ServerStr
 	}
 	f := req.GetFilter()
 	var last audit.Line
+	lastWhole := false // the last record was sent whole: a checkpoint may name it
 	sinceCP, cpAt := uint64(0), time.Now()
 	ticker := time.NewTicker(min(interval, time.Second))
 	defer ticker.Stop()
@@ -193,8 +194,11 @@ func (s *AuditServer) subscribe(req *auditv1.SubscribeRequest, ss grpc.ServerStr
 			return &errBehind{resume: sent.Load() + 1, why: fmt.Sprintf("the subscriber took no record for %s while %d waited for it", s.o.Stall, s.o.Buffer)}
 		}
 	}
+	// A checkpoint only ever names a record sent whole, so that with a filter every checkpoint
+	// re-anchors the subscriber's chain on a record it verified itself (a server without the key
+	// could otherwise send elided records, and checkpoints naming them, for ever).
 	checkpoint := func(head uint64) error {
-		if last.Seq == 0 {
+		if last.Seq == 0 || !lastWhole {
 			return nil
 		}
 		sinceCP, cpAt = 0, time.Now()
@@ -212,15 +216,17 @@ func (s *AuditServer) subscribe(req *auditv1.SubscribeRequest, ss grpc.ServerStr
 			if !ok {
 				break
 			}
+			// A checkpoint is due after this record: it is sent whole whatever the filter says.
+			cpDue := sinceCP+1 >= every || time.Since(cpAt) >= interval
 			r := &auditv1.Record{Seq: rec.Seq, Mac: rec.MAC, Segment: rec.Segment}
-			if selects(f, rec.Raw) {
+			if cpDue || Selects(f, rec.Raw) {
 				r.Line = rec.Raw
 			}
 			if err := push(&auditv1.SubscribeResponse{Item: &auditv1.SubscribeResponse_Record{Record: r}}); err != nil {
 				return err
 			}
-			last = rec
-			if sinceCP++; sinceCP >= every {
+			last, lastWhole = rec, len(r.Line) > 0
+			if sinceCP++; cpDue {
 				if err := checkpoint(head); err != nil {
 					return err
 				}
@@ -229,7 +235,8 @@ func (s *AuditServer) subscribe(req *auditv1.SubscribeRequest, ss grpc.ServerStr
 		select {
 		case <-moved:
 		case <-ticker.C:
-			if sinceCP > 0 && time.Since(cpAt) >= interval {
+			// After an elided record the time's checkpoint waits for the next record (sent whole).
+			if sinceCP > 0 && lastWhole && time.Since(cpAt) >= interval {
 				if err := checkpoint(head); err != nil {
 					return err
 				}
@@ -246,9 +253,9 @@ func (s *AuditServer) subscribe(req *auditv1.SubscribeRequest, ss grpc.ServerStr
 	}
 }
 
-// selects reports whether f selects the record (its line as written). The stream's own records
-// always pass.
-func selects(f *auditv1.Filter, raw []byte) bool {
+// Selects reports whether f selects the record (its line as written): the records a filtered
+// subscription sends whole (besides those a checkpoint names). The stream's own records always pass.
+func Selects(f *auditv1.Filter, raw []byte) bool {
 	if f == nil || (len(f.GetEvents()) == 0 && len(f.GetDecisions()) == 0 && f.GetNamespace() == "") {
 		return true
 	}
