@@ -158,3 +158,67 @@ func TestProviderMountsHoldWhileThePodLives(t *testing.T) {
 		t.Fatalf("%d holds left", c.Held())
 	}
 }
+
+// volumeRecorder records, in order, the volumes whose leases were released and revoked and the pods
+// whose credentials were revoked.
+type volumeRecorder struct {
+	releaseRecorder
+	order []string
+}
+
+func (r *volumeRecorder) ReleaseVolume(volumeID string) func(context.Context) error {
+	return func(context.Context) error {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.order = append(r.order, "volume "+volumeID)
+		return nil
+	}
+}
+
+func (r *volumeRecorder) Release(podUID string) func(context.Context) error {
+	r.releaseRecorder.Release(podUID)
+	return func(context.Context) error {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.order = append(r.order, "pod "+podUID)
+		return nil
+	}
+}
+
+// A volume's leases are revoked whenever it holds no files (unpublished, withdrawn, a first publish
+// that failed), before the pod's token is (they were issued with it), and never while the volume
+// still holds files; a provider mount, with no volume, has none to revoke.
+func TestVolumeLeasesGoWhenTheVolumeHoldsNoFiles(t *testing.T) {
+	rec := &volumeRecorder{}
+	s, err := NewServer(Options{NodeID: "n", Broker: rec, Auditor: discardAudit{}, Audience: "keyward", Log: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := s.o.Credentials
+	take := func() string {
+		s.WaitReleases()
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		out := strings.Join(rec.order, ", ")
+		rec.order = nil
+		return out
+	}
+	publish := func(vol, pod string, holdsFiles bool) { c.begin(pod); c.end(vol, pod, holdsFiles) }
+	for _, tc := range []struct {
+		step string
+		do   func()
+		want string
+	}{
+		{"published", func() { publish("v1", "pod-a", true); publish("v2", "pod-a", true) }, ""},
+		{"republished, files kept", func() { publish("v1", "pod-a", true) }, ""},
+		{"one volume unpublished, the pod keeps another", func() { c.unpublished("v1", "/t/1") }, "volume v1"},
+		{"the last volume withdrawn: its leases, then the pod's token", func() { publish("v2", "pod-a", false) }, "volume v2, pod pod-a"},
+		{"a failed first publish", func() { publish("v3", "pod-b", false) }, "volume v3, pod pod-b"},
+		{"a provider mount", func() { c.begin("pod-c"); c.endMount("pod-c", true) }, "pod pod-c"},
+	} {
+		tc.do()
+		if got := take(); got != tc.want {
+			t.Fatalf("%s: %q, want %q", tc.step, got, tc.want)
+		}
+	}
+}

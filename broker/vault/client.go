@@ -101,9 +101,10 @@ type Options struct {
 	// RenewWindow is the part of a lease's TTL, at its end, in which a republish renews or reissues
 	// it (default DefaultRenewWindow, the last third).
 	RenewWindow float64
-	// Budget, if set, is asked before each credential is issued (not reused or renewed): an error
-	// (wrapping fault.ErrTooLarge: over budget) refuses the issue (policy.Authorizer.TakeIssue).
-	Budget func(id broker.Identity, now time.Time) error
+	// Budget, if set, is asked before a request issues the n credentials the pod causes (first issues
+	// and reissues in the renewal window; not reuses, renewals or the reissues the driver causes), all
+	// or none: an error (wrapping fault.ErrTooLarge: over budget) refuses them (policy.Authorizer.TakeIssues).
+	Budget func(id broker.Identity, n int, now time.Time) error
 	// MaxLeases bounds the leases held at once (default DefaultMaxLeases).
 	MaxLeases int
 }
@@ -142,6 +143,18 @@ type vaultToken struct {
 	issued    time.Time
 	ttl       time.Duration
 	renewable bool
+	// loginTTL is the TTL the login gave; a renewal that gives less was capped by the token's max
+	// TTL, and the token then ends for good at issued+ttl (capped).
+	loginTTL time.Duration
+	capped   bool
+}
+
+// doomedAt reports when the token ends for good, if it is known to: not renewable, or capped.
+func (t *vaultToken) doomedAt() (time.Time, bool) {
+	if t.capped || !t.renewable {
+		return t.issued.Add(t.ttl), true
+	}
+	return time.Time{}, false
 }
 
 func (t *vaultToken) String() string { return "vault-token(accessor-sha256:" + t.accessor + ")" }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"strings"
 
 	vaultapi "github.com/hashicorp/vault/api"
@@ -40,8 +41,23 @@ func mapErr(op string, err error) error {
 			return fmt.Errorf("vault %s: %d %s: %w", op, re.StatusCode, msg, fault.ErrUnavailable)
 		}
 	}
+	// A transport error's message holds the request's URL, and a lease's revocation or renewal names
+	// the lease ID in its path: keep only what went wrong (the cause stays wrapped for errors.Is).
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = urlCause{op: ue.Op, err: ue.Err}
+	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 		return fmt.Errorf("vault %s: %w", op, err)
 	}
 	return fmt.Errorf("vault %s: %v: %w", op, err, fault.ErrUnavailable)
 }
+
+// urlCause is a *url.Error without its URL.
+type urlCause struct {
+	op  string
+	err error
+}
+
+func (u urlCause) Error() string { return u.op + ": " + u.err.Error() }
+func (u urlCause) Unwrap() error { return u.err }

@@ -15,7 +15,6 @@ import (
 	"unicode/utf16"
 	"unicode/utf8"
 
-	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/keyward/keyward/broker"
@@ -33,9 +32,7 @@ func (s *Source) Fetch(ctx context.Context, id broker.Identity, jwt broker.Token
 		// concurrent request may have logged in afresh meanwhile), revoke it in case Vault still knows
 		// it (best effort), and log in once more.
 		if old := s.forget(id, refs, used); len(old) > 0 {
-			if _, rerr := s.revoke(ctx, old); rerr != nil {
-				s.o.Log.Info("revoking a Vault token refused a read failed; it lapses at its TTL", zap.Error(rerr))
-			}
+			s.revokeUnleased(ctx, old)
 		}
 		out, _, err = s.fetchAll(ctx, id, jwt, refs, maxBytes)
 	}

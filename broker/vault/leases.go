@@ -34,6 +34,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -113,8 +114,8 @@ func leaseHash(id string) string {
 var _ broker.LeaseSource = (*Source)(nil)
 
 // Lease implements broker.LeaseSource. As Fetch does, a refusal in pod mode may be a cached token
-// revoked behind the broker's back (or a Vault restart): that token is forgotten and the request
-// tried once more with a fresh login.
+// revoked behind the broker's back (or a Vault restart): that token is forgotten (revoked only if no
+// lease hangs off it) and the request tried once more with a fresh login.
 func (s *Source) Lease(ctx context.Context, id broker.Identity, jwt broker.Token, req broker.LeaseRequest) ([]broker.Secret, []broker.Lease, error) {
 	if req.Volume == "" {
 		return nil, nil, fmt.Errorf("dynamic credentials need a volume: %w", fault.ErrInvalid)
@@ -123,9 +124,7 @@ func (s *Source) Lease(ctx context.Context, id broker.Identity, jwt broker.Token
 	out, records, err := s.leaseAll(ctx, id, jwt, req, used)
 	if err != nil && errors.Is(err, fault.ErrDenied) && s.o.Mode == ModePod {
 		if old := s.forget(id, req.Refs, used); len(old) > 0 {
-			if _, rerr := s.revoke(ctx, old); rerr != nil {
-				s.o.Log.Info("revoking a Vault token refused an issue failed; it lapses at its TTL", zap.Error(rerr))
-			}
+			s.revokeUnleased(ctx, old)
 			var more []broker.Lease
 			out, more, err = s.leaseAll(ctx, id, jwt, req, used)
 			records = append(records, more...)
@@ -134,100 +133,151 @@ func (s *Source) Lease(ctx context.Context, id broker.Identity, jwt broker.Token
 	return out, records, err
 }
 
-// leaseAll is Lease, once; it records the Vault tokens it used.
+// step is what a request does with one credential of the volume, decided before anything is issued.
+type step struct {
+	r   broker.Resolved
+	k   leaseKey
+	tok string
+	cur *lease
+	// action: reused, renewed (tried: a refusal reissues), issued or reissued.
+	action broker.LeaseAction
+	// charged: the issue is the pod's doing (a first issue, or a reissue in the renewal window),
+	// counted against its budget; reissues the driver causes (a restart, a replaced token, a
+	// refused renewal) are not.
+	charged bool
+	// adopted is the lease the volume had before a driver restart, found by its hash: retired (not
+	// revoked) once its replacement is in place.
+	adopted *lease
+}
+
+// leaseAll is Lease, once; it records the Vault tokens it used. It decides every credential's step
+// first, takes the issues the pod causes from its budget all at once (none if over budget), then
+// issues.
 func (s *Source) leaseAll(ctx context.Context, id broker.Identity, jwt broker.Token, req broker.LeaseRequest, used map[string]bool) ([]broker.Secret, []broker.Lease, error) {
-	out := make([]broker.Secret, len(req.Refs))
-	var records []broker.Lease
-	fail := func(err error) ([]broker.Secret, []broker.Lease, error) {
-		for i := range out {
-			clear(out[i].Value)
-		}
-		return nil, records, err
-	}
-	done := map[leaseKey]*lease{}
-	for i, r := range req.Refs {
+	var steps []*step
+	byKey := map[leaseKey]*step{}
+	for _, r := range req.Refs {
 		k := leaseKey{kind: r.Kind, mount: r.Mount, role: r.Path, pki: r.PKI}
-		l := done[k]
-		if l == nil {
-			var rec broker.Lease
-			var err error
-			l, rec, err = s.leaseFor(ctx, id, jwt, req, r, k, used)
-			if err != nil {
-				return fail(err)
-			}
-			done[k] = l
-			records = append(records, rec)
+		if byKey[k] == nil {
+			byKey[k] = &step{r: r, k: k}
+			steps = append(steps, byKey[k])
 		}
+	}
+	charged := 0
+	for _, st := range steps {
+		if err := s.plan(ctx, id, jwt, req, st, used); err != nil {
+			return nil, nil, err
+		}
+		if st.charged {
+			charged++
+		}
+	}
+	if charged > 0 && s.o.Budget != nil {
+		if err := s.o.Budget(id, charged, s.o.Now()); err != nil {
+			return nil, nil, fmt.Errorf("%d new credentials for volume %s: %w", charged, req.Volume, err)
+		}
+	}
+	var records []broker.Lease
+	done := map[leaseKey]*lease{}
+	for _, st := range steps {
+		l, rec, err := s.act(ctx, id, req.Volume, st)
+		if err != nil {
+			return nil, records, err
+		}
+		done[st.k], records = l, append(records, rec)
+	}
+	out := make([]broker.Secret, len(req.Refs))
+	for i, r := range req.Refs {
+		l := done[leaseKey{kind: r.Kind, mount: r.Mount, role: r.Path, pki: r.PKI}]
 		v, ok := l.values[r.Key]
 		if !ok {
-			return fail(fmt.Errorf("%s: Vault's answer has no %s: %w", r.SecretRef, r.Key, fault.ErrUnavailable))
+			for j := range out {
+				clear(out[j].Value)
+			}
+			return nil, records, fmt.Errorf("%s: Vault's answer has no %s: %w", r.SecretRef, r.Key, fault.ErrUnavailable)
 		}
 		out[i] = broker.Secret{Ref: r.SecretRef, Value: append([]byte(nil), v...), Environment: r.Environment, Lease: l.hash}
 	}
 	return out, records, nil
 }
 
-// leaseFor returns the volume's credential for k: reused, renewed or issued, and what it did.
-func (s *Source) leaseFor(ctx context.Context, id broker.Identity, jwt broker.Token, req broker.LeaseRequest, r broker.Resolved, k leaseKey, used map[string]bool) (*lease, broker.Lease, error) {
-	tok, err := s.token(ctx, id, jwt, r)
+// plan decides a credential's step: the token it is issued with (a fresh login if the cached one
+// will die at its max TTL: Vault would revoke its leases with it) and what to do with the volume's
+// lease of it.
+func (s *Source) plan(ctx context.Context, id broker.Identity, jwt broker.Token, req broker.LeaseRequest, st *step, used map[string]bool) error {
+	tok, err := s.token(ctx, id, jwt, st.r)
 	if err != nil {
-		return nil, broker.Lease{}, err
+		return err
+	}
+	if s.doomed(id, st.r, tok) {
+		if tok, err = s.freshToken(ctx, id, jwt, st.r, tok); err != nil {
+			return err
+		}
 	}
 	used[tok] = true
-	now := s.o.Now()
+	st.tok = tok
 	s.lmu.Lock()
-	vl := s.volumes[req.Volume]
-	var cur *lease
-	if vl != nil {
+	if vl := s.volumes[req.Volume]; vl != nil {
 		if vl.owner != id.PodUID { // kubelet derives a volume's ID from its pod: never another pod's
 			s.lmu.Unlock()
-			return nil, broker.Lease{}, fmt.Errorf("volume %s holds another pod's credentials: %w", req.Volume, fault.ErrInvalid)
+			return fmt.Errorf("volume %s holds another pod's credentials: %w", req.Volume, fault.ErrInvalid)
 		}
-		cur = vl.cur[k]
+		st.cur = vl.cur[st.k]
 	}
 	s.lmu.Unlock()
-	action := broker.LeaseIssued
-	if cur != nil {
-		window := time.Duration(float64(cur.ttl) * s.o.RenewWindow)
-		switch {
-		case cur.token != tok:
-			// Issued with a Vault token no longer in use (a fresh login replaced it): Vault revokes
-			// the lease with that token, so it is not to be relied on.
-		case now.Before(cur.expires().Add(-window)):
-			return cur, record(cur, broker.LeaseReused), nil
-		case k.kind == broker.KindDatabase && cur.renewable && cur.id != "":
-			if rl, ok := s.renewLease(ctx, req.Volume, cur, window, now); ok {
-				return rl, record(rl, broker.LeaseRenewed), nil
-			}
-		}
-		action = broker.LeaseReissued
-	} else if h := req.Adopt[k.name()]; h != "" {
-		if s.adopt(ctx, tok, k, h) {
-			action = broker.LeaseReissued
-		}
+	now, cur := s.o.Now(), st.cur
+	switch {
+	case cur == nil && req.Adopt[st.k.name()] != "":
+		st.action, st.adopted = broker.LeaseReissued, s.adopt(ctx, tok, st.k, req.Adopt[st.k.name()])
+	case cur == nil:
+		st.action, st.charged = broker.LeaseIssued, true
+	case cur.token != tok:
+		// Issued with a Vault token no longer in use (a fresh login replaced it): Vault revokes the
+		// lease with that token, so it is not to be relied on.
+		st.action = broker.LeaseReissued
+	case now.Before(cur.expires().Add(-s.window(cur))):
+		st.action = broker.LeaseReused
+	case st.k.kind == broker.KindDatabase && cur.renewable && cur.id != "":
+		st.action = broker.LeaseRenewed
+	default:
+		st.action, st.charged = broker.LeaseReissued, true
 	}
-	if s.o.Budget != nil {
-		if err := s.o.Budget(id, now); err != nil {
-			return nil, broker.Lease{}, fmt.Errorf("%s: %w", k.name(), err)
+	return nil
+}
+
+// window is the lease's renewal window: the part of its TTL, at its end, in which it is renewed or
+// reissued.
+func (s *Source) window(l *lease) time.Duration { return time.Duration(float64(l.ttl) * s.o.RenewWindow) }
+
+// act carries out a step.
+func (s *Source) act(ctx context.Context, id broker.Identity, volume string, st *step) (*lease, broker.Lease, error) {
+	switch st.action {
+	case broker.LeaseReused:
+		return st.cur, record(st.cur, broker.LeaseReused), nil
+	case broker.LeaseRenewed:
+		if rl, ok := s.renewLease(ctx, volume, st.cur, s.window(st.cur), s.o.Now()); ok {
+			return rl, record(rl, broker.LeaseRenewed), nil
 		}
+		st.action = broker.LeaseReissued
 	}
-	l, err := s.issue(ctx, tok, r, k)
+	l, err := s.issue(ctx, st.tok, st.r, st.k)
 	if err != nil {
 		return nil, broker.Lease{}, err
 	}
-	if err := s.keep(req.Volume, id.PodUID, l); err != nil {
-		s.revokeLeases(ctx, []*lease{l})
+	if err := s.keep(volume, id.PodUID, l, st.adopted); err != nil {
+		s.revokeLeases(context.WithoutCancel(ctx), []*lease{l})
 		return nil, broker.Lease{}, err
 	}
-	return l, record(l, action), nil
+	return l, record(l, st.action), nil
 }
 
 func record(l *lease, a broker.LeaseAction) broker.Lease {
 	return broker.Lease{Name: l.key.name(), Hash: l.hash, TTL: l.ttl, Expires: l.expires(), Serial: l.serial, Action: a}
 }
 
-// keep makes l the volume's credential for its key, retiring the one it replaces.
-func (s *Source) keep(volume, owner string, l *lease) error {
+// keep makes l the volume's credential for its key, retiring the one it replaces (and adopted, the
+// one found after a restart, if any).
+func (s *Source) keep(volume, owner string, l, adopted *lease) error {
 	s.lmu.Lock()
 	defer s.lmu.Unlock()
 	if s.leaseCount >= s.o.MaxLeases {
@@ -251,6 +301,10 @@ func (s *Source) keep(volume, owner string, l *lease) error {
 	if old := vl.cur[l.key]; old != nil {
 		old.clearValues()
 		vl.retired = append(vl.retired, old)
+	}
+	if adopted != nil {
+		vl.retired = append(vl.retired, adopted)
+		s.leaseCount++
 	}
 	vl.cur[l.key] = l
 	s.leaseCount++
@@ -309,7 +363,11 @@ func (s *Source) revokeLeases(ctx context.Context, ls []*lease) error {
 			continue
 		}
 		start := time.Now()
-		_, err := s.client(l.token).Logical().WriteWithContext(ctx, "sys/leases/revoke/"+l.id, nil)
+		// Each its own time, and not the caller's cancellation: a revocation is clean-up that must
+		// run even when the request that needed it was cancelled.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		_, err := s.client(l.token).Logical().WriteWithContext(rctx, "sys/leases/revoke/"+l.id, nil)
+		cancel()
 		if err != nil {
 			err = mapErr("revoke "+l.key.name()+" lease sha256:"+l.hash, err)
 		}
@@ -331,7 +389,8 @@ func (s *Source) revokeLeases(ctx context.Context, ls []*lease) error {
 // renewal would not carry the lease out of the window (its max TTL is near): the caller reissues.
 func (s *Source) renewLease(ctx context.Context, volume string, l *lease, window time.Duration, now time.Time) (*lease, bool) {
 	start := time.Now()
-	sec, err := s.client(l.token).Logical().WriteWithContext(ctx, "sys/leases/renew", map[string]any{"lease_id": l.id, "increment": int64(l.ttl / time.Second)})
+	// The lease ID in the path, so the Vault policy can scope renewals to the namespace's roles.
+	sec, err := s.client(l.token).Logical().WriteWithContext(ctx, "sys/leases/renew/"+l.id, map[string]any{"increment": int64(l.ttl / time.Second)})
 	if err != nil {
 		err = mapErr("renew "+l.key.name()+" lease sha256:"+l.hash, err)
 	}
@@ -447,7 +506,7 @@ func (s *Source) newLease(sec *vaultapi.Secret, token string, k leaseKey) (*leas
 
 // abandon revokes a lease whose answer could not be used, and returns err.
 func (s *Source) abandon(ctx context.Context, l *lease, err error) error {
-	if rerr := s.revokeLeases(ctx, []*lease{l}); rerr != nil {
+	if rerr := s.revokeLeases(context.WithoutCancel(ctx), []*lease{l}); rerr != nil {
 		s.o.Log.Warn("revoking an unusable lease failed; it ends at its TTL", zap.Stringer("lease", l), zap.Error(rerr))
 	}
 	return err
@@ -510,9 +569,11 @@ func localKey(p broker.PKIRequest) (csrPEM, keyPEM []byte, err error) {
 }
 
 // adopt finds, after a driver restart, the lease whose hash the volume's metadata names, among the
-// lease IDs under the role, and revokes it (see the top of this file for why it is not reused). It
-// reports whether it found one.
-func (s *Source) adopt(ctx context.Context, token string, k leaseKey, hash string) bool {
+// lease IDs under the role, and returns it (nil if not found) with its end as Vault tells it. The
+// caller retires it once its replacement is in place (see the top of this file for why it is not
+// reused): the app keeps working with it until it has the new one, it is revoked with the volume,
+// and it dies with its old token at the latest.
+func (s *Source) adopt(ctx context.Context, token string, k leaseKey, hash string) *lease {
 	prefix := k.mount + "/creds/" + k.role + "/"
 	switch {
 	case k.kind == broker.KindPKI && k.pki.LocalKey:
@@ -528,7 +589,7 @@ func (s *Source) adopt(ctx context.Context, token string, k leaseKey, hash strin
 	s.observe("list-leases", start, err)
 	if err != nil {
 		s.o.Log.Info("finding a volume's lease after a restart failed; it lapses at its TTL or with its token", zap.String("lease", k.name()+", sha256:"+hash), zap.Error(err))
-		return false
+		return nil
 	}
 	var keys []any
 	if sec != nil && sec.Data != nil {
@@ -540,14 +601,17 @@ func (s *Source) adopt(ctx context.Context, token string, k leaseKey, hash strin
 		if leaseHash(id) != hash {
 			continue
 		}
-		old := &lease{key: k, id: id, hash: hash, token: token, issued: s.o.Now(), ttl: time.Hour}
-		if err := s.revokeLeases(ctx, []*lease{old}); err != nil {
-			s.o.Log.Info("revoking a volume's lease found after a restart failed; it lapses at its TTL or with its token", zap.Stringer("lease", old), zap.Error(err))
-		} else {
-			s.o.Log.Info("found a volume's lease after a restart and revoked it; reissuing", zap.Stringer("lease", old))
+		found := &lease{key: k, id: id, hash: hash, token: token, issued: s.o.Now(), ttl: time.Hour, values: map[string][]byte{}}
+		if look, err := s.client(token).Logical().WriteWithContext(ctx, "sys/leases/lookup", map[string]any{"lease_id": id}); err == nil && look != nil {
+			if num, ok := look.Data["ttl"].(json.Number); ok {
+				if n, err := num.Int64(); err == nil && n > 0 {
+					found.ttl = time.Duration(n) * time.Second
+				}
+			}
 		}
-		return true
+		s.o.Log.Info("found a volume's lease after a restart: replacing it, then retiring it", zap.Stringer("lease", found), zap.Duration("ttl", found.ttl))
+		return found
 	}
 	s.o.Log.Info("a volume's lease was not found after a restart (it ended, or its token was revoked); issuing", zap.String("lease", k.name()+", sha256:"+hash))
-	return false
+	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -34,6 +35,10 @@ type leaseVault struct {
 	revokeCode int
 	// refused are tokens Vault no longer accepts (revoked behind the broker's back).
 	refused map[string]bool
+	// dropRevokes: the connection of a revocation is cut (a transport error).
+	dropRevokes bool
+	// renewSelfTTL is what a token renewal gives (0: 600 s, what the login gave).
+	renewSelfTTL int
 }
 
 func (f *leaseVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -55,7 +60,7 @@ func (f *leaseVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.issued++
 		json.NewEncoder(w).Encode(map[string]any{"lease_id": fmt.Sprintf("database-prod/creds/payments-ro/LEASEID-%d", f.issued), "lease_duration": 60, "renewable": true,
 			"data": map[string]any{"username": fmt.Sprintf("v-user-%d", f.issued), "password": fmt.Sprintf("CANARY-pw-%d", f.issued)}})
-	case p == "/v1/sys/leases/renew":
+	case strings.HasPrefix(p, "/v1/sys/leases/renew/"):
 		if f.renew != nil {
 			f.renew(w)
 			return
@@ -66,10 +71,30 @@ func (f *leaseVault) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		json.NewDecoder(r.Body).Decode(&body)
 		f.renewed++
 		json.NewEncoder(w).Encode(map[string]any{"lease_duration": body.Increment, "renewable": true})
+	case p == "/v1/auth/token/renew-self":
+		ttl := f.renewSelfTTL
+		if ttl == 0 {
+			ttl = 600
+		}
+		json.NewEncoder(w).Encode(map[string]any{"auth": map[string]any{"client_token": r.Header.Get("X-Vault-Token"), "lease_duration": ttl, "renewable": true}})
+	case strings.TrimSuffix(p, "/") == "/v1/sys/leases/lookup/database-prod/creds/payments-ro" && r.URL.Query().Get("list") == "true":
+		var keys []string
+		for i := 1; i <= f.issued; i++ {
+			keys = append(keys, fmt.Sprintf("LEASEID-%d", i))
+		}
+		json.NewEncoder(w).Encode(map[string]any{"data": map[string]any{"keys": keys}})
+	case p == "/v1/sys/leases/lookup":
+		json.NewEncoder(w).Encode(map[string]any{"data": map[string]any{"ttl": 45}})
 	case p == "/v1/auth/token/revoke-self":
 		f.revoked = append(f.revoked, "token:"+r.Header.Get("X-Vault-Token"))
 		w.WriteHeader(http.StatusNoContent)
 	case strings.HasPrefix(p, "/v1/sys/leases/revoke/"):
+		if f.dropRevokes {
+			if c, _, err := w.(http.Hijacker).Hijack(); err == nil {
+				c.Close()
+			}
+			return
+		}
 		if f.revokeCode != 0 {
 			http.Error(w, `{"errors":["permission denied"]}`, f.revokeCode)
 			return
@@ -196,9 +221,9 @@ func TestLeaseReuseRenewReissueRelease(t *testing.T) {
 func TestLeaseFaults(t *testing.T) {
 	f := &leaseVault{}
 	var asked int
-	budget := func(broker.Identity, time.Time) error {
-		asked++
-		if asked > 3 {
+	budget := func(_ broker.Identity, n int, _ time.Time) error {
+		asked += n
+		if asked > 2 {
 			return fmt.Errorf("issue budget of pod uid-1 spent: %w", fault.ErrTooLarge)
 		}
 		return nil
@@ -216,8 +241,8 @@ func TestLeaseFaults(t *testing.T) {
 		delete(s.tokens, k)
 	}
 	s.mu.Unlock()
-	if _, rec, err := leaseOf(t, s, "vol-1"); err != nil || rec.Action != broker.LeaseReissued || f.logins != 2 {
-		t.Fatalf("after a new login: %v %+v, %d logins", err, rec, f.logins)
+	if _, rec, err := leaseOf(t, s, "vol-1"); err != nil || rec.Action != broker.LeaseReissued || f.logins != 2 || asked != 1 {
+		t.Fatalf("after a new login: %v %+v, %d logins, %d charged (the driver's reissue is not the pod's)", err, rec, f.logins, asked)
 	}
 	// Bounded: a second volume would hold a third lease.
 	if _, _, err := leaseOf(t, s, "vol-2"); !errors.Is(err, fault.ErrUnavailable) {
@@ -316,5 +341,83 @@ func TestVolumeLeasesAreTheirPodsOnly(t *testing.T) {
 	s.ReleaseVolume("vol-1")
 	if v := string(held.values["password"]); strings.Contains(v, "CANARY") {
 		t.Fatalf("a released lease's password is still in memory: %q", v)
+	}
+}
+
+// A transport failure's error names the request's URL, and a revocation's URL holds the lease ID:
+// mapErr keeps only the cause, so the ID reaches neither the error nor the log.
+func TestTransportErrorsDoNotCarryTheLeaseID(t *testing.T) {
+	f := &leaseVault{}
+	s, _, logs := newLeaseSource(t, f, Options{})
+	if _, _, err := leaseOf(t, s, "vol-1"); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	f.dropRevokes = true
+	f.mu.Unlock()
+	err := s.ReleaseVolume("vol-1")(context.Background()) // the connection is cut: a *url.Error
+	if err == nil || strings.Contains(err.Error(), "LEASEID") || !errors.Is(err, fault.ErrUnavailable) {
+		t.Fatalf("revocation cut off: %v", err)
+	}
+	u := mapErr("revoke", &url.Error{Op: "Put", URL: "http://vault/v1/sys/leases/revoke/database-prod/creds/payments-ro/LEASEID-9", Err: errors.New("connection refused")})
+	if strings.Contains(u.Error(), "LEASEID") || !errors.Is(u, fault.ErrUnavailable) {
+		t.Fatalf("mapErr kept the URL: %v", u)
+	}
+	for _, e := range logs.All() {
+		if strings.Contains(fmt.Sprint(e.Message, e.ContextMap()), "LEASEID") {
+			t.Fatalf("a lease ID reached the log: %v %v", e.Message, e.ContextMap())
+		}
+	}
+}
+
+// After a restart the volume's lease is found by the hash its ..version names, replaced (not charged
+// to the pod: the driver caused it) and retired, not revoked: the app keeps working with it until it
+// has the new one; the volume's release revokes both.
+func TestRestartAdoptionRetiresTheOldLease(t *testing.T) {
+	f := &leaseVault{}
+	var charged int
+	s, _, _ := newLeaseSource(t, f, Options{Budget: func(_ broker.Identity, n int, _ time.Time) error { charged += n; return nil }})
+	if _, _, err := leaseOf(t, s, "vol-1"); err != nil {
+		t.Fatal(err)
+	}
+	old := leaseHash("database-prod/creds/payments-ro/LEASEID-1")
+	s.ReleaseVolume("vol-1") // the restart: the memory is gone (nothing revoked: the closure is dropped)
+	ctx := context.Background()
+	secs, recs, err := s.Lease(ctx, pod, "jwt-CANARY", broker.LeaseRequest{Volume: "vol-1", Refs: dbRefs(), Adopt: map[string]string{"database:payments-ro": old}})
+	if err != nil || len(recs) != 1 || recs[0].Action != broker.LeaseReissued || string(secs[0].Value) != "v-user-2" || charged != 1 {
+		t.Fatalf("adoption: %v %+v, %d charged (want only the first issue)", err, recs, charged)
+	}
+	if len(f.revoked) != 0 || s.Leases() != 2 {
+		t.Fatalf("the found lease was revoked at once (%v) or not kept (%d held)", f.revoked, s.Leases())
+	}
+	if err := s.ReleaseVolume("vol-1")(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(f.revoked); got != "[database-prod/creds/payments-ro/LEASEID-2 database-prod/creds/payments-ro/LEASEID-1]" {
+		t.Fatalf("revoked %s: want the new lease and the one found", got)
+	}
+}
+
+// A token whose renewal comes back capped (its max TTL) ends for good within the hour, and Vault
+// revokes its leases with it: dynamic credentials are then issued under a fresh login, and the
+// reissue is not charged to the pod.
+func TestCappedTokenGetsAFreshLoginForLeases(t *testing.T) {
+	f := &leaseVault{renewSelfTTL: 100}
+	var charged int
+	s, clock, _ := newLeaseSource(t, f, Options{Budget: func(_ broker.Identity, n int, _ time.Time) error { charged += n; return nil }})
+	if _, _, err := leaseOf(t, s, "vol-1"); err != nil {
+		t.Fatal(err)
+	}
+	clock.advance(30 * time.Second) // the 60 s lease still outside its window; the token (600 s) too
+	if _, rec, err := leaseOf(t, s, "vol-1"); err != nil || rec.Action != broker.LeaseReused || f.logins != 1 {
+		t.Fatalf("before the token's renewal: %v %+v, %d logins", err, rec, f.logins)
+	}
+	s.mu.Lock()
+	for _, tk := range s.tokens { // the token's last third: the next request renews it, capped
+		tk.issued = tk.issued.Add(-450 * time.Second)
+	}
+	s.mu.Unlock()
+	if _, rec, err := leaseOf(t, s, "vol-1"); err != nil || rec.Action != broker.LeaseReissued || f.logins != 2 || charged != 1 {
+		t.Fatalf("after a capped renewal: %v %+v, %d logins, %d charged", err, rec, f.logins, charged)
 	}
 }

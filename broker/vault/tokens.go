@@ -73,6 +73,39 @@ func (s *Source) token(ctx context.Context, id broker.Identity, jwt broker.Token
 	return v.(*vaultToken).token, nil
 }
 
+// doomed reports whether the cached token tok of the pod's service account for r ends for good
+// (capped at its max TTL, or not renewable) before a lease issued now could be relied on: within
+// the next hour. Vault revokes a token's leases with it, so dynamic credentials are issued with a
+// fresh login instead (freshToken). Broker mode's own token is the operator's to keep alive.
+func (s *Source) doomed(id broker.Identity, r broker.Resolved, tok string) bool {
+	if s.o.Mode != ModePod {
+		return false
+	}
+	key := tokenKey{namespace: id.Namespace, serviceAccount: id.ServiceAccount, role: r.Role, environment: r.Environment}
+	s.mu.Lock()
+	t := s.tokens[key]
+	s.mu.Unlock()
+	if t == nil || t.token != tok {
+		return false
+	}
+	end, ok := t.doomedAt()
+	return ok && end.Before(s.o.Now().Add(time.Hour))
+}
+
+// freshToken replaces the cached token old of the pod's service account for r with a fresh login.
+// The old one is not revoked: leases of other volumes hang off it until their next republish
+// reissues them under the fresh one; it ends at its max TTL.
+func (s *Source) freshToken(ctx context.Context, id broker.Identity, jwt broker.Token, r broker.Resolved, old string) (string, error) {
+	key := tokenKey{namespace: id.Namespace, serviceAccount: id.ServiceAccount, role: r.Role, environment: r.Environment}
+	s.mu.Lock()
+	if t := s.tokens[key]; t != nil && t.token == old {
+		delete(s.tokens, key)
+	}
+	s.mu.Unlock()
+	s.o.Log.Info("a service-account Vault token ends at its max TTL within the hour: logging in afresh for dynamic credentials")
+	return s.token(ctx, id, jwt, r)
+}
+
 // holdLocked records that the pod holds key. Callers hold s.mu.
 func (s *Source) holdLocked(key tokenKey, podUID string) {
 	if podUID == "" {
@@ -118,6 +151,7 @@ func (s *Source) login(ctx context.Context, key tokenKey, jwt broker.Token) (*va
 	if t.ttl <= 0 {
 		t.ttl = time.Minute
 	}
+	t.loginTTL = t.ttl
 	s.mu.Lock()
 	var replaced *vaultToken
 	if len(s.holders[key]) > 0 { // every holder released meanwhile: used once, not cached
@@ -154,7 +188,10 @@ func (s *Source) renew(ctx context.Context, key tokenKey, t *vaultToken) (*vault
 		if sec == nil || sec.Auth == nil {
 			return nil, fmt.Errorf("renew: empty answer: %w", fault.ErrUnavailable)
 		}
-		nt := &vaultToken{token: t.token, accessor: t.accessor, issued: s.o.Now(), ttl: time.Duration(sec.Auth.LeaseDuration) * time.Second, renewable: sec.Auth.Renewable}
+		nt := &vaultToken{token: t.token, accessor: t.accessor, issued: s.o.Now(), ttl: time.Duration(sec.Auth.LeaseDuration) * time.Second,
+			renewable: sec.Auth.Renewable, loginTTL: t.loginTTL}
+		// Less than the login gave: the token's max TTL capped it, and it ends for good then.
+		nt.capped = t.capped || (t.loginTTL > 0 && nt.ttl < t.loginTTL)
 		s.mu.Lock()
 		if cur := s.tokens[key]; cur != nil && cur.token == t.token { // a released token stays released
 			s.tokens[key] = nt
@@ -219,17 +256,7 @@ func (s *Source) ReleaseAll(ctx context.Context) (int, error) {
 	if s.o.Mode != ModePod {
 		return 0, nil
 	}
-	leased := map[string]bool{}
-	s.lmu.Lock()
-	for _, vl := range s.volumes {
-		for _, l := range vl.cur {
-			leased[l.token] = true
-		}
-		for _, l := range vl.retired {
-			leased[l.token] = true
-		}
-	}
-	s.lmu.Unlock()
+	leased := s.leasedTokens()
 	s.mu.Lock()
 	toks := make([]*vaultToken, 0, len(s.tokens))
 	kept := 0
@@ -248,6 +275,41 @@ func (s *Source) ReleaseAll(ctx context.Context) (int, error) {
 	s.byPod = map[string]map[tokenKey]struct{}{}
 	s.mu.Unlock()
 	return s.revoke(ctx, toks)
+}
+
+// leasedTokens are the Vault tokens that issued the leases the volumes hold: Vault revokes a token's
+// leases with it.
+func (s *Source) leasedTokens() map[string]bool {
+	leased := map[string]bool{}
+	s.lmu.Lock()
+	defer s.lmu.Unlock()
+	for _, vl := range s.volumes {
+		for _, l := range vl.cur {
+			leased[l.token] = true
+		}
+		for _, l := range vl.retired {
+			leased[l.token] = true
+		}
+	}
+	return leased
+}
+
+// revokeUnleased revokes the tokens a refused request forgot, except those holding volumes' leases
+// (revoking one would revoke other pods' credentials: it lapses at its TTL instead).
+func (s *Source) revokeUnleased(ctx context.Context, toks []*vaultToken) {
+	leased := s.leasedTokens()
+	var revoke []*vaultToken
+	for _, t := range toks {
+		if !leased[t.token] {
+			revoke = append(revoke, t)
+		}
+	}
+	if len(revoke) == 0 {
+		return
+	}
+	if _, err := s.revoke(ctx, revoke); err != nil {
+		s.o.Log.Info("revoking a Vault token Vault refused failed; it lapses at its TTL", zap.Error(err))
+	}
 }
 
 // revoke revokes tokens at Vault. A token Vault no longer accepts is not an error.

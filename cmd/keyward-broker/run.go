@@ -249,7 +249,7 @@ func (d *wiring) vaultSource() (*vault.Source, error) {
 		return nil, err
 	}
 	vo := vault.Options{Client: vc, Mode: vault.Mode(v.Mode), AuthMount: v.AuthMount, Log: d.log.Named("vault"), Observe: d.metrics.vaultRequest,
-		Budget: d.authz.TakeIssue, RenewWindow: v.LeaseRenewWindow}
+		Budget: d.authz.TakeIssues, RenewWindow: v.LeaseRenewWindow}
 	if vo.Mode == vault.ModeBroker {
 		b, err := os.ReadFile(v.TokenFile)
 		if err != nil {

@@ -38,6 +38,13 @@ path "sys/leases/revoke/@DB_MOUNT@/creds/{{identity.entity.aliases.@AUTH_ACCESSO
   capabilities = ["update"]
 }
 
+# Renew one lease by its ID in the path (sys/leases/renew/<lease id>): only leases of the namespace's
+# own roles. Vault's default policy also allows sys/leases/renew for any lease ID in the body; the
+# broker uses the path form, so a role with token_no_default_policy still renews.
+path "sys/leases/renew/@DB_MOUNT@/creds/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}_*" {
+  capabilities = ["update"]
+}
+
 # List the lease IDs under the namespace's own roles (LIST sys/leases/lookup/<mount>/issue/<role>/):
 # how the broker finds a volume's leases again after a restart. sys/leases/lookup/* is a sudo path.
 path "sys/leases/lookup/@PKI_MOUNT@/issue/{{identity.entity.aliases.@AUTH_ACCESSOR@.metadata.service_account_namespace}}_*" {

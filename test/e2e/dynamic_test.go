@@ -246,7 +246,8 @@ func wantActions(t *testing.T, d *driver, pod *corev1.Pod, want map[string]strin
 // PKI certificates and database credentials against the real Vault and a real PostgreSQL, through
 // the keyward-broker binary and a simulated kubelet: issued at the first publish, reused by a
 // republish outside the renewal window, renewed (database) or reissued (certificate) inside it,
-// found again by their hash after a driver restart (then revoked and reissued), revoked when the
+// found again by their hash after a driver restart (reissued, the old ones retired until the volume
+// goes), revoked when the
 // volume is unpublished (the database role is dropped, the certificate's lease is gone and its serial
 // revoked); lease IDs appear in no log, audit record or file.
 func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
@@ -259,6 +260,7 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 	pod := e.pods["payments-prod"]
 	target := d.kl.target(t, pod)
 	var first, renewed, restarted delivered
+	var oldDB, oldPKI string // the leases the restarted driver found again
 	var issuedAt time.Time
 	var allLeaseIDs []string
 	runSteps(t,
@@ -332,8 +334,7 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 			allLeaseIDs = append(allLeaseIDs, e.leaseByHash(t, pkiLeases, renewed.pkiLease))
 		}},
 		step{"found again after a driver restart", func(t *testing.T) {
-			oldDB := e.leaseByHash(t, dbLeases, renewed.dbLease)
-			oldPKI := e.leaseByHash(t, pkiLeases, renewed.pkiLease)
+			oldDB, oldPKI = e.leaseByHash(t, dbLeases, renewed.dbLease), e.leaseByHash(t, pkiLeases, renewed.pkiLease)
 			if oldDB == "" || oldPKI == "" {
 				t.Fatal("the leases before the restart are not at Vault")
 			}
@@ -346,11 +347,13 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 			if restarted.user == renewed.user || restarted.version <= renewed.version {
 				t.Fatalf("after the restart: same database user %v, ..version %d -> %d", restarted.user == renewed.user, renewed.version, restarted.version)
 			}
-			if slices.Contains(e.leaseIDs(t, dbLeases), oldDB) || slices.Contains(e.leaseIDs(t, pkiLeases), oldPKI) {
-				t.Fatal("the leases found again after the restart were not revoked")
+			// The leases found again are retired, not revoked: the app keeps its sessions until it has
+			// switched to the new files; they go with the volume (next step) or with their old token.
+			if !slices.Contains(e.leaseIDs(t, dbLeases), oldDB) || !slices.Contains(e.leaseIDs(t, pkiLeases), oldPKI) {
+				t.Fatal("the leases found again after the restart were revoked before the app had the new ones")
 			}
-			if err := e.pg.CanLogin(ctx, renewed.user, renewed.password); err == nil {
-				t.Fatal("the database credentials from before the restart still log in")
+			if err := e.pg.CanLogin(ctx, renewed.user, renewed.password); err != nil {
+				t.Fatalf("the database credentials from before the restart stopped working at once: %v", err)
 			}
 			if err := e.pg.CanLogin(ctx, restarted.user, restarted.password); err != nil {
 				t.Fatalf("the reissued database credentials do not log in: %v", err)
@@ -372,6 +375,12 @@ func TestDynamicCredentialsLiveAsLongAsTheirVolume(t *testing.T) {
 				}
 				if ok, err := e.pg.RoleExists(ctx, restarted.user); err != nil || ok {
 					return fmt.Errorf("the database role still exists (%v)", err)
+				}
+				if err := e.pg.CanLogin(ctx, renewed.user, renewed.password); err == nil {
+					return fmt.Errorf("the login found again after the restart still works")
+				}
+				if slices.Contains(e.leaseIDs(t, dbLeases), oldDB) || slices.Contains(e.leaseIDs(t, pkiLeases), oldPKI) {
+					return fmt.Errorf("the leases found again after the restart are still at Vault")
 				}
 				if slices.Contains(e.leaseIDs(t, pkiLeases), pk) || slices.Contains(e.leaseIDs(t, dbLeases), db) || slices.Contains(e.leaseIDs(t, signLeases), local) {
 					return fmt.Errorf("the leases are still at Vault")

@@ -268,6 +268,14 @@ func TestVaultDynamicPolicyScopesToTheNamespace(t *testing.T) {
 	} else {
 		theirs = append(theirs, s.LeaseID)
 	}
+	// Renewal by the lease ID in the path: its own database lease, not another namespace's.
+	if _, err := c.Logical().WriteWithContext(ctx, "sys/leases/renew/"+creds.LeaseID, map[string]any{"increment": 60}); err != nil {
+		t.Fatalf("renew its own lease: %v", err)
+	}
+	wantDenied(t, "renew another namespace's lease", func() error {
+		_, err := c.Logical().WriteWithContext(ctx, "sys/leases/renew/"+theirs[1], map[string]any{"increment": 60})
+		return err
+	}())
 	for _, id := range theirs {
 		wantDenied(t, "revoke another namespace's lease", revoke(ctx, c, id))
 		if err := lookupLease(ctx, v.Client, id); err != nil {

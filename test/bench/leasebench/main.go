@@ -103,7 +103,7 @@ func run(nPods, republishes int) error {
 		return err
 	}
 	var keywardIssued atomic.Int64
-	src, err := vault.New(vault.Options{Client: vc, Mode: vault.ModePod, Log: zap.NewNop(), Budget: authz.TakeIssue,
+	src, err := vault.New(vault.Options{Client: vc, Mode: vault.ModePod, Log: zap.NewNop(), Budget: authz.TakeIssues,
 		Observe: func(op string, _ time.Duration, err error) {
 			if op == "issue" && err == nil {
 				keywardIssued.Add(1)
