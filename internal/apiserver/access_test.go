@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap/zaptest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -38,8 +39,9 @@ func firstErr(st grpc.ServerStreamingClient[auditv1.SubscribeResponse], err erro
 }
 
 // Only clients with a certificate from the API's CA whose subject is on the service's list get in:
-// none is Unauthenticated, one not on the list (or on the other service's list) PermissionDenied,
-// one from another CA fails the handshake, and TLS 1.2 is refused.
+// none, or one from another CA, fails the handshake; one not on the list (or on the other service's
+// list, or whose common name spells a listed distinguished name) is PermissionDenied; TLS 1.2 is
+// refused.
 func TestClientCertificatesAndAllowLists(t *testing.T) {
 	e := newEnv(t, 1<<20, 10)
 	l := e.open()
@@ -50,6 +52,7 @@ func TestClientCertificatesAndAllowLists(t *testing.T) {
 	op, opKey := e.pki.Client("operator")
 	rogue := apitest.New(t, t.TempDir())
 	rogueCert, rogueKey := rogue.Client("security-team") // the right name, the wrong CA
+	dnAsCN, dnAsCNKey := e.pki.ClientWithSANs("dn-as-cn", "CN=operator,O=keyward-test", nil, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 
@@ -65,11 +68,14 @@ func TestClientCertificatesAndAllowLists(t *testing.T) {
 		cc         *grpc.ClientConn
 		audit, adm codes.Code
 	}{
-		{"no certificate", e.dial(addr, "", ""), codes.Unauthenticated, codes.Unauthenticated},
+		// Refused at the handshake (RequireAndVerifyClientCert): it never reaches HTTP/2.
+		{"no certificate", e.dial(addr, "", ""), codes.Unavailable, codes.Unavailable},
 		{"not on a list", e.dial(addr, stranger, strangerKey), codes.PermissionDenied, codes.PermissionDenied},
 		{"audit reader", e.dial(addr, e.readerC[0], e.readerC[1]), codes.OK, codes.PermissionDenied},
 		{"admin (by distinguished name)", e.dial(addr, op, opKey), codes.PermissionDenied, codes.OK},
 		{"another CA", e.dial(addr, rogueCert, rogueKey), codes.Unavailable, codes.Unavailable},
+		// A common name that reads like the admins' distinguished name is not that name.
+		{"a common name spelling the admin's DN", e.dial(addr, dnAsCN, dnAsCNKey), codes.PermissionDenied, codes.PermissionDenied},
 	} {
 		if got := status.Code(subscribe(c.cc)); got != c.audit {
 			t.Errorf("%s: Subscribe: %v, want %v", c.name, got, c.audit)
@@ -380,5 +386,84 @@ func TestServerCertificateRotates(t *testing.T) {
 	}
 	if after := serial(); after == before {
 		t.Fatalf("still serving certificate %s after the rotation", before)
+	}
+}
+
+// Each allow-list form matches one certificate field only: "uri:" a SAN URI (SPIFFE IDs), "dns:" a
+// SAN DNS name, an entry with "=" the whole DN, any other the common name; no field passes for
+// another.
+func TestAllowListEntries(t *testing.T) {
+	e := newEnv(t, 1<<20, 10)
+	const spiffe = "spiffe://example.org/ns/security/sa/follow"
+	certs := map[string][2]string{}
+	for name, c := range map[string]struct {
+		cn         string
+		uris, dnss []string
+	}{
+		"spiffe":       {cn: "someone", uris: []string{spiffe}},
+		"dns":          {cn: "someone", dnss: []string{"reader.example.org"}},
+		"cn-is-uri":    {cn: "uri:" + spiffe},
+		"cn-is-dns":    {cn: "dns:reader.example.org"},
+		"cn-is-dn":     {cn: "CN=operator,O=keyward-test"},
+		"operator":     {cn: "operator"},
+		"other-spiffe": {cn: "someone", uris: []string{spiffe + "-2"}},
+	} {
+		cert, key := e.pki.ClientWithSANs(name, c.cn, c.uris, c.dnss)
+		certs[name] = [2]string{cert, key}
+	}
+	parse := func(name string) *x509.Certificate {
+		kp, err := tls.LoadX509KeyPair(certs[name][0], certs[name][1])
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, _ := x509.ParseCertificate(kp.Certificate[0])
+		return c
+	}
+	for _, c := range []struct {
+		entry, cert string
+		want        bool
+	}{
+		{"uri:" + spiffe, "spiffe", true},
+		{"uri:" + spiffe, "other-spiffe", false},
+		{"uri:" + spiffe, "cn-is-uri", false}, // the common name is not a SAN
+		{spiffe, "spiffe", false},             // a plain entry is a common name only
+		{"dns:reader.example.org", "dns", true},
+		{"dns:READER.example.org", "dns", true},
+		{"dns:reader.example.org", "cn-is-dns", false},
+		{"CN=operator,O=keyward-test", "operator", true},
+		{"CN=operator,O=keyward-test", "cn-is-dn", false}, // was allowed: its CN equals the entry
+		{"operator", "operator", true},
+		{"operator", "cn-is-dn", false},
+	} {
+		if got := Allowed(c.entry, parse(c.cert)); got != c.want {
+			t.Errorf("Allowed(%q, %s) = %v, want %v", c.entry, c.cert, got, c.want)
+		}
+	}
+
+	// Through the server: uri: and dns: entries let those certificates subscribe.
+	l := e.open()
+	defer l.Close()
+	srv, err := Listen(Options{Address: "127.0.0.1:0", CertFile: e.pki.ServerCert, KeyFile: e.pki.ServerKey, ClientCAFile: e.pki.CAFile,
+		AuditReaders: []string{"uri:" + spiffe, "dns:reader.example.org"}, Admins: []string{"CN=operator,O=keyward-test"}}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	as, _ := NewAuditServer(AuditOptions{Stream: l})
+	as.Register(srv.GRPC)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, time.Second) }()
+	defer func() { cancel(); <-done }()
+	for name, want := range map[string]codes.Code{"spiffe": codes.OK, "dns": codes.OK, "cn-is-uri": codes.PermissionDenied, "cn-is-dn": codes.PermissionDenied} {
+		cc := e.dial(srv.Addr().String(), certs[name][0], certs[name][1])
+		sctx, scancel := context.WithTimeout(ctx, 20*time.Second)
+		err := firstErr(auditv1.NewAuditStreamClient(cc).Subscribe(sctx, &auditv1.SubscribeRequest{}))
+		scancel()
+		if got := status.Code(err); got != want {
+			t.Errorf("%s: Subscribe: %v, want %v", name, err, want)
+		}
+	}
+	if err := (Options{Address: ":9443", CertFile: "c", KeyFile: "k", ClientCAFile: "ca", AuditReaders: []string{"uri:"}}).Validate(); err == nil {
+		t.Error("an empty uri: entry validated")
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -43,8 +44,10 @@ type Options struct {
 	// (a rotated certificate is used from the next connection on); ClientCAFile the CA (PEM) client
 	// certificates must chain to.
 	CertFile, KeyFile, ClientCAFile string
-	// AuditReaders and Admins are the certificate subjects allowed to call AuditStream and Admin: a
-	// subject's common name, or its whole distinguished name as Go prints it ("CN=x,O=y").
+	// AuditReaders and Admins are the client certificates allowed to call AuditStream and Admin, each
+	// entry one of (see Allowed): "uri:U", a SAN URI (a SPIFFE ID); "dns:D", a SAN DNS name; an entry
+	// holding "=", the whole distinguished name as Go prints it ("CN=x,O=y"); else the common name.
+	// The client CA must be dedicated to this API: any certificate it signs is a candidate.
 	AuditReaders, Admins []string
 }
 
@@ -65,10 +68,15 @@ func (o Options) Validate() error {
 	if len(o.AuditReaders) == 0 && len(o.Admins) == 0 {
 		return errors.New("--api-address needs --api-audit-readers or --api-admins: with neither, every call would be refused")
 	}
+	for _, e := range append(slices.Clone(o.AuditReaders), o.Admins...) {
+		if e == "uri:" || e == "dns:" {
+			return fmt.Errorf("allow-list entry %q names nothing", e)
+		}
+	}
 	return nil
 }
 
-// SplitList parses an allow-list flag: common names separated by commas, or, to name whole
+// SplitList parses an allow-list flag: entries separated by commas, or, to name whole
 // distinguished names (which hold commas), entries separated by '|'.
 func SplitList(s string) []string {
 	sep := ","
@@ -84,9 +92,9 @@ func SplitList(s string) []string {
 	return out
 }
 
-// TLSConfig is the server side: TLS 1.3 only; a client certificate, when sent, must chain to the
-// client CA (else the handshake fails); a client without one gets through the handshake and is
-// refused by the interceptor with Unauthenticated, which says why better than a handshake error.
+// TLSConfig is the server side: TLS 1.3 only; a client certificate chaining to the client CA is
+// required at the handshake, so a peer without one never reaches HTTP/2 or a handler (the
+// interceptor's Unauthenticated stays as a second check).
 func (o Options) TLSConfig() (*tls.Config, error) {
 	pem, err := os.ReadFile(o.ClientCAFile)
 	if err != nil {
@@ -100,7 +108,7 @@ func (o Options) TLSConfig() (*tls.Config, error) {
 	if _, err := kp.get(nil); err != nil {
 		return nil, err
 	}
-	return &tls.Config{MinVersion: tls.VersionTLS13, ClientAuth: tls.VerifyClientCertIfGiven, ClientCAs: pool,
+	return &tls.Config{MinVersion: tls.VersionTLS13, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pool,
 		GetCertificate: kp.get, NextProtos: []string{"h2"}}, nil
 }
 
@@ -153,16 +161,34 @@ func (a authorizer) check(ctx context.Context, method string) error {
 	if len(chains) == 0 || len(chains[0]) == 0 {
 		return status.Error(codes.Unauthenticated, "a client certificate signed by the API's client CA is required")
 	}
-	subj := chains[0][0].Subject
+	c := chains[0][0]
 	for prefix, allowed := range a.lists {
 		if strings.HasPrefix(method, prefix) {
-			if slices.Contains(allowed, subj.CommonName) || slices.Contains(allowed, subj.String()) {
+			if slices.ContainsFunc(allowed, func(entry string) bool { return Allowed(entry, c) }) {
 				return nil
 			}
-			return status.Errorf(codes.PermissionDenied, "certificate subject %q is not on this service's allow-list", subj.String())
+			return status.Errorf(codes.PermissionDenied, "certificate subject %q is not on this service's allow-list", c.Subject.String())
 		}
 	}
 	return status.Errorf(codes.PermissionDenied, "method %s is not served", method)
+}
+
+// Allowed reports whether an allow-list entry names the certificate. Each form is compared with one
+// field only, so no field can pass for another (a common name that reads "CN=x,O=y" is not that
+// distinguished name): "uri:U" a SAN URI, exactly (a SPIFFE ID: "uri:spiffe://example.org/ns/x/sa/y");
+// "dns:D" a SAN DNS name (case-insensitive); an entry holding "=" the whole subject distinguished
+// name as Go prints it; any other entry the subject's common name.
+func Allowed(entry string, c *x509.Certificate) bool {
+	switch {
+	case strings.HasPrefix(entry, "uri:"):
+		return slices.ContainsFunc(c.URIs, func(u *url.URL) bool { return u.String() == entry[len("uri:"):] })
+	case strings.HasPrefix(entry, "dns:"):
+		return slices.ContainsFunc(c.DNSNames, func(d string) bool { return strings.EqualFold(d, entry[len("dns:"):]) })
+	case strings.Contains(entry, "="):
+		return entry == c.Subject.String()
+	default:
+		return entry == c.Subject.CommonName
+	}
 }
 
 func (a authorizer) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {

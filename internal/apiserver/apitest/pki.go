@@ -9,6 +9,7 @@ import (
 	"encoding/pem"
 	"math/big"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"testing"
@@ -56,7 +57,26 @@ func (p *PKI) Server(name string) (certFile, keyFile string) { return p.issue(na
 // Client issues a client certificate with common name cn and returns its files.
 func (p *PKI) Client(cn string) (certFile, keyFile string) { return p.issue(cn, false) }
 
+// ClientWithSANs issues a client certificate with common name cn and these SAN URIs (e.g. SPIFFE
+// IDs) and DNS names; name names its files.
+func (p *PKI) ClientWithSANs(name, cn string, uris, dnsNames []string) (certFile, keyFile string) {
+	p.t.Helper()
+	var us []*url.URL
+	for _, u := range uris {
+		pu, err := url.Parse(u)
+		if err != nil {
+			p.t.Fatal(err)
+		}
+		us = append(us, pu)
+	}
+	return p.issueAs(name, cn, false, func(c *x509.Certificate) { c.URIs, c.DNSNames = us, dnsNames })
+}
+
 func (p *PKI) issue(cn string, server bool) (string, string) {
+	return p.issueAs(cn, cn, server, nil)
+}
+
+func (p *PKI) issueAs(name, cn string, server bool, edit func(*x509.Certificate)) (string, string) {
 	t := p.t
 	t.Helper()
 	key := newKey(t)
@@ -69,6 +89,9 @@ func (p *PKI) issue(cn string, server bool) (string, string) {
 		tmpl.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}
 		tmpl.DNSNames = []string{"localhost"}
 	}
+	if edit != nil {
+		edit(tmpl)
+	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.ca, &key.PublicKey, p.key)
 	if err != nil {
 		t.Fatal(err)
@@ -77,7 +100,7 @@ func (p *PKI) issue(cn string, server bool) (string, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cert, keyFile := filepath.Join(p.Dir, cn+".pem"), filepath.Join(p.Dir, cn+"-key.pem")
+	cert, keyFile := filepath.Join(p.Dir, name+".pem"), filepath.Join(p.Dir, name+"-key.pem")
 	writePEM(t, cert, "CERTIFICATE", der)
 	writePEM(t, keyFile, "PRIVATE KEY", kb)
 	return cert, keyFile
