@@ -38,24 +38,44 @@ func (e *PrunedError) Error() string {
 var ErrNoStream = errors.New("no audit segment in the directory")
 
 // Cursor reads a stream directory's records in order. It is not safe for concurrent use.
+//
+// Its reader reads ahead, past the writer's durable head, into bytes the writer may still cut back
+// (a failed write or fsync truncates the file and reuses those seqs). So it keeps the byte offset of
+// the next record, and bytes read ahead count only for records up to the durable head they were
+// read under: beyond it, the cursor seeks back to that offset and reads the file again.
 type Cursor struct {
 	dir  string
 	next uint64 // the seq of the next record to return
 	seg  string
 	f    *os.File
 	br   *bufio.Reader
+	off  int64  // the offset in seg of record next
+	sure uint64 // what br holds is as written for records up to this seq (durable when read)
 }
 
 // OpenCursor opens a cursor on dir whose first record is from (0: the oldest record on disk). A from
 // older than the oldest record kept is a *PrunedError; a from beyond the newest record is accepted
 // only up to the newest record on disk plus one (Next returns that one once it is written).
 func OpenCursor(dir string, from uint64) (*Cursor, error) {
+	for try := 0; ; try++ {
+		c, err := openCursor(dir, from)
+		if errors.Is(err, os.ErrNotExist) && try < 3 {
+			continue // its segment was pruned after the listing: list again (from is then older than the oldest)
+		}
+		return c, err
+	}
+}
+
+func openCursor(dir string, from uint64) (*Cursor, error) {
 	names, err := listSegments(dir)
 	if err != nil {
 		return nil, err
 	}
 	if len(names) == 0 {
 		return nil, ErrNoStream
+	}
+	if testHookListed != nil {
+		testHookListed()
 	}
 	oldest := firstSeq(names[0])
 	if from == 0 {
@@ -74,16 +94,23 @@ func OpenCursor(dir string, from uint64) (*Cursor, error) {
 	}
 	// Each line of a segment is one record, in order: skip to from.
 	for skip := from - firstSeq(names[i]); skip > 0; skip-- {
-		if _, err := readLine(c.br); err != nil {
+		line, err := readLine(c.br)
+		if err != nil {
 			c.Close()
 			if err == io.EOF {
 				return nil, fmt.Errorf("audit record %d is beyond the newest record on disk", from)
 			}
 			return nil, err
 		}
+		c.off += int64(len(line))
 	}
+	// Record from may not be durable yet: nothing read ahead of it is trusted (sure is 0).
 	return c, nil
 }
+
+// testHookListed, when set (tests), runs between listing the segments and opening one: where a
+// prune can race OpenCursor.
+var testHookListed func()
 
 func firstSeq(name string) uint64 {
 	n, _ := strconv.ParseUint(name[len(segPrefix):len(name)-len(segSuffix)], 10, 64)
@@ -98,7 +125,16 @@ func (c *Cursor) open(name string) error {
 	if c.f != nil {
 		c.f.Close()
 	}
-	c.seg, c.f, c.br = name, f, bufio.NewReaderSize(f, 64*1024)
+	c.seg, c.f, c.br, c.off = name, f, bufio.NewReaderSize(f, 64*1024), 0
+	return nil
+}
+
+// rewind drops what was read ahead: the file is read again from record next.
+func (c *Cursor) rewind() error {
+	if _, err := c.f.Seek(c.off, io.SeekStart); err != nil {
+		return err
+	}
+	c.br.Reset(c.f)
 	return nil
 }
 
@@ -113,10 +149,19 @@ func (c *Cursor) Next(upTo uint64) (line Line, ok bool, err error) {
 	if c.next > upTo {
 		return Line{}, false, nil
 	}
+	if c.next > c.sure {
+		// Bytes read ahead for record next were read before it was durable: the writer may have
+		// cut them back and written other records with the same seqs since.
+		if err := c.rewind(); err != nil {
+			return Line{}, false, err
+		}
+		c.sure = upTo
+	}
 	for {
 		raw, err := readLine(c.br)
 		switch {
 		case err == nil:
+			c.off += int64(len(raw))
 			return c.parse(raw)
 		case err != io.EOF:
 			return Line{}, false, err
@@ -128,6 +173,7 @@ func (c *Cursor) Next(upTo uint64) (line Line, ok bool, err error) {
 		if err := c.advance(); err != nil {
 			return Line{}, false, err
 		}
+		c.sure = upTo // a fresh reader, reading under upTo
 	}
 }
 
@@ -139,7 +185,13 @@ func (c *Cursor) advance() error {
 	}
 	for _, n := range names {
 		if firstSeq(n) == c.next {
-			return c.open(n)
+			err := c.open(n)
+			if errors.Is(err, os.ErrNotExist) { // pruned since listed
+				if names, lerr := listSegments(c.dir); lerr == nil && len(names) > 0 && firstSeq(names[0]) > c.next {
+					return &PrunedError{Want: c.next, Oldest: firstSeq(names[0])}
+				}
+			}
+			return err
 		}
 	}
 	if len(names) > 0 && firstSeq(names[0]) > c.next {
