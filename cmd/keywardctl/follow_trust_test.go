@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -158,4 +160,65 @@ func TestAuditFollowNeverTrustsElidedRecords(t *testing.T) {
 			t.Fatalf("exit %d: %s", code, stderr)
 		}
 	})
+}
+
+// --from-seq N mid-segment needs --from-mac (the MAC of record N-1) to continue the chain: without
+// it, a usage error (exit 2); with it, the records from N, verified; with a wrong one, exit 1. A
+// segment's first record needs none. The first record received must be N.
+func TestAuditFollowFromSeq(t *testing.T) {
+	n := newAPINode(t, 4096, 100)
+	n.write(60)
+	last := n.lastOnDisk()
+	b, err := audit.ReadAll(n.opts.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+	macOf := func(seq uint64) string {
+		l := lines[seq-1]
+		return l[strings.LastIndex(l, `"mac":"`)+7 : len(l)-2]
+	}
+	names, _ := filepath.Glob(filepath.Join(n.opts.Dir, "audit-*.jsonl"))
+	if len(names) < 2 {
+		t.Fatalf("one segment: %v", names)
+	}
+	var segStart uint64
+	fmt.Sscanf(filepath.Base(names[1]), "audit-%d.jsonl", &segStart)
+	mid := segStart + 3
+	follow := func(extra ...string) (int, string, string) {
+		var out, errb syncBuf
+		args := append(append([]string{"audit", "follow", "--node", "node-a", "--key-file", n.keyFile, "--retry", "1s"}, extra...), n.apiArgs("security-team")...)
+		return run(args, &out, &errb), out.String(), errb.String()
+	}
+	until := strconv.FormatUint(last, 10)
+	seq := func(s uint64) string { return strconv.FormatUint(s, 10) }
+
+	if code, _, stderr := follow("--from-seq", seq(mid), "--until-seq", until); code != 2 || !strings.Contains(stderr, "--from-mac") {
+		t.Errorf("mid-segment without --from-mac: exit %d: %s", code, stderr)
+	}
+	code, out, stderr := follow("--from-seq", seq(mid), "--from-mac", macOf(mid-1), "--until-seq", until)
+	if code != 0 || uint64(strings.Count(out, "\n")) != last-mid+1 || !strings.HasPrefix(out, lines[mid-1]+"\n") {
+		t.Errorf("mid-segment with --from-mac: exit %d, %d records: %s", code, strings.Count(out, "\n"), stderr)
+	}
+	if code, _, stderr := follow("--from-seq", seq(mid), "--from-mac", macOf(mid), "--until-seq", until); code != 1 || !strings.Contains(stderr, "does not verify") {
+		t.Errorf("a wrong --from-mac: exit %d: %s", code, stderr)
+	}
+	if code, out, stderr := follow("--from-seq", seq(segStart), "--until-seq", until); code != 0 || uint64(strings.Count(out, "\n")) != last-segStart+1 {
+		t.Errorf("a segment's first record: exit %d: %s", code, stderr)
+	}
+	if code, _, stderr := follow("--from-mac", macOf(1)); code != 2 {
+		t.Errorf("--from-mac alone: exit %d: %s", code, stderr)
+	}
+
+	// A server that sends another record than the one asked for.
+	g := n.genesis()
+	var o, e syncBuf
+	lie := n.serveLying(lyingStream{send: func(_ *auditv1.SubscribeRequest, ss grpc.ServerStreamingServer[auditv1.SubscribeResponse]) error {
+		ss.Send(rec(g))
+		return status.Error(codes.Aborted, "the lying server ends here")
+	}})
+	args := append([]string{"audit", "follow", "--node", "node-a", "--key-file", n.keyFile, "--from-seq", seq(segStart), "--until-seq", until}, lie...)
+	if code := run(args, &o, &e); code != 1 || !strings.Contains(e.String(), "sent record 1 first") {
+		t.Errorf("another record first: exit %d: %s", code, e.String())
+	}
 }
