@@ -112,8 +112,10 @@ func endpointTargets(slices []discoveryv1.EndpointSlice, node string) ([]target,
 	return out, nil
 }
 
-// dial connects to one daemon's API: TLS 1.3, the client certificate, the server verified against
-// the CA for --server-name (or the address's host when --addr is given without it being changed).
+// dial connects to one daemon's API: TLS 1.3, the client certificate, the server certificate
+// verified against --ca for --server-name, always: keyward-broker-api.keyward-system.svc unless
+// changed, with --addr too (never the address's host), so a keyward-kms certificate, which names
+// its node, needs --server-name.
 func (a *apiFlags) dial(t target) (*grpc.ClientConn, error) {
 	if a.ca == "" || a.cert == "" || a.key == "" {
 		return nil, fmt.Errorf("--ca, --cert and --key are required: the API takes TLS client certificates only: %w", errUsage)

@@ -10,13 +10,16 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"go.uber.org/zap/zaptest"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 
 	"github.com/keyward/keyward/internal/apiserver/apitest"
 	"github.com/keyward/keyward/internal/audit"
@@ -418,4 +421,42 @@ func TestCheckpointsNameOnlyWholeRecords(t *testing.T) {
 			t.Fatalf("no checkpoint naming record 42: %v", cp)
 		}
 	})
+}
+
+// A subscription refused for too many subscribers is told to resume where it would have begun: the
+// record after its checkpoint, its from_seq, or the oldest record on disk.
+func TestTooManySubscribersNamesTheStart(t *testing.T) {
+	e := newEnv(t, 1<<20, 10)
+	l := e.open()
+	defer l.Close()
+	record(t, l, 10)
+	waitDurable(t, l, 11)
+	addr, _ := e.serve(l, AuditOptions{MaxSubscribers: 1}, AdminOptions{})
+	cli := auditv1.NewAuditStreamClient(e.dial(addr, e.readerC[0], e.readerC[1]))
+	ctx := context.Background()
+	st, err := cli.Subscribe(ctx, &auditv1.SubscribeRequest{CheckpointEvery: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cp *auditv1.Checkpoint
+	for cp == nil { // the one subscription holds its place
+		m, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cp = m.GetCheckpoint()
+	}
+	for _, c := range []struct {
+		req  *auditv1.SubscribeRequest
+		want string
+	}{
+		{&auditv1.SubscribeRequest{Start: &auditv1.SubscribeRequest_FromCheckpoint{FromCheckpoint: cp}}, fmt.Sprintf("resume with from_seq %d", cp.GetSeq()+1)},
+		{&auditv1.SubscribeRequest{Start: from(7)}, "resume with from_seq 7"},
+		{&auditv1.SubscribeRequest{}, "resume from the oldest record on disk"},
+	} {
+		err := firstErr(cli.Subscribe(ctx, c.req))
+		if status.Code(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), c.want) {
+			t.Errorf("%v: %v, want ResourceExhausted saying %q", c.req, err, c.want)
+		}
+	}
 }

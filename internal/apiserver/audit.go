@@ -92,19 +92,24 @@ func (s *AuditServer) subscribe(req *auditv1.SubscribeRequest, ss grpc.ServerStr
 	if req.GetStream() != "" && req.GetStream() != st.Stream() {
 		return fmt.Errorf("this daemon serves node %s's %q audit stream, not %q: %w", st.Node(), st.Stream(), req.GetStream(), fault.ErrNotFound)
 	}
-	select {
-	case s.subs <- struct{}{}:
-		defer func() { <-s.subs }()
-	default:
-		return &errBehind{resume: req.GetFromSeq(), why: fmt.Sprintf("%d subscribers already", cap(s.subs))}
-	}
 	from := req.GetFromSeq()
 	cp := req.GetFromCheckpoint()
 	if cp != nil {
 		if (cp.GetNode() != "" && cp.GetNode() != st.Node()) || (cp.GetStream() != "" && cp.GetStream() != st.Stream()) {
 			return fmt.Errorf("the checkpoint is node %s's %q stream, not this one (node %s, %q): %w", cp.GetNode(), cp.GetStream(), st.Node(), st.Stream(), errMismatch)
 		}
-		from = cp.GetSeq()
+		from = cp.GetSeq() // read first, to check its mac; the first record sent is the next
+	}
+	select {
+	case s.subs <- struct{}{}:
+		defer func() { <-s.subs }()
+	default:
+		// Nothing was sent: resume where this subscription would have begun.
+		resume := from
+		if cp != nil {
+			resume = cp.GetSeq() + 1
+		}
+		return &errBehind{resume: resume, why: fmt.Sprintf("%d subscribers already", cap(s.subs))}
 	}
 	head, _ := st.Durable()
 	if from > head+1 {

@@ -11,14 +11,18 @@ import (
 	"github.com/keyward/keyward/internal/grpcserver"
 )
 
-// errBehind: a subscriber that did not take records for the stall timeout; resume names the first
-// record it was not sent.
+// errBehind: a subscriber that did not take records for the stall timeout, or one refused for too
+// many subscribers; resume names the first record it was not sent (0: the oldest record on disk, the
+// start it asked for).
 type errBehind struct {
 	resume uint64
 	why    string
 }
 
 func (e *errBehind) Error() string {
+	if e.resume == 0 {
+		return fmt.Sprintf("%s; resume from the oldest record on disk (no from_seq)", e.why)
+	}
 	return fmt.Sprintf("%s; resume with from_seq %d", e.why, e.resume)
 }
 
