@@ -44,8 +44,8 @@ func auditFollow(e streams, args []string) error {
 	stream := fs.String("stream", "broker", "the stream: broker (the DaemonSet) or kms (keyward-kms; give its --addr)")
 	fromSeq := fs.Uint64("from-seq", 0, "the first record to read (0: the oldest on disk); ignored when --state holds a position")
 	fromMAC := fs.String("from-mac", "", "with --from-seq N: the MAC (hex) of record N-1, which the chain continues from (from audit verify, a checkpoint or a record kept); needed unless N is 1 or begins a segment")
-	stateFile := fs.String("state", "", "file keeping the last verified record (seq and mac): a later run resumes right after it, with the chain checked across")
-	until := fs.Uint64("until-seq", 0, "exit 0 once this record is verified (0: follow until interrupted)")
+	stateFile := fs.String("state", "", "file keeping the last verified record (seq and mac; never an elided one): a later run resumes right after it, with the chain checked across")
+	until := fs.Uint64("until-seq", 0, "exit 0 once this record is verified (0: follow until interrupted); with a filter, a record that arrives elided is verified only by a whole record after it")
 	retry := fs.Duration("retry", 2*time.Minute, "how long to keep reconnecting to a daemon that is unavailable (restarting) before failing")
 	output := fs.String("o", "json", "json: each record's line as written; none: verify only")
 	var f auditv1.Filter
