@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -49,7 +50,7 @@ func TestKMSAuditStreamFollowedAcrossRestartsAndRotation(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer out.Close()
-	var errb bytes.Buffer
+	var errb lockedBuffer // the child writes it while the test reads it
 	follow := exec.Command(filepath.Join(bin, "keywardctl"), append([]string{"audit", "follow", "--stream", "kms", "--node", "node-1",
 		"--key-file", p.auditKey, "--state", filepath.Join(p.dir, "follow.state"), "--retry", "60s"}, api(reader, readerKey)...)...)
 	follow.Stdout, follow.Stderr = out, &errb
@@ -130,4 +131,23 @@ func TestKMSAuditStreamFollowedAcrossRestartsAndRotation(t *testing.T) {
 	if code, out := ctl(t, nil, append([]string{"volumes"}, api(op, opKey)...)...); code != 1 || !strings.Contains(out, "Unimplemented") {
 		t.Fatalf("keywardctl volumes on keyward-kms: %d %s", code, out)
 	}
+}
+
+// lockedBuffer is a bytes.Buffer a child process writes (through exec's copying goroutine) while
+// the test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
