@@ -46,7 +46,7 @@ Usage:
   keywardctl who-has          REF[#KEY] --live (--all-nodes | --node N | --addr HOST:PORT) API
                                                           the same, from the nodes' live volumes (Admin API)
   keywardctl audit follow     --node N --key-file F (--addr HOST:PORT | --kubeconfig K) API [--stream broker|kms]
-                              [--from-seq N] [--state FILE] [--until-seq N] [--event E,..] [--decision D,..] [--namespace NS]
+                              [--from-seq N [--from-mac M]] [--state FILE] [--until-seq N] [--event E,..] [--decision D,..] [--namespace NS]
                                                           follow a node's audit stream (AuditStream API),
                                                           verifying the chain; exit 1 on a gap or a bad MAC
   keywardctl volumes          (--all-nodes | --node N | --addr HOST:PORT) API [--namespace NS] [-o json]

@@ -44,6 +44,8 @@ type SubscribeRequest struct {
 	Stream string `protobuf:"bytes,3,opt,name=stream,proto3" json:"stream,omitempty"`
 	// Which records to send in full; records it does not select are still sent, elided (seq and mac
 	// only), so the chain stays checkable: the next full record's mac binds every record before it.
+	// The record a checkpoint names is always sent in full, selected or not, so each checkpoint
+	// rests on a record the subscriber verified itself.
 	Filter *Filter `protobuf:"bytes,4,opt,name=filter,proto3" json:"filter,omitempty"`
 	// Send a checkpoint after this many records (0: 1000), and at least every checkpoint_seconds
 	// (0: 60) while records are sent.
@@ -374,8 +376,9 @@ func (x *Record) GetSegment() string {
 	return ""
 }
 
-// Checkpoint is a point in a stream: the last record sent before it (seq and mac), and the daemon's
-// durable head at that moment (head_seq), so the subscriber sees how far behind it is. A subscriber
+// Checkpoint is a point in a stream: the last record sent before it (seq and mac; always a record
+// sent in full), and the daemon's durable head at that moment (head_seq), so the subscriber sees how
+// far behind it is. A subscriber
 // keeps the newest to resume from (from_checkpoint).
 type Checkpoint struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`

@@ -46,8 +46,10 @@ type AuditStreamClient interface {
 	//	                    (its segment was pruned): the message names the oldest seq available;
 	//	                    or the start is beyond the newest record.
 	//	RESOURCE_EXHAUSTED  the subscriber did not take records for the server's stall timeout while
-	//	                    records waited for it, or too many subscribers: the message names the seq
-	//	                    to resume from (the first record not sent).
+	//	                    records waited for it: the message names the seq to resume from (the
+	//	                    first record not sent); or too many subscribers: the message names the
+	//	                    subscription's own start (a checkpoint's seq + 1, the from_seq, or the
+	//	                    oldest record on disk).
 	//	FAILED_PRECONDITION from_checkpoint does not match the record on disk at its seq (the
 	//	                    stream on disk is not the one checkpointed).
 	//	NOT_FOUND           the stream asked for is not this daemon's.
@@ -96,8 +98,10 @@ type AuditStreamServer interface {
 	//	                    (its segment was pruned): the message names the oldest seq available;
 	//	                    or the start is beyond the newest record.
 	//	RESOURCE_EXHAUSTED  the subscriber did not take records for the server's stall timeout while
-	//	                    records waited for it, or too many subscribers: the message names the seq
-	//	                    to resume from (the first record not sent).
+	//	                    records waited for it: the message names the seq to resume from (the
+	//	                    first record not sent); or too many subscribers: the message names the
+	//	                    subscription's own start (a checkpoint's seq + 1, the from_seq, or the
+	//	                    oldest record on disk).
 	//	FAILED_PRECONDITION from_checkpoint does not match the record on disk at its seq (the
 	//	                    stream on disk is not the one checkpointed).
 	//	NOT_FOUND           the stream asked for is not this daemon's.
