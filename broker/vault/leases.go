@@ -247,7 +247,9 @@ func (s *Source) plan(ctx context.Context, id broker.Identity, jwt broker.Token,
 
 // window is the lease's renewal window: the part of its TTL, at its end, in which it is renewed or
 // reissued.
-func (s *Source) window(l *lease) time.Duration { return time.Duration(float64(l.ttl) * s.o.RenewWindow) }
+func (s *Source) window(l *lease) time.Duration {
+	return time.Duration(float64(l.ttl) * s.o.RenewWindow)
+}
 
 // act carries out a step.
 func (s *Source) act(ctx context.Context, id broker.Identity, volume string, st *step) (*lease, broker.Lease, error) {
