@@ -363,6 +363,10 @@ type LeaseRequest struct {
 // LeaseSource issues dynamic credentials (certificates, database credentials) for volumes and holds
 // their leases for as long as each volume lives: reused while fresh, renewed or reissued inside their
 // renewal window, revoked when the volume goes (ReleaseVolume).
+//
+// Calls for one volume must not run concurrently (the CSI server holds the volume's lock around its
+// publish and its unpublish): a release zeroes the values a concurrent Lease of the same volume could
+// be copying. Calls for different volumes may.
 type LeaseSource interface {
 	// Lease returns one Secret per ref (in order) and what it did with each lease.
 	Lease(ctx context.Context, id Identity, token Token, req LeaseRequest) ([]Secret, []Lease, error)
