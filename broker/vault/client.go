@@ -131,6 +131,11 @@ type Source struct {
 // from the request: a pod can only ever be handed its own service account's token.
 type tokenKey struct{ namespace, serviceAccount, role, environment string }
 
+// tokenKeyOf is the key of the token the pod's refs resolved as r are read with.
+func tokenKeyOf(id broker.Identity, r broker.Resolved) tokenKey {
+	return tokenKey{namespace: id.Namespace, serviceAccount: id.ServiceAccount, role: r.Role, environment: r.Environment}
+}
+
 func (k tokenKey) String() string {
 	return k.namespace + "\x00" + k.serviceAccount + "\x00" + k.role + "\x00" + k.environment
 }

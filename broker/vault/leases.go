@@ -65,6 +65,11 @@ type leaseKey struct {
 	pki   broker.PKIRequest
 }
 
+// leaseKeyOf is the credential a resolved dynamic ref belongs to.
+func leaseKeyOf(r broker.Resolved) leaseKey {
+	return leaseKey{kind: r.Kind, mount: r.Mount, role: r.Path, pki: r.PKI}
+}
+
 func (k leaseKey) name() string {
 	return broker.LeaseName(broker.SecretRef{Kind: k.kind, Ref: k.role, PKI: k.pki})
 }
@@ -157,7 +162,7 @@ func (s *Source) leaseAll(ctx context.Context, id broker.Identity, jwt broker.To
 	var steps []*step
 	byKey := map[leaseKey]*step{}
 	for _, r := range req.Refs {
-		k := leaseKey{kind: r.Kind, mount: r.Mount, role: r.Path, pki: r.PKI}
+		k := leaseKeyOf(r)
 		if byKey[k] == nil {
 			byKey[k] = &step{r: r, k: k}
 			steps = append(steps, byKey[k])
@@ -188,7 +193,7 @@ func (s *Source) leaseAll(ctx context.Context, id broker.Identity, jwt broker.To
 	}
 	out := make([]broker.Secret, len(req.Refs))
 	for i, r := range req.Refs {
-		l := done[leaseKey{kind: r.Kind, mount: r.Mount, role: r.Path, pki: r.PKI}]
+		l := done[leaseKeyOf(r)]
 		v, ok := l.values[r.Key]
 		if !ok {
 			for j := range out {

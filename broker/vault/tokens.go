@@ -39,7 +39,7 @@ func (s *Source) token(ctx context.Context, id broker.Identity, jwt broker.Token
 	if id.Namespace == "" || id.ServiceAccount == "" {
 		return "", fmt.Errorf("no service account in the identity: %w", fault.ErrUnauthenticated)
 	}
-	key := tokenKey{namespace: id.Namespace, serviceAccount: id.ServiceAccount, role: r.Role, environment: r.Environment}
+	key := tokenKeyOf(id, r)
 	now := s.o.Now()
 	s.mu.Lock()
 	s.holdLocked(key, id.PodUID)
@@ -81,7 +81,7 @@ func (s *Source) doomed(id broker.Identity, r broker.Resolved, tok string) bool 
 	if s.o.Mode != ModePod {
 		return false
 	}
-	key := tokenKey{namespace: id.Namespace, serviceAccount: id.ServiceAccount, role: r.Role, environment: r.Environment}
+	key := tokenKeyOf(id, r)
 	s.mu.Lock()
 	t := s.tokens[key]
 	s.mu.Unlock()
@@ -96,7 +96,7 @@ func (s *Source) doomed(id broker.Identity, r broker.Resolved, tok string) bool 
 // The old one is not revoked: leases of other volumes hang off it until their next republish
 // reissues them under the fresh one; it ends at its max TTL.
 func (s *Source) freshToken(ctx context.Context, id broker.Identity, jwt broker.Token, r broker.Resolved, old string) (string, error) {
-	key := tokenKey{namespace: id.Namespace, serviceAccount: id.ServiceAccount, role: r.Role, environment: r.Environment}
+	key := tokenKeyOf(id, r)
 	s.mu.Lock()
 	if t := s.tokens[key]; t != nil && t.token == old {
 		delete(s.tokens, key)
@@ -346,7 +346,7 @@ func (s *Source) forget(id broker.Identity, refs []broker.Resolved, used map[str
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, r := range refs {
-		k := tokenKey{namespace: id.Namespace, serviceAccount: id.ServiceAccount, role: r.Role, environment: r.Environment}
+		k := tokenKeyOf(id, r)
 		if t := s.tokens[k]; t != nil && used[t.token] {
 			toks = append(toks, t)
 			delete(s.tokens, k)
